@@ -1,0 +1,15 @@
+"""fxquant: quantization as a compiler pass.
+
+    model = torch.compile(model, backend="fxquant")                              # FP8 rowwise W8A8
+    model = torch.compile(model, backend="fxquant", options={"scheme": "int8"})
+    print(fxquant.plan(model, example_input))
+"""
+
+from fxquant import ops  # noqa: F401  (registers torch.ops.fxquant.*)
+from fxquant.backend import Backend, backend
+from fxquant.config import SCHEMES, QuantConfig
+from fxquant.explain import plan
+from fxquant.passes import Plan
+
+__version__ = "0.1.0"
+__all__ = ["SCHEMES", "Backend", "Plan", "QuantConfig", "backend", "plan"]

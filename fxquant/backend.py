@@ -1,0 +1,84 @@
+"""The `torch.compile` backend: plan, quantize and rewrite the Dynamo graph, then compile with Inductor.
+
+    torch.compile(model, backend="fxquant", options={"scheme": "int8"})     # entry point, no import
+    torch.compile(model, backend=fxquant.backend(QuantConfig(scheme="int8")))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import fx
+from torch._dynamo.source import ConstantSource
+from torch._inductor.compile_fx import compile_fx
+
+from fxquant.config import QuantConfig
+from fxquant.dynamo_params import dynamo_parameter
+from fxquant.log import logger
+from fxquant.passes import Plan
+from fxquant.passes.quantize_weights import QuantizedCache, QuantizedWeight
+from fxquant.pipeline import quantize_graph
+from fxquant.weight_updates import RequantizeOnUpdate
+
+# Shared by every backend instance: the graphs Dynamo compiles for one model reuse its weights' quantized copies.
+_QUANTIZED = QuantizedCache()
+
+
+class Backend:
+    """A Dynamo backend that quantizes linear layers under `config`.
+
+    `plans` holds the plan of every graph it compiled, in order; `graphs` the rewritten
+    GraphModules handed to Inductor (for inspection and tests).
+    """
+
+    def __init__(self, config: QuantConfig | None = None):
+        self.config = config or QuantConfig()
+        self.plans: list[Plan] = []
+        self.graphs: list[fx.GraphModule] = []
+
+    def rewrite(self, gm: fx.GraphModule) -> tuple[Plan, list[QuantizedWeight]]:
+        """Run fxquant's passes on a Dynamo graph in place; returns the plan and the quantized weights."""
+        plan, quantized = quantize_graph(gm, dynamo_parameter, self.config, _QUANTIZED)
+        _declare_buffers_to_dynamo(gm, quantized)
+        self.plans.append(plan)
+        self.graphs.append(gm)
+        if plan:
+            logger.info("fxquant plan (%s):\n%s", self.config.scheme, plan)
+        return plan, quantized
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence, mode: str | None = None, **_: object) -> Callable:
+        placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+        _, quantized = self.rewrite(gm)
+        patches = torch._inductor.list_mode_options(mode) if mode else None
+        compiled = compile_fx(gm, example_inputs, config_patches=patches)
+        if not (self.config.check_weight_updates and quantized):
+            return compiled
+        index_of = {id(node.meta["grapharg"].example): i for i, node in enumerate(placeholders) if "grapharg" in node.meta}
+        return RequantizeOnUpdate(compiled, [(index_of[id(q.source)], q) for q in quantized])
+
+
+def _declare_buffers_to_dynamo(gm: fx.GraphModule, quantized: list[QuantizedWeight]) -> None:
+    """AOTAutograd expects a source for every tensor attribute of a Dynamo graph: name ours."""
+    sources = getattr(gm, "_param_name_to_source", None)
+    if sources is None:
+        return
+    for q in quantized:
+        for attr in (q.weight_attr, q.scale_attr):
+            sources.setdefault(attr, ConstantSource(attr))
+
+
+def backend(config: QuantConfig | None = None, **options: object) -> Backend:
+    """A backend for `torch.compile(model, backend=...)`, from a QuantConfig or keyword options."""
+    if config is not None and options:
+        raise ValueError("fxquant.backend: pass a QuantConfig or keyword options, not both")
+    return Backend(config or QuantConfig.from_options(options))
+
+
+def fxquant_backend(
+    gm: fx.GraphModule, example_inputs: Sequence, options: Mapping[str, object] | None = None, mode: str | None = None, **kwargs
+) -> Callable:
+    """`backend="fxquant"` (registered as a torch_dynamo_backends entry point)."""
+    return Backend(QuantConfig.from_options(options))(gm, example_inputs, mode=mode, **kwargs)
+
+

@@ -1,0 +1,77 @@
+"""QuantConfig: what the user asks for, validated once, hashable for caches.
+
+`torch.compile(model, backend="fxquant", options={...})` hands its `options` dict to
+`QuantConfig.from_options`; everything downstream reads only this frozen object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+SCHEMES = ("fp8_rowwise", "int8")
+
+# The kernels (FBGEMM, torch._scaled_mm, torch._int_mm) want K and N in multiples of 16.
+GEMM_ALIGNMENT = 16
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How fxquant quantizes a model's linear layers.
+
+    Args:
+        scheme: "fp8_rowwise" (e4m3 weights per output channel, e4m3 activations per token,
+            dynamic) or "int8" (int8 symmetric, same granularity, int32 accumulation).
+        skip: glob patterns (fnmatch) over layer names, e.g. "lm_head" or "*.gate". A layer's
+            name is its module path ("layers.0.mlp.down_proj"); a bare parameter used in a
+            matmul is named by its own path ("blocks.0.w"). Skipped layers run unchanged.
+        activation_scale_ub: FP8 only. Upper bound on the per-token amax before the scale is
+            computed (FBGEMM's `scale_ub`), so outlier tokens cannot flatten the others.
+        min_weight_numel: layers whose weight has fewer elements stay unquantized; tiny GEMMs
+            gain nothing from quantization.
+        check_weight_updates: re-quantize a weight that was changed in place (or replaced)
+            after compilation, detected through the tensor's version counter. Costs a few
+            microseconds per call; turn off only for frozen weights.
+    """
+
+    scheme: str = "fp8_rowwise"
+    skip: tuple[str, ...] = ("lm_head",)
+    activation_scale_ub: float | None = None
+    min_weight_numel: int = 0
+    check_weight_updates: bool = True
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"fxquant: unknown scheme {self.scheme!r}; valid schemes: {', '.join(SCHEMES)}")
+        skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip)
+        if not all(isinstance(pattern, str) for pattern in skip):
+            raise ValueError(f"fxquant: skip must be a list of glob strings, got {self.skip!r}")
+        object.__setattr__(self, "skip", skip)
+        ub = self.activation_scale_ub
+        if ub is not None:
+            if not self.scheme.startswith("fp8"):
+                raise ValueError(f"fxquant: activation_scale_ub applies to FP8 schemes, not {self.scheme!r}")
+            if not ub > 0:
+                raise ValueError(f"fxquant: activation_scale_ub must be positive, got {ub!r}")
+            object.__setattr__(self, "activation_scale_ub", float(ub))
+        if self.min_weight_numel < 0:
+            raise ValueError(f"fxquant: min_weight_numel must be >= 0, got {self.min_weight_numel}")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, object] | None) -> QuantConfig:
+        """Parse `torch.compile(..., options={...})`; unknown keys are an error listing the known ones."""
+        options = dict(options or {})
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise ValueError(f"fxquant: unknown option(s) {', '.join(unknown)}; known options: {', '.join(known)}")
+        return cls(**options)
+
+    def cache_key(self) -> str:
+        """A stable digest of every field, for compiled-graph caches."""
+        payload = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+

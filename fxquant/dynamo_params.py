@@ -1,0 +1,43 @@
+"""Name the parameters in a Dynamo graph: the `WeightLookup` the backend gives the passes.
+
+Dynamo hands parameters to a backend as placeholders. Each carries `meta["grapharg"]`, whose
+`.example` is the parameter object itself and whose `.source` is the chain of attribute and
+item accesses that reached it from the compiled frame (`L['self']._modules['fc']._parameters
+['weight']`). Walking that chain gives the qualified name "fc.weight", however the model was
+compiled; placeholder names are never parsed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+# Attribute hops that nn.Module inserts between a module and its children or tensors.
+_CONTAINER_ATTRS = {"_modules", "_parameters", "_buffers"}
+
+
+def qualified_name(source: object) -> str | None:
+    """'layers.0.fc.weight' for a Source chain rooted at the compiled frame's local or global."""
+    parts: list[str] = []
+    while source is not None:
+        member = getattr(source, "member", None)
+        index = getattr(source, "index", None)
+        if isinstance(member, str) and member not in _CONTAINER_ATTRS:
+            parts.append(member)
+        elif isinstance(index, (str, int)) and getattr(source, "base", None) is not None:
+            parts.append(str(index))
+        if getattr(source, "base", None) is None:
+            break
+        source = source.base
+    return ".".join(reversed(parts)) or None
+
+
+def dynamo_parameter(node: fx.Node) -> tuple[str, torch.Tensor] | None:
+    """(qualified name, parameter) for a placeholder that holds an nn.Parameter, else None."""
+    if node.op != "placeholder":
+        return None
+    grapharg = node.meta.get("grapharg")
+    parameter = getattr(grapharg, "example", None)
+    if not isinstance(parameter, torch.nn.Parameter):
+        return None
+    return qualified_name(grapharg.source) or node.name, parameter

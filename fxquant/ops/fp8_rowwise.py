@@ -1,0 +1,104 @@
+"""FP8 rowwise (W8A8) ops: e4m3 weights per output channel, e4m3 activations per token.
+
+Numerics are FBGEMM's (`torch.ops.fbgemm.quantize_fp8_per_row`), so results compare bit for bit:
+    scale = max(min(amax, scale_ub) / 448, 1 / (448 * 512))     per row, float32
+    x_q   = saturate_e4m3(x / scale)
+The CPU implementation is the reference: exact fp8 products accumulated in float32. On CUDA the
+GEMM is FBGEMM's `f8f8bf16_rowwise` when fbgemm-gpu-genai imports, else `torch._scaled_mm`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from fxquant.ops.availability import fbgemm_genai_available, fp8_unsupported_reason
+from fxquant.ops.linear_common import (
+    check_linear_inputs,
+    dequantized_epilogue,
+    linear_output,
+    register_inference_only_autograd,
+)
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448.0
+FP8_MIN_SCALE = 1.0 / (FP8_MAX * 512.0)  # FBGEMM's guard: an all-zero row gets this scale
+
+
+def quantize_fp8_rowwise(x: Tensor, scale_ub: float | None = None) -> tuple[Tensor, Tensor]:
+    """Quantize each row (last dim) of `x` to e4m3: returns (x_q like x, float32 scale of x.shape[:-1])."""
+    x = x.float()
+    amax = x.abs().amax(dim=-1)
+    if scale_ub is not None:
+        amax = amax.clamp(max=scale_ub)
+    scale = (amax / FP8_MAX).clamp(min=FP8_MIN_SCALE)
+    x_q = (x / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return x_q, scale
+
+
+@functools.cache
+def _scale_ub_tensor(scale_ub: float, device: torch.device) -> Tensor:
+    # FBGEMM reads the bound from device memory; build it once per (bound, device).
+    return torch.tensor([scale_ub], dtype=torch.float32, device=device)
+
+
+@torch.library.custom_op("fxquant::quantize_fp8_per_row", mutates_args=())
+def quantize_fp8_per_row(x: Tensor, scale_ub: float | None = None) -> tuple[Tensor, Tensor]:
+    """Dynamic per-token e4m3 quantization (reference implementation, any device)."""
+    return quantize_fp8_rowwise(x, scale_ub)
+
+
+@quantize_fp8_per_row.register_kernel("cuda")
+def _(x: Tensor, scale_ub: float | None = None) -> tuple[Tensor, Tensor]:
+    # FBGEMM's kernel reads its input as bf16; other dtypes take the reference path.
+    if x.dtype == torch.bfloat16 and x.shape[-1] % 2 == 0 and fbgemm_genai_available():
+        ub = None if scale_ub is None else _scale_ub_tensor(scale_ub, x.device)
+        x_q, scale = torch.ops.fbgemm.quantize_fp8_per_row(x.contiguous(), None, ub)
+        return x_q, scale.view(x.shape[:-1])
+    return quantize_fp8_rowwise(x, scale_ub)
+
+
+@quantize_fp8_per_row.register_fake
+def _(x: Tensor, scale_ub: float | None = None) -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.shape, dtype=FP8_DTYPE), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("fxquant::fp8_rowwise_linear", mutates_args=())
+def fp8_rowwise_linear(
+    x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None, scale_ub: float | None = None
+) -> Tensor:
+    """y = quantize_fp8_per_row(x) @ w_q.T, rescaled per token and channel, + bias (CPU reference)."""
+    check_linear_inputs("fxquant::fp8_rowwise_linear", x, w_q, w_scale, bias)
+    x_q, x_scale = quantize_fp8_rowwise(x.reshape(-1, x.shape[-1]), scale_ub)
+    acc = x_q.float() @ w_q.float().t()  # products of e4m3 values are exact in float32
+    return dequantized_epilogue(acc, x_scale, w_scale, bias, x)
+
+
+@fp8_rowwise_linear.register_kernel("cuda")
+def _(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None, scale_ub: float | None = None) -> Tensor:
+    check_linear_inputs("fxquant::fp8_rowwise_linear", x, w_q, w_scale, bias)
+    reason = fp8_unsupported_reason(x.device)
+    if reason is not None:
+        raise RuntimeError(f"fxquant::fp8_rowwise_linear: {reason}; use scheme='int8'")
+    x_q, x_scale = quantize_fp8_per_row(x.reshape(-1, x.shape[-1]), scale_ub)
+    if fbgemm_genai_available():
+        y = torch.ops.fbgemm.f8f8bf16_rowwise(x_q, w_q, x_scale, w_scale, use_fast_accum=True)
+    else:
+        y = torch._scaled_mm(
+            x_q, w_q.t(), scale_a=x_scale.unsqueeze(1), scale_b=w_scale.unsqueeze(0),
+            out_dtype=torch.bfloat16, use_fast_accum=True,
+        )
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.to(x.dtype).reshape(*x.shape[:-1], w_q.shape[0])
+
+
+@fp8_rowwise_linear.register_fake
+def _(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None, scale_ub: float | None = None) -> Tensor:
+    check_linear_inputs("fxquant::fp8_rowwise_linear", x, w_q, w_scale, bias)
+    return linear_output(x, w_q)
+
+
+register_inference_only_autograd(fp8_rowwise_linear, "fxquant::fp8_rowwise_linear")

@@ -1,0 +1,25 @@
+"""The one place that decides the order of fxquant's passes.
+
+    plan       find linear layers, decide scheme or skip reason     (reads the graph only)
+    quantize   parameters → low-precision buffers on the module     (needs the plan's decisions)
+    rewrite    linear nodes → fxquant ops reading those buffers     (needs the buffers)
+The weight transposes the rewrite leaves dead go with it, so there is no separate cleanup.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from fxquant.config import QuantConfig
+from fxquant.passes import Plan, WeightLookup, plan_linears, quantize_weights, rewrite_linears
+from fxquant.passes.quantize_weights import QuantizedCache, QuantizedWeight
+
+
+def quantize_graph(
+    gm: fx.GraphModule, lookup: WeightLookup, config: QuantConfig, cache: QuantizedCache | None = None
+) -> tuple[Plan, list[QuantizedWeight]]:
+    """Run fxquant's passes on `gm` in place; returns the plan and the quantized weights."""
+    plan = plan_linears(gm, lookup, config)
+    quantized = quantize_weights(gm, plan, cache)
+    rewrite_linears(gm, plan, config)
+    return plan, quantized

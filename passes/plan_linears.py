@@ -1,0 +1,118 @@
+"""Plan: decide, for every linear layer found, its scheme or the reason it stays as it is.
+
+Changes nothing in the graph. The plan prints as a table (layer, op, N x K, scheme, note), and
+every rejection has a reason string: "skipped by skip list (lm_head)", "K=40 not divisible by 16".
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import fx
+from torch._dynamo.utils import counters
+
+from fxquant.config import GEMM_ALIGNMENT, QuantConfig
+from fxquant.log import log_once
+from fxquant.ops import LINEAR_SCHEMES
+from fxquant.ops.availability import fp8_unsupported_reason
+from fxquant.ops.linear_common import FLOAT_DTYPES
+from fxquant.passes.find_linears import LinearSite, WeightLookup, fake_value, find_linears
+
+if TYPE_CHECKING:
+    from fxquant.passes.quantize_weights import QuantizedWeight
+
+
+@dataclass
+class PlannedLinear:
+    """One linear layer and what fxquant does with it (scheme None: left unchanged)."""
+
+    layer: str
+    site: LinearSite = field(repr=False)
+    scheme: str | None
+    note: str = ""
+    quantized: QuantizedWeight | None = field(default=None, repr=False)  # set by quantize_weights
+
+    @property
+    def shape(self) -> str:
+        return f"{self.site.out_features} x {self.site.in_features}"
+
+
+class Plan(list):
+    """The PlannedLinear of one graph (or several, for a model with graph breaks), printable."""
+
+    @property
+    def rewritten(self) -> list[PlannedLinear]:
+        return [entry for entry in self if entry.scheme is not None]
+
+    @property
+    def skipped(self) -> list[PlannedLinear]:
+        return [entry for entry in self if entry.scheme is None]
+
+    def __str__(self) -> str:
+        header = ("layer", "op", "N x K", "scheme", "note")
+        rows = [header] + [(e.layer, e.site.kind, e.shape, e.scheme or "-", e.note) for e in self]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+        lines.insert(1, "  ".join("-" * width for width in widths))
+        lines.append(f"{len(self.rewritten)} of {len(self)} linear layers quantized")
+        return "\n".join(lines)
+
+
+def layer_name(weight_name: str) -> str:
+    """A layer is named by its module path: "mlp.up_proj.weight" → "mlp.up_proj"; a bare parameter keeps its own name."""
+    return weight_name.removesuffix(".weight") or weight_name
+
+
+def skip_reason(layer: str, site: LinearSite, config: QuantConfig) -> str | None:
+    """Why `site` cannot be quantized under `config`, or None when it can."""
+    for pattern in config.skip:
+        if fnmatch.fnmatchcase(layer, pattern):
+            return f"skipped by skip list ({pattern})"
+    if site.weight.dtype not in FLOAT_DTYPES:
+        return f"weight dtype {site.weight.dtype} unsupported"
+    activation = fake_value(site.activation)
+    if activation is None:
+        return "activation shape unknown"
+    if activation.dtype not in FLOAT_DTYPES:
+        return f"activation dtype {activation.dtype} unsupported"
+    if activation.device != site.weight.device:
+        return f"activation on {activation.device}, weight on {site.weight.device}"
+    n, k = site.out_features, site.in_features
+    if n == 0 or k == 0:
+        return "empty weight"
+    for dim, size in (("K", k), ("N", n)):
+        if size % GEMM_ALIGNMENT:
+            return f"{dim}={size} not divisible by {GEMM_ALIGNMENT}"
+    if site.weight.numel() < config.min_weight_numel:
+        return f"{site.weight.numel()} weights < min_weight_numel={config.min_weight_numel}"
+    return None
+
+
+def scheme_for(site: LinearSite, config: QuantConfig) -> tuple[str, str]:
+    """The scheme this device can run, and a note when it differs from the one asked for."""
+    if not LINEAR_SCHEMES[config.scheme].uses_fp8:
+        return config.scheme, ""
+    reason = fp8_unsupported_reason(site.weight.device)
+    if reason is None:
+        return config.scheme, ""
+    log_once(logging.WARNING, f"fxquant: {reason}; falling back from {config.scheme} to int8")
+    return "int8", f"{config.scheme} -> int8: {reason}"
+
+
+def plan_linears(gm: fx.GraphModule, lookup: WeightLookup, config: QuantConfig) -> Plan:
+    """Find every linear layer in `gm` and decide its scheme or why it is skipped."""
+    plan = Plan()
+    for site in find_linears(gm, lookup):
+        layer = layer_name(site.weight_name)
+        reason = skip_reason(layer, site, config)
+        if reason is None:
+            scheme, note = scheme_for(site, config)
+            plan.append(PlannedLinear(layer, site, scheme, note))
+        else:
+            counters["fxquant"]["skipped"] += 1
+            plan.append(PlannedLinear(layer, site, None, reason))
+    return plan

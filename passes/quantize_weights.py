@@ -1,0 +1,94 @@
+"""Quantize: turn each planned parameter into low-precision constants, once per parameter.
+
+For every rewritten layer, registers on the GraphModule
+    fxquant_<layer>_weight   [N, K] e4m3 / int8      fxquant_<layer>_scale   [N] float32
+and records them on the plan entry. A parameter shared by several layers (tied weights) is
+quantized once. The graph itself is not touched; the parameter is only read.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, fx
+from torch.utils.weak import WeakIdKeyDictionary
+
+from fxquant.ops import LINEAR_SCHEMES
+from fxquant.passes.plan_linears import Plan
+
+# parameter → {(scheme, weight_is_kn): (version, w_q, w_scale)}; lets the graphs Dynamo compiles
+# for one model (static first, dynamic after) share one quantized copy of each weight.
+QuantizedCache = WeakIdKeyDictionary
+
+
+@dataclass
+class QuantizedWeight:
+    """A parameter's quantized copy, held as two buffers of a GraphModule."""
+
+    scheme: str
+    weight_is_kn: bool  # the parameter is stored [K, N]; its quantized copy is [N, K]
+    weight_attr: str
+    scale_attr: str
+    w_q: Tensor
+    w_scale: Tensor
+    source: Tensor  # the parameter it was made from
+    version: int  # source._version when it was made
+    layers: list[str] = field(default_factory=list)
+
+    def refresh(self, weight: Tensor) -> None:
+        """Re-quantize from `weight` (the parameter changed in place, or was replaced) into the same buffers."""
+        w_q, w_scale = quantize_parameter(self.layers[0], weight, self.weight_is_kn, self.scheme)
+        self.w_q.copy_(w_q)
+        self.w_scale.copy_(w_scale)
+        self.source, self.version = weight, weight._version
+
+
+def quantize_parameter(layer: str, weight: Tensor, weight_is_kn: bool, scheme: str) -> tuple[Tensor, Tensor]:
+    """(w_q [N, K], w_scale [N]) for `weight`; NaN or Inf in it is an error naming the layer."""
+    with torch.no_grad():
+        w = weight.detach().t() if weight_is_kn else weight.detach()
+        finite = torch.isfinite(w)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise ValueError(
+                f"fxquant: layer '{layer}': weight {tuple(weight.shape)} holds {bad} NaN/Inf value(s); "
+                "cannot quantize it. Fix the weight or add the layer to options['skip']."
+            )
+        w_q, w_scale = LINEAR_SCHEMES[scheme].quantize_weight(w)
+        return w_q.contiguous(), w_scale.contiguous()
+
+
+def _buffer_prefix(gm: fx.GraphModule, layer: str) -> str:
+    prefix = "fxquant_" + re.sub(r"\W", "_", layer)
+    candidate, n = prefix, 1
+    while hasattr(gm, candidate + "_weight"):
+        candidate, n = f"{prefix}_{n}", n + 1
+    return candidate
+
+
+def quantize_weights(gm: fx.GraphModule, plan: Plan, cache: QuantizedCache | None = None) -> list[QuantizedWeight]:
+    """Quantize each parameter the plan rewrites into buffers of `gm`; returns them, one per parameter."""
+    made: dict[tuple[int, str, bool], QuantizedWeight] = {}
+    for entry in plan.rewritten:
+        site = entry.site
+        key = (id(site.weight), entry.scheme, site.weight_is_kn)
+        quantized = made.get(key)
+        if quantized is None:
+            per_param = cache.setdefault(site.weight, {}) if cache is not None else {}
+            version, w_q, w_scale = per_param.get(key[1:], (None, None, None))
+            if version != site.weight._version:
+                w_q, w_scale = quantize_parameter(entry.layer, site.weight, site.weight_is_kn, entry.scheme)
+                per_param[key[1:]] = (site.weight._version, w_q, w_scale)
+            prefix = _buffer_prefix(gm, entry.layer)
+            gm.register_buffer(prefix + "_weight", w_q)
+            gm.register_buffer(prefix + "_scale", w_scale)
+            quantized = QuantizedWeight(
+                entry.scheme, site.weight_is_kn, prefix + "_weight", prefix + "_scale",
+                w_q, w_scale, site.weight, site.weight._version,
+            )
+            made[key] = quantized
+        quantized.layers.append(entry.layer)
+        entry.quantized = quantized
+    return list(made.values())
