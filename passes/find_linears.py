@@ -31,17 +31,30 @@ ADDMM_FUNCTIONS = {torch.addmm, aten.addmm.default}
 
 @dataclass
 class LinearSite:
-    """One matched linear layer: `node` computes activation @ weight.T (+ bias)."""
+    """One matched linear layer: `node` computes activation @ weight.T (+ bias).
+
+    The activation and bias are read from `node` when asked for, so they stay right while
+    earlier sites are rewritten.
+    """
 
     node: fx.Node
     kind: str  # "linear", "matmul" or "addmm"
-    activation: fx.Node
-    weight_node: fx.Node  # the node that holds the parameter
     weight_name: str  # the parameter's qualified name, e.g. "layers.0.mlp.up_proj.weight"
     weight: torch.Tensor  # the parameter itself
     weight_is_kn: bool  # True when the parameter is stored [K, N] (x @ V), not [N, K]
-    bias: fx.Node | None
     view_node: fx.Node | None  # the transpose between the parameter and the matmul, if any
+
+    @property
+    def activation(self) -> fx.Node:
+        return self.node.args[1] if self.kind == "addmm" else self.node.args[0]
+
+    @property
+    def bias(self) -> fx.Node | None:
+        if self.kind == "addmm":
+            return self.node.args[0]
+        if self.kind == "linear":
+            return self.node.args[2] if len(self.node.args) > 2 else self.node.kwargs.get("bias")
+        return None
 
     @property
     def out_features(self) -> int:
@@ -97,26 +110,25 @@ def _parameter(node: object, lookup: WeightLookup) -> tuple[str, torch.Tensor] |
     return found
 
 
-def _right_operand(operand: object, lookup: WeightLookup) -> tuple[fx.Node, str, torch.Tensor, bool, fx.Node | None] | None:
-    """For a matmul's right operand: (param node, name, param, stored [K, N]?, transpose node)."""
+def _right_operand(operand: object, lookup: WeightLookup) -> tuple[str, torch.Tensor, bool, fx.Node | None] | None:
+    """For a matmul's right operand: (parameter name, parameter, stored [K, N]?, transpose node)."""
     if not isinstance(operand, fx.Node):
         return None
     if _is_transpose_2d(operand):
         found = _parameter(operand.args[0], lookup)
-        return None if found is None else (operand.args[0], *found, False, operand)
+        return None if found is None else (*found, False, operand)
     found = _parameter(operand, lookup)
-    return None if found is None else (operand, *found, True, None)
+    return None if found is None else (*found, True, None)
 
 
 def match_linear(node: fx.Node, lookup: WeightLookup) -> LinearSite | None:
     """The LinearSite `node` computes, or None."""
     if node.op == "call_function" and node.target in LINEAR_FUNCTIONS:
-        x, weight = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
         found = _parameter(weight, lookup)
-        if found is None or not isinstance(x, fx.Node):
+        if found is None or not isinstance(node.args[0], fx.Node):
             return None
-        return LinearSite(node, "linear", x, weight, *found, False, bias, None)
+        return LinearSite(node, "linear", *found, False, None)
 
     is_matmul = (node.op == "call_function" and node.target in MATMUL_FUNCTIONS) or (
         node.op == "call_method" and node.target in MATMUL_METHODS
@@ -126,7 +138,7 @@ def match_linear(node: fx.Node, lookup: WeightLookup) -> LinearSite | None:
         operand = _right_operand(right, lookup)
         if operand is None or not isinstance(x, fx.Node):
             return None
-        return LinearSite(node, "matmul", x, operand[0], operand[1], operand[2], operand[3], None, operand[4])
+        return LinearSite(node, "matmul", *operand)
 
     if node.op == "call_function" and node.target in ADDMM_FUNCTIONS and len(node.args) == 3:
         if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
@@ -136,7 +148,7 @@ def match_linear(node: fx.Node, lookup: WeightLookup) -> LinearSite | None:
         bias_value = fake_value(bias)
         if operand is None or not isinstance(x, fx.Node) or bias_value is None or bias_value.dim() != 1:
             return None
-        return LinearSite(node, "addmm", x, operand[0], operand[1], operand[2], operand[3], bias, operand[4])
+        return LinearSite(node, "addmm", *operand)
     return None
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -62,9 +63,22 @@ class Plan(list):
         return "\n".join(lines)
 
 
-def layer_name(weight_name: str) -> str:
-    """A layer is named by its module path: "mlp.up_proj.weight" → "mlp.up_proj"; a bare parameter keeps its own name."""
-    return weight_name.removesuffix(".weight") or weight_name
+def _module_path(stack_path: str) -> str:
+    """Dynamo's "L['self'].layers[0].fc" (export's "layers.0.fc" passes through) → "layers.0.fc"."""
+    path = re.sub(r"^[LG]\['[^']*'\]", "", stack_path)
+    path = re.sub(r"\[(\d+)\]|\['([^']*)'\]", lambda m: "." + (m.group(1) or m.group(2)), path)
+    return path.replace("._modules.", ".").strip(".")
+
+
+def layer_name(site: LinearSite) -> str:
+    """The module path of the nn.Linear that ran `site` ("layers.0.mlp.up_proj"), or for a bare
+    parameter used in a matmul, the parameter's own path ("blocks.0.w")."""
+    stack = site.node.meta.get("nn_module_stack") or {}
+    if stack:
+        path, module_type = list(stack.values())[-1]
+        if isinstance(module_type, type) and issubclass(module_type, torch.nn.Linear) and site.weight_name.endswith("weight"):
+            return _module_path(path)
+    return site.weight_name.removesuffix(".weight")
 
 
 def skip_reason(layer: str, site: LinearSite, config: QuantConfig) -> str | None:
@@ -107,7 +121,7 @@ def plan_linears(gm: fx.GraphModule, lookup: WeightLookup, config: QuantConfig) 
     """Find every linear layer in `gm` and decide its scheme or why it is skipped."""
     plan = Plan()
     for site in find_linears(gm, lookup):
-        layer = layer_name(site.weight_name)
+        layer = layer_name(site)
         reason = skip_reason(layer, site, config)
         if reason is None:
             scheme, note = scheme_for(site, config)

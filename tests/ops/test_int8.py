@@ -1,0 +1,61 @@
+"""int8 W8A8 ops (fxquant/ops/int8.py): quantizer, int32-accumulated GEMM numerics, opcheck."""
+
+import pytest
+import torch
+
+from fxquant.ops.int8 import quantize_int8_rowwise
+
+int8_linear = torch.ops.fxquant.int8_linear
+quantize = torch.ops.fxquant.quantize_int8_per_row
+
+
+def test_quantizer_is_symmetric_per_row():
+    x = torch.tensor([[1.0, -2.0, 0.5, 4.0], [0.0, 0.0, 0.0, 0.0]])
+    x_q, scale = quantize(x)
+    assert x_q.dtype == torch.int8 and scale.shape == (2,)
+    assert scale[0].item() == pytest.approx(4.0 / 127)
+    assert x_q[0].tolist() == [32, -64, 16, 127]
+    assert x_q[1].tolist() == [0, 0, 0, 0] and torch.isfinite(scale[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_is_exact_int32_accumulation_then_rescale(dtype, with_bias):
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 7, 64, dtype=dtype), torch.randn(48, 64)
+    bias = torch.randn(48, dtype=dtype) if with_bias else None
+    w_q, w_scale = quantize_int8_rowwise(w)
+    y = int8_linear(x, w_q, w_scale, bias)
+    assert y.dtype == dtype and y.shape == (2, 7, 48)
+
+    x_q, x_scale = quantize_int8_rowwise(x.reshape(-1, 64))
+    integer = x_q.double() @ w_q.double().t()  # exact in float64 for |sum| < 2^53
+    exact = integer * x_scale.double()[:, None] * w_scale.double()[None, :]
+    if bias is not None:
+        exact = exact + bias.double()
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}[dtype]
+    torch.testing.assert_close(y.double().reshape(-1, 48), exact, rtol=tolerance, atol=tolerance)
+
+    full_precision = x.double() @ w.double().t() + (0 if bias is None else bias.double())
+    error = ((y.double() - full_precision).norm() / full_precision.norm()).item()
+    assert 0 < error < 0.02, f"int8 error against the float64 product: {error:.4f}"
+
+
+def test_opcheck():
+    w_q, w_scale = quantize_int8_rowwise(torch.randn(32, 64))
+    for args in [
+        (torch.randn(4, 64), w_q, w_scale, torch.randn(32)),
+        (torch.randn(2, 3, 64, dtype=torch.bfloat16), w_q, w_scale, None),
+    ]:
+        torch.library.opcheck(int8_linear, args)
+    # With an input requiring grad, aot_dispatch would run the backward: the inference-only error, by design.
+    requires_grad = (torch.randn(4, 64, requires_grad=True), w_q, w_scale, None)
+    torch.library.opcheck(int8_linear, requires_grad, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(quantize, (torch.randn(4, 64),))
+
+
+def test_backward_is_a_clear_error():
+    w_q, w_scale = quantize_int8_rowwise(torch.randn(32, 64))
+    x = torch.randn(4, 64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        int8_linear(x, w_q, w_scale, None).sum().backward()

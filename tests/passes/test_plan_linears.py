@@ -1,0 +1,67 @@
+"""The plan (passes/plan_linears.py): which layers are rewritten, and the reason for each one skipped."""
+
+import logging
+
+import torch
+import torch.nn as nn
+from expecttest import TestCase
+
+import fxquant
+from fxquant import QuantConfig
+from tests.models import MLP
+
+
+class Gated(nn.Module):
+    """A model whose layer shapes and names exercise every skip reason."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(64, 64)
+        self.gate = nn.Linear(64, 64)
+        self.odd = nn.Linear(64, 40)  # N = 40: not a multiple of 16
+        self.narrow = nn.Linear(40, 32)  # K = 40
+        self.tiny = nn.Linear(32, 16)
+
+    def forward(self, x):
+        h = self.proj(x) * torch.sigmoid(self.gate(x))
+        return self.tiny(self.narrow(self.odd(h)))
+
+
+class PlanTest(TestCase):
+    def test_plan_table_names_each_layer_and_reason(self):
+        config = QuantConfig(skip=["gate"], min_weight_numel=1024)
+        plan = fxquant.plan(Gated(), torch.randn(3, 64), config=config)
+        self.assertExpectedInline(str(plan), """\
+layer   op      N x K    scheme       note
+------  ------  -------  -----------  -----------------------------------
+proj    linear  64 x 64  fp8_rowwise
+gate    linear  64 x 64  -            skipped by skip list (gate)
+odd     linear  40 x 64  -            N=40 not divisible by 16
+narrow  linear  32 x 40  -            K=40 not divisible by 16
+tiny    linear  16 x 32  -            512 weights < min_weight_numel=1024
+1 of 5 linear layers quantized""")
+
+    def test_glob_patterns_match_module_paths(self):
+        model = nn.Sequential(MLP(vocab=64), MLP())
+        plan = fxquant.plan(model, torch.randn(2, 64), config=QuantConfig(skip=["*.down", "1.*"]))
+        rewritten = [entry.layer for entry in plan.rewritten]
+        self.assertEqual(rewritten, ["0.up", "0.lm_head"])
+        self.assertEqual(torch._dynamo.utils.counters["fxquant"]["skipped"], 4)
+
+    def test_unsupported_dtype_is_skipped_with_reason(self):
+        model = MLP().to(torch.float64)
+        plan = fxquant.plan(model, torch.randn(2, 64, dtype=torch.float64))
+        self.assertEqual({entry.note for entry in plan[:2]}, {"weight dtype torch.float64 unsupported"})
+
+    def test_plan_does_not_quantize_or_modify_the_model(self):
+        model = MLP()
+        before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+        fxquant.plan(model, torch.randn(2, 64))
+        for name, tensor in model.state_dict().items():
+            self.assertTrue(torch.equal(tensor, before[name]), name)
+        self.assertEqual(torch._dynamo.utils.counters["fxquant"]["fp8_rowwise_linear"], 0)
+
+    def test_backend_logs_the_plan(self):
+        with self.assertLogs("fxquant", level=logging.INFO) as logs:
+            torch.compile(MLP(), backend=fxquant.backend(scheme="int8"))(torch.randn(2, 64))
+        self.assertIn("lm_head  linear  32 x 64   -       skipped by skip list (lm_head)", "\n".join(logs.output))
