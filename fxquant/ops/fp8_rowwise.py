@@ -33,7 +33,9 @@ def quantize_fp8_rowwise(x: Tensor, scale_ub: float | None = None) -> tuple[Tens
     amax = x.abs().amax(dim=-1)
     if scale_ub is not None:
         amax = amax.clamp(max=scale_ub)
-    scale = (amax / FP8_MAX).clamp(min=FP8_MIN_SCALE)
+    # Correctly rounded amax / 448, as FBGEMM's kernel computes it. (PyTorch's CUDA division by a
+    # Python scalar multiplies by the reciprocal, which is off by one ulp for most rows.)
+    scale = (amax.double() / FP8_MAX).float().clamp(min=FP8_MIN_SCALE)
     x_q = (x / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return x_q, scale
 

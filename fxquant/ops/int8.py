@@ -27,7 +27,8 @@ CUDA_INT_MM_MIN_ROWS = 17
 def quantize_int8_rowwise(x: Tensor) -> tuple[Tensor, Tensor]:
     """Quantize each row (last dim) of `x` to int8: returns (x_q like x, float32 scale of x.shape[:-1])."""
     x = x.float()
-    scale = x.abs().amax(dim=-1).clamp(min=INT8_MIN_AMAX) / INT8_MAX
+    # Correctly rounded division, so CPU and CUDA agree to the bit (see quantize_fp8_rowwise).
+    scale = (x.abs().amax(dim=-1).clamp(min=INT8_MIN_AMAX).double() / INT8_MAX).float()
     x_q = torch.round(x / scale.unsqueeze(-1)).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
     return x_q, scale
 

@@ -65,3 +65,15 @@ tiny    linear  16 x 32  -            512 weights < min_weight_numel=1024
         with self.assertLogs("fxquant", level=logging.INFO) as logs:
             torch.compile(MLP(), backend=fxquant.backend(scheme="int8"))(torch.randn(2, 64))
         self.assertIn("lm_head  linear  32 x 64   -       skipped by skip list (lm_head)", "\n".join(logs.output))
+
+
+def test_fp8_on_a_gpu_without_fp8_falls_back_to_int8_logged(monkeypatch, caplog):
+    import fxquant.passes.plan_linears as plan_module
+
+    reason = "NVIDIA A100 (sm_80) has no FP8 tensor cores (needs sm_89+)"
+    monkeypatch.setattr(plan_module, "fp8_unsupported_reason", lambda device: reason)
+    with caplog.at_level(logging.WARNING, logger="fxquant"):
+        plan = fxquant.plan(MLP(), torch.randn(2, 64))
+    assert [entry.scheme for entry in plan] == ["int8", "int8", None]
+    assert plan[0].note == f"fp8_rowwise -> int8: {reason}"
+    assert sum("falling back from fp8_rowwise to int8" in r.message for r in caplog.records) <= 1
