@@ -1,9 +1,10 @@
 """GEMM benchmark on Llama-3-8B linear shapes: bf16 vs fxquant's ops vs FBGEMM (GPU only).
 
 For each (N, K) in the Llama-3-8B projections and each M (tokens), times with triton's do_bench
-(median): bf16 F.linear; fxquant's fp8_rowwise_linear (quantize + GEMM, as the compiled graph
-calls it); FBGEMM quantize_fp8_per_row + f8f8bf16_rowwise; FBGEMM's GEMM alone; fxquant's
-int8_linear. Prints TFLOP/s and speed-ups over bf16; --json writes every row.
+(median): bf16 F.linear; fxquant's fp8_rowwise_linear op called eagerly (FBGEMM quantize + GEMM
+behind it); the same op compiled with fxquant's Inductor lowering (a quantization kernel +
+_scaled_mm); torch._scaled_mm alone on pre-quantized input; FBGEMM quantize_fp8_per_row +
+f8f8bf16_rowwise; FBGEMM's GEMM alone; fxquant's int8_linear. Prints TFLOP/s and speed-ups over bf16; --json writes every row.
 
     python benchmarks/gemm.py [--json out.json] [--m 1 16 128 1024 4096 16384]
 """
@@ -29,6 +30,20 @@ def bench(fn) -> float:
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def compile_with_lowering(fn, x):
+    """fn compiled by Inductor with fxquant's lowering, as the backend does for CUDA graphs."""
+    from torch._inductor.compile_fx import compile_fx
+
+    from fxquant.backend import inductor_decompositions
+
+    def backend(gm, inputs):
+        return compile_fx(gm, inputs, decompositions=inductor_decompositions([x]), config_patches={"emulate_precision_casts": True})
+
+    compiled = torch.compile(fn, backend=backend, dynamic=False)
+    compiled(x)
+    return compiled
+
+
 def rows(ms: list[int]):
     fbgemm = fbgemm_genai_available()
     for name, (n, k) in LLAMA3_8B.items():
@@ -37,9 +52,14 @@ def rows(ms: list[int]):
         wi8, wi8_scale = quantize_int8_rowwise(w)
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            x8, x8_scale = quantize_fp8_rowwise(x)
+            compiled_fp8 = compile_with_lowering(lambda x: torch.ops.fxquant.fp8_rowwise_linear(x, w8, w8_scale, None, None), x)
             times = {
                 "bf16": bench(lambda: F.linear(x, w)),
                 "fxquant_fp8": bench(lambda: torch.ops.fxquant.fp8_rowwise_linear(x, w8, w8_scale, None, None)),
+                "fxquant_compiled": bench(lambda: compiled_fp8(x)),
+                "scaled_mm_gemm": bench(lambda: torch._scaled_mm(
+                    x8, w8.t(), scale_a=x8_scale[:, None], scale_b=w8_scale[None, :], out_dtype=torch.bfloat16, use_fast_accum=True)),
                 "fxquant_int8": bench(lambda: torch.ops.fxquant.int8_linear(x, wi8, wi8_scale, None)),
             }
             if fbgemm:
@@ -62,15 +82,15 @@ def main() -> None:
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | fbgemm genai {fbgemm_genai_available()}")
     results = []
-    header = f"{'layer':<8}{'M':>6}{'bf16 TF/s':>10}{'fxq fp8':>9}{'fbgemm q+g':>11}{'fbgemm g':>9}{'fxq int8':>9}   speed-up vs bf16: fxq fp8 / fbgemm q+g / int8"
-    print(header)
+    columns = ["bf16", "fxquant_fp8", "fxquant_compiled", "scaled_mm_gemm", "fbgemm_q+gemm", "fbgemm_gemm", "fxquant_int8"]
+    print(f"{'layer':<8}{'M':>6}" + "".join(f"{c:>17}" for c in columns) + "   (TFLOP/s; speed-up over bf16)")
     for row in rows(args.m):
         results.append(row)
-        tf, ms = row["tflops"], row["ms"]
-        base = ms["bf16"]
-        print(f"{row['layer']:<8}{row['M']:>6}{tf['bf16']:>10.1f}{tf['fxquant_fp8']:>9.1f}{tf.get('fbgemm_q+gemm', 0):>11.1f}"
-              f"{tf.get('fbgemm_gemm', 0):>9.1f}{tf['fxquant_int8']:>9.1f}   "
-              f"{base / ms['fxquant_fp8']:.2f}x / {base / ms.get('fbgemm_q+gemm', float('nan')):.2f}x / {base / ms['fxquant_int8']:.2f}x")
+        cells = "".join(
+            f"{row['tflops'][c]:>9.1f} {row['ms']['bf16'] / row['ms'][c]:>5.2f}x " if c in row["ms"] else f"{'-':>17}"
+            for c in columns
+        )
+        print(f"{row['layer']:<8}{row['M']:>6}{cells}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

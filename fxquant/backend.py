@@ -50,12 +50,31 @@ class Backend:
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence, mode: str | None = None, **_: object) -> Callable:
         placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
         _, quantized = self.rewrite(gm)
-        patches = torch._inductor.list_mode_options(mode) if mode else None
-        compiled = compile_fx(gm, example_inputs, config_patches=patches)
+        patches = torch._inductor.list_mode_options(mode) if mode else {}
+        decompositions = inductor_decompositions(example_inputs)
+        if decompositions is not None:
+            # Quantize the activation as eager would see it (rounded to its dtype), not the
+            # fp32 value Inductor keeps inside a fused kernel: compiled == reference numerics.
+            patches = {**patches, "emulate_precision_casts": True}
+        compiled = compile_fx(gm, example_inputs, config_patches=patches, decompositions=decompositions)
         if not (self.config.check_weight_updates and quantized):
             return compiled
         index_of = {id(node.meta["grapharg"].example): i for i, node in enumerate(placeholders) if "grapharg" in node.meta}
         return RequantizeOnUpdate(compiled, [(index_of[id(q.source)], q) for q in quantized])
+
+
+def inductor_decompositions(example_inputs: Sequence) -> dict | None:
+    """Inductor's own table plus fxquant's lowerings, for graphs on CUDA; None (the default) elsewhere.
+
+    On the CPU the ops stay whole and run their reference implementation.
+    """
+    if not any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):
+        return None
+    from torch._inductor.decomposition import select_decomp_table
+
+    from fxquant.inductor.decompositions import fxquant_decompositions
+
+    return {**select_decomp_table(), **fxquant_decompositions()}
 
 
 def _declare_buffers_to_dynamo(gm: fx.GraphModule, quantized: list[QuantizedWeight]) -> None:

@@ -1,0 +1,140 @@
+"""End-to-end Llama benchmark: bf16 torch.compile vs fxquant FP8 rowwise vs torchao FP8 rowwise.
+
+Llama-3-8B architecture (hidden 4096, 32 heads, 8 KV heads, MLP 14336), N decoder layers, random
+weights, bf16, `use_cache=False`, `logits_to_keep=1`, lm_head left in bf16 on every side. For
+each compile mode and peer: first-call seconds per input shape (compiles and the one dynamic
+recompile included), median ms per forward, speed-up over bf16 in the same run, peak GPU memory,
+and how many graphs Dynamo compiled over 8 further sequence lengths.
+
+    python benchmarks/e2e_llama.py --layers 8 --modes default reduce-overhead --peers bf16 fxquant torchao
+    python benchmarks/e2e_llama.py --tiny      # CPU smoke test of the script itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+
+import torch
+from torch._dynamo.utils import counters
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import fxquant
+
+SHAPES = [(1, 1), (16, 1), (1, 2048), (4, 2048)]
+EXTRA_LENGTHS = [17, 100, 333, 512, 777, 1000, 1500, 1999]
+
+
+def llama3_8b(layers: int, tiny: bool) -> LlamaConfig:
+    if tiny:
+        return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=256, max_position_embeddings=4096)
+    return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
+
+
+def peer_model(peer: str, model: torch.nn.Module) -> tuple[torch.nn.Module, object]:
+    """(model to compile, backend) for a peer."""
+    if peer == "bf16":
+        return model, "inductor"
+    if peer == "fxquant":
+        return model, fxquant.backend(scheme="fp8_rowwise")
+    if peer == "torchao":
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+        quantized = copy.deepcopy(model)
+        quantize_(quantized, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+                  filter_fn=lambda module, fqn: isinstance(module, torch.nn.Linear) and fqn != "lm_head")
+        return quantized, "inductor"
+    raise ValueError(peer)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(fn, device: torch.device, repeats: int) -> float:
+    for _ in range(3):
+        fn()
+    synchronize(device)
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def run_peer(peer: str, mode: str, model, device, vocab: int, repeats: int) -> dict:
+    torch._dynamo.reset()
+    counters.clear()
+    target, backend = peer_model(peer, model)
+    kwargs = {} if mode == "default" else {"mode": mode}
+    compiled = torch.compile(target, backend=backend, **kwargs)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    result = {"peer": peer, "mode": mode, "shapes": {}}
+    with torch.no_grad():
+        for batch, tokens in SHAPES:
+            ids = torch.randint(0, vocab, (batch, tokens), device=device)
+            forward = lambda: compiled(ids, use_cache=False, logits_to_keep=1)  # noqa: E731
+            start = time.perf_counter()
+            forward()
+            synchronize(device)
+            first_call_s = time.perf_counter() - start
+            result["shapes"][f"{batch}x{tokens}"] = {"first_call_s": first_call_s, "ms": median_ms(forward, device, repeats)}
+        graphs_before = counters["stats"]["unique_graphs"]
+        for tokens in EXTRA_LENGTHS:
+            compiled(torch.randint(0, vocab, (1, tokens), device=device), use_cache=False, logits_to_keep=1)
+        result["recompiles_over_8_lengths"] = counters["stats"]["unique_graphs"] - graphs_before
+    result["graphs"] = counters["stats"]["unique_graphs"]
+    result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    del compiled, target
+    return result
+
+
+def print_table(results: list[dict]) -> None:
+    base = {(r["mode"], s): v["ms"] for r in results if r["peer"] == "bf16" for s, v in r["shapes"].items()}
+    print(f"{'mode':<16}{'peer':<9}" + "".join(f"{s + ' ms':>12}{'x':>7}" for s in results[0]["shapes"])
+          + f"{'1st call s':>11}{'peak GiB':>9}{'recomp':>7}")
+    for r in results:
+        cells = "".join(f"{v['ms']:>12.3f}{base.get((r['mode'], s), float('nan')) / v['ms']:>6.2f}x" for s, v in r["shapes"].items())
+        first = sum(v["first_call_s"] for v in r["shapes"].values())
+        peak = f"{r['peak_gib']:>9.1f}" if r["peak_gib"] is not None else f"{'-':>9}"
+        print(f"{r['mode']:<16}{r['peer']:<9}{cells}{first:>11.1f}{peak}{r['recompiles_over_8_lengths']:>7}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--modes", nargs="+", default=["default", "reduce-overhead"])
+    parser.add_argument("--peers", nargs="+", default=["bf16", "fxquant", "torchao"])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--tiny", action="store_true", help="a tiny config on the CPU, to test the script")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    global SHAPES, EXTRA_LENGTHS
+    if args.tiny:
+        SHAPES, EXTRA_LENGTHS = [(1, 1), (2, 1), (1, 32)], [3, 5, 7]
+    device = torch.device("cpu" if args.tiny else "cuda")
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    config = llama3_8b(args.layers, args.tiny)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype).eval()
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"{name} | torch {torch.__version__} | Llama-3-8B shape, {args.layers} layers, {dtype}")
+    results = [run_peer(peer, mode, model, device, config.vocab_size, args.repeats) for mode in args.modes for peer in args.peers]
+    print_table(results)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

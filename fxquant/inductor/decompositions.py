@@ -1,0 +1,42 @@
+"""Open fxquant's FP8 op up to Inductor: activation quantization as Inductor code, GEMM as `_scaled_mm`.
+
+    fp8_rowwise_linear(x, w_q, w_scale, bias, ub)
+      → amax = max(|x|) per row; scale = amax / 448; x_q = e4m3(x / scale)   (reduction + pointwise)
+      → _scaled_mm(x_q, w_q.T, scale, w_scale, out_dtype=bf16) (+ bias)      (Inductor's GEMM lowering)
+
+Inductor then fuses the amax reduction and the cast into the kernel that produces x (RMSNorm,
+SiLU·mul, a residual add), so no separate quantization kernel runs, and lowers `_scaled_mm` to
+its list of choices: cuBLAS always, its own Triton templates (with the scales and bias in the
+epilogue) when max-autotune picks them. The quantization is the reference's, so numerics match
+the CPU reference and FBGEMM's quantizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from fxquant.ops.fp8_rowwise import quantize_fp8_rowwise
+
+
+def fp8_rowwise_linear(
+    x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None, scale_ub: float | None = None
+) -> Tensor:
+    """fxquant::fp8_rowwise_linear written in aten ops Inductor can fuse and tune."""
+    n = w_q.shape[0]
+    x_q, x_scale = quantize_fp8_rowwise(x.reshape(-1, x.shape[-1]), scale_ub)
+    # Rowwise-scaled _scaled_mm produces bf16; other activation dtypes are cast back below.
+    y = torch._scaled_mm(
+        x_q, w_q.t(), scale_a=x_scale.unsqueeze(1), scale_b=w_scale.unsqueeze(0),
+        out_dtype=torch.bfloat16, use_fast_accum=True,
+    )
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def fxquant_decompositions() -> dict[torch._ops.OpOverload, Callable]:
+    """The decompositions the backend adds to Inductor's table for graphs that run on CUDA."""
+    return {torch.ops.fxquant.fp8_rowwise_linear.default: fp8_rowwise_linear}

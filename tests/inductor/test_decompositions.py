@@ -1,0 +1,85 @@
+"""fxquant's Inductor lowering (fxquant/inductor/decompositions.py): the FP8 activation quantization
+is generated inside the kernel that produces the activation, and the GEMM is `_scaled_mm`.
+
+Checked on the CPU (Inductor's C++ backend, `torch._scaled_mm` runs there) and on the GPU (Triton,
+gpu marker). Numerics against the unfused reference op: the fused kernel quantizes the RMSNorm
+output before it is rounded to bf16, so a few elements land on a neighbouring e4m3 value.
+"""
+
+import pytest
+import torch
+from torch._inductor.compile_fx import compile_fx
+from torch._inductor.decomposition import select_decomp_table
+from torch._inductor.utils import run_and_get_code
+
+from fxquant.inductor.decompositions import fxquant_decompositions
+from fxquant.ops.fp8_rowwise import quantize_fp8_rowwise
+from tests.models import relative_error
+
+
+class RMSNormLinear(torch.nn.Module):
+    """Llama's RMSNorm feeding a linear layer: the pair whose quantization must fuse."""
+
+    def __init__(self, dim=256, out=512):
+        super().__init__()
+        self.norm_weight = torch.nn.Parameter(torch.ones(dim))
+        self.proj = torch.nn.Linear(dim, out, bias=False)
+
+    def forward(self, x):
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        h = (x.float() * torch.rsqrt(variance + 1e-6)).to(x.dtype) * self.norm_weight
+        return self.proj(h)
+
+
+def compile_with_lowering(fn):
+    table = {**select_decomp_table(), **fxquant_decompositions()}
+    patches = {"emulate_precision_casts": True}
+    return torch.compile(fn, backend=lambda gm, inputs: compile_fx(gm, inputs, decompositions=table, config_patches=patches))
+
+
+def kernels(code: str) -> list[str]:
+    """The generated kernels' sources (Triton or C++), one string each."""
+    marker = "async_compile.triton(" if "async_compile.triton(" in code else "async_compile.cpp_pybinding("
+    return code.split(marker)[1:]
+
+
+def check_fused(device):
+    torch.manual_seed(0)
+    dtype = torch.bfloat16
+    w_q, w_scale = quantize_fp8_rowwise(torch.randn(512, 256, device=device) / 16)
+
+    def rmsnorm_linear(x):
+        h = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+        return torch.ops.fxquant.fp8_rowwise_linear(h, w_q, w_scale, None, None)
+
+    x = torch.randn(8, 64, 256, device=device, dtype=dtype)
+    out, (code, *_) = run_and_get_code(compile_with_lowering(rmsnorm_linear), x)
+    generated = kernels(code)
+    assert len(generated) == 1, f"want one kernel (RMSNorm + quantization), got {len(generated)}:\n{code}"
+    assert "rsqrt" in generated[0] and "float8" in generated[0].lower(), "the quantization is not in the RMSNorm kernel"
+    assert "_scaled_mm" in code
+    error = relative_error(out, rmsnorm_linear(x))
+    assert error < 1e-3, f"fused lowering vs reference op: relative error {error:.5f}"
+
+
+def test_quantization_fuses_into_rmsnorm_on_cpu():
+    check_fused("cpu")
+
+
+@pytest.mark.gpu
+def test_quantization_fuses_into_rmsnorm_on_gpu():
+    check_fused("cuda")
+
+
+@pytest.mark.gpu
+def test_backend_uses_the_lowering_on_cuda():
+    torch.manual_seed(0)
+    model = RMSNormLinear().cuda().to(torch.bfloat16)
+    x = torch.randn(4, 32, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        out, (code, *_) = run_and_get_code(torch.compile(model, backend="fxquant"), x)
+        expected = model(x)
+    assert "_scaled_mm" in code
+    assert "torch.ops.fxquant.fp8_rowwise_linear" not in code, "the op should be lowered, not called as an extern kernel"
+    assert len(kernels(code)) == 1, f"want one kernel (RMSNorm + quantization):\n{code}"
+    assert 0 < relative_error(out, expected) < 0.08
