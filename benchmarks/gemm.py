@@ -39,6 +39,7 @@ def compile_with_lowering(fn, x):
     def backend(gm, inputs):
         return compile_fx(gm, inputs, decompositions=inductor_decompositions([x]), config_patches={"emulate_precision_casts": True})
 
+    torch._dynamo.reset()  # one fresh compile per shape; never the recompile limit's eager fallback
     compiled = torch.compile(fn, backend=backend, dynamic=False)
     compiled(x)
     return compiled
