@@ -7,9 +7,10 @@
 
 from fxquant import ops  # noqa: F401  (registers torch.ops.fxquant.*)
 from fxquant.backend import Backend, backend
+from fxquant.calibrate import Calibration, calibrate
 from fxquant.config import SCHEMES, QuantConfig
 from fxquant.explain import plan
 from fxquant.passes import Plan
 
 __version__ = "0.1.0"
-__all__ = ["SCHEMES", "Backend", "Plan", "QuantConfig", "backend", "plan"]
+__all__ = ["SCHEMES", "Backend", "Calibration", "Plan", "QuantConfig", "backend", "calibrate", "plan"]

@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-SCHEMES = ("fp8_rowwise", "int8")
+SCHEMES = ("fp8_rowwise", "fp8_blockwise", "fp8_tensorwise", "int8")
 
 # The kernels (FBGEMM, torch._scaled_mm, torch._int_mm) want K and N in multiples of 16.
 GEMM_ALIGNMENT = 16
@@ -24,12 +24,20 @@ class QuantConfig:
 
     Args:
         scheme: "fp8_rowwise" (e4m3 weights per output channel, e4m3 activations per token,
-            dynamic) or "int8" (int8 symmetric, same granularity, int32 accumulation).
+            dynamic); "fp8_blockwise" (DeepSeek-V3: e4m3 weights per `weight_block_size` block,
+            activations per token per block-K group, dynamic); "fp8_tensorwise" (one scale per
+            weight and one per activation tensor: dynamic, or static from `static_activation_amax`);
+            "int8" (int8 symmetric, per channel and per token, int32 accumulation).
         skip: glob patterns (fnmatch) over layer names, e.g. "lm_head" or "*.gate". A layer's
             name is its module path ("layers.0.mlp.down_proj"); a bare parameter used in a
             matmul is named by its own path ("blocks.0.w"). Skipped layers run unchanged.
         activation_scale_ub: FP8 only. Upper bound on the per-token amax before the scale is
             computed (FBGEMM's `scale_ub`), so outlier tokens cannot flatten the others.
+        weight_block_size: fp8_blockwise's (N, K) weight block; activations are quantized in
+            groups of K along the input dimension. Layers whose N or K is not a multiple are skipped.
+        static_activation_amax: fp8_tensorwise only: per-layer activation amax from
+            `fxquant.calibrate`; the activation scales and their products with the weight scales
+            are folded into constants. Layers without an entry are skipped.
         min_weight_numel: layers whose weight has fewer elements stay unquantized; tiny GEMMs
             gain nothing from quantization.
         check_weight_updates: re-quantize a weight that was changed in place (or replaced)
@@ -40,6 +48,8 @@ class QuantConfig:
     scheme: str = "fp8_rowwise"
     skip: tuple[str, ...] = ("lm_head",)
     activation_scale_ub: float | None = None
+    weight_block_size: tuple[int, int] = (128, 128)
+    static_activation_amax: tuple[tuple[str, float], ...] | None = None
     min_weight_numel: int = 0
     check_weight_updates: bool = True
 
@@ -57,6 +67,18 @@ class QuantConfig:
             if not ub > 0:
                 raise ValueError(f"fxquant: activation_scale_ub must be positive, got {ub!r}")
             object.__setattr__(self, "activation_scale_ub", float(ub))
+        block = tuple(self.weight_block_size)
+        if len(block) != 2 or not all(isinstance(b, int) and b > 0 and b % GEMM_ALIGNMENT == 0 for b in block):
+            raise ValueError(f"fxquant: weight_block_size must be two positive multiples of {GEMM_ALIGNMENT}, got {self.weight_block_size!r}")
+        object.__setattr__(self, "weight_block_size", block)
+        if self.static_activation_amax is not None:
+            if self.scheme != "fp8_tensorwise":
+                raise ValueError(f"fxquant: static_activation_amax applies to fp8_tensorwise, not {self.scheme!r}")
+            amax = dict(self.static_activation_amax)
+            bad = {layer: value for layer, value in amax.items() if not (isinstance(value, (int, float)) and 0 < value < float("inf"))}
+            if bad:
+                raise ValueError(f"fxquant: static_activation_amax values must be positive and finite: {bad}")
+            object.__setattr__(self, "static_activation_amax", tuple(sorted((k, float(v)) for k, v in amax.items())))
         if self.min_weight_numel < 0:
             raise ValueError(f"fxquant: min_weight_numel must be >= 0, got {self.min_weight_numel}")
 

@@ -20,6 +20,6 @@ def quantize_graph(
 ) -> tuple[Plan, list[QuantizedWeight]]:
     """Run fxquant's passes on `gm` in place; returns the plan and the quantized weights."""
     plan = plan_linears(gm, lookup, config)
-    quantized = quantize_weights(gm, plan, cache)
+    quantized = quantize_weights(gm, plan, config, cache)
     rewrite_linears(gm, plan, config)
     return plan, quantized

@@ -16,7 +16,7 @@ import torch
 from torch import fx
 from torch._dynamo.utils import counters
 
-from fxquant.config import GEMM_ALIGNMENT, QuantConfig
+from fxquant.config import QuantConfig
 from fxquant.log import log_once
 from fxquant.ops import LINEAR_SCHEMES
 from fxquant.ops.availability import fp8_unsupported_reason
@@ -98,12 +98,9 @@ def skip_reason(layer: str, site: LinearSite, config: QuantConfig) -> str | None
     n, k = site.out_features, site.in_features
     if n == 0 or k == 0:
         return "empty weight"
-    for dim, size in (("K", k), ("N", n)):
-        if size % GEMM_ALIGNMENT:
-            return f"{dim}={size} not divisible by {GEMM_ALIGNMENT}"
     if site.weight.numel() < config.min_weight_numel:
         return f"{site.weight.numel()} weights < min_weight_numel={config.min_weight_numel}"
-    return None
+    return LINEAR_SCHEMES[config.scheme].unsupported(layer, n, k, config)
 
 
 def scheme_for(site: LinearSite, config: QuantConfig) -> tuple[str, str]:

@@ -2,6 +2,7 @@
 
     y = linear(x, W, b)            →  y = fxquant.fp8_rowwise_linear(x, fxquant_<layer>_weight, fxquant_<layer>_scale, b, ub)
     t = W.t(); y = x @ t           →  y = fxquant.int8_linear(x, fxquant_<layer>_weight, fxquant_<layer>_scale, None)
+    y = linear(x, W)   (static)    →  y = fxquant.fp8_tensorwise_static_linear(x, fxquant_<layer>_weight, 3.1e-05, None, 0.0123)
 The weight's transpose, if nothing else uses it, goes with the matmul. The new node keeps the old
 node's meta; the weight placeholder stays (Dynamo still passes it).
 """
@@ -37,8 +38,10 @@ def rewrite_linears(gm: fx.GraphModule, plan: Plan, config: QuantConfig) -> None
         with graph.inserting_before(site.node):
             w_q = _constant(gm, quantized.weight_attr, site.activation)
             w_scale = _constant(gm, quantized.scale_attr, site.activation)
-            args = (site.activation, w_q, w_scale, site.bias, *scheme.extra_args(config))
-            fused = graph.call_function(scheme.linear_op, args)
+            op, args = scheme.call(config, entry.layer, site.activation, w_q, w_scale, quantized.w_scale, site.bias)
+            fused = graph.call_function(op, args)
+        if not w_scale.users:  # the scale was folded into a constant argument
+            graph.erase_node(w_scale)
         fused.meta.update(site.node.meta)
         site.node.replace_all_uses_with(fused)
         graph.erase_node(site.node)

@@ -9,12 +9,11 @@ GEMM is FBGEMM's `f8f8bf16_rowwise` when fbgemm-gpu-genai imports, else `torch._
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
 from fxquant.ops.availability import fbgemm_genai_available, fp8_unsupported_reason
+from fxquant.ops.fp8_common import FP8_DTYPE, device_scalar, fp8_scale, saturate_to_fp8
 from fxquant.ops.linear_common import (
     check_linear_inputs,
     dequantized_epilogue,
@@ -22,28 +21,11 @@ from fxquant.ops.linear_common import (
     register_inference_only_autograd,
 )
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448.0
-FP8_MIN_SCALE = 1.0 / (FP8_MAX * 512.0)  # FBGEMM's guard: an all-zero row gets this scale
-
 
 def quantize_fp8_rowwise(x: Tensor, scale_ub: float | None = None) -> tuple[Tensor, Tensor]:
     """Quantize each row (last dim) of `x` to e4m3: returns (x_q like x, float32 scale of x.shape[:-1])."""
-    x = x.float()
-    amax = x.abs().amax(dim=-1)
-    if scale_ub is not None:
-        amax = amax.clamp(max=scale_ub)
-    # Correctly rounded amax / 448, as FBGEMM's kernel computes it. (PyTorch's CUDA division by a
-    # Python scalar multiplies by the reciprocal, which is off by one ulp for most rows.)
-    scale = (amax.double() / FP8_MAX).float().clamp(min=FP8_MIN_SCALE)
-    x_q = (x / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return x_q, scale
-
-
-@functools.cache
-def _scale_ub_tensor(scale_ub: float, device: torch.device) -> Tensor:
-    # FBGEMM reads the bound from device memory; build it once per (bound, device).
-    return torch.tensor([scale_ub], dtype=torch.float32, device=device)
+    scale = fp8_scale(x.float().abs().amax(dim=-1), scale_ub)
+    return saturate_to_fp8(x, scale.unsqueeze(-1)), scale
 
 
 @torch.library.custom_op("fxquant::quantize_fp8_per_row", mutates_args=())
@@ -56,7 +38,7 @@ def quantize_fp8_per_row(x: Tensor, scale_ub: float | None = None) -> tuple[Tens
 def _(x: Tensor, scale_ub: float | None = None) -> tuple[Tensor, Tensor]:
     # FBGEMM's kernel reads its input as bf16; other dtypes take the reference path.
     if x.dtype == torch.bfloat16 and x.shape[-1] % 2 == 0 and fbgemm_genai_available():
-        ub = None if scale_ub is None else _scale_ub_tensor(scale_ub, x.device)
+        ub = None if scale_ub is None else device_scalar(scale_ub, x.device).view(1)
         x_q, scale = torch.ops.fbgemm.quantize_fp8_per_row(x.contiguous(), None, ub)
         return x_q, scale.view(x.shape[:-1])
     return quantize_fp8_rowwise(x, scale_ub)
@@ -72,7 +54,7 @@ def fp8_rowwise_linear(
     x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None, scale_ub: float | None = None
 ) -> Tensor:
     """y = quantize_fp8_per_row(x) @ w_q.T, rescaled per token and channel, + bias (CPU reference)."""
-    check_linear_inputs("fxquant::fp8_rowwise_linear", x, w_q, w_scale, bias)
+    check_linear_inputs("fxquant::fp8_rowwise_linear", x, w_q, w_scale, (w_q.shape[0],), bias)
     x_q, x_scale = quantize_fp8_rowwise(x.reshape(-1, x.shape[-1]), scale_ub)
     acc = x_q.float() @ w_q.float().t()  # products of e4m3 values are exact in float32
     return dequantized_epilogue(acc, x_scale, w_scale, bias, x)
@@ -80,7 +62,7 @@ def fp8_rowwise_linear(
 
 @fp8_rowwise_linear.register_kernel("cuda")
 def _(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None, scale_ub: float | None = None) -> Tensor:
-    check_linear_inputs("fxquant::fp8_rowwise_linear", x, w_q, w_scale, bias)
+    check_linear_inputs("fxquant::fp8_rowwise_linear", x, w_q, w_scale, (w_q.shape[0],), bias)
     reason = fp8_unsupported_reason(x.device)
     if reason is not None:
         raise RuntimeError(f"fxquant::fp8_rowwise_linear: {reason}; use scheme='int8'")
@@ -99,7 +81,7 @@ def _(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None, scale
 
 @fp8_rowwise_linear.register_fake
 def _(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None, scale_ub: float | None = None) -> Tensor:
-    check_linear_inputs("fxquant::fp8_rowwise_linear", x, w_q, w_scale, bias)
+    check_linear_inputs("fxquant::fp8_rowwise_linear", x, w_q, w_scale, (w_q.shape[0],), bias)
     return linear_output(x, w_q)
 
 

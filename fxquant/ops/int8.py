@@ -57,14 +57,14 @@ def _(x: Tensor) -> tuple[Tensor, Tensor]:
 @torch.library.custom_op("fxquant::int8_linear", mutates_args=())
 def int8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None) -> Tensor:
     """y = quantize_int8_per_row(x) @ w_q.T in int32, rescaled per token and channel, + bias."""
-    check_linear_inputs("fxquant::int8_linear", x, w_q, w_scale, bias)
+    check_linear_inputs("fxquant::int8_linear", x, w_q, w_scale, (w_q.shape[0],), bias)
     x_q, x_scale = quantize_int8_rowwise(x.reshape(-1, x.shape[-1]))
     return dequantized_epilogue(int_mm(x_q, w_q.t()), x_scale, w_scale, bias, x)
 
 
 @int8_linear.register_fake
 def _(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None) -> Tensor:
-    check_linear_inputs("fxquant::int8_linear", x, w_q, w_scale, bias)
+    check_linear_inputs("fxquant::int8_linear", x, w_q, w_scale, (w_q.shape[0],), bias)
     return linear_output(x, w_q)
 
 

@@ -12,7 +12,9 @@ from torch import Tensor
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def check_linear_inputs(op: str, x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> None:
+def check_linear_inputs(
+    op: str, x: Tensor, w_q: Tensor, w_scale: Tensor | None, scale_shape: tuple, bias: Tensor | None
+) -> None:
     """Shape and dtype checks, symbolic-shape friendly (used by the fake and the real impls)."""
     torch._check(x.dtype in FLOAT_DTYPES, lambda: f"{op}: activation dtype {x.dtype} unsupported; want {FLOAT_DTYPES}")
     torch._check(w_q.dim() == 2, lambda: f"{op}: weight must be 2-D [N, K], got {tuple(w_q.shape)}")
@@ -20,10 +22,11 @@ def check_linear_inputs(op: str, x: Tensor, w_q: Tensor, w_scale: Tensor, bias: 
         x.shape[-1] == w_q.shape[1],
         lambda: f"{op}: activation has K={x.shape[-1]} but the weight is [N={w_q.shape[0]}, K={w_q.shape[1]}]",
     )
-    torch._check(
-        w_scale.dtype == torch.float32 and w_scale.shape == (w_q.shape[0],),
-        lambda: f"{op}: weight scale must be float32 [N={w_q.shape[0]}], got {w_scale.dtype} {tuple(w_scale.shape)}",
-    )
+    if w_scale is not None:
+        torch._check(
+            w_scale.dtype == torch.float32 and tuple(w_scale.shape) == tuple(scale_shape),
+            lambda: f"{op}: weight scale must be float32 {list(scale_shape)}, got {w_scale.dtype} {list(w_scale.shape)}",
+        )
     if bias is not None:
         torch._check(bias.shape == (w_q.shape[0],), lambda: f"{op}: bias must be [N={w_q.shape[0]}], got {tuple(bias.shape)}")
 
@@ -33,9 +36,15 @@ def linear_output(x: Tensor, w_q: Tensor) -> Tensor:
     return x.new_empty((*x.shape[:-1], w_q.shape[0]))
 
 
-def dequantized_epilogue(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
-    """acc [M, N] (fp32/int32) * x_scale[M] * w_scale[N] + bias, in x's dtype and batch shape."""
-    y = acc.float() * x_scale.unsqueeze(-1) * w_scale.unsqueeze(0)
+def dequantized_epilogue(
+    acc: Tensor, x_scale: Tensor | None, w_scale: Tensor | None, bias: Tensor | None, x: Tensor
+) -> Tensor:
+    """acc [M, N] (fp32/int32) * x_scale [M] * w_scale [N] (None: already applied) + bias, in x's dtype and batch shape."""
+    y = acc.float()
+    if x_scale is not None:
+        y = y * x_scale.unsqueeze(-1)
+    if w_scale is not None:
+        y = y * w_scale.unsqueeze(0)
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from fxquant.ops.fp8_rowwise import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, quantize_fp8_rowwise
+from fxquant.ops.fp8_common import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE
+from fxquant.ops.fp8_rowwise import quantize_fp8_rowwise
 
 fp8_linear = torch.ops.fxquant.fp8_rowwise_linear
 quantize = torch.ops.fxquant.quantize_fp8_per_row
