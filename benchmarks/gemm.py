@@ -4,7 +4,9 @@ For each (N, K) in the Llama-3-8B projections and each M (tokens), times with tr
 (median): bf16 F.linear; fxquant's fp8_rowwise_linear op called eagerly (FBGEMM quantize + GEMM
 behind it); the same op compiled with fxquant's Inductor lowering (a quantization kernel +
 _scaled_mm); torch._scaled_mm alone on pre-quantized input; FBGEMM quantize_fp8_per_row +
-f8f8bf16_rowwise; FBGEMM's GEMM alone; fxquant's int8_linear. Prints TFLOP/s and speed-ups over bf16; --json writes every row.
+f8f8bf16_rowwise; FBGEMM's GEMM alone; fxquant's int8_linear; fxquant's fp8_blockwise_linear
+(group quantization + its Triton kernel) and FBGEMM's blockwise GEMM alone (128 x 128
+activation blocks, M a multiple of 128); fxquant's fp8_tensorwise_linear, eager and compiled. Prints TFLOP/s and speed-ups over bf16; --json writes every row.
 
     python benchmarks/gemm.py [--json out.json] [--m 1 16 128 1024 4096 16384]
 """
@@ -20,7 +22,9 @@ from triton.testing import do_bench
 
 import fxquant  # noqa: F401  (registers the ops)
 from fxquant.ops.availability import fbgemm_genai_available
+from fxquant.ops.fp8_blockwise import quantize_fp8_blockwise_weight
 from fxquant.ops.fp8_rowwise import quantize_fp8_rowwise
+from fxquant.ops.fp8_tensorwise import quantize_fp8_tensorwise
 from fxquant.ops.int8 import quantize_int8_rowwise
 
 LLAMA3_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -45,12 +49,15 @@ def compile_with_lowering(fn, x):
     return compiled
 
 
-def rows(ms: list[int]):
+def rows(ms: list[int], layers: list[str]):
     fbgemm = fbgemm_genai_available()
-    for name, (n, k) in LLAMA3_8B.items():
+    for name in layers:
+        n, k = LLAMA3_8B[name]
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
         w8, w8_scale = quantize_fp8_rowwise(w)
         wi8, wi8_scale = quantize_int8_rowwise(w)
+        wb, wb_scale = quantize_fp8_blockwise_weight(w, (128, 128))
+        wt, wt_scale = quantize_fp8_tensorwise(w)
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             x8, x8_scale = quantize_fp8_rowwise(x)
@@ -63,6 +70,15 @@ def rows(ms: list[int]):
                     x8, w8.t(), scale_a=x8_scale[:, None], scale_b=w8_scale[None, :], out_dtype=torch.bfloat16, use_fast_accum=True)),
                 "fxquant_int8": bench(lambda: torch.ops.fxquant.int8_linear(x, wi8, wi8_scale, None)),
             }
+            times["fxquant_blockwise"] = bench(lambda: torch.ops.fxquant.fp8_blockwise_linear(x, wb, wb_scale, None, None))
+            times["fxquant_tensorwise"] = bench(lambda: torch.ops.fxquant.fp8_tensorwise_linear(x, wt, wt_scale, None, None))
+            compiled_tensorwise = compile_with_lowering(
+                lambda x: torch.ops.fxquant.fp8_tensorwise_linear(x, wt, wt_scale, None, None), x)
+            times["fxquant_tensorwise_compiled"] = bench(lambda: compiled_tensorwise(x))
+            if fbgemm and m % 128 == 0:
+                xb, xb_scale = quantize_fp8_blockwise_weight(x, (128, 128))
+                times["fbgemm_blockwise_gemm"] = bench(
+                    lambda: torch.ops.fbgemm.f8f8bf16_blockwise(xb, wb, xb_scale, wb_scale, 128, 128, 128))
             if fbgemm:
                 xq, xs = torch.ops.fbgemm.quantize_fp8_per_row(x)
                 def fbgemm_quantize_and_gemm():
@@ -80,12 +96,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--m", type=int, nargs="+", default=[1, 16, 128, 1024, 4096, 16384])
     parser.add_argument("--json")
+    parser.add_argument("--layers", nargs="+", default=list(LLAMA3_8B), choices=list(LLAMA3_8B))
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | fbgemm genai {fbgemm_genai_available()}")
     results = []
-    columns = ["bf16", "fxquant_fp8", "fxquant_compiled", "scaled_mm_gemm", "fbgemm_q+gemm", "fbgemm_gemm", "fxquant_int8"]
+    columns = ["bf16", "fxquant_fp8", "fxquant_compiled", "scaled_mm_gemm", "fbgemm_q+gemm", "fbgemm_gemm", "fxquant_int8",
+               "fxquant_blockwise", "fbgemm_blockwise_gemm", "fxquant_tensorwise", "fxquant_tensorwise_compiled"]
     print(f"{'layer':<8}{'M':>6}" + "".join(f"{c:>17}" for c in columns) + "   (TFLOP/s; speed-up over bf16)")
-    for row in rows(args.m):
+    for row in rows(args.m, args.layers):
         results.append(row)
         cells = "".join(
             f"{row['tflops'][c]:>9.1f} {row['ms']['bf16'] / row['ms'][c]:>5.2f}x " if c in row["ms"] else f"{'-':>17}"

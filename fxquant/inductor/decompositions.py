@@ -1,4 +1,8 @@
-"""Open fxquant's FP8 op up to Inductor: activation quantization as Inductor code, GEMM as `_scaled_mm`.
+"""Open fxquant's FP8 ops up to Inductor: activation quantization as Inductor code, GEMM as `_scaled_mm`.
+
+fp8_rowwise and fp8_tensorwise (dynamic and static) are decomposed; fp8_blockwise stays an extern
+call to its Triton kernel (Inductor has no blockwise-scaled GEMM lowering).
+
 
     fp8_rowwise_linear(x, w_q, w_scale, bias, ub)
       → amax = max(|x|) per row; scale = amax / 448; x_q = e4m3(x / scale)   (reduction + pointwise)
@@ -18,7 +22,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from fxquant.ops.fp8_common import saturate_to_fp8
 from fxquant.ops.fp8_rowwise import quantize_fp8_rowwise
+from fxquant.ops.fp8_tensorwise import quantize_fp8_tensorwise
 
 
 def fp8_rowwise_linear(
@@ -37,6 +43,35 @@ def fp8_rowwise_linear(
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
+def _tensorwise_gemm(x: Tensor, x_q: Tensor, w_q: Tensor, output_scale: Tensor, bias: Tensor | None) -> Tensor:
+    y = torch._scaled_mm(
+        x_q, w_q.t(), scale_a=output_scale, scale_b=torch.ones_like(output_scale),
+        out_dtype=torch.bfloat16, use_fast_accum=True,
+    )
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype).reshape(*x.shape[:-1], w_q.shape[0])
+
+
+def fp8_tensorwise_linear(
+    x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None, scale_ub: float | None = None
+) -> Tensor:
+    """fxquant::fp8_tensorwise_linear: a whole-tensor amax reduction, the cast, a tensorwise _scaled_mm."""
+    x_q, x_scale = quantize_fp8_tensorwise(x.reshape(-1, x.shape[-1]), scale_ub)
+    return _tensorwise_gemm(x, x_q, w_q, x_scale * w_scale, bias)
+
+
+def fp8_tensorwise_static_linear(x: Tensor, w_q: Tensor, output_scale: float, bias: Tensor | None, x_scale: float) -> Tensor:
+    """fxquant::fp8_tensorwise_static_linear: a pointwise cast (fused into x's producer), a _scaled_mm."""
+    x_q = saturate_to_fp8(x.reshape(-1, x.shape[-1]), x_scale)
+    return _tensorwise_gemm(x, x_q, w_q, x.new_full((), output_scale, dtype=torch.float32), bias)
+
+
 def fxquant_decompositions() -> dict[torch._ops.OpOverload, Callable]:
     """The decompositions the backend adds to Inductor's table for graphs that run on CUDA."""
-    return {torch.ops.fxquant.fp8_rowwise_linear.default: fp8_rowwise_linear}
+    ops = torch.ops.fxquant
+    return {
+        ops.fp8_rowwise_linear.default: fp8_rowwise_linear,
+        ops.fp8_tensorwise_linear.default: fp8_tensorwise_linear,
+        ops.fp8_tensorwise_static_linear.default: fp8_tensorwise_static_linear,
+    }

@@ -25,6 +25,7 @@ from fxquant.ops.linear_common import (
 
 def quantize_fp8_groupwise(x: Tensor, group_size: int, scale_ub: float | None = None) -> tuple[Tensor, Tensor]:
     """Quantize `x` [..., K] in groups of `group_size` channels: (x_q like x, float32 scale [..., K / group_size])."""
+    torch._check(x.shape[-1] % group_size == 0, lambda: f"K={x.shape[-1]} is not a multiple of the group size {group_size}")
     groups = x.float().unflatten(-1, (-1, group_size))
     scale = fp8_scale(groups.abs().amax(dim=-1), scale_ub)
     return saturate_to_fp8(groups, scale.unsqueeze(-1)).flatten(-2), scale

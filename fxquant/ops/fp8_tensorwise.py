@@ -28,7 +28,9 @@ STATIC_OP = "fxquant::fp8_tensorwise_static_linear"
 
 def quantize_fp8_tensorwise(x: Tensor, scale_ub: float | None = None) -> tuple[Tensor, Tensor]:
     """Quantize all of `x` with one scale: (x_q like x, float32 0-dim scale)."""
-    scale = fp8_scale(x.float().abs().amax(), scale_ub)
+    # amax over an empty tensor (no tokens) is 0 here, which takes the minimum scale.
+    amax = x.float().abs().flatten().amax(dim=0) if x.numel() else x.new_zeros((), dtype=torch.float32)
+    scale = fp8_scale(amax, scale_ub)
     return saturate_to_fp8(x, scale), scale
 
 

