@@ -10,7 +10,10 @@ from fxquant.backend import Backend, backend
 from fxquant.calibrate import Calibration, calibrate
 from fxquant.config import SCHEMES, QuantConfig
 from fxquant.explain import plan
+from fxquant.export import export, load_program
 from fxquant.passes import Plan
 
 __version__ = "0.1.0"
-__all__ = ["SCHEMES", "Backend", "Calibration", "Plan", "QuantConfig", "backend", "calibrate", "plan"]
+__all__ = [
+    "SCHEMES", "Backend", "Calibration", "Plan", "QuantConfig", "backend", "calibrate", "export", "load_program", "plan",
+]

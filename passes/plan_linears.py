@@ -7,6 +7,7 @@ every rejection has a reason string: "skipped by skip list (lm_head)", "K=40 not
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import logging
 import re
 from dataclasses import dataclass, field
@@ -76,9 +77,20 @@ def layer_name(site: LinearSite) -> str:
     stack = site.node.meta.get("nn_module_stack") or {}
     if stack:
         path, module_type = list(stack.values())[-1]
-        if isinstance(module_type, type) and issubclass(module_type, torch.nn.Linear) and site.weight_name.endswith("weight"):
+        if _is_linear_type(module_type) and site.weight_name.endswith("weight"):
             return _module_path(path)
     return site.weight_name.removesuffix(".weight")
+
+
+def _is_linear_type(module_type: type | str) -> bool:
+    """nn_module_stack holds the class under Dynamo and its qualified name under torch.export."""
+    if isinstance(module_type, str):
+        module_name, _, class_name = module_type.rpartition(".")
+        try:
+            module_type = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError, ValueError):
+            return False
+    return isinstance(module_type, type) and issubclass(module_type, torch.nn.Linear)
 
 
 def skip_reason(layer: str, site: LinearSite, config: QuantConfig) -> str | None:

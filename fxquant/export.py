@@ -1,0 +1,117 @@
+"""`fxquant.export`: a `torch.export.ExportedProgram` whose linear layers are fxquant ops.
+
+    program = fxquant.export(model, (x,), config=QuantConfig(scheme="fp8_rowwise"))
+    torch.export.save(program, "model.pt2");  program = fxquant.load_program("model.pt2")
+    package = torch._inductor.aoti_compile_and_package(program)          # AOTInductor
+
+The same passes as the backend run on the aten-level exported graph. Their quantized weights and
+scales become buffers of the program (placeholders with BUFFER input specs, in its state dict),
+and the parameters only the rewritten layers used leave the graph, its signature and its state
+dict, so the program holds the low-precision weights only.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import fx
+from torch.export import ExportedProgram
+from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
+
+from fxquant.config import QuantConfig
+from fxquant.passes import Plan
+from fxquant.passes.quantize_weights import QuantizedWeight
+from fxquant.pipeline import quantize_graph
+
+
+def export(
+    model: torch.nn.Module,
+    args: tuple,
+    kwargs: Mapping | None = None,
+    config: QuantConfig | None = None,
+    dynamic_shapes=None,
+    strict: bool = False,
+) -> ExportedProgram:
+    """torch.export `model`, then quantize its linear layers; the result's `.fxquant_plan` is the plan."""
+    config = config or QuantConfig()
+    with torch.no_grad():
+        program = torch.export.export(model, args, kwargs=dict(kwargs or {}), dynamic_shapes=dynamic_shapes, strict=strict)
+    quantized_program, plan = quantize_program(program, config)
+    quantized_program.fxquant_plan = plan
+    return quantized_program
+
+
+def quantize_program(program: ExportedProgram, config: QuantConfig) -> tuple[ExportedProgram, Plan]:
+    """Run fxquant's passes on a copy of an exported program; returns the new program and the plan."""
+    gm = copy.deepcopy(program.graph_module)
+    parameters = program.graph_signature.inputs_to_parameters  # placeholder name → parameter name
+    state_dict = dict(program.state_dict)
+
+    def lookup(node: fx.Node):
+        name = parameters.get(node.name) if node.op == "placeholder" else None
+        return None if name is None else (name, state_dict[name])
+
+    plan, quantized = quantize_graph(gm, lookup, config)
+    input_specs = _lift_buffers(gm, program.graph_signature.input_specs, quantized, state_dict)
+    input_specs = _drop_unused_parameters(gm, input_specs, state_dict)
+    gm.recompile()
+    signature = ExportGraphSignature(input_specs=input_specs, output_specs=list(program.graph_signature.output_specs))
+    new_program = ExportedProgram(
+        root=gm,
+        graph=gm.graph,
+        graph_signature=signature,
+        state_dict=state_dict,
+        range_constraints=program.range_constraints,
+        module_call_graph=program.module_call_graph,
+        example_inputs=program.example_inputs,
+        constants=program.constants,
+        verifiers=program.verifiers,
+    )
+    return new_program, plan
+
+
+def _lift_buffers(
+    gm: fx.GraphModule, input_specs: list[InputSpec], quantized: list[QuantizedWeight], state_dict: dict
+) -> list[InputSpec]:
+    """get_attr of fxquant's buffers → BUFFER placeholders after the existing parameters and buffers."""
+    graph = gm.graph
+    placeholders = list(graph.find_nodes(op="placeholder"))
+    n_state = sum(spec.kind in (InputKind.PARAMETER, InputKind.BUFFER) for spec in input_specs)
+    anchor = placeholders[n_state] if n_state < len(placeholders) else next(n for n in graph.nodes if n.op != "placeholder")
+    new_specs = []
+    for attr in (a for q in quantized for a in (q.weight_attr, q.scale_attr)):
+        users = [n for n in graph.find_nodes(op="get_attr") if n.target == attr]
+        tensor = getattr(gm, attr)
+        delattr(gm, attr)
+        if not users:  # a scale folded into constants (static fp8_tensorwise)
+            continue
+        with graph.inserting_before(anchor):
+            placeholder = graph.placeholder(f"b_{attr}")
+        placeholder.meta.update(users[0].meta)
+        for node in users:
+            node.replace_all_uses_with(placeholder)
+            graph.erase_node(node)
+        state_dict[attr] = tensor
+        new_specs.append(InputSpec(InputKind.BUFFER, TensorArgument(placeholder.name), target=attr, persistent=True))
+    return input_specs[:n_state] + new_specs + input_specs[n_state:]
+
+
+def _drop_unused_parameters(gm: fx.GraphModule, input_specs: list[InputSpec], state_dict: dict) -> list[InputSpec]:
+    """Parameters whose placeholders lost every user (the rewritten layers' float weights) leave the program."""
+    unused = {node.name: node for node in gm.graph.find_nodes(op="placeholder") if not node.users}
+    kept = []
+    for spec in input_specs:
+        if spec.kind == InputKind.PARAMETER and spec.arg.name in unused:
+            gm.graph.erase_node(unused[spec.arg.name])
+            del state_dict[spec.target]
+        else:
+            kept.append(spec)
+    return kept
+
+
+def load_program(path: str | Path) -> ExportedProgram:
+    """torch.export.load for programs holding fxquant ops (importing fxquant registers them)."""
+    return torch.export.load(path)
