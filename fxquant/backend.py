@@ -14,7 +14,7 @@ from torch._dynamo.source import ConstantSource
 from torch._inductor.compile_fx import compile_fx
 
 from fxquant.config import QuantConfig
-from fxquant.dynamo_params import dynamo_parameter
+from fxquant.dynamo_params import dynamo_module_tensor
 from fxquant.log import logger
 from fxquant.passes import Plan
 from fxquant.passes.quantize_weights import QuantizedCache, QuantizedWeight
@@ -39,8 +39,8 @@ class Backend:
 
     def rewrite(self, gm: fx.GraphModule) -> tuple[Plan, list[QuantizedWeight]]:
         """Run fxquant's passes on a Dynamo graph in place; returns the plan and the quantized weights."""
-        plan, quantized = quantize_graph(gm, dynamo_parameter, self.config, _QUANTIZED)
-        _declare_buffers_to_dynamo(gm, quantized)
+        plan, quantized = quantize_graph(gm, dynamo_module_tensor, self.config, _QUANTIZED)
+        _declare_buffers_to_dynamo(gm)
         self.plans.append(plan)
         self.graphs.append(gm)
         if plan:
@@ -77,14 +77,14 @@ def inductor_decompositions(example_inputs: Sequence) -> dict | None:
     return {**select_decomp_table(), **fxquant_decompositions()}
 
 
-def _declare_buffers_to_dynamo(gm: fx.GraphModule, quantized: list[QuantizedWeight]) -> None:
+def _declare_buffers_to_dynamo(gm: fx.GraphModule) -> None:
     """AOTAutograd expects a source for every tensor attribute of a Dynamo graph: name ours."""
     sources = getattr(gm, "_param_name_to_source", None)
     if sources is None:
         return
-    for q in quantized:
-        for attr in (q.weight_attr, q.scale_attr):
-            sources.setdefault(attr, ConstantSource(attr))
+    for name, _ in gm.named_buffers():
+        if name.startswith("fxquant_"):
+            sources.setdefault(name, ConstantSource(name))
 
 
 def backend(config: QuantConfig | None = None, **options: object) -> Backend:

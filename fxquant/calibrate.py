@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from fxquant.config import QuantConfig
-from fxquant.dynamo_params import dynamo_parameter
+from fxquant.dynamo_params import dynamo_module_tensor
 from fxquant.passes import plan_linears
 from fxquant.passes.insert_observers import insert_observers
 
@@ -55,7 +55,7 @@ def calibrate(model: torch.nn.Module, batches: Iterable, config: QuantConfig | N
     calibration = Calibration()
 
     def observing_backend(gm, example_inputs, **_):
-        insert_observers(gm, plan_linears(gm, dynamo_parameter, config), calibration.observe)
+        insert_observers(gm, plan_linears(gm, dynamo_module_tensor, config), calibration.observe)
         return gm.forward
 
     observed = torch.compile(model, backend=observing_backend, dynamic=True)

@@ -1,4 +1,4 @@
-"""Name the parameters in a Dynamo graph: the `WeightLookup` the backend gives the passes.
+"""Name the parameters and buffers in a Dynamo graph: the `WeightLookup` the backend gives the passes.
 
 Dynamo hands parameters to a backend as placeholders. Each carries `meta["grapharg"]`, whose
 `.example` is the parameter object itself and whose `.source` is the chain of attribute and
@@ -32,12 +32,20 @@ def qualified_name(source: object) -> str | None:
     return ".".join(reversed(parts)) or None
 
 
-def dynamo_parameter(node: fx.Node) -> tuple[str, torch.Tensor] | None:
-    """(qualified name, parameter) for a placeholder that holds an nn.Parameter, else None."""
+def _is_buffer(source: object) -> bool:
+    while source is not None:
+        if getattr(source, "member", None) == "_buffers":
+            return True
+        source = getattr(source, "base", None)
+    return False
+
+
+def dynamo_module_tensor(node: fx.Node) -> tuple[str, torch.Tensor] | None:
+    """(qualified name, tensor) for a placeholder holding a module's parameter or buffer, else None."""
     if node.op != "placeholder":
         return None
     grapharg = node.meta.get("grapharg")
-    parameter = getattr(grapharg, "example", None)
-    if not isinstance(parameter, torch.nn.Parameter):
+    tensor = getattr(grapharg, "example", None)
+    if not isinstance(tensor, torch.Tensor) or not (isinstance(tensor, torch.nn.Parameter) or _is_buffer(grapharg.source)):
         return None
-    return qualified_name(grapharg.source) or node.name, parameter
+    return qualified_name(grapharg.source) or node.name, tensor

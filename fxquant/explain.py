@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fxquant.config import QuantConfig
-from fxquant.dynamo_params import dynamo_parameter
+from fxquant.dynamo_params import dynamo_module_tensor
 from fxquant.passes import Plan, plan_linears
 
 
@@ -18,7 +18,7 @@ def plan(model: torch.nn.Module, *args, config: QuantConfig | None = None, **kwa
     result = Plan()
 
     def planner(gm, example_inputs, **_):
-        result.extend(plan_linears(gm, dynamo_parameter, config))
+        result.extend(plan_linears(gm, dynamo_module_tensor, config))
         return gm.forward
 
     with torch.no_grad():

@@ -47,22 +47,23 @@ def export(
 def quantize_program(program: ExportedProgram, config: QuantConfig) -> tuple[ExportedProgram, Plan]:
     """Run fxquant's passes on a copy of an exported program; returns the new program and the plan."""
     gm = copy.deepcopy(program.graph_module)
-    parameters = program.graph_signature.inputs_to_parameters  # placeholder name → parameter name
+    signature = program.graph_signature
+    state_names = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}  # placeholder → qualified name
     state_dict = dict(program.state_dict)
 
     def lookup(node: fx.Node):
-        name = parameters.get(node.name) if node.op == "placeholder" else None
-        return None if name is None else (name, state_dict[name])
+        name = state_names.get(node.name) if node.op == "placeholder" else None
+        return None if name is None or name not in state_dict else (name, state_dict[name])
 
     plan, quantized = quantize_graph(gm, lookup, config)
     input_specs = _lift_buffers(gm, program.graph_signature.input_specs, quantized, state_dict)
     input_specs = _drop_unused_parameters(gm, input_specs, state_dict)
     gm.recompile()
-    signature = ExportGraphSignature(input_specs=input_specs, output_specs=list(program.graph_signature.output_specs))
+    new_signature = ExportGraphSignature(input_specs=input_specs, output_specs=list(signature.output_specs))
     new_program = ExportedProgram(
         root=gm,
         graph=gm.graph,
-        graph_signature=signature,
+        graph_signature=new_signature,
         state_dict=state_dict,
         range_constraints=program.range_constraints,
         module_call_graph=program.module_call_graph,

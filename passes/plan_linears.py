@@ -23,6 +23,7 @@ from fxquant.ops import LINEAR_SCHEMES
 from fxquant.ops.availability import fp8_unsupported_reason
 from fxquant.ops.linear_common import FLOAT_DTYPES
 from fxquant.passes.find_linears import LinearSite, WeightLookup, fake_value, find_linears
+from fxquant.passes.stored_weights import STORED_DTYPES, STORED_SCALES, stored_scale_name, stored_scheme
 
 if TYPE_CHECKING:
     from fxquant.passes.quantize_weights import QuantizedWeight
@@ -37,6 +38,7 @@ class PlannedLinear:
     scheme: str | None
     note: str = ""
     quantized: QuantizedWeight | None = field(default=None, repr=False)  # set by quantize_weights
+    stored_scale: fx.Node | torch.Tensor | None = field(default=None, repr=False)  # scale of weights stored quantized
 
     @property
     def shape(self) -> str:
@@ -129,13 +131,24 @@ def scheme_for(site: LinearSite, config: QuantConfig) -> tuple[str, str]:
 def plan_linears(gm: fx.GraphModule, lookup: WeightLookup, config: QuantConfig) -> Plan:
     """Find every linear layer in `gm` and decide its scheme or why it is skipped."""
     plan = Plan()
+    named_nodes = {found[0]: node for node in gm.graph.nodes if (found := lookup(node)) is not None}
     for site in find_linears(gm, lookup):
         layer = layer_name(site)
-        reason = skip_reason(layer, site, config)
-        if reason is None:
-            scheme, note = scheme_for(site, config)
-            plan.append(PlannedLinear(layer, site, scheme, note))
+        if site.weight.dtype in STORED_DTYPES:
+            entry = _plan_stored(layer, site, named_nodes.get(stored_scale_name(site)), lookup)
+        elif (reason := skip_reason(layer, site, config)) is None:
+            entry = PlannedLinear(layer, site, *scheme_for(site, config))
         else:
-            counters["fxquant"]["skipped"] += 1
-            plan.append(PlannedLinear(layer, site, None, reason))
+            entry = PlannedLinear(layer, site, None, reason)
+        counters["fxquant"]["skipped"] += entry.scheme is None
+        plan.append(entry)
     return plan
+
+
+def _plan_stored(layer: str, site: LinearSite, scale_node: fx.Node | None, lookup: WeightLookup) -> PlannedLinear:
+    """A layer whose weight is already quantized: its scheme comes from the stored tensors, not the config."""
+    scale = lookup(scale_node)[1] if scale_node is not None else STORED_SCALES.get(site.weight)
+    scheme, note = stored_scheme(site, scale)
+    if scheme is None:
+        raise ValueError(f"fxquant: layer '{layer}': {note}; it cannot run unquantized either")
+    return PlannedLinear(layer, site, scheme, note, stored_scale=scale_node if scale_node is not None else scale)

@@ -84,6 +84,8 @@ def quantize_weights(
     """Quantize each parameter the plan rewrites into buffers of `gm`; returns them, one per parameter."""
     made: dict[tuple, QuantizedWeight] = {}
     for entry in plan.rewritten:
+        if entry.stored_scale is not None:  # already quantized: used as stored
+            continue
         site = entry.site
         key = (id(site.weight), entry.scheme, site.weight_is_kn, config.weight_block_size)
         quantized = made.get(key)

@@ -9,6 +9,7 @@ node's meta; the weight placeholder stays (Dynamo still passes it).
 
 from __future__ import annotations
 
+import torch
 from torch import fx
 from torch._dynamo.utils import counters
 from torch._subclasses.fake_tensor import FakeTensor
@@ -29,6 +30,23 @@ def _constant(gm: fx.GraphModule, attr: str, like: fx.Node) -> fx.Node:
     return node
 
 
+def _stored_scale(gm: fx.GraphModule, entry, like: fx.Node) -> fx.Node:
+    """The stored scale in the op's layout (HF's per-channel [N, 1] becomes [N], one element 0-dim):
+    a reshape of the scale's graph input, or a buffer of `gm` when the graph has no such input."""
+    scale, n = entry.stored_scale, entry.site.out_features
+    value = fake_value(scale) if isinstance(scale, fx.Node) else scale
+    shape = {(n, 1): [n], (1,): [], (1, 1): []}.get(tuple(value.shape), list(value.shape))
+    if not isinstance(scale, fx.Node):
+        attr = "fxquant_" + entry.layer.replace(".", "_") + "_stored_scale"
+        gm.register_buffer(attr, scale.reshape(shape))
+        return _constant(gm, attr, like)
+    if list(value.shape) == shape:
+        return scale
+    node = gm.graph.call_function(torch.ops.aten.reshape.default, (scale, shape))
+    node.meta["val" if "val" in scale.meta else "example_value"] = value.reshape(shape)
+    return node
+
+
 def rewrite_linears(gm: fx.GraphModule, plan: Plan, config: QuantConfig) -> None:
     """Replace every planned linear node with its scheme's op (needs quantize_weights first)."""
     graph = gm.graph
@@ -36,9 +54,13 @@ def rewrite_linears(gm: fx.GraphModule, plan: Plan, config: QuantConfig) -> None
         site, quantized = entry.site, entry.quantized
         scheme = LINEAR_SCHEMES[entry.scheme]
         with graph.inserting_before(site.node):
-            w_q = _constant(gm, quantized.weight_attr, site.activation)
-            w_scale = _constant(gm, quantized.scale_attr, site.activation)
-            op, args = scheme.call(config, entry.layer, site.activation, w_q, w_scale, quantized.w_scale, site.bias)
+            if entry.stored_scale is not None:
+                w_q, w_scale, w_scale_value = site.node.args[1], _stored_scale(gm, entry, site.activation), None
+            else:
+                w_q = _constant(gm, quantized.weight_attr, site.activation)
+                w_scale = _constant(gm, quantized.scale_attr, site.activation)
+                w_scale_value = quantized.w_scale
+            op, args = scheme.call(config, entry.layer, site.activation, w_q, w_scale, w_scale_value, site.bias)
             fused = graph.call_function(op, args)
         if not w_scale.users:  # the scale was folded into a constant argument
             graph.erase_node(w_scale)
