@@ -1,0 +1,55 @@
+"""Export and AOTInductor on CUDA (gpu marker): the package runs fxquant's CUDA ops and matches
+the exported program; stored FP8 weights run on the GPU as they are."""
+
+import json
+import zipfile
+
+import pytest
+import torch
+
+import fxquant
+from fxquant import QuantConfig
+from tests.models import MLP, relative_error
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("scheme", ["fp8_rowwise", "int8"])
+def test_aoti_package_on_cuda(tmp_path, scheme):
+    torch.manual_seed(0)
+    model = MLP(dim=256, hidden=512).cuda().to(torch.bfloat16)
+    x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
+    program = fxquant.export(model, (x,), config=QuantConfig(scheme=scheme))
+    package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "mlp.pt2"))
+    with zipfile.ZipFile(package) as archive:
+        calls = [
+            node["node"]["target"]
+            for name in archive.namelist() if name.endswith("wrapper.json")
+            for node in json.loads(archive.read(name))["nodes"]
+        ]
+    assert calls == [f"fxquant::{scheme}_linear"] * 2, f"the package does not call fxquant's ops: {calls}"
+    runner = torch._inductor.aoti_load_package(package)
+    with torch.no_grad():
+        expected = program.module()(x)
+        assert relative_error(runner(x), expected) < 1e-2
+        assert 0 < relative_error(expected, model(x)) < 0.08
+
+
+def test_stored_fp8_weights_on_cuda():
+    from fxquant.ops.fp8_rowwise import quantize_fp8_rowwise
+    from fxquant.passes.stored_weights import register_stored_weight
+
+    torch.manual_seed(0)
+    model = MLP(dim=256, hidden=512).cuda().to(torch.bfloat16)
+    x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = torch.compile(model, backend="fxquant")(x)
+    torch._dynamo.reset()
+    for linear in (model.up, model.down):
+        w_q, w_scale = quantize_fp8_rowwise(linear.weight.detach())
+        linear.weight = torch.nn.Parameter(w_q, requires_grad=False)
+        linear.register_buffer("weight_scale", w_scale.view(-1, 1))
+        register_stored_weight(linear.weight, linear.weight_scale)
+    with torch.no_grad():
+        actual = torch.compile(model, backend="fxquant")(x)
+    assert relative_error(actual, expected) < 1e-3
