@@ -94,7 +94,6 @@ def run_peer(peer: str, mode: str, model, device, vocab: int, repeats: int) -> d
         result["recompiles_over_8_lengths"] = counters["stats"]["unique_graphs"] - graphs_before
     result["graphs"] = counters["stats"]["unique_graphs"]
     result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    del compiled, target
     return result
 
 

@@ -190,6 +190,8 @@ def read_header(path: str | Path) -> dict[str, tuple[torch.dtype, tuple[int, ...
             return {name: (SAFETENSORS_DTYPES[s.get_dtype()], tuple(s.get_shape())) for name, s in slices.items()}
     except SafetensorError as error:
         raise ValueError(f"fxquant: {path} is not a readable safetensors file, truncated or tampered with? ({error})") from error
+    except KeyError as error:
+        raise ValueError(f"fxquant: {path} holds a tensor of dtype {error}, which torch has no dtype for") from error
 
 
 def read_metadata(directory: str | Path) -> tuple[dict, QuantConfig]:

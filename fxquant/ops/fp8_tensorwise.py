@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from fxquant.ops.availability import fp8_unsupported_reason
-from fxquant.ops.fp8_common import FP8_DTYPE, device_scalar, fp8_scale, saturate_to_fp8
+from fxquant.ops.fp8_common import device_scalar, fp8_scale, saturate_to_fp8
 from fxquant.ops.linear_common import (
     check_linear_inputs,
     dequantized_epilogue,
