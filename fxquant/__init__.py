@@ -8,6 +8,7 @@
 from fxquant import ops  # noqa: F401  (registers torch.ops.fxquant.*)
 from fxquant.backend import Backend, backend
 from fxquant.calibrate import Calibration, calibrate
+from fxquant.checkpoint import empty_weights, load_quantized, memory_footprint, save_quantized
 from fxquant.config import SCHEMES, QuantConfig
 from fxquant.explain import plan
 from fxquant.export import export, load_program
@@ -15,5 +16,6 @@ from fxquant.passes import Plan
 
 __version__ = "0.1.0"
 __all__ = [
-    "SCHEMES", "Backend", "Calibration", "Plan", "QuantConfig", "backend", "calibrate", "export", "load_program", "plan",
+    "SCHEMES", "Backend", "Calibration", "Plan", "QuantConfig", "backend", "calibrate", "empty_weights", "export",
+    "load_program", "load_quantized", "memory_footprint", "plan", "save_quantized",
 ]

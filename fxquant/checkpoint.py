@@ -13,7 +13,8 @@ A checkpoint is a directory:
 
 `load_quantized` checks the whole checkpoint against the model before it changes anything, then
 assigns the stored tensors (no copy into the float parameters), so a model created under
-`empty_weights()` is loaded without ever holding its float weights.
+`empty_weights()` is loaded without ever holding its float weights; `torch.compile(model,
+backend="fxquant")` then runs the stored weights as they are (passes/stored_weights.py).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from fxquant.ops import LINEAR_SCHEMES
 from fxquant.passes.find_linears import LinearSite
 from fxquant.passes.plan_linears import Plan, PlannedLinear, skip_reason
 from fxquant.passes.quantize_weights import quantize_parameter
+from fxquant.passes.stored_weights import register_stored_weight
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -103,7 +105,9 @@ def quantize_state(
     tensors = model.state_dict()
     on_meta = [name for name, t in tensors.items() if t.is_meta]
     if on_meta:
-        raise ValueError(f"fxquant: cannot quantize weights on the meta device ({', '.join(on_meta[:5])}); load the model's weights first")
+        raise ValueError(
+            f"fxquant: cannot quantize weights on the meta device ({', '.join(on_meta[:5])}); load the model's weights first"
+        )
     plan = plan_modules(model, config)
     for entry in (progress or iter)(plan.rewritten):
         w_q, w_scale = quantize_parameter(entry.layer, entry.site.weight, False, entry.scheme, config)
@@ -167,17 +171,20 @@ def save_quantized(
             {"layer": e.layer, "shape": [e.site.out_features, e.site.in_features], "scheme": e.scheme, "note": e.note}
             for e in plan
         ],
-        "tensors": {name: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)} for name, t in tensors.items()},
+        "tensors": {name: {"dtype": dtype_name(t.dtype), "shape": list(t.shape)} for name, t in tensors.items()},
         "tied": tied,
         "bytes": {"before": memory_footprint(model.state_dict()), "after": memory_footprint(tensors)},
     }
     quantization_config = hf_quantization_config(plan, config)
     if quantization_config is not None:
         metadata["quantization_config"] = quantization_config
-        hf_config = getattr(model, "config", None)
-        if hasattr(hf_config, "to_dict"):
-            architectures = {"architectures": [type(model).__name__]}  # as save_pretrained writes it
-            _write_json(directory / HF_CONFIG_FILE, {**hf_config.to_dict(), **architectures, "quantization_config": quantization_config})
+        model_config = getattr(model, "config", None)
+        if hasattr(model_config, "to_dict"):  # an HF model: make the directory an HF checkpoint
+            _write_json(directory / HF_CONFIG_FILE, {
+                **model_config.to_dict(),
+                "architectures": [type(model).__name__],  # as save_pretrained writes it
+                "quantization_config": quantization_config,
+            })
     _write_json(directory / METADATA_FILE, metadata)
     return metadata
 
@@ -189,7 +196,9 @@ def read_header(path: str | Path) -> dict[str, tuple[torch.dtype, tuple[int, ...
             slices = {name: f.get_slice(name) for name in f.keys()}  # noqa: SIM118 (safe_open is no dict)
             return {name: (SAFETENSORS_DTYPES[s.get_dtype()], tuple(s.get_shape())) for name, s in slices.items()}
     except SafetensorError as error:
-        raise ValueError(f"fxquant: {path} is not a readable safetensors file, truncated or tampered with? ({error})") from error
+        raise ValueError(
+            f"fxquant: {path} is not a readable safetensors file, truncated or tampered with? ({error})"
+        ) from error
     except KeyError as error:
         raise ValueError(f"fxquant: {path} holds a tensor of dtype {error}, which torch has no dtype for") from error
 
@@ -202,7 +211,8 @@ def read_metadata(directory: str | Path) -> tuple[dict, QuantConfig]:
     try:
         metadata = json.loads(path.read_text())
         if metadata.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"format_version {metadata.get('format_version')!r} unsupported (this fxquant reads {FORMAT_VERSION})")
+            version = metadata.get("format_version")
+            raise ValueError(f"format_version {version!r} unsupported (this fxquant reads {FORMAT_VERSION})")
         config = QuantConfig.from_options(metadata["config"])
         _check_config(config)
         for entry in metadata["plan"]:
@@ -300,7 +310,8 @@ def load_quantized(directory: str | Path, model: nn.Module, device: str | torch.
     The checkpoint is checked first (readable file, known scheme, every tensor present with the
     dtype and shape the model needs, nothing extra); on any error the model is left unchanged.
     Quantized layers then hold `weight` as a low-precision nn.Parameter (requires_grad=False) and
-    a float32 `weight_scale` buffer; every tensor is assigned, not copied, on `device`.
+    a float32 `weight_scale` buffer, registered as stored weights so that the fxquant backend and
+    `fxquant.export` use them without quantizing again; every tensor is assigned, not copied, on `device`.
     """
     directory = Path(directory)
     metadata, config = read_metadata(directory)
@@ -314,6 +325,10 @@ def load_quantized(directory: str | Path, model: nn.Module, device: str | torch.
     made: dict[int, Tensor] = {}
     for name in expected:
         _assign(model, name, tensors[tied.get(name, name)], name in quantized, made)
+    for entry in metadata["plan"]:
+        if entry["scheme"] is not None:  # torch.compile(backend="fxquant") then runs them as they are
+            linear = model.get_submodule(entry["layer"])
+            register_stored_weight(linear.weight, linear.weight_scale)
     return model
 
 
@@ -341,6 +356,11 @@ def empty_weights() -> Iterator[None]:
 
 def nbytes(dtype: torch.dtype, shape: Iterable[int]) -> int:
     return math.prod(shape) * dtype.itemsize
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.float8_e4m3fn → "float8_e4m3fn"."""
+    return str(dtype).removeprefix("torch.")
 
 
 def memory_footprint(model_or_state: nn.Module | Mapping[str, Tensor]) -> int:

