@@ -7,18 +7,23 @@ import torch
 from fxquant.config import QuantConfig
 from fxquant.dynamo_params import dynamo_module_tensor
 from fxquant.passes import Plan, plan_linears
+from fxquant.pipeline import quantize_graph
 
 
 def plan(model: torch.nn.Module, *args, config: QuantConfig | None = None, **kwargs) -> Plan:
     """Trace `model(*args, **kwargs)` with Dynamo and return the plan of every graph (printable table).
 
-    The model runs once, eagerly, under no_grad; nothing is quantized or compiled by Inductor.
+    The model runs once, eagerly, under no_grad; nothing is compiled by Inductor, and nothing is
+    quantized unless the model holds stored low-precision weights (which only fxquant's ops run).
     """
     config = config or QuantConfig()
     result = Plan()
 
     def planner(gm, example_inputs, **_):
-        result.extend(plan_linears(gm, dynamo_module_tensor, config))
+        graph_plan = plan_linears(gm, dynamo_module_tensor, config)
+        result.extend(graph_plan)
+        if any(entry.stored_scale is not None for entry in graph_plan):
+            quantize_graph(gm, dynamo_module_tensor, config)  # stored low-precision weights only run in fxquant's ops
         return gm.forward
 
     with torch.no_grad():

@@ -57,6 +57,15 @@ def test_stored_weights_compute_what_quantizing_the_float_model_gives(scheme):
     assert not hasattr(backend.graphs[0], "fxquant_up_weight"), "stored weights must not be quantized again"
 
 
+def test_plan_of_a_model_with_stored_weights():
+    plan = fxquant.plan(stored_copy(MLP(), QuantConfig(scheme="int8")), torch.randn(2, 64))
+    assert [(e.layer, e.scheme, e.note) for e in plan] == [
+        ("up", "int8", "stored quantized weights"),
+        ("down", "int8", "stored quantized weights"),
+        ("lm_head", None, "skipped by skip list (lm_head)"),
+    ]
+
+
 def test_stored_weight_without_a_scale_is_an_error_naming_the_layer():
     stored = stored_copy(MLP(), QuantConfig())
     del stored.down.weight_scale, STORED_SCALES[stored.down.weight]
