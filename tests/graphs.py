@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import zipfile
 
 import torch
 
@@ -38,3 +40,13 @@ def rewrite(model: torch.nn.Module, *args, config: fxquant.QuantConfig | None = 
     return normalized_code(gm), output, plan
 
 
+
+
+def aoti_package_calls(package: str) -> list[str]:
+    """The ops an AOTInductor package calls through its proxy executor (custom ops such as fxquant's)."""
+    with zipfile.ZipFile(package) as archive:
+        return [
+            node["node"]["target"]
+            for name in archive.namelist() if name.endswith("wrapper.json")
+            for node in json.loads(archive.read(name))["nodes"]
+        ]

@@ -6,9 +6,7 @@ survive torch.export.save/load bit for bit, and compile with AOTInductor into a 
 still calls fxquant's ops (no silent fallback to float layers).
 """
 
-import json
 import re
-import zipfile
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ from expecttest import TestCase
 
 import fxquant
 from fxquant import QuantConfig
-from tests.graphs import rewrite
+from tests.graphs import aoti_package_calls, rewrite
 from tests.models import MLP, relative_error, tiny_llama
 
 CONFIGS = {
@@ -98,12 +96,7 @@ def test_aoti_package_calls_fxquant_ops_and_matches_the_program(tmp_path):
     x = torch.randn(3, 64)
     program = fxquant.export(MLP(), (x,), config=QuantConfig(scheme="int8"))
     package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "mlp_aoti.pt2"))
-    with zipfile.ZipFile(package) as archive:
-        calls = [
-            node["node"]["target"]
-            for name in archive.namelist() if name.endswith("wrapper.json")
-            for node in json.loads(archive.read(name))["nodes"]
-        ]
+    calls = aoti_package_calls(package)
     assert calls == ["fxquant::int8_linear", "fxquant::int8_linear"], f"the package does not call fxquant's ops: {calls}"
     runner = torch._inductor.aoti_load_package(package)
     with torch.no_grad():

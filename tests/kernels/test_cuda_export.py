@@ -1,14 +1,12 @@
 """Export and AOTInductor on CUDA (gpu marker): the package runs fxquant's CUDA ops and matches
 the exported program; stored FP8 weights run on the GPU as they are."""
 
-import json
-import zipfile
-
 import pytest
 import torch
 
 import fxquant
 from fxquant import QuantConfig
+from tests.graphs import aoti_package_calls
 from tests.models import MLP, relative_error
 
 pytestmark = pytest.mark.gpu
@@ -21,12 +19,7 @@ def test_aoti_package_on_cuda(tmp_path, scheme):
     x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
     program = fxquant.export(model, (x,), config=QuantConfig(scheme=scheme))
     package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "mlp.pt2"))
-    with zipfile.ZipFile(package) as archive:
-        calls = [
-            node["node"]["target"]
-            for name in archive.namelist() if name.endswith("wrapper.json")
-            for node in json.loads(archive.read(name))["nodes"]
-        ]
+    calls = aoti_package_calls(package)
     assert calls == [f"fxquant::{scheme}_linear"] * 2, f"the package does not call fxquant's ops: {calls}"
     runner = torch._inductor.aoti_load_package(package)
     with torch.no_grad():
