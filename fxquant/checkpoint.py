@@ -7,9 +7,12 @@ A checkpoint is a directory:
                         (float32: [N, 1] per channel, [N/bn, K/bk] per block, [] per tensor)
     fxquant.json        format version, QuantConfig, plan, each tensor's dtype and shape, tied
                         names, bytes before/after; for fp8_rowwise also HF's quantization_config
-    config.json         HF models saved as fp8_rowwise only: the model's config plus
-                        quantization_config {"quant_method": "fbgemm_fp8", ...}. Other schemes
-                        write none: transformers would cast their weights to float and load garbage.
+    config.json         HF models only: the model's config plus a quantization_config that
+                        transformers understands: {"quant_method": "fbgemm_fp8", ...} for
+                        fp8_rowwise (hf_format="fbgemm_fp8", the default), or llm-compressor's
+                        compressed-tensors config (hf_format="compressed-tensors": fp8_rowwise,
+                        fp8_blockwise, int8; what vLLM loads). Otherwise none: transformers would
+                        cast the weights to float and load garbage.
 
 `load_quantized` checks the whole checkpoint against the model before it changes anything, then
 assigns the stored tensors (no copy into the float parameters), so a model created under
@@ -131,7 +134,7 @@ def _tied_names(tensors: Mapping[str, Tensor]) -> dict[str, str]:
     return tied
 
 
-def hf_quantization_config(plan: Plan, config: QuantConfig) -> dict | None:
+def fbgemm_fp8_config(plan: Plan, config: QuantConfig) -> dict | None:
     """HF transformers' FbgemmFp8Config as config.json holds it, for fp8_rowwise; else None.
 
     Every layer left unquantized, for whatever reason, is in modules_to_not_convert, since
@@ -147,16 +150,59 @@ def hf_quantization_config(plan: Plan, config: QuantConfig) -> dict | None:
     }
 
 
+def _ct_args(kind: str, strategy: str, dynamic: bool, **extra) -> dict:
+    return {"num_bits": 8, "type": kind, "strategy": strategy, "symmetric": True, "dynamic": dynamic, **extra}
+
+
+def compressed_tensors_config(plan: Plan, config: QuantConfig) -> dict | None:
+    """llm-compressor's compressed-tensors quantization_config (the layout vLLM loads): FP8_DYNAMIC
+    for fp8_rowwise, FP8_BLOCK for fp8_blockwise, W8A8 int8; None for fp8_tensorwise.
+
+    The stored tensors are already in that layout: `weight` low precision, `weight_scale` [N, 1]
+    per channel or [N / bn, K / bk] per block.
+    """
+    block_n, block_k = config.weight_block_size
+    groups = {
+        "fp8_rowwise": ("float-quantized", _ct_args("float", "channel", False), _ct_args("float", "token", True)),
+        "fp8_blockwise": (
+            "float-quantized",
+            _ct_args("float", "block", False, block_structure=[block_n, block_k]),
+            _ct_args("float", "group", True, group_size=block_k),
+        ),
+        "int8": ("int-quantized", _ct_args("int", "channel", False), _ct_args("int", "token", True)),
+    }
+    if config.scheme not in groups:
+        return None
+    storage, weights, activations = groups[config.scheme]
+    return {
+        "quant_method": "compressed-tensors",
+        "format": storage,
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": activations}},
+        "ignore": [entry.layer for entry in plan.skipped],
+    }
+
+
+HF_FORMATS = {"fbgemm_fp8": fbgemm_fp8_config, "compressed-tensors": compressed_tensors_config}
+
+
 def _write_json(path: Path, content: dict) -> None:
     path.write_text(json.dumps(content, indent=2) + "\n")
 
 
 def save_quantized(
-    model: nn.Module, directory: str | Path, config: QuantConfig | None = None, progress: Progress | None = None
+    model: nn.Module,
+    directory: str | Path,
+    config: QuantConfig | None = None,
+    progress: Progress | None = None,
+    hf_format: str = "fbgemm_fp8",
 ) -> dict:
     """Quantize `model`'s linear layers and write a checkpoint into `directory` (see the module
-    docstring); the model is not modified. Returns what fxquant.json holds, including the bytes of
-    the state dict before and of the stored tensors after quantization."""
+    docstring); the model is not modified. `hf_format` ("fbgemm_fp8" or "compressed-tensors")
+    chooses the quantization_config written for HF models. Returns what fxquant.json holds,
+    including the bytes of the state dict before and of the stored tensors after quantization."""
+    if hf_format not in HF_FORMATS:
+        raise ValueError(f"fxquant: unknown hf_format {hf_format!r}; known: {', '.join(HF_FORMATS)}")
     config = config or QuantConfig()
     quantized, plan = quantize_state(model, config, progress)
     tied = _tied_names(quantized)  # stored once; safetensors refuses shared memory
@@ -175,7 +221,7 @@ def save_quantized(
         "tied": tied,
         "bytes": {"before": memory_footprint(model.state_dict()), "after": memory_footprint(tensors)},
     }
-    quantization_config = hf_quantization_config(plan, config)
+    quantization_config = HF_FORMATS[hf_format](plan, config)
     if quantization_config is not None:
         metadata["quantization_config"] = quantization_config
         model_config = getattr(model, "config", None)
