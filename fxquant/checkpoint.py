@@ -6,7 +6,7 @@ A checkpoint is a directory:
                         `<layer>.weight` (e4m3 or int8, [N, K]) and `<layer>.weight_scale`
                         (float32: [N, 1] per channel, [N/bn, K/bk] per block, [] per tensor)
     fxquant.json        format version, QuantConfig, plan, each tensor's dtype and shape, tied
-                        names, bytes before/after; for fp8_rowwise also HF's quantization_config
+                        names, bytes before/after, and the quantization_config of config.json
     config.json         HF models only: the model's config plus a quantization_config that
                         transformers understands: {"quant_method": "fbgemm_fp8", ...} for
                         fp8_rowwise (hf_format="fbgemm_fp8", the default), or llm-compressor's

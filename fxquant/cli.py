@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from fxquant.checkpoint import (
+    HF_FORMATS,
     METADATA_FILE,
     WEIGHTS_FILE,
     dtype_name,
@@ -58,7 +59,8 @@ def quantize(args: argparse.Namespace) -> None:
     hf_config = transformers.AutoConfig.from_pretrained(args.dir_in, local_files_only=True)
     model = _auto_class(hf_config).from_pretrained(args.dir_in, local_files_only=True).eval()
     metadata = save_quantized(
-        model, args.dir_out, config, progress=lambda layers: tqdm(layers, desc="quantizing", unit="layer")
+        model, args.dir_out, config, progress=lambda layers: tqdm(layers, desc="quantizing", unit="layer"),
+        hf_format=args.hf_format,
     )
     quantized = sum(entry["scheme"] is not None for entry in metadata["plan"])
     print(f"{args.dir_out}: {config.scheme}, {quantized} of {len(metadata['plan'])} linear layers quantized")
@@ -93,7 +95,8 @@ def inspect(args: argparse.Namespace) -> None:
     else:
         plan = metadata["plan"]
         skipped = [entry["layer"] for entry in plan if entry["scheme"] is None]
-        layout = " (HF transformers fbgemm_fp8 layout)" if "quantization_config" in metadata else ""
+        method = metadata.get("quantization_config", {}).get("quant_method")
+        layout = {"fbgemm_fp8": " (HF transformers fbgemm_fp8 layout)", "compressed-tensors": " (compressed-tensors layout)"}.get(method, "")
         print(f"scheme: {metadata['config']['scheme']}{layout}")
         print(f"linear layers: {len(plan) - len(skipped)} quantized, {len(skipped)} left as they were {skipped}")
     dtypes = Counter(dtype_name(dtype) for dtype, _ in header.values())
@@ -117,10 +120,13 @@ def _parser() -> argparse.ArgumentParser:
     command = commands.add_parser(
         "quantize", parents=[options], help="quantize an HF model directory into a safetensors checkpoint",
         description="Load an HF model directory (offline), quantize its nn.Linear layers and write "
-        f"{WEIGHTS_FILE} and {METADATA_FILE} (plus config.json in HF's fbgemm_fp8 layout for fp8_rowwise).",
+        f"{WEIGHTS_FILE} and {METADATA_FILE}, plus an HF config.json whose quantization_config is "
+        "HF's fbgemm_fp8 (fp8_rowwise) or llm-compressor's compressed-tensors (fp8_rowwise, fp8_blockwise, int8).",
     )
     command.add_argument("dir_in")
     command.add_argument("dir_out")
+    command.add_argument("--hf-format", choices=list(HF_FORMATS), default="fbgemm_fp8",
+                         help="the quantization_config written into config.json (default: fbgemm_fp8)")
     command.set_defaults(run=quantize)
     command = commands.add_parser(
         "plan", parents=[options], help="the plan table of an HF model directory",

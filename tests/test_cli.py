@@ -56,6 +56,14 @@ def test_quantize_then_inspect_tiny_llama(llama_dir, tmp_path):
     assert re.search(r"model\.layers\.0\.self_attn\.k_proj\.weight_scale +float32 +32x1\n", report)
 
 
+def test_quantize_in_the_compressed_tensors_layout(llama_dir, tmp_path):
+    out = tmp_path / "int8"
+    fxquant("quantize", llama_dir, out, "--scheme", "int8", "--hf-format", "compressed-tensors")
+    quantization_config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert quantization_config["quant_method"] == "compressed-tensors" and quantization_config["format"] == "int-quantized"
+    assert "scheme: int8 (compressed-tensors layout)" in fxquant("inspect", out).stdout
+
+
 def test_plan_tiny_llama(llama_dir, capsys):
     assert main(["plan", str(llama_dir), "--scheme", "int8", "--skip", "lm_head", "*.down_proj"]) == 0
     table = capsys.readouterr().out
