@@ -49,6 +49,15 @@ class LinearSite:
         return self.node.args[1] if self.kind == "addmm" else self.node.args[0]
 
     @property
+    def weight_node(self) -> fx.Node:
+        """The node that holds the parameter (before any transpose)."""
+        if self.view_node is not None:
+            return self.view_node.args[0]
+        if self.kind == "linear":
+            return self.node.args[1] if len(self.node.args) > 1 else self.node.kwargs["weight"]
+        return self.node.args[-1]
+
+    @property
     def bias(self) -> fx.Node | None:
         if self.kind == "addmm":
             return self.node.args[0]

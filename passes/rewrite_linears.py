@@ -17,7 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from fxquant.config import QuantConfig
 from fxquant.ops import LINEAR_SCHEMES
 from fxquant.passes.find_linears import fake_value
-from fxquant.passes.plan_linears import Plan
+from fxquant.passes.plan_linears import Plan, PlannedLinear
 
 
 def _constant(gm: fx.GraphModule, attr: str, like: fx.Node) -> fx.Node:
@@ -30,7 +30,7 @@ def _constant(gm: fx.GraphModule, attr: str, like: fx.Node) -> fx.Node:
     return node
 
 
-def _stored_scale(gm: fx.GraphModule, entry, like: fx.Node) -> fx.Node:
+def _stored_scale(gm: fx.GraphModule, entry: PlannedLinear, like: fx.Node) -> fx.Node:
     """The stored scale in the op's layout (HF's per-channel [N, 1] becomes [N], one element 0-dim):
     a reshape of the scale's graph input, or a buffer of `gm` when the graph has no such input."""
     scale, n = entry.stored_scale, entry.site.out_features
@@ -55,7 +55,7 @@ def rewrite_linears(gm: fx.GraphModule, plan: Plan, config: QuantConfig) -> None
         scheme = LINEAR_SCHEMES[entry.scheme]
         with graph.inserting_before(site.node):
             if entry.stored_scale is not None:
-                w_q, w_scale, w_scale_value = site.node.args[1], _stored_scale(gm, entry, site.activation), None
+                w_q, w_scale, w_scale_value = site.weight_node, _stored_scale(gm, entry, site.activation), None
             else:
                 w_q = _constant(gm, quantized.weight_attr, site.activation)
                 w_scale = _constant(gm, quantized.scale_attr, site.activation)

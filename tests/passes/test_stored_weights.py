@@ -57,6 +57,27 @@ def test_stored_weights_compute_what_quantizing_the_float_model_gives(scheme):
     assert not hasattr(backend.graphs[0], "fxquant_up_weight"), "stored weights must not be quantized again"
 
 
+class StoredMatmul(torch.nn.Module):
+    """A stored int8 weight used as `x @ W.t()`: the transpose must not reach the op."""
+
+    def __init__(self, w_q, w_scale):
+        super().__init__()
+        self.w = torch.nn.Parameter(w_q, requires_grad=False)
+        register_stored_weight(self.w, w_scale)
+
+    def forward(self, x):
+        return x @ self.w.t()
+
+
+def test_stored_weight_in_a_matmul_with_transpose():
+    torch.manual_seed(0)
+    weight, x = torch.randn(48, 64), torch.randn(4, 64)
+    w_q, w_scale = LINEAR_SCHEMES["int8"].quantize_weight(weight, QuantConfig(scheme="int8"))
+    with torch.no_grad():
+        out = torch.compile(StoredMatmul(w_q, w_scale), backend="fxquant")(x)
+    torch.testing.assert_close(out, torch.ops.fxquant.int8_linear(x, w_q, w_scale, None))
+
+
 def test_plan_of_a_model_with_stored_weights():
     plan = fxquant.plan(stored_copy(MLP(), QuantConfig(scheme="int8")), torch.randn(2, 64))
     assert [(e.layer, e.scheme, e.note) for e in plan] == [
