@@ -98,3 +98,17 @@ def test_grad_mode_inference_and_user_model_untouched(scheme):
     assert not not_linear, f"{scheme}: modules no longer nn.Linear: {not_linear}"
     not_float = {name: module.weight.dtype for name, module in linears.items() if module.weight.dtype != torch.float32}
     assert not not_float, f"{scheme}: weights no longer float32: {not_float}"
+
+
+def test_generate_with_a_static_cache_compiles_twice_not_per_token():
+    """HF generate with cache_implementation="static": one prefill graph and one decode graph,
+    reused for every token and for a second prompt (the decode shape never changes)."""
+    model = tiny_llama()
+    backend = fxquant.backend()
+    model.forward = torch.compile(model.forward, backend=backend)
+    with torch.no_grad():
+        for seed in (1, 2):
+            out = model.generate(input_ids(8, seed=seed), max_new_tokens=12, do_sample=False, cache_implementation="static")
+            assert out.shape == (2, 20)
+    assert len(backend.plans) == 2, f"want a prefill and a decode graph, got {len(backend.plans)}"
+    assert all(len(plan.rewritten) == 14 for plan in backend.plans)
