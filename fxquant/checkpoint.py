@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -220,6 +221,7 @@ def save_quantized(
         "tensors": {name: {"dtype": dtype_name(t.dtype), "shape": list(t.shape)} for name, t in tensors.items()},
         "tied": tied,
         "bytes": {"before": memory_footprint(model.state_dict()), "after": memory_footprint(tensors)},
+        "sha256": file_sha256(directory / WEIGHTS_FILE),
     }
     quantization_config = HF_FORMATS[hf_format](plan, config)
     if quantization_config is not None:
@@ -247,6 +249,15 @@ def read_header(path: str | Path) -> dict[str, tuple[torch.dtype, tuple[int, ...
         ) from error
     except KeyError as error:
         raise ValueError(f"fxquant: {path} holds a tensor of dtype {error}, which torch has no dtype for") from error
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file, read in 16 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(16 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_metadata(directory: str | Path) -> tuple[dict, QuantConfig]:
@@ -350,7 +361,9 @@ def _assign(model: nn.Module, name: str, value: Tensor, quantized: bool, made: d
     module._parameters[attr] = made[id(value)]
 
 
-def load_quantized(directory: str | Path, model: nn.Module, device: str | torch.device = "cpu") -> nn.Module:
+def load_quantized(
+    directory: str | Path, model: nn.Module, device: str | torch.device = "cpu", verify_checksum: bool = True
+) -> nn.Module:
     """Load a checkpoint of `save_quantized` into `model` (its float or meta-device version) and return it.
 
     The checkpoint is checked first (readable file, known scheme, every tensor present with the
@@ -358,6 +371,8 @@ def load_quantized(directory: str | Path, model: nn.Module, device: str | torch.
     Quantized layers then hold `weight` as a low-precision nn.Parameter (requires_grad=False) and
     a float32 `weight_scale` buffer, registered as stored weights so that the fxquant backend and
     `fxquant.export` use them without quantizing again; every tensor is assigned, not copied, on `device`.
+    `verify_checksum` compares the weights file with the SHA-256 recorded at save time (one read
+    of the file), so changed data bytes are caught, not only a damaged header.
     """
     directory = Path(directory)
     metadata, config = read_metadata(directory)
@@ -367,6 +382,8 @@ def load_quantized(directory: str | Path, model: nn.Module, device: str | torch.
     expected, quantized = _expected_tensors(path, model, metadata, config)
     _check_tensors(path, header, tied, expected, quantized)
     _check_no_meta_left(model, expected)
+    if verify_checksum and metadata.get("sha256") not in (None, file_sha256(path)):
+        raise ValueError(f"fxquant: {path}: SHA-256 differs from the one recorded in {METADATA_FILE}; the file was changed or corrupted")
     tensors = load_file(path, device=str(device))
     made: dict[int, Tensor] = {}
     for name in expected:

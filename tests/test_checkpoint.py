@@ -218,13 +218,22 @@ def corrupt_scale_shape(directory):
     return ValueError, r"model\.safetensors: tensor 'up\.weight_scale' is torch\.float32 \[128, 1\]; .*shape \[256, 1\]"
 
 
+def corrupt_data(directory):
+    path = directory / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF  # one weight byte: the header still parses
+    path.write_bytes(bytes(data))
+    return ValueError, r"model\.safetensors: SHA-256 differs from the one recorded in fxquant\.json"
+
+
 def missing_metadata(directory):
     (directory / "fxquant.json").unlink()
     return FileNotFoundError, r"fxquant\.json not found"
 
 
 @pytest.mark.parametrize(
-    "corrupt", [corrupt_truncated, corrupt_header, corrupt_scheme, corrupt_plan_scheme, corrupt_scale_shape, missing_metadata]
+    "corrupt",
+    [corrupt_truncated, corrupt_header, corrupt_scheme, corrupt_plan_scheme, corrupt_scale_shape, corrupt_data, missing_metadata],
 )
 def test_bad_checkpoint_leaves_the_model_unchanged(tmp_path, corrupt):
     save_quantized(mlp(), tmp_path)
