@@ -30,8 +30,10 @@ def fbgemm_genai_available() -> bool:
     return available
 
 
+@functools.cache
 def fp8_unsupported_reason(device: torch.device) -> str | None:
-    """Why FP8 GEMMs cannot run on `device`, or None when they can (CPU runs the reference)."""
+    """Why FP8 GEMMs cannot run on `device`, or None when they can (CPU runs the reference).
+    Cached: the eager ops ask on every call."""
     if device.type != "cuda":
         return None
     capability = torch.cuda.get_device_capability(device)

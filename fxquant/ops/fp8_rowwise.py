@@ -34,14 +34,16 @@ def quantize_fp8_per_row(x: Tensor, scale_ub: float | None = None) -> tuple[Tens
     return quantize_fp8_rowwise(x, scale_ub)
 
 
-@quantize_fp8_per_row.register_kernel("cuda")
-def _(x: Tensor, scale_ub: float | None = None) -> tuple[Tensor, Tensor]:
-    # FBGEMM's kernel reads its input as bf16; other dtypes take the reference path.
+def _quantize_fp8_rowwise_cuda(x: Tensor, scale_ub: float | None = None) -> tuple[Tensor, Tensor]:
+    """FBGEMM's kernel where it applies (it reads its input as bf16), else the reference."""
     if x.dtype == torch.bfloat16 and x.shape[-1] % 2 == 0 and fbgemm_genai_available():
         ub = None if scale_ub is None else device_scalar(scale_ub, x.device).view(1)
         x_q, scale = torch.ops.fbgemm.quantize_fp8_per_row(x.contiguous(), None, ub)
         return x_q, scale.view(x.shape[:-1])
     return quantize_fp8_rowwise(x, scale_ub)
+
+
+quantize_fp8_per_row.register_kernel("cuda")(_quantize_fp8_rowwise_cuda)
 
 
 @quantize_fp8_per_row.register_fake
@@ -66,7 +68,7 @@ def _(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None, scale
     reason = fp8_unsupported_reason(x.device)
     if reason is not None:
         raise RuntimeError(f"fxquant::fp8_rowwise_linear: {reason}; use scheme='int8'")
-    x_q, x_scale = quantize_fp8_per_row(x.reshape(-1, x.shape[-1]), scale_ub)
+    x_q, x_scale = _quantize_fp8_rowwise_cuda(x.reshape(-1, x.shape[-1]), scale_ub)  # no second dispatch
     if fbgemm_genai_available():
         y = torch.ops.fbgemm.f8f8bf16_rowwise(x_q, w_q, x_scale, w_scale, use_fast_accum=True)
     else:
