@@ -1,24 +1,28 @@
 """GEMM benchmark on Llama-3-8B linear shapes: bf16 vs fxquant's ops vs FBGEMM (GPU only).
 
-For each (N, K) in the Llama-3-8B projections and each M (tokens), times with triton's do_bench
-(median): bf16 F.linear; fxquant's fp8_rowwise_linear op called eagerly (FBGEMM quantize + GEMM
-behind it); the same op compiled with fxquant's Inductor lowering (a quantization kernel +
-_scaled_mm); torch._scaled_mm alone on pre-quantized input; FBGEMM quantize_fp8_per_row +
-f8f8bf16_rowwise; FBGEMM's GEMM alone; fxquant's int8_linear; fxquant's fp8_blockwise_linear
-(group quantization + its Triton kernel) and FBGEMM's blockwise GEMM alone (128 x 128
-activation blocks, M a multiple of 128); fxquant's fp8_tensorwise_linear, eager and compiled. Prints TFLOP/s and speed-ups over bf16; --json writes every row.
+For each (N, K) in the Llama-3-8B projections and each M (tokens), times with triton's
+do_bench_cudagraph (median GPU time): bf16 F.linear; fxquant's fp8_rowwise_linear op called
+eagerly (FBGEMM quantize + GEMM behind it); the same op compiled with fxquant's Inductor lowering
+(the quantization kernel + the GEMM fxquant's heuristic picks), and with each GEMM choice forced
+(our Triton template, FBGEMM, _scaled_mm) or max-autotuned; torch._scaled_mm alone on
+pre-quantized input; FBGEMM quantize_fp8_per_row + f8f8bf16_rowwise; FBGEMM's GEMM alone. Unless
+--rowwise-only: fxquant's int8_linear; fxquant's fp8_blockwise_linear (group quantization + its
+Triton kernel) and FBGEMM's blockwise GEMM alone (128 x 128 activation blocks, M a multiple of
+128); fxquant's fp8_tensorwise_linear, eager and compiled. Prints TFLOP/s and speed-ups over bf16;
+--json writes every row.
 
-    python benchmarks/gemm.py [--json out.json] [--m 1 16 128 1024 4096 16384]
+    python benchmarks/gemm.py [--json out.json] [--m 1 16 128 1024 4096 16384] [--rowwise-only]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
+from triton.testing import do_bench_cudagraph
 
 import fxquant  # noqa: F401  (registers the ops)
 from fxquant.ops.availability import fbgemm_genai_available
@@ -31,25 +35,41 @@ LLAMA3_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "
 
 
 def bench(fn) -> float:
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    """Median GPU ms of fn replayed from a CUDA graph: kernel time, not Python launch overhead (which
+    exceeds the kernels' time at small M and is what e2e_llama.py's reduce-overhead mode removes)."""
+    return do_bench_cudagraph(fn, rep=100, return_mode="median")
 
 
-def compile_with_lowering(fn, x):
-    """fn compiled by Inductor with fxquant's lowering, as the backend does for CUDA graphs."""
+def compile_with_lowering(fn, x, gemm: str | None = None):
+    """fn compiled by Inductor with fxquant's lowering, as the backend does for CUDA graphs.
+
+    gemm: None for fxquant's heuristic, "autotune" for max-autotune over every choice, else the
+    choice to force (FXQUANT_GEMM).
+    """
     from torch._inductor.compile_fx import compile_fx
 
     from fxquant.backend import inductor_decompositions
 
+    patches = {"emulate_precision_casts": True, "force_disable_caches": True, "max_autotune_gemm": gemm == "autotune"}
+    if gemm in (None, "autotune"):
+        os.environ.pop("FXQUANT_GEMM", None)
+    else:
+        os.environ["FXQUANT_GEMM"] = gemm
+
     def backend(gm, inputs):
-        return compile_fx(gm, inputs, decompositions=inductor_decompositions([x]), config_patches={"emulate_precision_casts": True})
+        return compile_fx(gm, inputs, decompositions=inductor_decompositions([x]), config_patches=patches)
 
     torch._dynamo.reset()  # one fresh compile per shape; never the recompile limit's eager fallback
     compiled = torch.compile(fn, backend=backend, dynamic=False)
     compiled(x)
+    os.environ.pop("FXQUANT_GEMM", None)
     return compiled
 
 
-def rows(ms: list[int], layers: list[str]):
+ROWWISE_GEMMS = ["triton", "fbgemm", "scaled_mm", "autotune"]
+
+
+def rows(ms: list[int], layers: list[str], rowwise_only: bool):
     fbgemm = fbgemm_genai_available()
     for name in layers:
         n, k = LLAMA3_8B[name]
@@ -61,24 +81,18 @@ def rows(ms: list[int], layers: list[str]):
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             x8, x8_scale = quantize_fp8_rowwise(x)
-            compiled_fp8 = compile_with_lowering(lambda x: torch.ops.fxquant.fp8_rowwise_linear(x, w8, w8_scale, None, None), x)
+            fp8_linear = lambda x: torch.ops.fxquant.fp8_rowwise_linear(x, w8, w8_scale, None, None)  # noqa: E731
+            compiled_fp8 = compile_with_lowering(fp8_linear, x)
             times = {
                 "bf16": bench(lambda: F.linear(x, w)),
-                "fxquant_fp8": bench(lambda: torch.ops.fxquant.fp8_rowwise_linear(x, w8, w8_scale, None, None)),
+                "fxquant_fp8": bench(lambda: fp8_linear(x)),
                 "fxquant_compiled": bench(lambda: compiled_fp8(x)),
                 "scaled_mm_gemm": bench(lambda: torch._scaled_mm(
                     x8, w8.t(), scale_a=x8_scale[:, None], scale_b=w8_scale[None, :], out_dtype=torch.bfloat16, use_fast_accum=True)),
-                "fxquant_int8": bench(lambda: torch.ops.fxquant.int8_linear(x, wi8, wi8_scale, None)),
             }
-            times["fxquant_blockwise"] = bench(lambda: torch.ops.fxquant.fp8_blockwise_linear(x, wb, wb_scale, None, None))
-            times["fxquant_tensorwise"] = bench(lambda: torch.ops.fxquant.fp8_tensorwise_linear(x, wt, wt_scale, None, None))
-            compiled_tensorwise = compile_with_lowering(
-                lambda x: torch.ops.fxquant.fp8_tensorwise_linear(x, wt, wt_scale, None, None), x)
-            times["fxquant_tensorwise_compiled"] = bench(lambda: compiled_tensorwise(x))
-            if fbgemm and m % 128 == 0:
-                xb, xb_scale = quantize_fp8_blockwise_weight(x, (128, 128))
-                times["fbgemm_blockwise_gemm"] = bench(
-                    lambda: torch.ops.fbgemm.f8f8bf16_blockwise(xb, wb, xb_scale, wb_scale, 128, 128, 128))
+            for gemm in ROWWISE_GEMMS if fbgemm else [g for g in ROWWISE_GEMMS if g != "fbgemm"]:
+                forced = compile_with_lowering(fp8_linear, x, gemm)
+                times[f"compiled_{gemm}"] = bench(lambda: forced(x))
             if fbgemm:
                 xq, xs = torch.ops.fbgemm.quantize_fp8_per_row(x)
                 def fbgemm_quantize_and_gemm():
@@ -88,6 +102,17 @@ def rows(ms: list[int], layers: list[str]):
                 times["fbgemm_q+gemm"] = bench(fbgemm_quantize_and_gemm)
                 times["fbgemm_gemm"] = bench(lambda: torch.ops.fbgemm.f8f8bf16_rowwise(xq, w8, xs, w8_scale))
             flops = 2 * m * n * k
+            if not rowwise_only:
+                times["fxquant_int8"] = bench(lambda: torch.ops.fxquant.int8_linear(x, wi8, wi8_scale, None))
+                times["fxquant_blockwise"] = bench(lambda: torch.ops.fxquant.fp8_blockwise_linear(x, wb, wb_scale, None, None))
+                times["fxquant_tensorwise"] = bench(lambda: torch.ops.fxquant.fp8_tensorwise_linear(x, wt, wt_scale, None, None))
+                compiled_tensorwise = compile_with_lowering(
+                    lambda x: torch.ops.fxquant.fp8_tensorwise_linear(x, wt, wt_scale, None, None), x)
+                times["fxquant_tensorwise_compiled"] = bench(lambda: compiled_tensorwise(x))
+                if fbgemm and m % 128 == 0:
+                    xb, xb_scale = quantize_fp8_blockwise_weight(x, (128, 128))
+                    times["fbgemm_blockwise_gemm"] = bench(
+                        lambda: torch.ops.fbgemm.f8f8bf16_blockwise(xb, wb, xb_scale, wb_scale, 128, 128, 128))
             yield {"layer": name, "M": m, "N": n, "K": k, "ms": times,
                    "tflops": {key: flops / t / 1e9 for key, t in times.items()}}
 
@@ -97,13 +122,16 @@ def main() -> None:
     parser.add_argument("--m", type=int, nargs="+", default=[1, 16, 128, 1024, 4096, 16384])
     parser.add_argument("--json")
     parser.add_argument("--layers", nargs="+", default=list(LLAMA3_8B), choices=list(LLAMA3_8B))
+    parser.add_argument("--rowwise-only", action="store_true", help="only the fp8_rowwise columns")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | fbgemm genai {fbgemm_genai_available()}")
     results = []
-    columns = ["bf16", "fxquant_fp8", "fxquant_compiled", "scaled_mm_gemm", "fbgemm_q+gemm", "fbgemm_gemm", "fxquant_int8",
-               "fxquant_blockwise", "fbgemm_blockwise_gemm", "fxquant_tensorwise", "fxquant_tensorwise_compiled"]
+    columns = ["bf16", "fxquant_fp8", "fxquant_compiled", *(f"compiled_{g}" for g in ROWWISE_GEMMS), "scaled_mm_gemm",
+               "fbgemm_q+gemm", "fbgemm_gemm"]
+    if not args.rowwise_only:
+        columns += ["fxquant_int8", "fxquant_blockwise", "fbgemm_blockwise_gemm", "fxquant_tensorwise", "fxquant_tensorwise_compiled"]
     print(f"{'layer':<8}{'M':>6}" + "".join(f"{c:>17}" for c in columns) + "   (TFLOP/s; speed-up over bf16)")
-    for row in rows(args.m, args.layers):
+    for row in rows(args.m, args.layers, args.rowwise_only):
         results.append(row)
         cells = "".join(
             f"{row['tflops'][c]:>9.1f} {row['ms']['bf16'] / row['ms'][c]:>5.2f}x " if c in row["ms"] else f"{'-':>17}"

@@ -1,18 +1,19 @@
-"""Open fxquant's FP8 ops up to Inductor: activation quantization as Inductor code, GEMM as `_scaled_mm`.
+"""Open fxquant's FP8 ops up to Inductor: activation quantization as Inductor code, GEMM a choice.
 
 fp8_rowwise and fp8_tensorwise (dynamic and static) are decomposed; fp8_blockwise stays an extern
 call to its Triton kernel (Inductor has no blockwise-scaled GEMM lowering).
 
-
     fp8_rowwise_linear(x, w_q, w_scale, bias, ub)
       → amax = max(|x|) per row; scale = amax / 448; x_q = e4m3(x / scale)   (reduction + pointwise)
-      → _scaled_mm(x_q, w_q.T, scale, w_scale, out_dtype=bf16) (+ bias)      (Inductor's GEMM lowering)
+      → fxquant::fp8_rowwise_mm(x_q, w_q, scale, w_scale) (+ bias)            (fxquant's GEMM lowering)
+    fp8_tensorwise_linear(...)
+      → amax of the whole tensor, the cast → _scaled_mm(tensorwise)           (Inductor's GEMM lowering)
 
 Inductor then fuses the amax reduction and the cast into the kernel that produces x (RMSNorm,
-SiLU·mul, a residual add), so no separate quantization kernel runs, and lowers `_scaled_mm` to
-its list of choices: cuBLAS always, its own Triton templates (with the scales and bias in the
-epilogue) when max-autotune picks them. The quantization is the reference's, so numerics match
-the CPU reference and FBGEMM's quantizer.
+SiLU·mul, a residual add), so no separate quantization kernel runs. fp8_rowwise_mm lowers to
+fxquant's choice of GEMMs (fxquant/inductor/fp8_rowwise_mm.py: our Triton template, FBGEMM,
+cuBLAS), with the bias add and the cast fused into the template's epilogue. The quantization is
+the reference's, so numerics match the CPU reference and FBGEMM's quantizer.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from fxquant.inductor import fp8_rowwise_mm  # noqa: F401  (registers the GEMM's lowering)
 from fxquant.ops.fp8_common import saturate_to_fp8
 from fxquant.ops.fp8_rowwise import quantize_fp8_rowwise
 from fxquant.ops.fp8_tensorwise import quantize_fp8_tensorwise
@@ -30,14 +32,10 @@ from fxquant.ops.fp8_tensorwise import quantize_fp8_tensorwise
 def fp8_rowwise_linear(
     x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None, scale_ub: float | None = None
 ) -> Tensor:
-    """fxquant::fp8_rowwise_linear written in aten ops Inductor can fuse and tune."""
+    """fxquant::fp8_rowwise_linear as aten ops Inductor fuses, and fxquant's GEMM op it tunes."""
     n = w_q.shape[0]
     x_q, x_scale = quantize_fp8_rowwise(x.reshape(-1, x.shape[-1]), scale_ub)
-    # Rowwise-scaled _scaled_mm produces bf16; other activation dtypes are cast back below.
-    y = torch._scaled_mm(
-        x_q, w_q.t(), scale_a=x_scale.unsqueeze(1), scale_b=w_scale.unsqueeze(0),
-        out_dtype=torch.bfloat16, use_fast_accum=True,
-    )
+    y = torch.ops.fxquant.fp8_rowwise_mm(x_q, w_q, x_scale, w_scale)  # bf16; cast back below
     if bias is not None:
         y = y + bias
     return y.to(x.dtype).reshape(*x.shape[:-1], n)

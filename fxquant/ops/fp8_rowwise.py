@@ -69,13 +69,7 @@ def _(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None, scale
     if reason is not None:
         raise RuntimeError(f"fxquant::fp8_rowwise_linear: {reason}; use scheme='int8'")
     x_q, x_scale = _quantize_fp8_rowwise_cuda(x.reshape(-1, x.shape[-1]), scale_ub)  # no second dispatch
-    if fbgemm_genai_available():
-        y = torch.ops.fbgemm.f8f8bf16_rowwise(x_q, w_q, x_scale, w_scale, use_fast_accum=True)
-    else:
-        y = torch._scaled_mm(
-            x_q, w_q.t(), scale_a=x_scale.unsqueeze(1), scale_b=w_scale.unsqueeze(0),
-            out_dtype=torch.bfloat16, use_fast_accum=True,
-        )
+    y = _fp8_rowwise_mm_cuda(x_q, w_q, x_scale, w_scale)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.to(x.dtype).reshape(*x.shape[:-1], w_q.shape[0])
@@ -88,3 +82,34 @@ def _(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None, scale
 
 
 register_inference_only_autograd(fp8_rowwise_linear, "fxquant::fp8_rowwise_linear")
+
+
+@torch.library.custom_op("fxquant::fp8_rowwise_mm", mutates_args=())
+def fp8_rowwise_mm(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor) -> Tensor:
+    """bf16 [M, N] = (x_q [M, K] @ w_q [N, K].T) * x_scale [M, 1] * w_scale [1, N], all e4m3/float32.
+
+    The GEMM alone, on operands already quantized: what the Inductor lowering of
+    fp8_rowwise_linear leaves after the quantization is fused away (fxquant/inductor/fp8_rowwise_mm.py
+    gives it a choice of kernels). CPU: the reference.
+    """
+    acc = x_q.float() @ w_q.float().t()
+    return (acc * x_scale.unsqueeze(1) * w_scale.unsqueeze(0)).to(torch.bfloat16)
+
+
+def _fp8_rowwise_mm_cuda(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor) -> Tensor:
+    """FBGEMM's `f8f8bf16_rowwise` where fbgemm-gpu-genai imports, else `torch._scaled_mm`."""
+    if fbgemm_genai_available():
+        return torch.ops.fbgemm.f8f8bf16_rowwise(x_q, w_q, x_scale, w_scale, use_fast_accum=True)
+    return torch._scaled_mm(
+        x_q, w_q.t(), scale_a=x_scale.unsqueeze(1), scale_b=w_scale.unsqueeze(0),
+        out_dtype=torch.bfloat16, use_fast_accum=True,
+    )
+
+
+fp8_rowwise_mm.register_kernel("cuda")(_fp8_rowwise_mm_cuda)
+
+
+@fp8_rowwise_mm.register_fake
+def _(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor) -> Tensor:
+    torch._check(x_q.dim() == 2 and x_q.shape[1] == w_q.shape[1], lambda: "fxquant::fp8_rowwise_mm: x_q must be [M, K]")
+    return x_q.new_empty((x_q.shape[0], w_q.shape[0]), dtype=torch.bfloat16)

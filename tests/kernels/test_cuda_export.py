@@ -1,6 +1,10 @@
 """Export and AOTInductor on CUDA (gpu marker): the package runs fxquant's CUDA ops and matches
 the exported program; stored FP8 weights run on the GPU as they are."""
 
+import functools
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -11,9 +15,33 @@ from tests.models import MLP, relative_error
 
 pytestmark = pytest.mark.gpu
 
+PLAIN_AOTI_ON_CUDA = """
+import os, tempfile, torch
+model = torch.nn.Linear(64, 64).cuda()
+x = torch.randn(4, 64, device="cuda")
+package = torch._inductor.aoti_compile_and_package(torch.export.export(model, (x,)),
+                                                   package_path=os.path.join(tempfile.mkdtemp(), "plain.pt2"))
+torch._inductor.aoti_load_package(package)(x)
+"""
+
+
+@functools.cache
+def plain_aoti_crash() -> str | None:
+    """Why this torch cannot load even an unquantized AOTInductor package on CUDA, or None.
+
+    torch 2.11.0+cu130 on the lent H100 segfaults inside aoti_load_package for a plain
+    nn.Linear, without fxquant imported; run in a subprocess so the crash is a skip reason here.
+    """
+    result = subprocess.run([sys.executable, "-c", PLAIN_AOTI_ON_CUDA], capture_output=True, text=True, timeout=600)
+    if result.returncode == 0:
+        return None
+    return f"AOTInductor cannot load a plain nn.Linear package on CUDA with torch {torch.__version__} (exit {result.returncode})"
+
 
 @pytest.mark.parametrize("scheme", ["fp8_rowwise", "int8"])
 def test_aoti_package_on_cuda(tmp_path, scheme):
+    if reason := plain_aoti_crash():
+        pytest.skip(reason)
     torch.manual_seed(0)
     model = MLP(dim=256, hidden=512).cuda().to(torch.bfloat16)
     x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)

@@ -100,3 +100,16 @@ def test_backward_is_a_clear_error():
     y = fp8_linear(x, w_q, w_scale, None, None)
     with pytest.raises(RuntimeError, match="inference-only"):
         y.sum().backward()
+
+
+def test_rowwise_mm_is_the_scaled_product_of_its_operands():
+    """fxquant::fp8_rowwise_mm (the GEMM the Inductor lowering chooses kernels for) vs float64."""
+    torch.manual_seed(0)
+    x_q, x_scale = quantize_fp8_rowwise(torch.randn(5, 96) * 3)
+    w_q, w_scale = quantize_fp8_rowwise(torch.randn(40, 96))
+    out = torch.ops.fxquant.fp8_rowwise_mm(x_q, w_q, x_scale, w_scale)
+    expected = (x_q.double() @ w_q.double().t()) * x_scale.double()[:, None] * w_scale.double()[None, :]
+    assert out.dtype == torch.bfloat16 and out.shape == (5, 40)
+    # float32 accumulation of exact e4m3 products, then one bf16 rounding: within 2^-8 relative.
+    assert ((out.double() - expected).abs() <= expected.abs() * 2**-8 + 1e-6).all()
+    torch.library.opcheck(torch.ops.fxquant.fp8_rowwise_mm, (x_q, w_q, x_scale, w_scale), test_utils=OPCHECK_TESTS)

@@ -1,0 +1,94 @@
+"""Inductor lowering of fxquant::fp8_rowwise_mm: a choice of GEMM kernels per shape.
+
+Choices (CUDA):
+    fxquant's Triton template (fxquant/kernels/fp8_rowwise_gemm.py), one choice per config of M's bucket
+    FBGEMM's `f8f8bf16_rowwise` (CUTLASS), where fbgemm-gpu-genai imports
+    `torch._scaled_mm` (cuBLASLt)
+Under max-autotune (`mode="max-autotune"`, or `max_autotune_gemm`) Inductor benchmarks them all and
+keeps the fastest. Otherwise fxquant's heuristic picks one (`heuristic_choice`), from what
+benchmarks/gemm.py measured on the H100. `FXQUANT_GEMM=triton|fbgemm|scaled_mm` forces a choice
+(benchmarks compare them with it). Off CUDA the op stays a call to its reference implementation.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch._inductor import config as inductor_config
+from torch._inductor import ir
+from torch._inductor.lowering import fallback_handler, register_lowering
+from torch._inductor.select_algorithm import ExternKernelChoice, autotune_select_algorithm, realize_inputs
+
+from fxquant.kernels.fp8_rowwise_gemm import CONFIGS, configs_for, fp8_rowwise_gemm_template, heuristic_config
+from fxquant.ops.availability import fbgemm_genai_available
+
+CHOICES = ("triton", "fbgemm", "scaled_mm")
+SMALL_M = 16
+
+
+def _scaled_mm(x_q, w_q, x_scale, w_scale):
+    return torch._scaled_mm(
+        x_q, w_q.t(), scale_a=x_scale.unsqueeze(1), scale_b=w_scale.unsqueeze(0),
+        out_dtype=torch.bfloat16, use_fast_accum=True,
+    )
+
+
+def _fbgemm_f8f8bf16_rowwise(x_q, w_q, x_scale, w_scale):
+    return torch.ops.fbgemm.f8f8bf16_rowwise(x_q.contiguous(), w_q, x_scale, w_scale, use_fast_accum=True)
+
+
+scaled_mm_choice = ExternKernelChoice(_scaled_mm, name="fxquant_scaled_mm", has_out_variant=False)
+fbgemm_choice = ExternKernelChoice(_fbgemm_f8f8bf16_rowwise, name="fxquant_fbgemm_f8f8bf16_rowwise", has_out_variant=False)
+
+
+def heuristic_choice(m: int | None) -> str:
+    """The kernel to use without autotuning, for a static M (None: M is dynamic)."""
+    forced = os.environ.get("FXQUANT_GEMM")
+    if forced:
+        if forced not in CHOICES:
+            raise ValueError(f"FXQUANT_GEMM={forced!r}: want one of {CHOICES}")
+        return forced
+    if m is not None and m <= SMALL_M:
+        return "triton"
+    return "scaled_mm"
+
+
+def _static(expr) -> int | None:
+    try:
+        return int(expr)
+    except TypeError:
+        return None
+
+
+@register_lowering(torch.ops.fxquant.fp8_rowwise_mm.default, type_promotion_kind=None)
+def tuned_fp8_rowwise_mm(x_q, w_q, x_scale, w_scale):
+    if x_q.get_device().type != "cuda":
+        return fallback_handler(torch.ops.fxquant.fp8_rowwise_mm.default, add_to_fallback_set=False)(x_q, w_q, x_scale, w_scale)
+    inputs = realize_inputs(x_q, w_q, x_scale, w_scale)
+    m, k = inputs[0].get_size()
+    n = inputs[1].get_size()[0]
+    layout = ir.FixedLayout(inputs[0].get_device(), torch.bfloat16, [m, n])
+    static_m, static_n, static_k = _static(m), _static(n), _static(k)
+    autotune = inductor_config.max_autotune or inductor_config.max_autotune_gemm
+    wanted = CHOICES if autotune else (heuristic_choice(static_m),)
+    if "fbgemm" in wanted and not fbgemm_genai_available():
+        wanted = tuple(c for c in wanted if c != "fbgemm") or ("scaled_mm",)
+
+    choices = []
+    if "triton" in wanted and static_k is not None:
+        if not autotune:
+            configs = [heuristic_config(static_m or 2**62, static_n, static_k)]
+        elif static_m is not None:
+            configs = configs_for(static_m)
+        else:
+            configs = [config for bucket in CONFIGS.values() for config in bucket]
+        for config in configs:
+            fp8_rowwise_gemm_template.maybe_append_choice(
+                choices, input_nodes=inputs, layout=layout, **config.template_kwargs(static_k)
+            )
+    if "fbgemm" in wanted:
+        choices.append(fbgemm_choice.bind(inputs, layout))
+    if "scaled_mm" in wanted or not choices:
+        choices.append(scaled_mm_choice.bind(inputs, layout))
+    return autotune_select_algorithm("fxquant_fp8_rowwise_mm", choices, inputs, layout)

@@ -1,0 +1,117 @@
+"""fxquant's FP8 rowwise GEMM as an Inductor Triton template, with configs per M bucket.
+
+    out[M, N] = (A[M, K] @ W[N, K].T) * A_SCALE[M, 1] * W_SCALE[1, N]      e4m3 in, fp32 accumulate
+
+The scales are applied in the epilogue, before Inductor's own epilogue (a bias add, the cast to the
+activation dtype) is fused behind `store_output`. W is read K-major as the layer stores it, so no
+transpose is materialized. Small M (decode) gets its own configs: BLOCK_M = 16 (the smallest
+tensor-core tile), narrow BLOCK_N so that there are enough programs to keep every SM streaming
+weights, and long BLOCK_K with deep pipelining, since at M <= 16 the GEMM is a weight-bandwidth
+problem.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch._inductor.kernel.mm_common import mm_grid
+from torch._inductor.select_algorithm import TritonTemplate
+
+SOURCE = r"""
+{{def_kernel("A", "W", "A_SCALE", "W_SCALE")}}
+    M = {{size("A", 0)}}
+    N = {{size("W", 0)}}
+    K = {{size("A", 1)}}
+    if M * N == 0:
+        return
+    stride_am = {{stride("A", 0)}}
+    stride_ak = {{stride("A", 1)}}
+    stride_wn = {{stride("W", 0)}}
+    stride_wk = {{stride("W", 1)}}
+    stride_as = {{stride("A_SCALE", 0)}}
+    stride_ws = {{stride("W_SCALE", 0)}}
+
+    pid = tl.program_id(0)
+    grid_m = (M + BLOCK_M - 1) // BLOCK_M
+    grid_n = (N + BLOCK_N - 1) // BLOCK_N
+    # grouped ordering: GROUP_M row blocks share the weight tiles they read while those are in L2
+    width = GROUP_M * grid_n
+    group_id = pid // width
+    group_size = min(grid_m - group_id * GROUP_M, GROUP_M)
+    pid_m = group_id * GROUP_M + (pid % group_size)
+    pid_n = (pid % width) // group_size
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    a_rows = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M)
+    w_rows = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
+    a_ptrs = A + a_rows[:, None] * stride_am + rk[None, :] * stride_ak
+    w_ptrs = W + w_rows[None, :] * stride_wn + rk[:, None] * stride_wk
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        {%- if EVEN_K %}
+        a = tl.load(a_ptrs)
+        w = tl.load(w_ptrs)
+        {%- else %}
+        k_left = K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=rk[None, :] < k_left, other=0.0)
+        w = tl.load(w_ptrs, mask=rk[:, None] < k_left, other=0.0)
+        {%- endif %}
+        acc = tl.dot(a, w, acc)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+
+    a_scale = tl.load(A_SCALE + a_rows * stride_as)
+    w_scale = tl.load(W_SCALE + w_rows * stride_ws)
+    acc = acc * a_scale[:, None] * w_scale[None, :]
+
+    idx_m = rm[:, None]
+    idx_n = rn[None, :]
+    mask = (idx_m < M) & (idx_n < N)
+    {{store_output(("idx_m", "idx_n"), "acc", "mask", val_shape=("BLOCK_M", "BLOCK_N"))}}
+"""
+
+fp8_rowwise_gemm_template = TritonTemplate(name="fxquant_fp8_rowwise_gemm", grid=mm_grid, source=SOURCE)
+
+
+class GemmConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    num_stages: int
+    num_warps: int
+
+    def template_kwargs(self, k: int) -> dict:
+        return {
+            "BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k, "GROUP_M": 8,
+            "EVEN_K": k % self.block_k == 0, "num_stages": self.num_stages, "num_warps": self.num_warps,
+        }
+
+
+# Per M bucket, every config max-autotune tries.
+CONFIGS: dict[int, list[GemmConfig]] = {
+    16: [GemmConfig(16, 32, 256, 6, 4), GemmConfig(16, 64, 256, 5, 4), GemmConfig(16, 32, 512, 4, 4),
+         GemmConfig(16, 64, 128, 6, 4), GemmConfig(16, 128, 128, 5, 4)],
+    128: [GemmConfig(64, 64, 128, 5, 4), GemmConfig(64, 128, 128, 4, 4), GemmConfig(32, 64, 256, 4, 4),
+          GemmConfig(128, 64, 128, 4, 4)],
+    2**62: [GemmConfig(128, 128, 128, 4, 8), GemmConfig(128, 256, 128, 3, 8), GemmConfig(64, 256, 128, 4, 4),
+            GemmConfig(256, 128, 128, 3, 8)],
+}
+
+
+def configs_for(m: int) -> list[GemmConfig]:
+    """The configs of the smallest M bucket that holds m."""
+    return next(configs for bound, configs in CONFIGS.items() if m <= bound)
+
+
+def heuristic_config(m: int, n: int, k: int) -> GemmConfig:
+    """The config to use without autotuning: what max-autotune picked on the H100 for Llama-3-8B's
+    shapes at M <= 16 (benchmarks/RESULTS.md). Enough programs along N to cover the SMs: BLOCK_N = 32
+    up to N = 8192 (128-256 programs), 64 above; a long BLOCK_K for a long K (fewer loop trips)."""
+    if m > 16:
+        return configs_for(m)[0]
+    if k >= 8192:
+        return GemmConfig(16, 32, 512, 4, 4)
+    return GemmConfig(16, 32, 256, 6, 4) if n <= 8192 else GemmConfig(16, 64, 256, 5, 4)

@@ -1,0 +1,38 @@
+"""fxquant's GEMM heuristic and config buckets (fxquant/inductor/fp8_rowwise_mm.py,
+fxquant/kernels/fp8_rowwise_gemm.py): what is picked when Inductor does not autotune."""
+
+import pytest
+
+from fxquant.inductor.fp8_rowwise_mm import SMALL_M, heuristic_choice
+from fxquant.kernels.fp8_rowwise_gemm import configs_for, heuristic_config
+
+
+def test_decode_shapes_get_the_template_and_others_cublas(monkeypatch):
+    monkeypatch.delenv("FXQUANT_GEMM", raising=False)
+    assert [heuristic_choice(m) for m in (1, SMALL_M, SMALL_M + 1, 4096)] == ["triton", "triton", "scaled_mm", "scaled_mm"]
+    assert heuristic_choice(None) == "scaled_mm", "a dynamic M compiles for every M: the general kernel"
+
+
+def test_a_forced_choice_wins_and_a_wrong_one_is_an_error(monkeypatch):
+    monkeypatch.setenv("FXQUANT_GEMM", "fbgemm")
+    assert heuristic_choice(1) == "fbgemm"
+    monkeypatch.setenv("FXQUANT_GEMM", "cutlass")
+    with pytest.raises(ValueError, match="FXQUANT_GEMM='cutlass'"):
+        heuristic_choice(1)
+
+
+def test_config_buckets_by_m():
+    assert configs_for(1)[0].block_m == 16 and configs_for(16)[0].block_m == 16
+    assert configs_for(17)[0].block_m == 64
+    assert configs_for(1 << 20)[0].block_m == 128
+    kwargs = configs_for(1)[0].template_kwargs(k=272)
+    assert kwargs["EVEN_K"] is False and kwargs["BLOCK_K"] == 256
+
+
+def test_decode_config_has_enough_programs_for_the_sms():
+    """Without autotuning, M <= 16 uses what max-autotune picked on the H100 for Llama-3-8B's shapes."""
+    for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]:
+        config = heuristic_config(1, n, k)
+        assert config.block_m == 16 and n // config.block_n >= 128, (n, k, config)
+    assert heuristic_config(1, 4096, 14336).block_k == 512
+    assert heuristic_config(4096, 4096, 4096) == configs_for(4096)[0]
