@@ -6,8 +6,14 @@ each compile mode and peer: first-call seconds per input shape (compiles and the
 recompile included), median ms per forward, speed-up over bf16 in the same run, peak GPU memory,
 and how many graphs Dynamo compiled over 8 further sequence lengths.
 
+`--decode` runs the decode loop instead: HF `generate` with a static KV cache
+(`cache_implementation="static"`), the model's forward compiled in the given mode (CUDA graphs
+with reduce-overhead), greedy, for batch 1 and 16 after a 128-token prompt: tokens/s, ms per
+token, and the graphs compiled during the timed run (want 0: no recompile per token).
+
     python benchmarks/e2e_llama.py --layers 8 --modes default reduce-overhead --peers bf16 fxquant torchao
-    python benchmarks/e2e_llama.py --tiny      # CPU smoke test of the script itself
+    python benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead --peers bf16 fxquant --decode
+    python benchmarks/e2e_llama.py --tiny [--decode]     # CPU smoke test of the script itself
 """
 
 from __future__ import annotations
@@ -97,6 +103,57 @@ def run_peer(peer: str, mode: str, model, device, vocab: int, repeats: int) -> d
     return result
 
 
+DECODE_BATCHES = [1, 16]
+PROMPT_TOKENS = 128
+NEW_TOKENS = 64
+
+
+def run_decode(peer: str, mode: str, model, device, vocab: int) -> dict:
+    """Greedy generate with a static cache through the compiled forward; timed after one warm-up."""
+    torch._dynamo.reset()
+    counters.clear()
+    target, backend = peer_model(peer, model)
+    kwargs = {} if mode == "default" else {"mode": mode}
+    target.forward = torch.compile(target.forward, backend=backend, **kwargs)
+    result = {"peer": peer, "mode": mode, "decode": {}}
+    try:
+        with torch.no_grad():
+            for batch in DECODE_BATCHES:
+                ids = torch.randint(0, vocab, (batch, PROMPT_TOKENS), device=device)
+                generate = lambda: target.generate(  # noqa: E731
+                    ids, attention_mask=torch.ones_like(ids), pad_token_id=0, max_new_tokens=NEW_TOKENS,
+                    min_new_tokens=NEW_TOKENS, do_sample=False, cache_implementation="static")
+                start = time.perf_counter()
+                generate()
+                synchronize(device)
+                first_s = time.perf_counter() - start
+                graphs_before = counters["stats"]["unique_graphs"]
+                start = time.perf_counter()
+                generate()
+                synchronize(device)
+                seconds = time.perf_counter() - start
+                result["decode"][f"batch {batch}"] = {
+                    "first_call_s": first_s, "tokens_per_s": batch * NEW_TOKENS / seconds,
+                    "ms_per_step": seconds / NEW_TOKENS * 1e3,
+                    "recompiles": counters["stats"]["unique_graphs"] - graphs_before,
+                }
+    finally:
+        del target.forward  # the instance attribute; the class's forward again
+    return result
+
+
+def print_decode_table(results: list[dict]) -> None:
+    base = {(r["mode"], b): v["ms_per_step"] for r in results if r["peer"] == "bf16" for b, v in r["decode"].items()}
+    print(f"decode loop: {PROMPT_TOKENS}-token prompt, {NEW_TOKENS} new tokens, static cache, greedy")
+    for r in results:
+        cells = "".join(
+            f"  {b}: {v['ms_per_step']:.3f} ms/token {base.get((r['mode'], b), float('nan')) / v['ms_per_step']:.2f}x "
+            f"{v['tokens_per_s']:.0f} tok/s (1st {v['first_call_s']:.1f} s, {v['recompiles']} recompiles)"
+            for b, v in r["decode"].items()
+        )
+        print(f"{r['mode']:<16}{r['peer']:<9}{cells}")
+
+
 def print_table(results: list[dict]) -> None:
     base = {(r["mode"], s): v["ms"] for r in results if r["peer"] == "bf16" for s, v in r["shapes"].items()}
     print(f"{'mode':<16}{'peer':<9}" + "".join(f"{s + ' ms':>12}{'x':>7}" for s in results[0]["shapes"])
@@ -115,11 +172,13 @@ def main() -> None:
     parser.add_argument("--peers", nargs="+", default=["bf16", "fxquant", "torchao"])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--tiny", action="store_true", help="a tiny config on the CPU, to test the script")
+    parser.add_argument("--decode", action="store_true", help="the static-cache generate loop instead of single forwards")
     parser.add_argument("--json")
     args = parser.parse_args()
-    global SHAPES, EXTRA_LENGTHS
+    global SHAPES, EXTRA_LENGTHS, DECODE_BATCHES, PROMPT_TOKENS, NEW_TOKENS
     if args.tiny:
         SHAPES, EXTRA_LENGTHS = [(1, 1), (2, 1), (1, 32)], [3, 5, 7]
+        DECODE_BATCHES, PROMPT_TOKENS, NEW_TOKENS = [1, 2], 8, 4
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
     config = llama3_8b(args.layers, args.tiny)
@@ -128,8 +187,12 @@ def main() -> None:
         model = LlamaForCausalLM(config).to(dtype).eval()
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"{name} | torch {torch.__version__} | Llama-3-8B shape, {args.layers} layers, {dtype}")
-    results = [run_peer(peer, mode, model, device, config.vocab_size, args.repeats) for mode in args.modes for peer in args.peers]
-    print_table(results)
+    if args.decode:
+        results = [run_decode(peer, mode, model, device, config.vocab_size) for mode in args.modes for peer in args.peers]
+        print_decode_table(results)
+    else:
+        results = [run_peer(peer, mode, model, device, config.vocab_size, args.repeats) for mode in args.modes for peer in args.peers]
+        print_table(results)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
