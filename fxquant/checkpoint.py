@@ -391,7 +391,7 @@ def load_quantized(
     for entry in metadata["plan"]:
         if entry["scheme"] is not None:  # torch.compile(backend="fxquant") then runs them as they are
             linear = model.get_submodule(entry["layer"])
-            register_stored_weight(linear.weight, linear.weight_scale)
+            register_stored_weight(linear.weight, linear.weight_scale, config.activation_scale_ub)
     return model
 
 

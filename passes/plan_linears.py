@@ -23,7 +23,7 @@ from fxquant.ops import LINEAR_SCHEMES
 from fxquant.ops.availability import fp8_unsupported_reason
 from fxquant.ops.linear_common import FLOAT_DTYPES
 from fxquant.passes.find_linears import LinearSite, WeightLookup, fake_value, find_linears
-from fxquant.passes.stored_weights import STORED_DTYPES, STORED_SCALES, stored_scale_name, stored_scheme
+from fxquant.passes.stored_weights import STORED_DTYPES, STORED_WEIGHTS, stored_scale_name, stored_scheme
 
 if TYPE_CHECKING:
     from fxquant.passes.quantize_weights import QuantizedWeight
@@ -39,6 +39,7 @@ class PlannedLinear:
     note: str = ""
     quantized: QuantizedWeight | None = field(default=None, repr=False)  # set by quantize_weights
     stored_scale: fx.Node | torch.Tensor | None = field(default=None, repr=False)  # scale of weights stored quantized
+    activation_scale_ub: float | None = None  # what the layer's FP8 op bounds the per-token amax with
 
     @property
     def shape(self) -> str:
@@ -135,9 +136,9 @@ def plan_linears(gm: fx.GraphModule, lookup: WeightLookup, config: QuantConfig) 
     for site in find_linears(gm, lookup):
         layer = layer_name(site)
         if site.weight.dtype in STORED_DTYPES:
-            entry = _plan_stored(layer, site, named_nodes.get(stored_scale_name(site)), lookup)
+            entry = _plan_stored(layer, site, named_nodes.get(stored_scale_name(site)), lookup, config)
         elif (reason := skip_reason(layer, site, config)) is None:
-            entry = PlannedLinear(layer, site, *scheme_for(site, config))
+            entry = PlannedLinear(layer, site, *scheme_for(site, config), activation_scale_ub=config.activation_scale_ub)
         else:
             entry = PlannedLinear(layer, site, None, reason)
         counters["fxquant"]["skipped"] += entry.scheme is None
@@ -145,10 +146,19 @@ def plan_linears(gm: fx.GraphModule, lookup: WeightLookup, config: QuantConfig) 
     return plan
 
 
-def _plan_stored(layer: str, site: LinearSite, scale_node: fx.Node | None, lookup: WeightLookup) -> PlannedLinear:
-    """A layer whose weight is already quantized: its scheme comes from the stored tensors, not the config."""
-    scale = lookup(scale_node)[1] if scale_node is not None else STORED_SCALES.get(site.weight)
+def _plan_stored(
+    layer: str, site: LinearSite, scale_node: fx.Node | None, lookup: WeightLookup, config: QuantConfig
+) -> PlannedLinear:
+    """A layer whose weight is already quantized: its scheme comes from the stored tensors, not the
+    config; its activation_scale_ub is the config's, else the one registered with the weight."""
+    registered = STORED_WEIGHTS.get(site.weight)
+    scale = lookup(scale_node)[1] if scale_node is not None else getattr(registered, "scale", None)
     scheme, note = stored_scheme(site, scale)
     if scheme is None:
         raise ValueError(f"fxquant: layer '{layer}': {note}; it cannot run unquantized either")
-    return PlannedLinear(layer, site, scheme, note, stored_scale=scale_node if scale_node is not None else scale)
+    ub = config.activation_scale_ub
+    if ub is None and registered is not None and registered.activation_scale_ub is not None and scheme != "int8":
+        ub = registered.activation_scale_ub
+        note += f" (activation_scale_ub {ub:g} from the checkpoint)"
+    return PlannedLinear(layer, site, scheme, note, stored_scale=scale_node if scale_node is not None else scale,
+                         activation_scale_ub=None if scheme == "int8" else ub)

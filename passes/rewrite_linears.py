@@ -60,7 +60,9 @@ def rewrite_linears(gm: fx.GraphModule, plan: Plan, config: QuantConfig) -> None
                 w_q = _constant(gm, quantized.weight_attr, site.activation)
                 w_scale = _constant(gm, quantized.scale_attr, site.activation)
                 w_scale_value = quantized.w_scale
-            op, args = scheme.call(config, entry.layer, site.activation, w_q, w_scale, w_scale_value, site.bias)
+            op, args = scheme.call(
+                config, entry.layer, entry.activation_scale_ub, site.activation, w_q, w_scale, w_scale_value, site.bias
+            )
             fused = graph.call_function(op, args)
         if not w_scale.users:  # the scale was folded into a constant argument
             graph.erase_node(w_scale)

@@ -4,13 +4,16 @@ A layer stored the way HF transformers' `fbgemm_fp8` and fxquant's checkpoints s
     <layer>.weight        e4m3 or int8 [N, K]       <layer>.weight_scale   float32
 runs through fxquant's op with those tensors as they are: nothing is re-quantized. The scale is
 found as a graph input of that name (torch.export lifts every buffer) or, under Dynamo, in
-STORED_SCALES (filled by the checkpoint loader). The scale's
+STORED_WEIGHTS (filled by the checkpoint loader, with the activation_scale_ub the checkpoint was
+made with, which the layer keeps unless the compile's config sets its own). The scale's
 shape names the scheme: [N] or [N, 1] per channel (fp8_rowwise, int8), [N / bn, K / bk] per
 block (fp8_blockwise), one element per tensor (fp8_tensorwise). The config's skip list and scheme
 do not apply to such a layer: a low-precision weight cannot run unquantized.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -21,14 +24,21 @@ from fxquant.passes.find_linears import LinearSite
 
 STORED_DTYPES = {torch.float8_e4m3fn: "fp8", torch.int8: "int8"}
 
-# weight → its scale, for stored weights whose scale the graph does not reach: Dynamo only passes
+
+
+class StoredWeight(NamedTuple):
+    scale: Tensor
+    activation_scale_ub: float | None  # FP8 only: the bound the checkpoint's activations were quantized with
+
+
+# weight → StoredWeight, for stored weights whose scale the graph does not reach: Dynamo only passes
 # a backend the tensors forward() uses, and nn.Linear.forward never reads `weight_scale`.
-STORED_SCALES = WeakIdKeyDictionary()
+STORED_WEIGHTS = WeakIdKeyDictionary()
 
 
-def register_stored_weight(weight: Tensor, scale: Tensor) -> None:
+def register_stored_weight(weight: Tensor, scale: Tensor, activation_scale_ub: float | None = None) -> None:
     """Tell fxquant that `weight` is stored quantized with `scale` (checkpoint loaders call this)."""
-    STORED_SCALES[weight] = scale
+    STORED_WEIGHTS[weight] = StoredWeight(scale, activation_scale_ub)
 
 
 def stored_scale_name(site: LinearSite) -> str:

@@ -340,3 +340,25 @@ def test_compiled_loaded_model_uses_the_stored_weights(tmp_path, scheme):
     assert [(e.layer, e.scheme, e.note) for e in plan.rewritten] == [
         ("up", scheme, "stored quantized weights"), ("down", scheme, "stored quantized weights")
     ]
+
+
+@pytest.mark.parametrize("scheme", ["fp8_rowwise", "fp8_blockwise", "fp8_tensorwise"])
+def test_loaded_model_keeps_the_checkpoints_activation_scale_ub(tmp_path, scheme):
+    """A checkpoint made with activation_scale_ub runs with that bound after loading, even when
+    compiled with the default config (no bound); a bound in the compile's config wins."""
+    made_with = QuantConfig(scheme=scheme, activation_scale_ub=2.0)
+    model, x = mlp(), torch.randn(3, 128) * 8  # amax ~ 25 per token: the bound of 2 clips it
+    save_quantized(model, tmp_path, made_with)
+    with empty_weights():
+        loaded = load_quantized(tmp_path, MLP(dim=128, hidden=256, vocab=32))
+    backend = fxquant.backend()
+    with torch.no_grad():
+        expected = torch.compile(model, backend=fxquant.backend(made_with))(x)
+        torch._dynamo.reset()
+        actual = torch.compile(loaded, backend=backend)(x)
+        torch._dynamo.reset()
+        unbounded = torch.compile(loaded, backend=fxquant.backend(scheme=scheme, activation_scale_ub=1e6))(x)
+    assert torch.equal(actual, expected)
+    assert not torch.equal(unbounded, expected), "the compile config's own bound should replace the checkpoint's"
+    (plan,) = backend.plans
+    assert [e.note for e in plan.rewritten] == ["stored quantized weights (activation_scale_ub 2 from the checkpoint)"] * 2

@@ -47,8 +47,9 @@ class LinearScheme:
         name: the QuantConfig.scheme value.
         quantize_weight: (weight [N, K], config) → (w_q [N, K], float32 scale).
         shape_rule: (N, K, config) → why the kernels cannot take this shape, or None.
-        call: (config, layer, x, w_q, w_scale, w_scale_value, bias) → (op, args): the node the
-            rewrite emits; `w_scale_value` is the weight scale's tensor, for schemes that fold it.
+        call: (config, layer, scale_ub, x, w_q, w_scale, w_scale_value, bias) → (op, args): the node
+            the rewrite emits; `scale_ub` the layer's activation_scale_ub; `w_scale_value` the
+            weight scale's tensor, for schemes that fold it.
         uses_fp8: whether it needs FP8 tensor cores on a GPU.
     """
 
@@ -70,20 +71,20 @@ class LinearScheme:
 
 
 def _with_scale_ub(op):
-    def call(config, layer, x, w_q, w_scale, w_scale_value, bias):
-        return op, (x, w_q, w_scale, bias, config.activation_scale_ub)
+    def call(config, layer, scale_ub, x, w_q, w_scale, w_scale_value, bias):
+        return op, (x, w_q, w_scale, bias, scale_ub)
 
     return call
 
 
-def _int8_call(config, layer, x, w_q, w_scale, w_scale_value, bias):
+def _int8_call(config, layer, scale_ub, x, w_q, w_scale, w_scale_value, bias):
     return ops.int8_linear.default, (x, w_q, w_scale, bias)
 
 
-def _tensorwise_call(config, layer, x, w_q, w_scale, w_scale_value, bias):
-    if config.static_activation_amax is None:
-        return _with_scale_ub(ops.fp8_tensorwise_linear.default)(config, layer, x, w_q, w_scale, w_scale_value, bias)
-    x_scale = fp8_static_scale(dict(config.static_activation_amax)[layer], config.activation_scale_ub)
+def _tensorwise_call(config, layer, scale_ub, x, w_q, w_scale, w_scale_value, bias):
+    if config.static_activation_amax is None or w_scale_value is None:  # dynamic, or a stored weight
+        return ops.fp8_tensorwise_linear.default, (x, w_q, w_scale, bias, scale_ub)
+    x_scale = fp8_static_scale(dict(config.static_activation_amax)[layer], scale_ub)
     output_scale = x_scale * float(w_scale_value)  # the two static scales folded into one constant
     return ops.fp8_tensorwise_static_linear.default, (x, w_q, output_scale, bias, x_scale)
 

@@ -61,7 +61,7 @@ def test_max_autotune_picks_among_all_choices(m):
 
 
 def test_heuristic_uses_the_template_for_decode_and_cublas_for_prefill():
-    out, _, code = compiled_gemm(operands(16, 1024, 4096), {"force_disable_caches": True})
+    _, _, code = compiled_gemm(operands(16, 1024, 4096), {"force_disable_caches": True})
     assert GEMM_IN_CODE["triton"] in code
-    out, _, code = compiled_gemm(operands(17, 1024, 4096), {"force_disable_caches": True})
+    _, _, code = compiled_gemm(operands(17, 1024, 4096), {"force_disable_caches": True})
     assert GEMM_IN_CODE["scaled_mm"] in code

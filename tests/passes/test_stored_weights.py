@@ -8,7 +8,7 @@ from expecttest import TestCase
 import fxquant
 from fxquant import QuantConfig
 from fxquant.ops import LINEAR_SCHEMES
-from fxquant.passes.stored_weights import STORED_SCALES, register_stored_weight
+from fxquant.passes.stored_weights import STORED_WEIGHTS, register_stored_weight
 from tests.graphs import rewrite
 from tests.models import MLP
 
@@ -89,7 +89,7 @@ def test_plan_of_a_model_with_stored_weights():
 
 def test_stored_weight_without_a_scale_is_an_error_naming_the_layer():
     stored = stored_copy(MLP(), QuantConfig())
-    del stored.down.weight_scale, STORED_SCALES[stored.down.weight]
+    del stored.down.weight_scale, STORED_WEIGHTS[stored.down.weight]
     with pytest.raises(Exception, match="layer 'down': stored torch.float8_e4m3fn weight without a float32 down.weight_scale"):
         torch.compile(stored, backend="fxquant")(torch.randn(2, 64))
 
