@@ -36,6 +36,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import _TYPES as SAFETENSORS_DTYPES  # "F8_E4M3" → torch.float8_e4m3fn, ...
 from safetensors.torch import load_file, save_file
 from torch import Tensor, fx, nn
+from torch.export import ExportedProgram
 
 from fxquant.config import QuantConfig
 from fxquant.ops import LINEAR_SCHEMES
@@ -120,6 +121,33 @@ def quantize_state(
     return tensors, plan
 
 
+def program_state(program: ExportedProgram) -> tuple[dict[str, Tensor], Plan, QuantConfig, int]:
+    """The checkpoint tensors of a program made by `fxquant.export`, as `quantize_state` would give
+    them for its model, with its plan, its config and the bytes of the float state it came from."""
+    plan, config = getattr(program, "fxquant_plan", None), getattr(program, "fxquant_config", None)
+    if plan is None or config is None:
+        raise ValueError(
+            "fxquant: save_quantized takes an ExportedProgram made by fxquant.export in this process (the plan "
+            "does not survive torch.export.save/load); save the model instead, or the program with torch.export.save"
+        )
+    _check_config(config)
+    made = [entry for entry in plan.rewritten if entry.quantized is not None]  # not the stored weights
+    lifted = {attr for entry in made for attr in (entry.quantized.weight_attr, entry.quantized.scale_attr)}
+    tensors = {name: t for name, t in program.state_dict.items() if name not in lifted}
+    before = memory_footprint(tensors)
+    for entry in made:
+        key = _key(entry.layer, "weight")
+        if entry.site.weight_name != key or entry.site.weight_is_kn:
+            raise ValueError(
+                f"fxquant: layer '{entry.layer}' multiplies by '{entry.site.weight_name}', not by an nn.Linear weight "
+                f"'{key}'; a checkpoint stores quantized nn.Linear layers only (skip the layer to save the program)"
+            )
+        tensors[key] = entry.quantized.w_q
+        tensors[_key(entry.layer, "weight_scale")] = _stored_scale(entry.quantized.w_scale)
+        before += entry.site.weight.numel() * entry.site.weight.element_size()
+    return tensors, plan, config, before
+
+
 def _tied_names(tensors: Mapping[str, Tensor]) -> dict[str, str]:
     """{name: earlier name} for each tensor that is the very same data as an earlier one (tied weights)."""
     first: dict[tuple, str] = {}
@@ -192,20 +220,28 @@ def _write_json(path: Path, content: dict) -> None:
 
 
 def save_quantized(
-    model: nn.Module,
+    model: nn.Module | ExportedProgram,
     directory: str | Path,
     config: QuantConfig | None = None,
     progress: Progress | None = None,
     hf_format: str = "fbgemm_fp8",
 ) -> dict:
-    """Quantize `model`'s linear layers and write a checkpoint into `directory` (see the module
-    docstring); the model is not modified. `hf_format` ("fbgemm_fp8" or "compressed-tensors")
-    chooses the quantization_config written for HF models. Returns what fxquant.json holds,
-    including the bytes of the state dict before and of the stored tensors after quantization."""
+    """Write a checkpoint of `model`, quantized, into `directory` (see the module docstring); the
+    model is not modified. A program made by `fxquant.export` is written with the weights and the
+    config it was quantized with (`config` must then be None), and without an HF config.json (it
+    has no HF config). `hf_format` ("fbgemm_fp8" or "compressed-tensors") chooses the
+    quantization_config written for HF models. Returns what fxquant.json holds, including the bytes
+    of the float state dict before and of the stored tensors after quantization."""
     if hf_format not in HF_FORMATS:
         raise ValueError(f"fxquant: unknown hf_format {hf_format!r}; known: {', '.join(HF_FORMATS)}")
-    config = config or QuantConfig()
-    quantized, plan = quantize_state(model, config, progress)
+    if isinstance(model, ExportedProgram):
+        if config is not None:
+            raise ValueError("fxquant: a program is saved with the config fxquant.export quantized it with; pass config=None")
+        quantized, plan, config, before = program_state(model)
+    else:
+        config = config or QuantConfig()
+        quantized, plan = quantize_state(model, config, progress)
+        before = memory_footprint(model.state_dict())
     tied = _tied_names(quantized)  # stored once; safetensors refuses shared memory
     tensors = {name: t.contiguous() for name, t in quantized.items() if name not in tied}
     directory = Path(directory)
@@ -220,7 +256,7 @@ def save_quantized(
         ],
         "tensors": {name: {"dtype": dtype_name(t.dtype), "shape": list(t.shape)} for name, t in tensors.items()},
         "tied": tied,
-        "bytes": {"before": memory_footprint(model.state_dict()), "after": memory_footprint(tensors)},
+        "bytes": {"before": before, "after": memory_footprint(tensors)},
         "sha256": file_sha256(directory / WEIGHTS_FILE),
     }
     quantization_config = HF_FORMATS[hf_format](plan, config)

@@ -35,12 +35,14 @@ def export(
     dynamic_shapes=None,
     strict: bool = False,
 ) -> ExportedProgram:
-    """torch.export `model`, then quantize its linear layers; the result's `.fxquant_plan` is the plan."""
+    """torch.export `model`, then quantize its linear layers; the result's `.fxquant_plan` is the plan
+    and `.fxquant_config` the config (what `fxquant.save_quantized` needs to checkpoint it)."""
     config = config or QuantConfig()
     with torch.no_grad():
         program = torch.export.export(model, args, kwargs=dict(kwargs or {}), dynamic_shapes=dynamic_shapes, strict=strict)
     quantized_program, plan = quantize_program(program, config)
     quantized_program.fxquant_plan = plan
+    quantized_program.fxquant_config = config
     return quantized_program
 
 

@@ -362,3 +362,29 @@ def test_loaded_model_keeps_the_checkpoints_activation_scale_ub(tmp_path, scheme
     assert not torch.equal(unbounded, expected), "the compile config's own bound should replace the checkpoint's"
     (plan,) = backend.plans
     assert [e.note for e in plan.rewritten] == ["stored quantized weights (activation_scale_ub 2 from the checkpoint)"] * 2
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_program_from_fxquant_export_saves_as_its_model_would(tmp_path, scheme):
+    """save_quantized(fxquant.export(...)) writes the checkpoint save_quantized(model) writes: the same
+    tensors bit for bit, plan, config and byte counts; it loads into the float model's class."""
+    config, model, x = QuantConfig(scheme=scheme), mlp(), torch.randn(3, 128)
+    program = fxquant.export(model, (x,), config=config)
+    from_program = save_quantized(program, tmp_path / "program")
+    from_model = save_quantized(model, tmp_path / "model", config)
+    for key in ("config", "plan", "tensors", "tied", "bytes", "quantization_config"):
+        assert from_program.get(key) == from_model.get(key), key
+    assert_state_equal(load_file(tmp_path / "program" / "model.safetensors"), load_file(tmp_path / "model" / "model.safetensors"))
+    loaded = load_quantized(tmp_path / "program", MLP(dim=128, hidden=256, vocab=32))
+    with torch.no_grad():
+        assert torch.equal(fxquant.export(loaded, (x,), config=config).module()(x), program.module()(x))
+
+
+def test_program_without_its_plan_is_refused(tmp_path):
+    model, x = mlp(), torch.randn(3, 128)
+    program = fxquant.export(model, (x,))
+    with pytest.raises(ValueError, match="pass config=None"):
+        save_quantized(program, tmp_path, QuantConfig())
+    torch.export.save(program, tmp_path / "mlp.pt2")
+    with pytest.raises(ValueError, match="made by fxquant.export in this process"):
+        save_quantized(fxquant.load_program(tmp_path / "mlp.pt2"), tmp_path / "checkpoint")
