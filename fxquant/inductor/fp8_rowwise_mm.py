@@ -22,24 +22,14 @@ from torch._inductor.select_algorithm import ExternKernelChoice, autotune_select
 
 from fxquant.kernels.fp8_rowwise_gemm import CONFIGS, configs_for, fp8_rowwise_gemm_template, heuristic_config
 from fxquant.ops.availability import fbgemm_genai_available
+from fxquant.ops.fp8_rowwise import fbgemm_rowwise_mm, scaled_mm_rowwise
 
 CHOICES = ("triton", "fbgemm", "scaled_mm")
 SMALL_M = 16
 
 
-def _scaled_mm(x_q, w_q, x_scale, w_scale):
-    return torch._scaled_mm(
-        x_q, w_q.t(), scale_a=x_scale.unsqueeze(1), scale_b=w_scale.unsqueeze(0),
-        out_dtype=torch.bfloat16, use_fast_accum=True,
-    )
-
-
-def _fbgemm_f8f8bf16_rowwise(x_q, w_q, x_scale, w_scale):
-    return torch.ops.fbgemm.f8f8bf16_rowwise(x_q.contiguous(), w_q, x_scale, w_scale, use_fast_accum=True)
-
-
-scaled_mm_choice = ExternKernelChoice(_scaled_mm, name="fxquant_scaled_mm", has_out_variant=False)
-fbgemm_choice = ExternKernelChoice(_fbgemm_f8f8bf16_rowwise, name="fxquant_fbgemm_f8f8bf16_rowwise", has_out_variant=False)
+scaled_mm_choice = ExternKernelChoice(scaled_mm_rowwise, name="fxquant_scaled_mm", has_out_variant=False)
+fbgemm_choice = ExternKernelChoice(fbgemm_rowwise_mm, name="fxquant_fbgemm_f8f8bf16_rowwise", has_out_variant=False)
 
 
 def heuristic_choice(m: int | None) -> str:

@@ -4,7 +4,8 @@ Numerics are FBGEMM's (`torch.ops.fbgemm.quantize_fp8_per_row`), so results comp
     scale = max(min(amax, scale_ub) / 448, 1 / (448 * 512))     per row, float32
     x_q   = saturate_e4m3(x / scale)
 The CPU implementation is the reference: exact fp8 products accumulated in float32. On CUDA the
-GEMM is FBGEMM's `f8f8bf16_rowwise` when fbgemm-gpu-genai imports, else `torch._scaled_mm`.
+GEMM is FBGEMM's `f8f8bf16_rowwise` when fbgemm-gpu-genai imports, else `torch._scaled_mm`; the
+GEMM alone is an op too (fp8_rowwise_mm), which the Inductor lowering gives a choice of kernels.
 """
 
 from __future__ import annotations
@@ -51,6 +52,45 @@ def _(x: Tensor, scale_ub: float | None = None) -> tuple[Tensor, Tensor]:
     return x.new_empty(x.shape, dtype=FP8_DTYPE), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
+@torch.library.custom_op("fxquant::fp8_rowwise_mm", mutates_args=())
+def fp8_rowwise_mm(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor) -> Tensor:
+    """bf16 [M, N] = (x_q [M, K] @ w_q [N, K].T) * x_scale [M, 1] * w_scale [1, N], all e4m3/float32.
+
+    The GEMM alone, on operands already quantized: what the Inductor lowering of
+    fp8_rowwise_linear leaves after the quantization is fused away (fxquant/inductor/fp8_rowwise_mm.py
+    gives it a choice of kernels). CPU: the reference.
+    """
+    acc = x_q.float() @ w_q.float().t()
+    return (acc * x_scale.unsqueeze(1) * w_scale.unsqueeze(0)).to(torch.bfloat16)
+
+
+def scaled_mm_rowwise(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor) -> Tensor:
+    """fp8_rowwise_mm by `torch._scaled_mm` (cuBLASLt on CUDA)."""
+    return torch._scaled_mm(
+        x_q, w_q.t(), scale_a=x_scale.unsqueeze(1), scale_b=w_scale.unsqueeze(0),
+        out_dtype=torch.bfloat16, use_fast_accum=True,
+    )
+
+
+def fbgemm_rowwise_mm(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor) -> Tensor:
+    """fp8_rowwise_mm by FBGEMM's `f8f8bf16_rowwise` (CUTLASS; needs fbgemm-gpu-genai)."""
+    return torch.ops.fbgemm.f8f8bf16_rowwise(x_q.contiguous(), w_q, x_scale, w_scale, use_fast_accum=True)
+
+
+def _fp8_rowwise_mm_cuda(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor) -> Tensor:
+    """FBGEMM's GEMM where fbgemm-gpu-genai imports, else `torch._scaled_mm`."""
+    return (fbgemm_rowwise_mm if fbgemm_genai_available() else scaled_mm_rowwise)(x_q, w_q, x_scale, w_scale)
+
+
+fp8_rowwise_mm.register_kernel("cuda")(_fp8_rowwise_mm_cuda)
+
+
+@fp8_rowwise_mm.register_fake
+def _(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor) -> Tensor:
+    torch._check(x_q.dim() == 2 and x_q.shape[1] == w_q.shape[1], lambda: "fxquant::fp8_rowwise_mm: x_q must be [M, K]")
+    return x_q.new_empty((x_q.shape[0], w_q.shape[0]), dtype=torch.bfloat16)
+
+
 @torch.library.custom_op("fxquant::fp8_rowwise_linear", mutates_args=())
 def fp8_rowwise_linear(
     x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None, scale_ub: float | None = None
@@ -82,34 +122,3 @@ def _(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None, scale
 
 
 register_inference_only_autograd(fp8_rowwise_linear, "fxquant::fp8_rowwise_linear")
-
-
-@torch.library.custom_op("fxquant::fp8_rowwise_mm", mutates_args=())
-def fp8_rowwise_mm(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor) -> Tensor:
-    """bf16 [M, N] = (x_q [M, K] @ w_q [N, K].T) * x_scale [M, 1] * w_scale [1, N], all e4m3/float32.
-
-    The GEMM alone, on operands already quantized: what the Inductor lowering of
-    fp8_rowwise_linear leaves after the quantization is fused away (fxquant/inductor/fp8_rowwise_mm.py
-    gives it a choice of kernels). CPU: the reference.
-    """
-    acc = x_q.float() @ w_q.float().t()
-    return (acc * x_scale.unsqueeze(1) * w_scale.unsqueeze(0)).to(torch.bfloat16)
-
-
-def _fp8_rowwise_mm_cuda(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor) -> Tensor:
-    """FBGEMM's `f8f8bf16_rowwise` where fbgemm-gpu-genai imports, else `torch._scaled_mm`."""
-    if fbgemm_genai_available():
-        return torch.ops.fbgemm.f8f8bf16_rowwise(x_q, w_q, x_scale, w_scale, use_fast_accum=True)
-    return torch._scaled_mm(
-        x_q, w_q.t(), scale_a=x_scale.unsqueeze(1), scale_b=w_scale.unsqueeze(0),
-        out_dtype=torch.bfloat16, use_fast_accum=True,
-    )
-
-
-fp8_rowwise_mm.register_kernel("cuda")(_fp8_rowwise_mm_cuda)
-
-
-@fp8_rowwise_mm.register_fake
-def _(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor) -> Tensor:
-    torch._check(x_q.dim() == 2 and x_q.shape[1] == w_q.shape[1], lambda: "fxquant::fp8_rowwise_mm: x_q must be [M, K]")
-    return x_q.new_empty((x_q.shape[0], w_q.shape[0]), dtype=torch.bfloat16)
