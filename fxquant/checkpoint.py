@@ -426,8 +426,7 @@ def load_quantized(
         _assign(model, name, tensors[tied.get(name, name)], name in quantized, made)
     for entry in metadata["plan"]:
         if entry["scheme"] is not None:  # torch.compile(backend="fxquant") then runs them as they are
-            linear = model.get_submodule(entry["layer"])
-            register_stored_weight(linear.weight, linear.weight_scale, config.activation_scale_ub)
+            register_stored_weight(model.get_submodule(entry["layer"]), activation_scale_ub=config.activation_scale_ub)
     return model
 
 

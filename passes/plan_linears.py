@@ -137,6 +137,11 @@ def plan_linears(gm: fx.GraphModule, lookup: WeightLookup, config: QuantConfig) 
         layer = layer_name(site)
         if site.weight.dtype in STORED_DTYPES:
             entry = _plan_stored(layer, site, named_nodes.get(stored_scale_name(site)), lookup, config)
+        elif site.weight in STORED_WEIGHTS:
+            raise ValueError(
+                f"fxquant: layer '{layer}': its weight was loaded quantized but is now {site.weight.dtype}; the stored "
+                "weights were cast (model.to(dtype)?). Move a loaded model with .to(device) only, or load it again"
+            )
         elif (reason := skip_reason(layer, site, config)) is None:
             entry = PlannedLinear(layer, site, *scheme_for(site, config), activation_scale_ub=config.activation_scale_ub)
         else:

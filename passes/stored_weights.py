@@ -3,9 +3,10 @@
 A layer stored the way HF transformers' `fbgemm_fp8` and fxquant's checkpoints store it,
     <layer>.weight        e4m3 or int8 [N, K]       <layer>.weight_scale   float32
 runs through fxquant's op with those tensors as they are: nothing is re-quantized. The scale is
-found as a graph input of that name (torch.export lifts every buffer) or, under Dynamo, in
-STORED_WEIGHTS (filled by the checkpoint loader, with the activation_scale_ub the checkpoint was
-made with, which the layer keeps unless the compile's config sets its own). The scale's
+found as a graph input of that name (torch.export lifts every buffer) or, under Dynamo, through
+STORED_WEIGHTS: the checkpoint loader registers each stored weight with the module that holds it
+(the scale is read from the module when compiling, so moving the model afterwards is fine) and the
+activation_scale_ub the checkpoint was made with (kept unless the compile's config sets its own). The scale's
 shape names the scheme: [N] or [N, 1] per channel (fp8_rowwise, int8), [N / bn, K / bk] per
 block (fp8_blockwise), one element per tensor (fp8_tensorwise). The config's skip list and scheme
 do not apply to such a layer: a low-precision weight cannot run unquantized.
@@ -15,9 +16,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import torch
-from torch import Tensor
+import weakref
 
+import torch
+from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from fxquant.passes.find_linears import LinearSite
@@ -25,10 +27,14 @@ from fxquant.passes.find_linears import LinearSite
 STORED_DTYPES = {torch.float8_e4m3fn: "fp8", torch.int8: "int8"}
 
 
-
 class StoredWeight(NamedTuple):
-    scale: Tensor
+    module: weakref.ref  # the module holding the weight and its scale
+    scale_name: str  # the scale's attribute: "<weight attribute>_scale"
     activation_scale_ub: float | None  # FP8 only: the bound the checkpoint's activations were quantized with
+
+    @property
+    def scale(self) -> Tensor | None:
+        return getattr(self.module(), self.scale_name, None)
 
 
 # weight → StoredWeight, for stored weights whose scale the graph does not reach: Dynamo only passes
@@ -36,9 +42,10 @@ class StoredWeight(NamedTuple):
 STORED_WEIGHTS = WeakIdKeyDictionary()
 
 
-def register_stored_weight(weight: Tensor, scale: Tensor, activation_scale_ub: float | None = None) -> None:
-    """Tell fxquant that `weight` is stored quantized with `scale` (checkpoint loaders call this)."""
-    STORED_WEIGHTS[weight] = StoredWeight(scale, activation_scale_ub)
+def register_stored_weight(module: nn.Module, weight_name: str = "weight", activation_scale_ub: float | None = None) -> None:
+    """Tell fxquant that `module.<weight_name>` is stored quantized, its scale in
+    `module.<weight_name>_scale` (checkpoint loaders call this)."""
+    STORED_WEIGHTS[getattr(module, weight_name)] = StoredWeight(weakref.ref(module), weight_name + "_scale", activation_scale_ub)
 
 
 def stored_scale_name(site: LinearSite) -> str:

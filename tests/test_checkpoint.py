@@ -388,3 +388,18 @@ def test_program_without_its_plan_is_refused(tmp_path):
     torch.export.save(program, tmp_path / "mlp.pt2")
     with pytest.raises(ValueError, match="made by fxquant.export in this process"):
         save_quantized(fxquant.load_program(tmp_path / "mlp.pt2"), tmp_path / "checkpoint")
+
+
+def test_loaded_model_reads_scales_where_they_are_when_compiled(tmp_path):
+    """Moving a loaded model (model.cuda() replaces its buffers) is fine: the scale is read from the
+    module when compiling. Casting it (model.to(dtype) turns e4m3 into bf16 values) is an error."""
+    save_quantized(mlp(), tmp_path)
+    loaded = load_quantized(tmp_path, MLP(dim=128, hidden=256, vocab=32))
+    loaded.up.weight_scale = loaded.up.weight_scale.clone()  # what Module._apply does to buffers
+    backend = fxquant.backend()
+    with torch.no_grad():
+        torch.compile(loaded, backend=backend)(torch.randn(2, 128))
+    assert backend.plans[0].rewritten[0].stored_scale is loaded.up.weight_scale
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="layer 'up': its weight was loaded quantized but is now torch.bfloat16"):
+        torch.compile(loaded.to(torch.bfloat16), backend="fxquant")(torch.randn(2, 128, dtype=torch.bfloat16))

@@ -70,7 +70,7 @@ def test_stored_fp8_weights_on_cuda():
         w_q, w_scale = quantize_fp8_rowwise(linear.weight.detach())
         linear.weight = torch.nn.Parameter(w_q, requires_grad=False)
         linear.register_buffer("weight_scale", w_scale.view(-1, 1))
-        register_stored_weight(linear.weight, linear.weight_scale)
+        register_stored_weight(linear)
     with torch.no_grad():
         actual = torch.compile(model, backend="fxquant")(x)
     assert relative_error(actual, expected) < 1e-3

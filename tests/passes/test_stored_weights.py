@@ -35,7 +35,7 @@ def stored_copy(model: MLP, config: QuantConfig) -> MLP:
         w_q, w_scale = LINEAR_SCHEMES[config.scheme].quantize_weight(linear.weight.detach(), config)
         linear.weight = torch.nn.Parameter(w_q, requires_grad=False)
         linear.register_buffer("weight_scale", STORED_SCALE_SHAPE[config.scheme](w_scale))
-        register_stored_weight(linear.weight, linear.weight_scale)
+        register_stored_weight(linear)
     return stored
 
 
@@ -63,7 +63,8 @@ class StoredMatmul(torch.nn.Module):
     def __init__(self, w_q, w_scale):
         super().__init__()
         self.w = torch.nn.Parameter(w_q, requires_grad=False)
-        register_stored_weight(self.w, w_scale)
+        self.register_buffer("w_scale", w_scale)
+        register_stored_weight(self, "w")
 
     def forward(self, x):
         return x @ self.w.t()
