@@ -1,5 +1,6 @@
-"""Export and AOTInductor on CUDA (gpu marker): the package runs fxquant's CUDA ops and matches
-the exported program; stored FP8 weights run on the GPU as they are."""
+"""Export, AOTInductor and checkpoints on CUDA (gpu marker): the package runs fxquant's CUDA ops and
+matches the exported program; stored FP8 weights, registered by hand or loaded from a checkpoint
+onto the GPU, run as they are."""
 
 import functools
 import subprocess
@@ -74,3 +75,28 @@ def test_stored_fp8_weights_on_cuda():
     with torch.no_grad():
         actual = torch.compile(model, backend="fxquant")(x)
     assert relative_error(actual, expected) < 1e-3
+
+
+@pytest.mark.parametrize("scheme", ["fp8_rowwise", "int8"])
+def test_checkpoint_loads_onto_the_gpu_and_compiles(tmp_path, scheme):
+    """A tiny Llama checkpoint loaded with device="cuda" into a model made under empty_weights():
+    the stored tensors land on the GPU as they are, and the compiled model computes what compiling
+    the float model gives (same weights, same quantization)."""
+    from transformers import LlamaForCausalLM
+
+    from tests.models import tiny_llama
+
+    model = tiny_llama().to(torch.bfloat16)
+    config = QuantConfig(scheme=scheme)
+    fxquant.save_quantized(model, tmp_path, config)
+    with fxquant.empty_weights():
+        loaded = LlamaForCausalLM(model.config)
+    fxquant.load_quantized(tmp_path, loaded, device="cuda").cuda()  # .cuda(): the buffers empty_weights kept
+    assert loaded.model.layers[0].mlp.up_proj.weight.is_cuda
+    assert loaded.model.layers[0].mlp.up_proj.weight.dtype == (torch.int8 if scheme == "int8" else torch.float8_e4m3fn)
+    ids = torch.randint(0, 128, (2, 16), device="cuda")
+    with torch.no_grad():
+        expected = torch.compile(model.cuda(), backend=fxquant.backend(config))(ids, use_cache=False).logits
+        torch._dynamo.reset()
+        actual = torch.compile(loaded, backend=fxquant.backend(config))(ids, use_cache=False).logits
+    assert relative_error(actual.float(), expected.float()) < 1e-3
