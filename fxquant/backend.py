@@ -52,11 +52,16 @@ class Backend:
         _, quantized = self.rewrite(gm)
         patches = torch._inductor.list_mode_options(mode) if mode else {}
         decompositions = inductor_decompositions(example_inputs)
+        cache_tag = torch.compiler.config.cache_key_tag
         if decompositions is not None:
+            from fxquant.inductor.cache_key import cache_key_tag
+
             # Quantize the activation as eager would see it (rounded to its dtype), not the
             # fp32 value Inductor keeps inside a fused kernel: compiled == reference numerics.
             patches = {**patches, "emulate_precision_casts": True}
-        compiled = compile_fx(gm, example_inputs, config_patches=patches, decompositions=decompositions)
+            cache_tag = cache_key_tag()
+        with torch.compiler.config.patch(cache_key_tag=cache_tag):
+            compiled = compile_fx(gm, example_inputs, config_patches=patches, decompositions=decompositions)
         if not (self.config.check_weight_updates and quantized):
             return compiled
         index_of = {id(node.meta["grapharg"].example): i for i, node in enumerate(placeholders) if "grapharg" in node.meta}

@@ -1,8 +1,11 @@
 """fxquant's GEMM heuristic and config buckets (fxquant/inductor/fp8_rowwise_mm.py,
-fxquant/kernels/fp8_rowwise_gemm.py): what is picked when Inductor does not autotune."""
+fxquant/kernels/fp8_rowwise_gemm.py): what is picked when Inductor does not autotune, and the
+cache tag that keeps Inductor from reusing code compiled for another choice."""
 
 import pytest
+import torch
 
+from fxquant.inductor.cache_key import cache_key_tag
 from fxquant.inductor.fp8_rowwise_mm import SMALL_M, heuristic_choice
 from fxquant.kernels.fp8_rowwise_gemm import configs_for, heuristic_config
 
@@ -36,3 +39,14 @@ def test_decode_config_has_enough_programs_for_the_sms():
         assert config.block_m == 16 and n // config.block_n >= 128, (n, k, config)
     assert heuristic_config(1, 4096, 14336).block_k == 512
     assert heuristic_config(4096, 4096, 4096) == configs_for(4096)[0]
+
+
+def test_compiled_code_is_cached_per_lowering_source_and_gemm_choice(monkeypatch):
+    """The backend compiles CUDA graphs under this tag: a forced GEMM (or edited lowering code)
+    must not reuse Inductor's cached code for another one; the user's own tag is kept."""
+    monkeypatch.delenv("FXQUANT_GEMM", raising=False)
+    heuristic = cache_key_tag()
+    monkeypatch.setenv("FXQUANT_GEMM", "fbgemm")
+    assert cache_key_tag() != heuristic and cache_key_tag().endswith(":fbgemm")
+    with torch.compiler.config.patch(cache_key_tag="user-tag"):
+        assert cache_key_tag().startswith("user-tag|fxquant:")
