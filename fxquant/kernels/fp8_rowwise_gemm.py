@@ -44,8 +44,8 @@ SOURCE = r"""
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    a_rows = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M)
-    w_rows = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
+    a_rows = rm % M  # rows past M (and N) wrap around: loaded, computed, never stored
+    w_rows = rn % N
     a_ptrs = A + a_rows[:, None] * stride_am + rk[None, :] * stride_ak
     w_ptrs = W + w_rows[None, :] * stride_wn + rk[:, None] * stride_wk
 
