@@ -6,8 +6,9 @@ eagerly (FBGEMM quantize + GEMM behind it); the same op compiled with fxquant's 
 (the quantization kernel + the GEMM fxquant's heuristic picks), and with each GEMM choice forced
 (our Triton template, FBGEMM, _scaled_mm) or max-autotuned; torch._scaled_mm alone on
 pre-quantized input; FBGEMM quantize_fp8_per_row + f8f8bf16_rowwise; FBGEMM's GEMM alone. Unless
---rowwise-only: fxquant's int8_linear; fxquant's fp8_blockwise_linear (group quantization + its
-Triton kernel) and FBGEMM's blockwise GEMM alone (128 x 128 activation blocks, M a multiple of
+--rowwise-only: fxquant's int8_linear; fxquant's fp8_blockwise_linear, eager and compiled (group
+quantization + cuBLAS's blockwise GEMM, or the Triton kernel), cuBLAS's blockwise GEMM alone, and
+FBGEMM's blockwise GEMM alone (128 x 128 activation blocks, M a multiple of
 128); fxquant's fp8_tensorwise_linear, eager and compiled. Prints TFLOP/s and speed-ups over bf16;
 --json writes every row.
 
@@ -26,7 +27,12 @@ from triton.testing import do_bench_cudagraph
 
 import fxquant  # noqa: F401  (registers the ops)
 from fxquant.ops.availability import fbgemm_genai_available
-from fxquant.ops.fp8_blockwise import quantize_fp8_blockwise_weight
+from fxquant.ops.fp8_blockwise import (
+    cublas_blockwise_mm,
+    cublas_blockwise_works,
+    quantize_fp8_blockwise_weight,
+    quantize_fp8_groupwise,
+)
 from fxquant.ops.fp8_rowwise import quantize_fp8_rowwise
 from fxquant.ops.fp8_tensorwise import quantize_fp8_tensorwise
 from fxquant.ops.int8 import quantize_int8_rowwise
@@ -104,7 +110,14 @@ def rows(ms: list[int], layers: list[str], rowwise_only: bool):
             flops = 2 * m * n * k
             if not rowwise_only:
                 times["fxquant_int8"] = bench(lambda: torch.ops.fxquant.int8_linear(x, wi8, wi8_scale, None))
-                times["fxquant_blockwise"] = bench(lambda: torch.ops.fxquant.fp8_blockwise_linear(x, wb, wb_scale, None, None))
+                cublas = cublas_blockwise_works(x.device)  # checked once, before any CUDA graph capture
+                blockwise_linear = lambda x: torch.ops.fxquant.fp8_blockwise_linear(x, wb, wb_scale, None, None)  # noqa: E731
+                times["fxquant_blockwise"] = bench(lambda: blockwise_linear(x))
+                compiled_blockwise = compile_with_lowering(blockwise_linear, x)
+                times["fxquant_blockwise_compiled"] = bench(lambda: compiled_blockwise(x))
+                if cublas:
+                    xg, xg_scale = quantize_fp8_groupwise(x, 128)
+                    times["cublas_blockwise_gemm"] = bench(lambda: cublas_blockwise_mm(xg, xg_scale, wb, wb_scale))
                 times["fxquant_tensorwise"] = bench(lambda: torch.ops.fxquant.fp8_tensorwise_linear(x, wt, wt_scale, None, None))
                 compiled_tensorwise = compile_with_lowering(
                     lambda x: torch.ops.fxquant.fp8_tensorwise_linear(x, wt, wt_scale, None, None), x)
@@ -129,7 +142,8 @@ def main() -> None:
     columns = ["bf16", "fxquant_fp8", "fxquant_compiled", *(f"compiled_{g}" for g in ROWWISE_GEMMS), "scaled_mm_gemm",
                "fbgemm_q+gemm", "fbgemm_gemm"]
     if not args.rowwise_only:
-        columns += ["fxquant_int8", "fxquant_blockwise", "fbgemm_blockwise_gemm", "fxquant_tensorwise", "fxquant_tensorwise_compiled"]
+        columns += ["fxquant_int8", "fxquant_blockwise", "fxquant_blockwise_compiled", "cublas_blockwise_gemm",
+                    "fbgemm_blockwise_gemm", "fxquant_tensorwise", "fxquant_tensorwise_compiled"]
     print(f"{'layer':<8}{'M':>6}" + "".join(f"{c:>17}" for c in columns) + "   (TFLOP/s; speed-up over bf16)")
     for row in rows(args.m, args.layers, args.rowwise_only):
         results.append(row)

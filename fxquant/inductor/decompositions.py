@@ -1,11 +1,11 @@
 """Open fxquant's FP8 ops up to Inductor: activation quantization as Inductor code, GEMM a choice.
 
-fp8_rowwise and fp8_tensorwise (dynamic and static) are decomposed; fp8_blockwise stays an extern
-call to its Triton kernel (Inductor has no blockwise-scaled GEMM lowering).
-
     fp8_rowwise_linear(x, w_q, w_scale, bias, ub)
       → amax = max(|x|) per row; scale = amax / 448; x_q = e4m3(x / scale)   (reduction + pointwise)
       → fxquant::fp8_rowwise_mm(x_q, w_q, scale, w_scale) (+ bias)            (fxquant's GEMM lowering)
+    fp8_blockwise_linear(...)
+      → amax per token per block_k group, the cast                            (reduction + pointwise)
+      → fxquant::fp8_blockwise_mm(x_q, scale, w_q, w_scale) (+ bias)          (an extern call: cuBLAS or Triton)
     fp8_tensorwise_linear(...)
       → amax of the whole tensor, the cast → _scaled_mm(tensorwise)           (Inductor's GEMM lowering)
 
@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from fxquant.inductor import fp8_rowwise_mm  # noqa: F401  (registers the GEMM's lowering)
+from fxquant.ops.fp8_blockwise import block_sizes, quantize_fp8_groupwise
 from fxquant.ops.fp8_common import saturate_to_fp8
 from fxquant.ops.fp8_rowwise import quantize_fp8_rowwise
 from fxquant.ops.fp8_tensorwise import quantize_fp8_tensorwise
@@ -39,6 +40,19 @@ def fp8_rowwise_linear(
     if bias is not None:
         y = y + bias
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def fp8_blockwise_linear(
+    x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None, scale_ub: float | None = None
+) -> Tensor:
+    """fxquant::fp8_blockwise_linear: the per-group quantization as aten ops Inductor fuses, then
+    fxquant's blockwise GEMM op (which picks cuBLAS or its Triton kernel at run time)."""
+    _, block_k = block_sizes(w_q, w_scale)
+    x_q, x_scale = quantize_fp8_groupwise(x.reshape(-1, x.shape[-1]), block_k, scale_ub)
+    y = torch.ops.fxquant.fp8_blockwise_mm(x_q, x_scale, w_q, w_scale)  # bf16; cast back below
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype).reshape(*x.shape[:-1], w_q.shape[0])
 
 
 def _tensorwise_gemm(x: Tensor, x_q: Tensor, w_q: Tensor, output_scale: Tensor, bias: Tensor | None) -> Tensor:
@@ -70,6 +84,7 @@ def fxquant_decompositions() -> dict[torch._ops.OpOverload, Callable]:
     ops = torch.ops.fxquant
     return {
         ops.fp8_rowwise_linear.default: fp8_rowwise_linear,
+        ops.fp8_blockwise_linear.default: fp8_blockwise_linear,
         ops.fp8_tensorwise_linear.default: fp8_tensorwise_linear,
         ops.fp8_tensorwise_static_linear.default: fp8_tensorwise_static_linear,
     }

@@ -3,16 +3,22 @@ block, e4m3 activations with one dynamic scale per token per block_k-wide group 
 
 The block sizes are read off the shapes: w_scale is [N / block_n, K / block_k]. The CPU reference
 accumulates each K-block's exact fp8 products in float32 and scales them by that block's
-activation and weight scales, as the GPU kernels do in their main loop. On CUDA the GEMM is
-fxquant's Triton kernel (fxquant/kernels/fp8_blockwise_gemm.py). FBGEMM's `f8f8bf16_blockwise`
-takes 128x128 activation blocks only, a coarser scheme; the GPU tests compare it with ours.
+activation and weight scales, as the GPU kernels do in their main loop. On CUDA the GEMM
+(fp8_blockwise_mm) is cuBLAS's blockwise-scaled `torch._scaled_mm` (1 x 128 activation groups,
+128 x 128 weight blocks: Hopper, CUDA >= 12.9) where a first call on the device proves it exact
+against the reference, else fxquant's Triton kernel (fxquant/kernels/fp8_blockwise_gemm.py), which
+takes any block size. FBGEMM's `f8f8bf16_blockwise` takes 128x128 activation blocks only, a
+coarser scheme; the GPU tests compare it with ours.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor
 
+from fxquant.log import log_once
 from fxquant.ops.availability import fp8_unsupported_reason
 from fxquant.ops.fp8_common import FP8_DTYPE, fp8_scale, saturate_to_fp8
 from fxquant.ops.linear_common import (
@@ -82,6 +88,78 @@ def blockwise_gemm_reference(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale:
     return acc
 
 
+CUBLAS_BLOCK = (128, 128)  # the weight block cuBLAS scales by (activations: 1 x 128)
+
+
+def cublas_blockwise_mm(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor) -> Tensor:
+    """fp8_blockwise_mm by cuBLAS (`torch._scaled_mm` with BlockWise1x128 x BlockWise128x128
+    scales). cuBLAS wants the activation scales outer-dim-major and takes no fast accumulation."""
+    return torch._scaled_mm(
+        x_q, w_q.t(), scale_a=x_scale.t().contiguous().t(), scale_b=w_scale.t(),
+        out_dtype=torch.bfloat16, use_fast_accum=False,
+    )
+
+
+_CUBLAS_BLOCKWISE_WORKS: dict[torch.device, bool] = {}
+
+
+def cublas_blockwise_works(device: torch.device) -> bool:
+    """Whether cuBLAS's blockwise-scaled GEMM runs on `device` and matches the reference (within
+    bf16 rounding) on small problems with distinct scales per block; checked once per device, never
+    while a CUDA graph is being captured (that call takes the Triton kernel; warm-up runs first)."""
+    if device not in _CUBLAS_BLOCKWISE_WORKS:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        _CUBLAS_BLOCKWISE_WORKS[device] = _check_cublas_blockwise(device)
+    return _CUBLAS_BLOCKWISE_WORKS[device]
+
+
+def _check_cublas_blockwise(device: torch.device) -> bool:
+    generator = torch.Generator(device=device).manual_seed(0)
+    try:
+        for m in (1, 16, 130):
+            x = torch.randn(m, 512, device=device, generator=generator) * 4
+            w = torch.randn(256, 512, device=device, generator=generator) * torch.rand(256, 1, device=device, generator=generator)
+            x_q, x_scale = quantize_fp8_groupwise(x, CUBLAS_BLOCK[1])
+            w_q, w_scale = quantize_fp8_blockwise_weight(w, CUBLAS_BLOCK)
+            expected = blockwise_gemm_reference(x_q, x_scale, w_q, w_scale)
+            error = ((cublas_blockwise_mm(x_q, x_scale, w_q, w_scale).float() - expected).norm() / expected.norm()).item()
+            if not error < 1e-2:
+                log_once(logging.WARNING, f"fxquant: cuBLAS blockwise GEMM is off by {error:.2e} on {device}; using Triton")
+                return False
+    except RuntimeError as error:
+        log_once(logging.INFO, f"fxquant: cuBLAS blockwise GEMM unavailable on {device} ({str(error)[:200]}); using Triton")
+        return False
+    log_once(logging.INFO, f"fxquant: fp8_blockwise GEMMs with 128 x 128 blocks use cuBLAS on {device}")
+    return True
+
+
+@torch.library.custom_op("fxquant::fp8_blockwise_mm", mutates_args=())
+def fp8_blockwise_mm(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor) -> Tensor:
+    """bf16 [M, N] = blockwise-scaled x_q [M, K] @ w_q [N, K].T; x_scale [M, K / block_k] (one per
+    token per group), w_scale [N / block_n, K / block_k]. The GEMM alone, on operands already
+    quantized (what the Inductor lowering of fp8_blockwise_linear leaves). CPU: the reference."""
+    return blockwise_gemm_reference(x_q, x_scale, w_q, w_scale).to(torch.bfloat16)
+
+
+def _fp8_blockwise_mm_cuda(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor) -> Tensor:
+    block = block_sizes(w_q, w_scale)
+    if x_q.shape[0] > 0 and block == CUBLAS_BLOCK and cublas_blockwise_works(x_q.device):
+        return cublas_blockwise_mm(x_q, x_scale, w_q, w_scale)
+    from fxquant.kernels.fp8_blockwise_gemm import fp8_blockwise_gemm  # triton: GPU machines only
+
+    return fp8_blockwise_gemm(x_q, x_scale, w_q, w_scale, *block)
+
+
+fp8_blockwise_mm.register_kernel("cuda")(_fp8_blockwise_mm_cuda)
+
+
+@fp8_blockwise_mm.register_fake
+def _(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor) -> Tensor:
+    torch._check(x_q.dim() == 2 and x_q.shape[1] == w_q.shape[1], lambda: "fxquant::fp8_blockwise_mm: x_q must be [M, K]")
+    return x_q.new_empty((x_q.shape[0], w_q.shape[0]), dtype=torch.bfloat16)
+
+
 @torch.library.custom_op("fxquant::fp8_blockwise_linear", mutates_args=())
 def fp8_blockwise_linear(
     x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None, scale_ub: float | None = None
@@ -99,11 +177,9 @@ def _(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None, scale
     reason = fp8_unsupported_reason(x.device)
     if reason is not None:
         raise RuntimeError(f"fxquant::fp8_blockwise_linear: {reason}; use scheme='int8'")
-    from fxquant.kernels.fp8_blockwise_gemm import fp8_blockwise_gemm
-
-    block_n, block_k = block_sizes(w_q, w_scale)
+    _, block_k = block_sizes(w_q, w_scale)
     x_q, x_scale = quantize_fp8_groupwise(x.reshape(-1, x.shape[-1]), block_k, scale_ub)
-    y = fp8_blockwise_gemm(x_q, x_scale, w_q, w_scale, block_n, block_k)
+    y = _fp8_blockwise_mm_cuda(x_q, x_scale, w_q, w_scale)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.to(x.dtype).reshape(*x.shape[:-1], w_q.shape[0])

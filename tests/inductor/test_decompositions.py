@@ -134,3 +134,24 @@ def test_tensorwise_lowering_matches_the_reference_op_on_cpu(static):
     # The lowering adds the bias to the bf16 GEMM output, one bf16 rounding more than the
     # reference's float32 epilogue: measured 2.4e-3, about one bf16 ulp.
     assert error < 5e-3, f"tensorwise lowering vs reference op: relative error {error:.5f}"
+
+
+@pytest.mark.parametrize("block", [(128, 128), (32, 64)])
+def test_blockwise_lowering_matches_the_reference_op_on_cpu(block):
+    """The group quantization becomes Inductor code; the GEMM stays fxquant's op (cuBLAS or Triton on CUDA)."""
+    from fxquant.ops.fp8_blockwise import quantize_fp8_blockwise_weight
+
+    torch.manual_seed(0)
+    w_q, w_scale = quantize_fp8_blockwise_weight(torch.randn(256, 256) / 16, block)
+    bias = torch.randn(256, dtype=torch.bfloat16)
+
+    def linear(x):
+        return torch.ops.fxquant.fp8_blockwise_linear(x, w_q, w_scale, bias, None)
+
+    x = torch.randn(8, 64, 256, dtype=torch.bfloat16)
+    out, (code, *_) = run_and_get_code(compile_with_lowering(linear), x)
+    assert "torch.ops.fxquant.fp8_blockwise_mm.default(" in code and "fp8_blockwise_linear.default(" not in code
+    assert len(kernels(code)) == 2, f"want the quantization kernel and the bias/cast epilogue:\n{code}"
+    error = relative_error(out, linear(x))
+    # One bf16 rounding more than the reference (the bias is added to the bf16 GEMM output).
+    assert error < 5e-3, f"blockwise lowering vs reference op: relative error {error:.5f}"

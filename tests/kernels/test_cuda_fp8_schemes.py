@@ -45,6 +45,21 @@ def test_blockwise_kernel_matches_fbgemm_on_128x128_activation_blocks():
     assert relative_error(ours, theirs) < 1e-2
 
 
+def test_cublas_and_triton_blockwise_gemms_agree():
+    """The two CUDA paths of fp8_blockwise_mm on a Llama-like shape: cuBLAS's blockwise-scaled
+    _scaled_mm (when its first-call check passed on this GPU) and fxquant's Triton kernel."""
+    from fxquant.kernels.fp8_blockwise_gemm import fp8_blockwise_gemm
+    from fxquant.ops.fp8_blockwise import cublas_blockwise_mm, cublas_blockwise_works, quantize_fp8_groupwise
+
+    if not cublas_blockwise_works(torch.device("cuda", torch.cuda.current_device())):
+        pytest.skip("cuBLAS blockwise scaling is unavailable on this GPU/CUDA (the log says why)")
+    torch.manual_seed(0)
+    x_q, x_scale = quantize_fp8_groupwise(torch.randn(300, 4096, device="cuda") * 3, 128)
+    w_q, w_scale = quantize_fp8_blockwise_weight(torch.randn(1024, 4096, device="cuda") / 64, (128, 128))
+    triton = fp8_blockwise_gemm(x_q, x_scale, w_q, w_scale, 128, 128)
+    assert relative_error(cublas_blockwise_mm(x_q, x_scale, w_q, w_scale), triton) < 1e-2
+
+
 @pytest.mark.parametrize("m", [1, 16, 2048])
 def test_tensorwise_linears_cuda_match_cpu_reference(m):
     torch.manual_seed(0)

@@ -158,3 +158,16 @@ def test_backward_is_a_clear_error():
 def test_group_quantizer_rejects_k_not_a_multiple_of_the_group():
     with pytest.raises(RuntimeError, match="K=48 is not a multiple of the group size 32"):
         torch.ops.fxquant.quantize_fp8_per_group(torch.randn(2, 48), 32)
+
+
+def test_blockwise_mm_is_the_block_scaled_product_of_its_operands():
+    """fxquant::fp8_blockwise_mm (the GEMM the Inductor lowering of the linear calls) vs float64."""
+    torch.manual_seed(0)
+    x_q, x_scale = quantize_fp8_groupwise(torch.randn(5, 256) * 3, 64)
+    w_q, w_scale = quantize_fp8_blockwise_weight(torch.randn(96, 256), (32, 64))
+    out = torch.ops.fxquant.fp8_blockwise_mm(x_q, x_scale, w_q, w_scale)
+    expected = dequantize_groups(x_q, x_scale, 64) @ dequantize_blocks(w_q, w_scale, (32, 64)).t()
+    assert out.dtype == torch.bfloat16 and out.shape == (5, 96)
+    # float32 sums of exact e4m3 products, then one bf16 rounding: within 2^-8 relative.
+    assert ((out.double() - expected).abs() <= expected.abs() * 2**-8 + 1e-5).all()
+    torch.library.opcheck(torch.ops.fxquant.fp8_blockwise_mm, (x_q, x_scale, w_q, w_scale), test_utils=OPCHECK_TESTS)
