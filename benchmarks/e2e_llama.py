@@ -187,15 +187,18 @@ def main() -> None:
         model = LlamaForCausalLM(config).to(dtype).eval()
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"{name} | torch {torch.__version__} | Llama-3-8B shape, {args.layers} layers, {dtype}")
-    if args.decode:
-        results = [run_decode(peer, mode, model, device, config.vocab_size) for mode in args.modes for peer in args.peers]
-        print_decode_table(results)
-    else:
-        results = [run_peer(peer, mode, model, device, config.vocab_size, args.repeats) for mode in args.modes for peer in args.peers]
-        print_table(results)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    results = []
+    for mode in args.modes:
+        for peer in args.peers:
+            if args.decode:
+                results.append(run_decode(peer, mode, model, device, config.vocab_size))
+            else:
+                results.append(run_peer(peer, mode, model, device, config.vocab_size, args.repeats))
+            print(json.dumps(results[-1]), flush=True)  # each peer as it finishes: a timeout keeps what ran
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(results, f, indent=1)
+    (print_decode_table if args.decode else print_table)(results)
 
 
 if __name__ == "__main__":

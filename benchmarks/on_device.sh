@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One stage of the GPU checks per device call (each call is limited to 10 minutes), results under
+# $OUT (they come back) and a short summary on stdout. Run from the repository root on the device:
+#
+#     source .whl/ondevice.sh && bash benchmarks/on_device.sh tests       # gpu-marked tests
+#     source .whl/ondevice.sh && bash benchmarks/on_device.sh gemm        # GEMM table, all schemes
+#     source .whl/ondevice.sh && bash benchmarks/on_device.sh e2e         # forward table, bf16 vs fxquant
+#     source .whl/ondevice.sh && bash benchmarks/on_device.sh decode      # static-cache generate loop
+#     source .whl/ondevice.sh && bash benchmarks/on_device.sh torchao     # bf16, fxquant and torchao in one run
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+quiet() { grep -v -E "Warning|warn\(|^  |AUTOTUNE|strides:|dtypes:|SingleProcess|_fbgemm_torch_compat|cannot determine|^\s*$|\[0m|\[33m"; }
+
+case "${1:?stage: tests | gemm | e2e | decode | torchao}" in
+  tests)
+    timeout 560 python3 -m pytest -q -p no:cacheprovider --tb=short -rs tests/kernels tests/inductor >"$OUT/tests.txt" 2>&1
+    grep -E "passed|failed|FAILED|SKIPPED|Error" "$OUT/tests.txt" | tail -30 ;;
+  gemm)
+    timeout 560 python3 benchmarks/gemm.py --m 1 16 128 1024 4096 16384 --json "$OUT/gemm.json" >"$OUT/gemm.txt" 2>&1
+    quiet <"$OUT/gemm.txt" | tail -30 ;;
+  e2e)
+    timeout 560 python3 benchmarks/e2e_llama.py --layers 8 --modes default reduce-overhead --peers bf16 fxquant \
+      --repeats 10 --json "$OUT/e2e.json" >"$OUT/e2e.txt" 2>&1
+    quiet <"$OUT/e2e.txt" | tail -8 ;;
+  decode)
+    timeout 560 python3 benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead --peers bf16 fxquant --decode \
+      --json "$OUT/decode.json" >"$OUT/decode.txt" 2>&1
+    quiet <"$OUT/decode.txt" | tail -8 ;;
+  torchao)
+    timeout 560 python3 benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead --peers bf16 fxquant torchao \
+      --repeats 10 --json "$OUT/e2e_torchao.json" >"$OUT/e2e_torchao.txt" 2>&1
+    quiet <"$OUT/e2e_torchao.txt" | tail -8 ;;
+  *) echo "unknown stage $1" >&2; exit 2 ;;
+esac
