@@ -155,3 +155,39 @@ def test_blockwise_lowering_matches_the_reference_op_on_cpu(block):
     error = relative_error(out, linear(x))
     # One bf16 rounding more than the reference (the bias is added to the bf16 GEMM output).
     assert error < 5e-3, f"blockwise lowering vs reference op: relative error {error:.5f}"
+
+
+@pytest.mark.skipif(torch.__version__ < "2.13", reason="torch 2.11's C++ backend does not emulate the bf16 rounding (see above)")
+@pytest.mark.parametrize("config", [
+    {"scheme": "fp8_rowwise"},
+    {"scheme": "fp8_blockwise", "weight_block_size": (32, 32)},
+    {"scheme": "fp8_tensorwise"},
+], ids=lambda c: c["scheme"])
+def test_tiny_llama_through_the_cuda_lowering_equals_the_reference_ops(monkeypatch, config):
+    """The whole backend with the decompositions it gives CUDA graphs, run by Inductor's C++ backend
+    on a real model: every quantized linear is lowered (no fxquant *_linear op left in the code),
+    and the logits equal, bit for bit, those of the same rewritten graph run eagerly (fxquant's
+    reference ops): emulate_precision_casts rounds every fused intermediate as eager does."""
+    import importlib
+
+    import fxquant
+    from tests.models import tiny_llama
+
+    model = tiny_llama().to(torch.bfloat16)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    reference = fxquant.Backend(fxquant.QuantConfig(**config))
+
+    def rewrite_only(gm, inputs):
+        reference.rewrite(gm)
+        return gm.forward
+
+    backend_module = importlib.import_module("fxquant.backend")  # `fxquant.backend` is the function
+    monkeypatch.setattr(backend_module, "inductor_decompositions", lambda inputs: {**select_decomp_table(), **fxquant_decompositions()})
+    backend = fxquant.backend(**config)
+    with torch.no_grad():
+        expected = torch.compile(model, backend=rewrite_only)(ids, use_cache=False).logits
+        torch._dynamo.reset()
+        lowered, (code, *_) = run_and_get_code(torch.compile(model, backend=backend), ids, use_cache=False)
+    assert sum(len(plan.rewritten) for plan in backend.plans) == 14
+    assert "_linear.default(" not in code, "a quantized linear was not lowered"
+    assert torch.equal(lowered.logits, expected), f"relative error {relative_error(lowered.logits, expected):.2e}"
