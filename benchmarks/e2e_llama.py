@@ -6,7 +6,8 @@ each compile mode and peer: first-call seconds per input shape (compiles and the
 recompile included), median ms per forward, speed-up over bf16 in the same run, peak GPU memory,
 and how many graphs Dynamo compiled over 8 further sequence lengths.
 
-`--decode` runs the decode loop instead: HF `generate` with a static KV cache
+`--profile` adds each shape's top kernels by device time (name, calls and µs per forward) to the
+JSON: where the time goes, for RESULTS.md's explanations. `--decode` runs the decode loop instead: HF `generate` with a static KV cache
 (`cache_implementation="static"`), the model's forward compiled in the given mode (CUDA graphs
 with reduce-overhead), greedy, for batch 1 and 16 after a 128-token prompt: tokens/s, ms per
 token, and the graphs compiled during the timed run (want 0: no recompile per token).
@@ -76,7 +77,24 @@ def median_ms(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(samples)
 
 
-def run_peer(peer: str, mode: str, model, device, vocab: int, repeats: int) -> dict:
+def kernel_profile(forward, device: torch.device, steps: int = 5) -> list[dict]:
+    """The kernels of `steps` forwards, by total device time: [{name, calls, us per forward}], top 25."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
+        for _ in range(steps):
+            forward()
+        synchronize(device)
+    rows = []
+    for event in prof.key_averages():
+        total = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+        if total > 0:
+            rows.append({"kernel": event.key, "calls": event.count // steps, "us": total / steps})
+    return sorted(rows, key=lambda row: -row["us"])[:25]
+
+
+def run_peer(peer: str, mode: str, model, device, vocab: int, repeats: int, profile: bool = False) -> dict:
     torch._dynamo.reset()
     counters.clear()
     target, backend = peer_model(peer, model)
@@ -94,6 +112,8 @@ def run_peer(peer: str, mode: str, model, device, vocab: int, repeats: int) -> d
             synchronize(device)
             first_call_s = time.perf_counter() - start
             result["shapes"][f"{batch}x{tokens}"] = {"first_call_s": first_call_s, "ms": median_ms(forward, device, repeats)}
+            if profile:
+                result["shapes"][f"{batch}x{tokens}"]["kernels"] = kernel_profile(forward, device)
         graphs_before = counters["stats"]["unique_graphs"]
         for tokens in EXTRA_LENGTHS:
             compiled(torch.randint(0, vocab, (1, tokens), device=device), use_cache=False, logits_to_keep=1)
@@ -173,6 +193,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--tiny", action="store_true", help="a tiny config on the CPU, to test the script")
     parser.add_argument("--decode", action="store_true", help="the static-cache generate loop instead of single forwards")
+    parser.add_argument("--profile", action="store_true", help="also record each shape's top kernels (in --json)")
     parser.add_argument("--json")
     args = parser.parse_args()
     global SHAPES, EXTRA_LENGTHS, DECODE_BATCHES, PROMPT_TOKENS, NEW_TOKENS
@@ -193,7 +214,7 @@ def main() -> None:
             if args.decode:
                 results.append(run_decode(peer, mode, model, device, config.vocab_size))
             else:
-                results.append(run_peer(peer, mode, model, device, config.vocab_size, args.repeats))
+                results.append(run_peer(peer, mode, model, device, config.vocab_size, args.repeats, args.profile))
             print(json.dumps(results[-1]), flush=True)  # each peer as it finishes: a timeout keeps what ran
             if args.json:
                 with open(args.json, "w") as f:

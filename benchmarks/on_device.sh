@@ -20,7 +20,7 @@ case "${1:?stage: tests | gemm | e2e | decode | torchao}" in
     timeout 560 python3 benchmarks/gemm.py --m 1 16 128 1024 4096 16384 --json "$OUT/gemm.json" >"$OUT/gemm.txt" 2>&1
     quiet <"$OUT/gemm.txt" | tail -30 ;;
   e2e)
-    timeout 560 python3 benchmarks/e2e_llama.py --layers 8 --modes default reduce-overhead --peers bf16 fxquant \
+    timeout 560 python3 benchmarks/e2e_llama.py --layers 8 --modes default reduce-overhead --peers bf16 fxquant --profile \
       --repeats 10 --json "$OUT/e2e.json" >"$OUT/e2e.txt" 2>&1
     quiet <"$OUT/e2e.txt" | tail -8 ;;
   decode)
