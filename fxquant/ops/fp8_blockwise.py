@@ -142,9 +142,15 @@ def fp8_blockwise_mm(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor)
     return blockwise_gemm_reference(x_q, x_scale, w_q, w_scale).to(torch.bfloat16)
 
 
+def cublas_blockwise_fits(x_q: Tensor, w_q: Tensor, w_scale: Tensor) -> bool:
+    """The shapes cuBLAS's blockwise path takes: 128 x 128 weight blocks, and (newer torch checks
+    this stride) a whole number of 4-block rows of weight scales."""
+    return x_q.shape[0] > 0 and block_sizes(w_q, w_scale) == CUBLAS_BLOCK and w_scale.shape[1] % 4 == 0
+
+
 def _fp8_blockwise_mm_cuda(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor) -> Tensor:
     block = block_sizes(w_q, w_scale)
-    if x_q.shape[0] > 0 and block == CUBLAS_BLOCK and cublas_blockwise_works(x_q.device):
+    if cublas_blockwise_fits(x_q, w_q, w_scale) and cublas_blockwise_works(x_q.device):
         return cublas_blockwise_mm(x_q, x_scale, w_q, w_scale)
     from fxquant.kernels.fp8_blockwise_gemm import fp8_blockwise_gemm  # triton: GPU machines only
 

@@ -171,3 +171,18 @@ def test_blockwise_mm_is_the_block_scaled_product_of_its_operands():
     # float32 sums of exact e4m3 products, then one bf16 rounding: within 2^-8 relative.
     assert ((out.double() - expected).abs() <= expected.abs() * 2**-8 + 1e-5).all()
     torch.library.opcheck(torch.ops.fxquant.fp8_blockwise_mm, (x_q, x_scale, w_q, w_scale), test_utils=OPCHECK_TESTS)
+
+
+def test_cublas_path_takes_128_blocks_in_rows_of_four():
+    """cuBLAS's blockwise GEMM is tried only for 128 x 128 weight blocks whose scale rows are a whole
+    number of 4 blocks (the stride newer torch checks); everything else runs the Triton kernel."""
+    from fxquant.ops.fp8_blockwise import cublas_blockwise_fits
+
+    def fits(m, n, k, block):
+        w_q, w_scale = quantize_fp8_blockwise_weight(torch.randn(n, k), block)
+        return cublas_blockwise_fits(torch.empty(m, k, dtype=FP8_DTYPE), w_q, w_scale)
+
+    assert fits(16, 256, 512, (128, 128))
+    assert not fits(16, 256, 384, (128, 128)), "3 K-blocks per scale row"
+    assert not fits(16, 256, 512, (64, 128)), "not 128 x 128 blocks"
+    assert not fits(0, 256, 512, (128, 128)), "no tokens"
