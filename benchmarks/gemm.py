@@ -27,9 +27,8 @@ from triton.testing import do_bench_cudagraph
 
 import fxquant  # noqa: F401  (registers the ops)
 from fxquant.ops.availability import fbgemm_genai_available
+from fxquant.ops.cublas_blockwise import cublas_blockwise_mm, cublas_blockwise_works
 from fxquant.ops.fp8_blockwise import (
-    cublas_blockwise_mm,
-    cublas_blockwise_works,
     quantize_fp8_blockwise_weight,
     quantize_fp8_groupwise,
 )

@@ -13,12 +13,9 @@ coarser scheme; the GPU tests compare it with ours.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import Tensor
 
-from fxquant.log import log_once
 from fxquant.ops.availability import fp8_unsupported_reason
 from fxquant.ops.fp8_common import FP8_DTYPE, fp8_scale, saturate_to_fp8
 from fxquant.ops.linear_common import (
@@ -88,52 +85,6 @@ def blockwise_gemm_reference(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale:
     return acc
 
 
-CUBLAS_BLOCK = (128, 128)  # the weight block cuBLAS scales by (activations: 1 x 128)
-
-
-def cublas_blockwise_mm(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor) -> Tensor:
-    """fp8_blockwise_mm by cuBLAS (`torch._scaled_mm` with BlockWise1x128 x BlockWise128x128
-    scales). cuBLAS wants the activation scales outer-dim-major and takes no fast accumulation."""
-    return torch._scaled_mm(
-        x_q, w_q.t(), scale_a=x_scale.t().contiguous().t(), scale_b=w_scale.t(),
-        out_dtype=torch.bfloat16, use_fast_accum=False,
-    )
-
-
-_CUBLAS_BLOCKWISE_WORKS: dict[torch.device, bool] = {}
-
-
-def cublas_blockwise_works(device: torch.device) -> bool:
-    """Whether cuBLAS's blockwise-scaled GEMM runs on `device` and matches the reference (within
-    bf16 rounding) on small problems with distinct scales per block; checked once per device, never
-    while a CUDA graph is being captured (that call takes the Triton kernel; warm-up runs first)."""
-    if device not in _CUBLAS_BLOCKWISE_WORKS:
-        if torch.cuda.is_current_stream_capturing():
-            return False
-        _CUBLAS_BLOCKWISE_WORKS[device] = _check_cublas_blockwise(device)
-    return _CUBLAS_BLOCKWISE_WORKS[device]
-
-
-def _check_cublas_blockwise(device: torch.device) -> bool:
-    generator = torch.Generator(device=device).manual_seed(0)
-    try:
-        for m in (1, 16, 130):
-            x = torch.randn(m, 512, device=device, generator=generator) * 4
-            w = torch.randn(256, 512, device=device, generator=generator) * torch.rand(256, 1, device=device, generator=generator)
-            x_q, x_scale = quantize_fp8_groupwise(x, CUBLAS_BLOCK[1])
-            w_q, w_scale = quantize_fp8_blockwise_weight(w, CUBLAS_BLOCK)
-            expected = blockwise_gemm_reference(x_q, x_scale, w_q, w_scale)
-            error = ((cublas_blockwise_mm(x_q, x_scale, w_q, w_scale).float() - expected).norm() / expected.norm()).item()
-            if not error < 1e-2:
-                log_once(logging.WARNING, f"fxquant: cuBLAS blockwise GEMM is off by {error:.2e} on {device}; using Triton")
-                return False
-    except RuntimeError as error:
-        log_once(logging.INFO, f"fxquant: cuBLAS blockwise GEMM unavailable on {device} ({str(error)[:200]}); using Triton")
-        return False
-    log_once(logging.INFO, f"fxquant: fp8_blockwise GEMMs with 128 x 128 blocks use cuBLAS on {device}")
-    return True
-
-
 @torch.library.custom_op("fxquant::fp8_blockwise_mm", mutates_args=())
 def fp8_blockwise_mm(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor) -> Tensor:
     """bf16 [M, N] = blockwise-scaled x_q [M, K] @ w_q [N, K].T; x_scale [M, K / block_k] (one per
@@ -142,19 +93,19 @@ def fp8_blockwise_mm(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor)
     return blockwise_gemm_reference(x_q, x_scale, w_q, w_scale).to(torch.bfloat16)
 
 
-def cublas_blockwise_fits(x_q: Tensor, w_q: Tensor, w_scale: Tensor) -> bool:
-    """The shapes cuBLAS's blockwise path takes: 128 x 128 weight blocks, and (newer torch checks
-    this stride) a whole number of 4-block rows of weight scales."""
-    return x_q.shape[0] > 0 and block_sizes(w_q, w_scale) == CUBLAS_BLOCK and w_scale.shape[1] % 4 == 0
-
-
 def _fp8_blockwise_mm_cuda(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor) -> Tensor:
-    block = block_sizes(w_q, w_scale)
+    from fxquant.kernels.fp8_blockwise_gemm import (
+        fp8_blockwise_gemm,  # triton: GPU machines only
+    )
+    from fxquant.ops.cublas_blockwise import (
+        cublas_blockwise_fits,
+        cublas_blockwise_mm,
+        cublas_blockwise_works,
+    )
+
     if cublas_blockwise_fits(x_q, w_q, w_scale) and cublas_blockwise_works(x_q.device):
         return cublas_blockwise_mm(x_q, x_scale, w_q, w_scale)
-    from fxquant.kernels.fp8_blockwise_gemm import fp8_blockwise_gemm  # triton: GPU machines only
-
-    return fp8_blockwise_gemm(x_q, x_scale, w_q, w_scale, *block)
+    return fp8_blockwise_gemm(x_q, x_scale, w_q, w_scale, *block_sizes(w_q, w_scale))
 
 
 fp8_blockwise_mm.register_kernel("cuda")(_fp8_blockwise_mm_cuda)

@@ -49,7 +49,8 @@ def test_cublas_and_triton_blockwise_gemms_agree():
     """The two CUDA paths of fp8_blockwise_mm on a Llama-like shape: cuBLAS's blockwise-scaled
     _scaled_mm (when its first-call check passed on this GPU) and fxquant's Triton kernel."""
     from fxquant.kernels.fp8_blockwise_gemm import fp8_blockwise_gemm
-    from fxquant.ops.fp8_blockwise import cublas_blockwise_mm, cublas_blockwise_works, quantize_fp8_groupwise
+    from fxquant.ops.cublas_blockwise import cublas_blockwise_mm, cublas_blockwise_works
+    from fxquant.ops.fp8_blockwise import quantize_fp8_groupwise
 
     if not cublas_blockwise_works(torch.device("cuda", torch.cuda.current_device())):
         pytest.skip("cuBLAS blockwise scaling is unavailable on this GPU/CUDA (the log says why)")

@@ -176,7 +176,7 @@ def test_blockwise_mm_is_the_block_scaled_product_of_its_operands():
 def test_cublas_path_takes_128_blocks_in_rows_of_four():
     """cuBLAS's blockwise GEMM is tried only for 128 x 128 weight blocks whose scale rows are a whole
     number of 4 blocks (the stride newer torch checks); everything else runs the Triton kernel."""
-    from fxquant.ops.fp8_blockwise import cublas_blockwise_fits
+    from fxquant.ops.cublas_blockwise import cublas_blockwise_fits
 
     def fits(m, n, k, block):
         w_q, w_scale = quantize_fp8_blockwise_weight(torch.randn(n, k), block)
