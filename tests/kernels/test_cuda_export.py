@@ -3,6 +3,7 @@ matches the exported program; stored FP8 weights, registered by hand or loaded f
 onto the GPU, run as they are."""
 
 import functools
+import json
 import subprocess
 import sys
 
@@ -16,41 +17,60 @@ from tests.models import MLP, relative_error
 
 pytestmark = pytest.mark.gpu
 
+# How a package can hold its weights: inside the .so (the default), or left out and handed to the
+# loaded runner with `load_constants`, which skips the loader's own constant path.
+AOTI_VARIANTS = {"constants in the .so": {}, "constants loaded after": {"aot_inductor.package_constants_in_so": False}}
+
 PLAIN_AOTI_ON_CUDA = """
-import os, tempfile, torch
+import json, os, sys, tempfile, torch
+configs = json.loads(sys.argv[1])
 model = torch.nn.Linear(64, 64).cuda()
 x = torch.randn(4, 64, device="cuda")
-package = torch._inductor.aoti_compile_and_package(torch.export.export(model, (x,)),
-                                                   package_path=os.path.join(tempfile.mkdtemp(), "plain.pt2"))
-torch._inductor.aoti_load_package(package)(x)
+program = torch.export.export(model, (x,))
+package = torch._inductor.aoti_compile_and_package(
+    program, package_path=os.path.join(tempfile.mkdtemp(), "plain.pt2"), inductor_configs=dict(configs))
+runner = torch._inductor.aoti_load_package(package)
+if configs:
+    runner.load_constants(program.state_dict, check_full_update=True)
+runner(x)
 """
 
 
 @functools.cache
-def plain_aoti_crash() -> str | None:
-    """Why this torch cannot load even an unquantized AOTInductor package on CUDA, or None.
-
-    torch 2.11.0+cu130 on the lent H100 segfaults inside aoti_load_package for a plain
-    nn.Linear, without fxquant imported; run in a subprocess so the crash is a skip reason here.
-    """
-    result = subprocess.run([sys.executable, "-c", PLAIN_AOTI_ON_CUDA], capture_output=True, text=True, timeout=600)
-    if result.returncode == 0:
-        return None
-    return f"AOTInductor cannot load a plain nn.Linear package on CUDA with torch {torch.__version__} (exit {result.returncode})"
+def aoti_variant_on_cuda() -> tuple[str | None, str]:
+    """The first packaging variant with which this torch loads and runs a plain nn.Linear package on
+    CUDA (None if none does), and what each variant did. Each runs in a subprocess: torch
+    2.11.0+cu130 on the lent H100 segfaults inside aoti_load_package for the default variant, with
+    or without fxquant."""
+    outcomes = []
+    for name, configs in AOTI_VARIANTS.items():
+        result = subprocess.run(
+            [sys.executable, "-c", PLAIN_AOTI_ON_CUDA, json.dumps(configs)], capture_output=True, text=True, timeout=600
+        )
+        if result.returncode == 0:
+            return name, "; ".join([*outcomes, f"{name}: runs"])
+        outcomes.append(f"{name}: exit {result.returncode}")
+    return None, "; ".join(outcomes)
 
 
 @pytest.mark.parametrize("scheme", ["fp8_rowwise", "int8"])
 def test_aoti_package_on_cuda(tmp_path, scheme):
-    if reason := plain_aoti_crash():
-        pytest.skip(reason)
+    variant, outcomes = aoti_variant_on_cuda()
+    if variant is None:
+        pytest.skip(f"AOTInductor cannot run a plain nn.Linear package on CUDA with torch {torch.__version__} ({outcomes})")
+    print(f"AOTInductor on CUDA: {outcomes}")
     torch.manual_seed(0)
     model = MLP(dim=256, hidden=512).cuda().to(torch.bfloat16)
     x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
     program = fxquant.export(model, (x,), config=QuantConfig(scheme=scheme))
-    package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "mlp.pt2"))
+    configs = AOTI_VARIANTS[variant]
+    # a copy: aoti_compile_and_package adds its own keys to the dict it is given
+    package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "mlp.pt2"), inductor_configs=dict(configs))
     calls = aoti_package_calls(package)
     assert calls == [f"fxquant::{scheme}_linear"] * 2, f"the package does not call fxquant's ops: {calls}"
     runner = torch._inductor.aoti_load_package(package)
+    if configs:
+        runner.load_constants({**program.state_dict, **program.constants}, check_full_update=True)
     with torch.no_grad():
         expected = program.module()(x)
         assert relative_error(runner(x), expected) < 1e-2
