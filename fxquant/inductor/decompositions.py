@@ -28,18 +28,15 @@ from fxquant.ops.fp8_blockwise import block_sizes, quantize_fp8_groupwise
 from fxquant.ops.fp8_common import saturate_to_fp8
 from fxquant.ops.fp8_rowwise import quantize_fp8_rowwise
 from fxquant.ops.fp8_tensorwise import quantize_fp8_tensorwise
+from fxquant.ops.linear_common import bf16_gemm_epilogue
 
 
 def fp8_rowwise_linear(
     x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None, scale_ub: float | None = None
 ) -> Tensor:
     """fxquant::fp8_rowwise_linear as aten ops Inductor fuses, and fxquant's GEMM op it tunes."""
-    n = w_q.shape[0]
     x_q, x_scale = quantize_fp8_rowwise(x.reshape(-1, x.shape[-1]), scale_ub)
-    y = torch.ops.fxquant.fp8_rowwise_mm(x_q, w_q, x_scale, w_scale)  # bf16; cast back below
-    if bias is not None:
-        y = y + bias
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+    return bf16_gemm_epilogue(torch.ops.fxquant.fp8_rowwise_mm(x_q, w_q, x_scale, w_scale), bias, x)
 
 
 def fp8_blockwise_linear(
@@ -49,10 +46,7 @@ def fp8_blockwise_linear(
     fxquant's blockwise GEMM op (which picks cuBLAS or its Triton kernel at run time)."""
     _, block_k = block_sizes(w_q, w_scale)
     x_q, x_scale = quantize_fp8_groupwise(x.reshape(-1, x.shape[-1]), block_k, scale_ub)
-    y = torch.ops.fxquant.fp8_blockwise_mm(x_q, x_scale, w_q, w_scale)  # bf16; cast back below
-    if bias is not None:
-        y = y + bias
-    return y.to(x.dtype).reshape(*x.shape[:-1], w_q.shape[0])
+    return bf16_gemm_epilogue(torch.ops.fxquant.fp8_blockwise_mm(x_q, x_scale, w_q, w_scale), bias, x)
 
 
 def _tensorwise_gemm(x: Tensor, x_q: Tensor, w_q: Tensor, output_scale: Tensor, bias: Tensor | None) -> Tensor:
@@ -60,9 +54,7 @@ def _tensorwise_gemm(x: Tensor, x_q: Tensor, w_q: Tensor, output_scale: Tensor, 
         x_q, w_q.t(), scale_a=output_scale, scale_b=torch.ones_like(output_scale),
         out_dtype=torch.bfloat16, use_fast_accum=True,
     )
-    if bias is not None:
-        y = y + bias
-    return y.to(x.dtype).reshape(*x.shape[:-1], w_q.shape[0])
+    return bf16_gemm_epilogue(y, bias, x)
 
 
 def fp8_tensorwise_linear(

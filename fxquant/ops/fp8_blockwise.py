@@ -20,7 +20,9 @@ from fxquant.ops.availability import fp8_unsupported_reason
 from fxquant.ops.fp8_common import FP8_DTYPE, fp8_scale, saturate_to_fp8
 from fxquant.ops.linear_common import (
     check_linear_inputs,
+    bf16_gemm_epilogue,
     dequantized_epilogue,
+    gemm_output,
     linear_output,
     register_inference_only_autograd,
 )
@@ -113,8 +115,7 @@ fp8_blockwise_mm.register_kernel("cuda")(_fp8_blockwise_mm_cuda)
 
 @fp8_blockwise_mm.register_fake
 def _(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor) -> Tensor:
-    torch._check(x_q.dim() == 2 and x_q.shape[1] == w_q.shape[1], lambda: "fxquant::fp8_blockwise_mm: x_q must be [M, K]")
-    return x_q.new_empty((x_q.shape[0], w_q.shape[0]), dtype=torch.bfloat16)
+    return gemm_output("fxquant::fp8_blockwise_mm", x_q, w_q)
 
 
 @torch.library.custom_op("fxquant::fp8_blockwise_linear", mutates_args=())
@@ -137,9 +138,7 @@ def _(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None, scale
     _, block_k = block_sizes(w_q, w_scale)
     x_q, x_scale = quantize_fp8_groupwise(x.reshape(-1, x.shape[-1]), block_k, scale_ub)
     y = _fp8_blockwise_mm_cuda(x_q, x_scale, w_q, w_scale)
-    if bias is not None:
-        y = y + bias.to(y.dtype)
-    return y.to(x.dtype).reshape(*x.shape[:-1], w_q.shape[0])
+    return bf16_gemm_epilogue(y, bias, x)
 
 
 @fp8_blockwise_linear.register_fake

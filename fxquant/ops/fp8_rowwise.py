@@ -17,7 +17,9 @@ from fxquant.ops.availability import fbgemm_genai_available, fp8_unsupported_rea
 from fxquant.ops.fp8_common import FP8_DTYPE, device_scalar, fp8_scale, saturate_to_fp8
 from fxquant.ops.linear_common import (
     check_linear_inputs,
+    bf16_gemm_epilogue,
     dequantized_epilogue,
+    gemm_output,
     linear_output,
     register_inference_only_autograd,
 )
@@ -87,8 +89,7 @@ fp8_rowwise_mm.register_kernel("cuda")(_fp8_rowwise_mm_cuda)
 
 @fp8_rowwise_mm.register_fake
 def _(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor) -> Tensor:
-    torch._check(x_q.dim() == 2 and x_q.shape[1] == w_q.shape[1], lambda: "fxquant::fp8_rowwise_mm: x_q must be [M, K]")
-    return x_q.new_empty((x_q.shape[0], w_q.shape[0]), dtype=torch.bfloat16)
+    return gemm_output("fxquant::fp8_rowwise_mm", x_q, w_q)
 
 
 @torch.library.custom_op("fxquant::fp8_rowwise_linear", mutates_args=())
@@ -110,9 +111,7 @@ def _(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None, scale
         raise RuntimeError(f"fxquant::fp8_rowwise_linear: {reason}; use scheme='int8'")
     x_q, x_scale = _quantize_fp8_rowwise_cuda(x.reshape(-1, x.shape[-1]), scale_ub)  # no second dispatch
     y = _fp8_rowwise_mm_cuda(x_q, w_q, x_scale, w_scale)
-    if bias is not None:
-        y = y + bias.to(y.dtype)
-    return y.to(x.dtype).reshape(*x.shape[:-1], w_q.shape[0])
+    return bf16_gemm_epilogue(y, bias, x)
 
 
 @fp8_rowwise_linear.register_fake

@@ -36,6 +36,19 @@ def linear_output(x: Tensor, w_q: Tensor) -> Tensor:
     return x.new_empty((*x.shape[:-1], w_q.shape[0]))
 
 
+def gemm_output(op: str, x_q: Tensor, w_q: Tensor) -> Tensor:
+    """An empty bf16 [M, N] output for a GEMM op on quantized x_q [M, K] and w_q [N, K] (the fake impls')."""
+    torch._check(x_q.dim() == 2 and x_q.shape[1] == w_q.shape[1], lambda: f"{op}: x_q must be [M, K={w_q.shape[1]}]")
+    return x_q.new_empty((x_q.shape[0], w_q.shape[0]), dtype=torch.bfloat16)
+
+
+def bf16_gemm_epilogue(y: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
+    """A GEMM's bf16 [M, N] output + bias (in the wider of the two dtypes), in x's dtype and batch shape."""
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+
+
 def dequantized_epilogue(
     acc: Tensor, x_scale: Tensor | None, w_scale: Tensor | None, bias: Tensor | None, x: Tensor
 ) -> Tensor:
