@@ -25,11 +25,19 @@ CUBLAS_BLOCK = (128, 128)  # the weight block cuBLAS scales by (activations: 1 x
 
 def cublas_blockwise_mm(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor) -> Tensor:
     """fp8_blockwise_mm by cuBLAS (`torch._scaled_mm` with BlockWise1x128 x BlockWise128x128
-    scales). cuBLAS wants the activation scales outer-dim-major and takes no fast accumulation."""
-    return torch._scaled_mm(
+    scales). cuBLAS wants the activation scales outer-dim-major with a leading dimension (M) that
+    is a multiple of 4 (it answers CUBLAS_STATUS_NOT_SUPPORTED otherwise, measured on the H100), so
+    other M are padded with zero rows; it takes no fast accumulation."""
+    rows = x_q.shape[0]
+    padding = -rows % 4
+    if padding:
+        x_q = torch.cat([x_q, x_q.new_zeros(padding, x_q.shape[1])])
+        x_scale = torch.cat([x_scale, x_scale.new_ones(padding, x_scale.shape[1])])
+    out = torch._scaled_mm(
         x_q, w_q.t(), scale_a=x_scale.t().contiguous().t(), scale_b=w_scale.t(),
         out_dtype=torch.bfloat16, use_fast_accum=False,
     )
+    return out[:rows] if padding else out
 
 
 _CUBLAS_BLOCKWISE_WORKS: dict[torch.device, bool] = {}

@@ -104,9 +104,12 @@ def test_checkpoint_loads_onto_the_gpu_and_compiles(tmp_path, scheme):
     the float model gives (same weights, same quantization)."""
     from transformers import LlamaForCausalLM
 
-    from tests.models import tiny_llama
+    from tests.models import tiny_llama_config
 
-    model = tiny_llama().to(torch.bfloat16)
+    # Built the way HF builds a bf16 model (and the loaded one below): rotary frequencies stay fp32.
+    # `.to(torch.bfloat16)` would round them, and they are no checkpoint's business (non-persistent).
+    torch.manual_seed(0)
+    model = LlamaForCausalLM._from_config(tiny_llama_config(), dtype=torch.bfloat16).eval()
     config = QuantConfig(scheme=scheme)
     fxquant.save_quantized(model, tmp_path, config)
     with fxquant.empty_weights():
