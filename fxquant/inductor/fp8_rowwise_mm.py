@@ -4,10 +4,11 @@ Choices (CUDA):
     fxquant's Triton template (fxquant/kernels/fp8_rowwise_gemm.py), one choice per config of M's bucket
     FBGEMM's `f8f8bf16_rowwise` (CUTLASS), where fbgemm-gpu-genai imports
     `torch._scaled_mm` (cuBLASLt)
-Under max-autotune (`mode="max-autotune"`, or `max_autotune_gemm`) Inductor benchmarks them all and
-keeps the fastest. Otherwise fxquant's heuristic picks one (`heuristic_choice`), from what
-benchmarks/gemm.py measured on the H100. `FXQUANT_GEMM=triton|fbgemm|scaled_mm` forces a choice
-(benchmarks compare them with it). Off CUDA the op stays a call to its reference implementation.
+    FBGEMM's or cuBLAS's by M at run time (`rowwise_mm_by_rows`), for an M known only then
+Under max-autotune (`mode="max-autotune"`, or `max_autotune_gemm`) Inductor benchmarks the first
+three and keeps the fastest. Otherwise fxquant's heuristic picks one (`heuristic_choice`), from what
+benchmarks/gemm.py measured on the H100. `FXQUANT_GEMM=triton|fbgemm|scaled_mm|by_rows` forces a
+choice (benchmarks compare them with it). Off CUDA the op stays a call to its reference implementation.
 """
 
 from __future__ import annotations
@@ -22,26 +23,32 @@ from torch._inductor.select_algorithm import ExternKernelChoice, autotune_select
 
 from fxquant.kernels.fp8_rowwise_gemm import CONFIGS, configs_for, fp8_rowwise_gemm_template, heuristic_config
 from fxquant.ops.availability import fbgemm_genai_available
-from fxquant.ops.fp8_rowwise import fbgemm_rowwise_mm, scaled_mm_rowwise
+from fxquant.ops.fp8_rowwise import FBGEMM_MAX_ROWS, fbgemm_rowwise_mm, rowwise_mm_by_rows, scaled_mm_rowwise
 
-CHOICES = ("triton", "fbgemm", "scaled_mm")
-SMALL_M = 16
+AUTOTUNED = ("triton", "fbgemm", "scaled_mm")
+CHOICES = (*AUTOTUNED, "by_rows")
+SMALL_M = 16  # the template's decode configs cover M up to here
 
 
 scaled_mm_choice = ExternKernelChoice(scaled_mm_rowwise, name="fxquant_scaled_mm", has_out_variant=False)
 fbgemm_choice = ExternKernelChoice(fbgemm_rowwise_mm, name="fxquant_fbgemm_f8f8bf16_rowwise", has_out_variant=False)
+by_rows_choice = ExternKernelChoice(rowwise_mm_by_rows, name="fxquant_rowwise_mm_by_rows", has_out_variant=False)
 
 
 def heuristic_choice(m: int | None) -> str:
-    """The kernel to use without autotuning, for a static M (None: M is dynamic)."""
+    """The kernel to use without autotuning, for a static M (None: M is dynamic, as for a batch size
+    Dynamo saw change): fxquant's template for decode, FBGEMM's up to FBGEMM_MAX_ROWS, cuBLAS's
+    above, and the run-time pick between the last two for a dynamic M."""
     forced = os.environ.get("FXQUANT_GEMM")
     if forced:
         if forced not in CHOICES:
             raise ValueError(f"FXQUANT_GEMM={forced!r}: want one of {CHOICES}")
         return forced
-    if m is not None and m <= SMALL_M:
+    if m is None:
+        return "by_rows"
+    if m <= SMALL_M:
         return "triton"
-    return "scaled_mm"
+    return "fbgemm" if m <= FBGEMM_MAX_ROWS else "scaled_mm"
 
 
 def _static(expr) -> int | None:
@@ -61,7 +68,7 @@ def tuned_fp8_rowwise_mm(x_q, w_q, x_scale, w_scale):
     layout = ir.FixedLayout(inputs[0].get_device(), torch.bfloat16, [m, n])
     static_m, static_n, static_k = _static(m), _static(n), _static(k)
     autotune = inductor_config.max_autotune or inductor_config.max_autotune_gemm
-    wanted = CHOICES if autotune else (heuristic_choice(static_m),)
+    wanted = AUTOTUNED if autotune else (heuristic_choice(static_m),)
     if "fbgemm" in wanted and not fbgemm_genai_available():
         wanted = tuple(c for c in wanted if c != "fbgemm") or ("scaled_mm",)
 
@@ -79,6 +86,8 @@ def tuned_fp8_rowwise_mm(x_q, w_q, x_scale, w_scale):
             )
     if "fbgemm" in wanted:
         choices.append(fbgemm_choice.bind(inputs, layout))
+    if "by_rows" in wanted:
+        choices.append(by_rows_choice.bind(inputs, layout))
     if "scaled_mm" in wanted or not choices:
         choices.append(scaled_mm_choice.bind(inputs, layout))
     return autotune_select_algorithm("fxquant_fp8_rowwise_mm", choices, inputs, layout)

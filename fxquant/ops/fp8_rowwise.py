@@ -4,8 +4,9 @@ Numerics are FBGEMM's (`torch.ops.fbgemm.quantize_fp8_per_row`), so results comp
     scale = max(min(amax, scale_ub) / 448, 1 / (448 * 512))     per row, float32
     x_q   = saturate_e4m3(x / scale)
 The CPU implementation is the reference: exact fp8 products accumulated in float32. On CUDA the
-GEMM is FBGEMM's `f8f8bf16_rowwise` when fbgemm-gpu-genai imports, else `torch._scaled_mm`; the
-GEMM alone is an op too (fp8_rowwise_mm), which the Inductor lowering gives a choice of kernels.
+GEMM is FBGEMM's `f8f8bf16_rowwise` up to 128 rows when fbgemm-gpu-genai imports, else
+`torch._scaled_mm`; the GEMM alone is an op too (fp8_rowwise_mm), which the Inductor lowering gives
+a choice of kernels.
 """
 
 from __future__ import annotations
@@ -79,12 +80,23 @@ def fbgemm_rowwise_mm(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor
     return torch.ops.fbgemm.f8f8bf16_rowwise(x_q.contiguous(), w_q, x_scale, w_scale, use_fast_accum=True)
 
 
-def _fp8_rowwise_mm_cuda(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor) -> Tensor:
-    """FBGEMM's GEMM where fbgemm-gpu-genai imports, else `torch._scaled_mm`."""
-    return (fbgemm_rowwise_mm if fbgemm_genai_available() else scaled_mm_rowwise)(x_q, w_q, x_scale, w_scale)
+# FBGEMM's GEMM beats cuBLAS's on Llama-3-8B's shapes up to this many rows, cuBLAS's wins from
+# M = 1024 (benchmarks/RESULTS.md, "GEMM alone" columns).
+FBGEMM_MAX_ROWS = 128
 
 
-fp8_rowwise_mm.register_kernel("cuda")(_fp8_rowwise_mm_cuda)
+def rowwise_mm_by_rows(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor) -> Tensor:
+    """fp8_rowwise_mm by the faster library for this M, chosen at run time: FBGEMM up to
+    FBGEMM_MAX_ROWS rows (where fbgemm-gpu-genai imports), `torch._scaled_mm` above. The op's CUDA
+    kernel, and the lowering's choice when M is known only at run time (a dynamic batch)."""
+    rows = x_q.shape[0]
+    if rows == 0:  # no tokens: neither library is asked to handle it
+        return x_q.new_empty((0, w_q.shape[0]), dtype=torch.bfloat16)
+    small = rows <= FBGEMM_MAX_ROWS and fbgemm_genai_available()
+    return (fbgemm_rowwise_mm if small else scaled_mm_rowwise)(x_q, w_q, x_scale, w_scale)
+
+
+fp8_rowwise_mm.register_kernel("cuda")(rowwise_mm_by_rows)
 
 
 @fp8_rowwise_mm.register_fake
@@ -110,7 +122,7 @@ def _(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None, scale
     if reason is not None:
         raise RuntimeError(f"fxquant::fp8_rowwise_linear: {reason}; use scheme='int8'")
     x_q, x_scale = _quantize_fp8_rowwise_cuda(x.reshape(-1, x.shape[-1]), scale_ub)  # no second dispatch
-    y = _fp8_rowwise_mm_cuda(x_q, w_q, x_scale, w_scale)
+    y = rowwise_mm_by_rows(x_q, w_q, x_scale, w_scale)
     return bf16_gemm_epilogue(y, bias, x)
 
 

@@ -51,6 +51,7 @@ GEMM_IN_CODE = {
     "triton": "triton_tem_fused",
     "fbgemm": "fxquant_fbgemm_f8f8bf16_rowwise",
     "scaled_mm": "fxquant_scaled_mm",
+    "by_rows": "fxquant_rowwise_mm_by_rows",
 }
 
 
@@ -105,7 +106,8 @@ def test_backend_uses_the_lowering_on_cuda():
     with torch.no_grad():
         out, (code, *_) = run_and_get_code(torch.compile(model, backend="fxquant"), x)
         expected = model(x)
-    assert GEMM_IN_CODE["scaled_mm"] in code  # M = 128: cuBLAS, by fxquant's heuristic
+    # M = 128: FBGEMM's GEMM by fxquant's heuristic, cuBLAS's without fbgemm-gpu-genai
+    assert GEMM_IN_CODE["fbgemm" if fbgemm_genai_available() else "scaled_mm"] in code
     assert "torch.ops.fxquant.fp8_rowwise_linear" not in code and "torch.ops.fxquant.fp8_rowwise_mm.default(" not in code, (
         "the ops should be lowered, not called as extern kernels"
     )

@@ -8,12 +8,14 @@ import torch
 from fxquant.inductor.cache_key import cache_key_tag
 from fxquant.inductor.fp8_rowwise_mm import SMALL_M, heuristic_choice
 from fxquant.kernels.fp8_rowwise_gemm import configs_for, heuristic_config
+from fxquant.ops.fp8_rowwise import FBGEMM_MAX_ROWS
 
 
-def test_decode_shapes_get_the_template_and_others_cublas(monkeypatch):
+def test_decode_shapes_get_the_template_small_ones_fbgemm_and_others_cublas(monkeypatch):
     monkeypatch.delenv("FXQUANT_GEMM", raising=False)
-    assert [heuristic_choice(m) for m in (1, SMALL_M, SMALL_M + 1, 4096)] == ["triton", "triton", "scaled_mm", "scaled_mm"]
-    assert heuristic_choice(None) == "scaled_mm", "a dynamic M compiles for every M: the general kernel"
+    ms = (1, SMALL_M, SMALL_M + 1, FBGEMM_MAX_ROWS, FBGEMM_MAX_ROWS + 1, 4096)
+    assert [heuristic_choice(m) for m in ms] == ["triton", "triton", "fbgemm", "fbgemm", "scaled_mm", "scaled_mm"]
+    assert heuristic_choice(None) == "by_rows", "a dynamic M runs at every M: the library is picked per call"
 
 
 def test_a_forced_choice_wins_and_a_wrong_one_is_an_error(monkeypatch):

@@ -38,7 +38,7 @@ def compiled_gemm(args, patches):
     return out.cpu(), expected, code
 
 
-@pytest.mark.parametrize("gemm", ["triton", "fbgemm", "scaled_mm"])
+@pytest.mark.parametrize("gemm", ["triton", "fbgemm", "scaled_mm", "by_rows"])
 @pytest.mark.parametrize("m", [1, 7, 16, 100, 512])
 @pytest.mark.parametrize("n,k", SHAPES)
 def test_each_gemm_choice_matches_the_reference(monkeypatch, gemm, m, n, k):
@@ -60,8 +60,28 @@ def test_max_autotune_picks_among_all_choices(m):
     assert relative_error(out, expected) < 4e-3
 
 
-def test_heuristic_uses_the_template_for_decode_and_cublas_for_prefill():
-    _, _, code = compiled_gemm(operands(16, 1024, 4096), {"force_disable_caches": True})
-    assert GEMM_IN_CODE["triton"] in code
-    _, _, code = compiled_gemm(operands(17, 1024, 4096), {"force_disable_caches": True})
-    assert GEMM_IN_CODE["scaled_mm"] in code
+def test_heuristic_uses_the_template_for_decode_fbgemm_for_small_m_and_cublas_above():
+    small = "fbgemm" if fbgemm_genai_available() else "scaled_mm"
+    for m, gemm in [(16, "triton"), (17, small), (128, small), (129, "scaled_mm")]:
+        _, _, code = compiled_gemm(operands(m, 1024, 4096), {"force_disable_caches": True})
+        assert GEMM_IN_CODE[gemm] in code, f"M={m}: want {gemm}:\n{code}"
+
+
+def test_dynamic_m_picks_the_library_per_call():
+    """A batch size Dynamo saw change compiles once for every M: the GEMM is chosen at run time,
+    and each M still matches the reference; no tokens give an empty output."""
+
+    def gemm(x_q, w_q, x_scale, w_scale):
+        return torch.ops.fxquant.fp8_rowwise_mm(x_q, w_q, x_scale, w_scale)
+
+    compiled = torch.compile(gemm)
+    args = operands(3, 1024, 4096)
+    torch._dynamo.mark_dynamic(args[0], 0)
+    torch._dynamo.mark_dynamic(args[2], 0)
+    _, (code, *_) = run_and_get_code(compiled, *args)
+    assert GEMM_IN_CODE["by_rows"] in code, code
+    for m in (3, 128, 129, 600):
+        args = operands(m, 1024, 4096)
+        error = relative_error(compiled(*args).cpu(), gemm(*(t.cpu() for t in args)))
+        assert error < 4e-3, f"M={m}: relative error {error:.2e}"
+    assert gemm(*operands(0, 1024, 4096)).shape == (0, 1024)
