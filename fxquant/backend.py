@@ -39,7 +39,7 @@ class Backend:
 
     def rewrite(self, gm: fx.GraphModule) -> tuple[Plan, list[QuantizedWeight]]:
         """Run fxquant's passes on a Dynamo graph in place; returns the plan and the quantized weights."""
-        plan, quantized = quantize_graph(gm, dynamo_module_tensor, self.config, _QUANTIZED)
+        plan, quantized = quantize_graph(gm, dynamo_module_tensor, self.config, _QUANTIZED, merge=True)
         _declare_buffers_to_dynamo(gm)
         self.plans.append(plan)
         self.graphs.append(gm)

@@ -43,6 +43,10 @@ class QuantConfig:
         check_weight_updates: re-quantize a weight that was changed in place (or replaced)
             after compilation, detected through the tensor's version counter. Costs a few
             microseconds per call; turn off only for frozen weights.
+        merge_parallel_linears: when compiling, layers that read the same activation (Llama's
+            q/k/v and gate/up projections) run as one GEMM on their weights stacked along N, as
+            vLLM's merged linear layers do; the weights are held once. Exported programs keep
+            one GEMM per layer (the layout checkpoints are written from).
     """
 
     scheme: str = "fp8_rowwise"
@@ -52,6 +56,7 @@ class QuantConfig:
     static_activation_amax: tuple[tuple[str, float], ...] | None = None
     min_weight_numel: int = 0
     check_weight_updates: bool = True
+    merge_parallel_linears: bool = True
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:

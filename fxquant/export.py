@@ -13,13 +13,14 @@ dict, so the program holds the low-precision weights only.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import fx
 from torch.export import ExportedProgram
-from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
+from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, OutputSpec, TensorArgument
 
 from fxquant.config import QuantConfig
 from fxquant.passes import Plan
@@ -61,7 +62,7 @@ def quantize_program(program: ExportedProgram, config: QuantConfig) -> tuple[Exp
     input_specs = _lift_buffers(gm, program.graph_signature.input_specs, quantized, state_dict)
     input_specs = _drop_unused_parameters(gm, input_specs, state_dict)
     gm.recompile()
-    new_signature = ExportGraphSignature(input_specs=input_specs, output_specs=list(signature.output_specs))
+    new_signature = ExportGraphSignature(input_specs=input_specs, output_specs=_output_specs(gm, signature.output_specs))
     new_program = ExportedProgram(
         root=gm,
         graph=gm.graph,
@@ -100,6 +101,16 @@ def _lift_buffers(
         state_dict[attr] = tensor
         new_specs.append(InputSpec(InputKind.BUFFER, TensorArgument(placeholder.name), target=attr, persistent=True))
     return input_specs[:n_state] + new_specs + input_specs[n_state:]
+
+
+def _output_specs(gm: fx.GraphModule, output_specs: list[OutputSpec]) -> list[OutputSpec]:
+    """The output specs, naming the graph's outputs as they are now: a layer whose output the model
+    returns as is was replaced by a new node (fxquant's op)."""
+    (output,) = gm.graph.find_nodes(op="output")
+    return [
+        dataclasses.replace(spec, arg=TensorArgument(node.name)) if isinstance(spec.arg, TensorArgument) else spec
+        for spec, node in zip(output_specs, output.args[0])
+    ]
 
 
 def _drop_unused_parameters(gm: fx.GraphModule, input_specs: list[InputSpec], state_dict: dict) -> list[InputSpec]:

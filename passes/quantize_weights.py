@@ -53,6 +53,16 @@ class QuantizedWeight:
         self.source, self.version = weight, weight._version
 
 
+    def hold_in(self, w_q: Tensor, w_scale: Tensor, cache: QuantizedCache | None) -> None:
+        """Keep the quantized copy in `w_q` and `w_scale` from now on (views of a merged layer's
+        buffers), in the cache too, so that the tensors it was made in can be freed."""
+        self.w_q, self.w_scale = w_q, w_scale
+        per_param = cache.get(self.source) if cache is not None else None
+        key = (self.scheme, self.weight_is_kn, self.config.weight_block_size)
+        if per_param is not None and key in per_param:
+            per_param[key] = (per_param[key][0], w_q, w_scale)
+
+
 def quantize_parameter(
     layer: str, weight: Tensor, weight_is_kn: bool, scheme: str, config: QuantConfig
 ) -> tuple[Tensor, Tensor]:

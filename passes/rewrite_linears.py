@@ -20,7 +20,7 @@ from fxquant.passes.find_linears import fake_value
 from fxquant.passes.plan_linears import Plan, PlannedLinear
 
 
-def _constant(gm: fx.GraphModule, attr: str, like: fx.Node) -> fx.Node:
+def buffer_node(gm: fx.GraphModule, attr: str, like: fx.Node) -> fx.Node:
     """A get_attr node for buffer `attr`, carrying a fake value the way `like` does."""
     node = gm.graph.get_attr(attr)
     fake = fake_value(like)
@@ -39,7 +39,7 @@ def _stored_scale(gm: fx.GraphModule, entry: PlannedLinear, like: fx.Node) -> fx
     if not isinstance(scale, fx.Node):
         attr = "fxquant_" + entry.layer.replace(".", "_") + "_stored_scale"
         gm.register_buffer(attr, scale.reshape(shape))
-        return _constant(gm, attr, like)
+        return buffer_node(gm, attr, like)
     if list(value.shape) == shape:
         return scale
     node = gm.graph.call_function(torch.ops.aten.reshape.default, (scale, shape))
@@ -57,8 +57,8 @@ def rewrite_linears(gm: fx.GraphModule, plan: Plan, config: QuantConfig) -> None
             if entry.stored_scale is not None:
                 w_q, w_scale, w_scale_value = site.weight_node, _stored_scale(gm, entry, site.activation), None
             else:
-                w_q = _constant(gm, quantized.weight_attr, site.activation)
-                w_scale = _constant(gm, quantized.scale_attr, site.activation)
+                w_q = buffer_node(gm, quantized.weight_attr, site.activation)
+                w_scale = buffer_node(gm, quantized.scale_attr, site.activation)
                 w_scale_value = quantized.w_scale
             op, args = scheme.call(
                 config, entry.layer, entry.activation_scale_ub, site.activation, w_q, w_scale, w_scale_value, site.bias
@@ -67,6 +67,7 @@ def rewrite_linears(gm: fx.GraphModule, plan: Plan, config: QuantConfig) -> None
         if not w_scale.users:  # the scale was folded into a constant argument
             graph.erase_node(w_scale)
         fused.meta.update(site.node.meta)
+        entry.fused = fused
         site.node.replace_all_uses_with(fused)
         graph.erase_node(site.node)
         if site.view_node is not None and not site.view_node.users:

@@ -51,6 +51,9 @@ class LinearScheme:
             the rewrite emits; `scale_ub` the layer's activation_scale_ub; `w_scale_value` the
             weight scale's tensor, for schemes that fold it.
         uses_fp8: whether it needs FP8 tensor cores on a GPU.
+        stacks_along_n: whether layers sharing an input can run as one layer whose weights and
+            weight scales are theirs stacked along N (scales per channel or per N-block: yes;
+            one scale per tensor: no).
     """
 
     name: str
@@ -58,6 +61,7 @@ class LinearScheme:
     shape_rule: Callable[[int, int, QuantConfig], str | None]
     call: Callable[..., tuple]
     uses_fp8: bool
+    stacks_along_n: bool = True
 
     def folds_weight_scale(self, config: QuantConfig) -> bool:
         """Whether the weight scale becomes a graph constant (so a weight update needs a recompile)."""
@@ -100,6 +104,7 @@ LINEAR_SCHEMES = {
     ),
     "fp8_tensorwise": LinearScheme(
         "fp8_tensorwise", lambda w, config: quantize_fp8_tensorwise(w), aligned, _tensorwise_call, uses_fp8=True,
+        stacks_along_n=False,
     ),
     "int8": LinearScheme("int8", lambda w, config: quantize_int8_rowwise(w), aligned, _int8_call, uses_fp8=False),
 }

@@ -117,3 +117,27 @@ def test_tiny_llama_exports_with_a_dynamic_sequence_length(tmp_path):
             ids = torch.randint(0, 128, (2, length))
             error = relative_error(loaded(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
             assert 0 < error < 0.08, f"length {length}: logits relative error {error:.4f}"
+
+
+def test_a_layer_whose_output_the_model_returns_exports_and_round_trips(tmp_path):
+    """The rewritten op replaces the graph's output node: the program's output spec follows it.
+    (A bare nn.Linear would do, but torch.export cannot load back a program whose input is named
+    `input`, fxquant or not, on torch 2.13.)"""
+
+    class Projection(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(64, 32)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    torch.manual_seed(0)
+    model, x = Projection(), torch.randn(4, 64)
+    program = fxquant.export(model, (x,), config=QuantConfig(scheme="int8"))
+    assert [spec.arg.name for spec in program.graph_signature.output_specs] == ["int8_linear_default"]
+    torch.export.save(program, tmp_path / "linear.pt2")
+    loaded = fxquant.load_program(tmp_path / "linear.pt2")
+    with torch.no_grad():
+        assert torch.equal(loaded.module()(x), program.module()(x))
+        assert 0 < relative_error(program.module()(x), model(x)) < 0.02

@@ -93,3 +93,25 @@ def test_tiny_llama_on_cuda(scheme):
         logits = torch.compile(model, backend=backend)(ids, use_cache=False).logits.float()
     assert sum(len(plan.rewritten) for plan in backend.plans) == 14
     assert 0 < relative_error(logits, expected) < 0.1
+
+
+@pytest.mark.parametrize("scheme", ["fp8_rowwise", "fp8_blockwise", "int8"])
+def test_merged_projections_on_cuda_match_the_per_layer_ones(scheme):
+    """q/k/v and gate/up as one GEMM each (the default) against one GEMM per layer: the same
+    quantized operands, so only the kernels' accumulation order and bf16 rounding differ."""
+    from tests.models import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = tiny_llama_config()
+    config.hidden_size, config.intermediate_size = 256, 512  # whole 128 x 128 blocks
+    model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).eval().cuda()
+    ids = torch.randint(0, 128, (2, 32), device="cuda")
+    torch._dynamo.utils.counters.clear()
+    with torch.no_grad():
+        merged = torch.compile(model, backend=fxquant.backend(scheme=scheme))(ids, use_cache=False).logits.float()
+        assert torch._dynamo.utils.counters["fxquant"]["merged_linears"] == 10
+        torch._dynamo.reset()
+        per_layer = torch.compile(model, backend=fxquant.backend(scheme=scheme, merge_parallel_linears=False))(
+            ids, use_cache=False).logits.float()
+    assert relative_error(merged, per_layer) < 1e-2

@@ -1,0 +1,134 @@
+"""Merge: fxquant linears that read the same activation become one GEMM on their stacked weights.
+
+    q = fp8_rowwise_linear(x, Wq, sq, None, ub)
+    k = fp8_rowwise_linear(x, Wk, sk, None, ub)    →    qkv = fp8_rowwise_linear(x, W_qkv, s_qkv, None, ub)
+    v = fp8_rowwise_linear(x, Wv, sv, None, ub)         q, k, v = split_with_sizes(qkv, [Nq, Nk, Nv], -1)
+
+Llama's q/k/v and gate/up projections, merged as vLLM's QKVParallelLinear and
+MergedColumnParallelLinear do by hand: the activation is quantized once, and one GEMM streams all
+the weights where a small one alone (k, v: N = 1024) leaves most of the GPU idle at decode.
+Members share the op, the activation bound and K, have no bias, scale their weights per channel or
+per N-block (the scheme's `stacks_along_n`), and were quantized by fxquant for this layer alone
+(stored weights arrive as graph inputs and stay as they are). Each member's quantized copy becomes
+a view of the stacked buffers, so every weight is held once and a re-quantization writes through.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import Tensor, fx
+from torch._dynamo.utils import counters
+
+from fxquant.ops import LINEAR_SCHEMES
+from fxquant.passes.find_linears import fake_value
+from fxquant.passes.plan_linears import Plan, PlannedLinear
+from fxquant.passes.quantize_weights import QuantizedCache
+from fxquant.passes.rewrite_linears import buffer_node
+
+
+def merge_parallel_linears(gm: fx.GraphModule, plan: Plan, cache: QuantizedCache | None = None) -> None:
+    """Replace each group of mergeable fxquant linears on one activation (see the module
+    docstring) with one op and a split; notes the merge on the members' plan entries."""
+    groups: dict[tuple, list[PlannedLinear]] = {}
+    for entry in plan.rewritten:
+        if _mergeable(entry):
+            x, _, _, _, *rest = entry.fused.args
+            groups.setdefault((x, entry.fused.target, tuple(rest)), []).append(entry)
+    for members in groups.values():
+        if len(members) > 1 and _stackable(members):
+            _merge(gm, members, cache)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _mergeable(entry: PlannedLinear) -> bool:
+    quantized = entry.quantized
+    return (
+        entry.fused is not None
+        and quantized is not None
+        and len(quantized.layers) == 1  # a weight tied to another layer keeps its own buffers
+        and LINEAR_SCHEMES[entry.scheme].stacks_along_n
+        and entry.fused.args[3] is None  # no bias
+    )
+
+
+def _stackable(members: list[PlannedLinear]) -> bool:
+    """Same K and dtype, and scales that stack with their weights: the same number of weight rows
+    per scale row and the same scale columns."""
+    weights = [m.quantized.w_q for m in members]
+    scales = [m.quantized.w_scale for m in members]
+    return (
+        len({(w.shape[1:], w.dtype, w.device) for w in weights}) == 1
+        and len({(s.shape[1:], s.dtype) for s in scales}) == 1
+        and all(s.dim() >= 1 and w.shape[0] % s.shape[0] == 0 for w, s in zip(weights, scales))
+        and len({w.shape[0] // s.shape[0] for w, s in zip(weights, scales)}) == 1
+    )
+
+
+def _stacked(parts: list[Tensor]) -> Tensor:
+    """The parts stacked along dim 0; without a copy when they already are consecutive views of one
+    tensor (merged for another graph of the same model)."""
+    base = parts[0]._base
+    if base is not None and base.is_contiguous() and all(p._base is base and p.is_contiguous() for p in parts):
+        start = parts[0].storage_offset() - base.storage_offset()
+        offset = parts[0].storage_offset()
+        for part in parts:
+            if part.storage_offset() != offset:
+                break
+            offset += part.numel()
+        else:
+            rows = sum(p.shape[0] for p in parts)
+            return base.reshape(-1).narrow(0, start, offset - parts[0].storage_offset()).view(rows, *parts[0].shape[1:])
+    return torch.cat(parts)
+
+
+def _merge(gm: fx.GraphModule, members: list[PlannedLinear], cache: QuantizedCache | None) -> None:
+    graph = gm.graph
+    position = {node: i for i, node in enumerate(graph.nodes)}
+    members = sorted(members, key=lambda m: position[m.fused])
+    quantized = [m.quantized for m in members]
+    w_q, w_scale = _stacked([q.w_q for q in quantized]), _stacked([q.w_scale for q in quantized])
+    prefix = quantized[0].weight_attr.removesuffix("_weight") + "_merged"
+    gm.register_buffer(prefix + "_weight", w_q)
+    gm.register_buffer(prefix + "_scale", w_scale)
+    widths = [q.w_q.shape[0] for q in quantized]
+    scale_rows = [q.w_scale.shape[0] for q in quantized]
+    for q, w_view, scale_view in zip(quantized, w_q.split(widths), w_scale.split(scale_rows)):
+        q.hold_in(w_view, scale_view, cache)
+
+    first = members[0].fused
+    x, _, _, bias, *rest = first.args
+    with graph.inserting_before(first):
+        merged = graph.call_function(
+            first.target, (x, buffer_node(gm, prefix + "_weight", x), buffer_node(gm, prefix + "_scale", x), bias, *rest)
+        )
+        parts = graph.call_function(torch.ops.aten.split_with_sizes.default, (merged, widths, -1))
+        outputs = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(members))]
+    _set_fake_values(merged, parts, [m.fused for m in members])
+    for member, output in zip(members, outputs):
+        old = member.fused
+        buffers = old.args[1:3]
+        output.meta.update(old.meta)
+        old.replace_all_uses_with(output)
+        graph.erase_node(old)
+        for buffer in buffers:
+            if isinstance(buffer, fx.Node) and not buffer.users:
+                graph.erase_node(buffer)
+                delattr(gm, buffer.target)
+        member.fused = merged
+        others = ", ".join(m.layer.rsplit(".", 1)[-1] for m in members if m is not member)
+        member.note = "; ".join(filter(None, [member.note, f"one GEMM with {others}"]))
+    counters["fxquant"]["merged_linears"] += len(members)
+
+
+def _set_fake_values(merged: fx.Node, parts: fx.Node, olds: list[fx.Node]) -> None:
+    """The merged op's fake output: the members' outputs concatenated along N."""
+    values = [fake_value(old) for old in olds]
+    if any(v is None for v in values):
+        return
+    key = "val" if "val" in olds[0].meta else "example_value"
+    with values[0].fake_mode:
+        merged.meta[key] = torch.cat(values, dim=-1)
+    parts.meta[key] = tuple(values)
