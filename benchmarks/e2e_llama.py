@@ -15,6 +15,7 @@ run (want 0: no recompile per token).
 
     python benchmarks/e2e_llama.py --layers 8 --modes default reduce-overhead --peers bf16 fxquant torchao
     python benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead --peers bf16 fxquant --decode
+    python benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead --peers bf16 fxquant fxquant-per-layer   # the merge pass
     python benchmarks/e2e_llama.py --tiny [--decode]     # CPU smoke test of the script itself
 """
 
@@ -50,6 +51,8 @@ def peer_model(peer: str, model: torch.nn.Module) -> tuple[torch.nn.Module, obje
         return model, "inductor"
     if peer == "fxquant":
         return model, fxquant.backend(scheme="fp8_rowwise")
+    if peer == "fxquant-per-layer":  # q/k/v and gate/up as separate GEMMs, to measure the merge pass
+        return model, fxquant.backend(scheme="fp8_rowwise", merge_parallel_linears=False)
     if peer == "torchao":
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
@@ -177,18 +180,18 @@ def print_decode_table(results: list[dict]) -> None:
             f"{v['tokens_per_s']:.0f} tok/s (1st {v['first_call_s']:.1f} s, {v['recompiles']} recompiles)"
             for b, v in r["decode"].items()
         )
-        print(f"{r['mode']:<16}{r['peer']:<9}{cells}")
+        print(f"{r['mode']:<16}{r['peer']:<18}{cells}")
 
 
 def print_table(results: list[dict]) -> None:
     base = {(r["mode"], s): v["ms"] for r in results if r["peer"] == "bf16" for s, v in r["shapes"].items()}
-    print(f"{'mode':<16}{'peer':<9}" + "".join(f"{s + ' ms':>12}{'x':>7}" for s in results[0]["shapes"])
+    print(f"{'mode':<16}{'peer':<18}" + "".join(f"{s + ' ms':>12}{'x':>7}" for s in results[0]["shapes"])
           + f"{'1st call s':>11}{'peak GiB':>9}{'recomp':>7}")
     for r in results:
         cells = "".join(f"{v['ms']:>12.3f}{base.get((r['mode'], s), float('nan')) / v['ms']:>6.2f}x" for s, v in r["shapes"].items())
         first = sum(v["first_call_s"] for v in r["shapes"].values())
         peak = f"{r['peak_gib']:>9.1f}" if r["peak_gib"] is not None else f"{'-':>9}"
-        print(f"{r['mode']:<16}{r['peer']:<9}{cells}{first:>11.1f}{peak}{r['recompiles_over_8_lengths']:>7}")
+        print(f"{r['mode']:<16}{r['peer']:<18}{cells}{first:>11.1f}{peak}{r['recompiles_over_8_lengths']:>7}")
 
 
 def main() -> None:
