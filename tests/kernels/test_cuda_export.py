@@ -17,40 +17,92 @@ from tests.models import MLP, relative_error
 
 pytestmark = pytest.mark.gpu
 
-# How a package can hold its weights: inside the .so (the default), or left out and handed to the
-# loaded runner with `load_constants`, which skips the loader's own constant path.
-AOTI_VARIANTS = {"constants in the .so": {}, "constants loaded after": {"aot_inductor.package_constants_in_so": False}}
+# How a package is made and run: its weights inside the .so (the default) or handed to the loaded
+# runner with `load_constants` (which skips the loader's own constant path), and loaded in the
+# process that compiled it or in a fresh one.
+AOTI_VARIANTS = {
+    "constants in the .so": ({}, "same process"),
+    "constants loaded after": ({"aot_inductor.package_constants_in_so": False}, "same process"),
+    "loaded in a fresh process": ({}, "fresh process"),
+}
 
-PLAIN_AOTI_ON_CUDA = """
-import json, os, sys, tempfile, torch
-configs = json.loads(sys.argv[1])
+# argv: package path, the inputs' .pt file, the outputs' .pt file, state .pt file or "" (then
+# the constants are in the package). Used for fxquant's package and for the plain probe alike.
+RUN_PACKAGE = """
+import sys, torch
+import fxquant  # registers fxquant's ops, which the package calls
+package, inputs, outputs, state = sys.argv[1:5]
+runner = torch._inductor.aoti_load_package(package)
+if state:
+    runner.load_constants(torch.load(state), check_full_update=True)
+with torch.no_grad():
+    torch.save(runner(*torch.load(inputs)), outputs)
+"""
+
+PLAIN_PACKAGE = """
+import json, os, sys, torch
+configs, directory = json.loads(sys.argv[1]), sys.argv[2]
 model = torch.nn.Linear(64, 64).cuda()
 x = torch.randn(4, 64, device="cuda")
 program = torch.export.export(model, (x,))
-package = torch._inductor.aoti_compile_and_package(
-    program, package_path=os.path.join(tempfile.mkdtemp(), "plain.pt2"), inductor_configs=dict(configs))
-runner = torch._inductor.aoti_load_package(package)
-if configs:
-    runner.load_constants(program.state_dict, check_full_update=True)
-runner(x)
+torch._inductor.aoti_compile_and_package(
+    program, package_path=os.path.join(directory, "plain.pt2"), inductor_configs=dict(configs))
+torch.save((x,), os.path.join(directory, "inputs.pt"))
+torch.save(program.state_dict, os.path.join(directory, "state.pt"))
 """
+
+
+def run_package(package: str, inputs: tuple, directory, state: dict | None = None) -> tuple[int, object]:
+    """Load and run an AOTInductor package in a fresh process: (exit code, its output or None)."""
+    torch.save(inputs, directory / "inputs.pt")
+    if state is not None:
+        torch.save(state, directory / "state.pt")
+    result = subprocess.run(
+        [sys.executable, "-X", "faulthandler", "-c", RUN_PACKAGE, package, str(directory / "inputs.pt"),
+         str(directory / "outputs.pt"), str(directory / "state.pt") if state is not None else ""],
+        capture_output=True, text=True, timeout=600,
+    )
+    return result.returncode, torch.load(directory / "outputs.pt") if result.returncode == 0 else None
 
 
 @functools.cache
 def aoti_variant_on_cuda() -> tuple[str | None, str]:
-    """The first packaging variant with which this torch loads and runs a plain nn.Linear package on
-    CUDA (None if none does), and what each variant did. Each runs in a subprocess: torch
-    2.11.0+cu130 on the lent H100 segfaults inside aoti_load_package for the default variant, with
-    or without fxquant."""
+    """The first variant with which this torch runs a plain nn.Linear package on CUDA (None if
+    none does), and what each variant did. Everything runs in subprocesses: torch 2.11.0+cu130 on
+    the lent H100 segfaults inside aoti_load_package (in `_load_aoti`) for the default variant,
+    with or without fxquant."""
+    import pathlib
+    import tempfile
+
     outcomes = []
-    for name, configs in AOTI_VARIANTS.items():
-        result = subprocess.run(
-            [sys.executable, "-c", PLAIN_AOTI_ON_CUDA, json.dumps(configs)], capture_output=True, text=True, timeout=600
+    for name, (configs, where) in AOTI_VARIANTS.items():
+        directory = pathlib.Path(tempfile.mkdtemp())
+        compiled = subprocess.run(
+            [sys.executable, "-c", PLAIN_PACKAGE, json.dumps(configs), str(directory)], capture_output=True, text=True, timeout=600
         )
-        if result.returncode == 0:
+        if compiled.returncode != 0:
+            outcomes.append(f"{name}: compile exit {compiled.returncode}")
+            continue
+        state = torch.load(directory / "state.pt") if configs else None
+        code = _run_in_compile_process(directory, configs) if where == "same process" else run_package(
+            str(directory / "plain.pt2"), torch.load(directory / "inputs.pt"), directory, state)[0]
+        if code == 0:
             return name, "; ".join([*outcomes, f"{name}: runs"])
-        outcomes.append(f"{name}: exit {result.returncode}")
+        outcomes.append(f"{name}: exit {code}")
     return None, "; ".join(outcomes)
+
+
+def _run_in_compile_process(directory, configs: dict) -> int:
+    """The probe's same-process variant: compile and load in one (sub)process, as the test does."""
+    script = PLAIN_PACKAGE + """
+runner = torch._inductor.aoti_load_package(os.path.join(directory, "plain.pt2"))
+if configs:
+    runner.load_constants(program.state_dict, check_full_update=True)
+runner(x)
+"""
+    return subprocess.run(
+        [sys.executable, "-c", script, json.dumps(configs), str(directory)], capture_output=True, text=True, timeout=600
+    ).returncode
 
 
 @pytest.mark.parametrize("scheme", ["fp8_rowwise", "int8"])
@@ -63,17 +115,24 @@ def test_aoti_package_on_cuda(tmp_path, scheme):
     model = MLP(dim=256, hidden=512).cuda().to(torch.bfloat16)
     x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
     program = fxquant.export(model, (x,), config=QuantConfig(scheme=scheme))
-    configs = AOTI_VARIANTS[variant]
+    configs, where = AOTI_VARIANTS[variant]
     # a copy: aoti_compile_and_package adds its own keys to the dict it is given
     package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "mlp.pt2"), inductor_configs=dict(configs))
     calls = aoti_package_calls(package)
     assert calls == [f"fxquant::{scheme}_linear"] * 2, f"the package does not call fxquant's ops: {calls}"
-    runner = torch._inductor.aoti_load_package(package)
-    if configs:
-        runner.load_constants({**program.state_dict, **program.constants}, check_full_update=True)
+    state = {**program.state_dict, **program.constants} if configs else None
+    if where == "fresh process":
+        code, actual = run_package(package, (x,), tmp_path, state)
+        assert code == 0, f"fxquant's package exits {code} where a plain one runs"
+    else:
+        runner = torch._inductor.aoti_load_package(package)
+        if state is not None:
+            runner.load_constants(state, check_full_update=True)
+        with torch.no_grad():
+            actual = runner(x)
     with torch.no_grad():
         expected = program.module()(x)
-        assert relative_error(runner(x), expected) < 1e-2
+        assert relative_error(actual, expected) < 1e-2
         assert 0 < relative_error(expected, model(x)) < 0.08
 
 
