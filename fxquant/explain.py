@@ -6,7 +6,7 @@ import torch
 
 from fxquant.config import QuantConfig
 from fxquant.dynamo_params import dynamo_module_tensor
-from fxquant.passes import Plan, plan_linears
+from fxquant.passes import Plan, plan_linears, plan_merges
 from fxquant.pipeline import quantize_graph
 
 
@@ -21,6 +21,8 @@ def plan(model: torch.nn.Module, *args, config: QuantConfig | None = None, **kwa
 
     def planner(gm, example_inputs, **_):
         graph_plan = plan_linears(gm, dynamo_module_tensor, config)
+        if config.merge_parallel_linears:
+            plan_merges(graph_plan)
         result.extend(graph_plan)
         if any(entry.stored_scale is not None for entry in graph_plan):
             quantize_graph(gm, dynamo_module_tensor, config)  # stored low-precision weights only run in fxquant's ops

@@ -3,7 +3,8 @@
     plan       find linear layers, decide scheme or skip reason     (reads the graph only)
     quantize   parameters → low-precision buffers on the module     (needs the plan's decisions)
     rewrite    linear nodes → fxquant ops reading those buffers     (needs the buffers)
-    merge      ops on one activation → one op on stacked weights    (compiling only: `merge`)
+    merge      ops on one activation → one op on stacked weights    (compiling only: `merge`;
+               decided with the plan, carried out after the rewrite)
 The weight transposes the rewrite leaves dead go with it, so there is no separate cleanup.
 """
 
@@ -12,7 +13,9 @@ from __future__ import annotations
 from torch import fx
 
 from fxquant.config import QuantConfig
-from fxquant.passes import Plan, WeightLookup, merge_parallel_linears, plan_linears, quantize_weights, rewrite_linears
+from fxquant.passes import (
+    Plan, WeightLookup, merge_parallel_linears, plan_linears, plan_merges, quantize_weights, rewrite_linears,
+)
 from fxquant.passes.quantize_weights import QuantizedCache, QuantizedWeight
 
 
@@ -22,9 +25,12 @@ def quantize_graph(
     """Run fxquant's passes on `gm` in place; returns the plan and the quantized weights. `merge`
     (for compiling, where `config.merge_parallel_linears` allows it) stacks the weights of layers
     that share an input; an exported program keeps one op and one buffer pair per layer."""
+    merge = merge and config.merge_parallel_linears
     plan = plan_linears(gm, lookup, config)
+    if merge:
+        plan_merges(plan)
     quantized = quantize_weights(gm, plan, config, cache)
     rewrite_linears(gm, plan, config)
-    if merge and config.merge_parallel_linears:
+    if merge:
         merge_parallel_linears(gm, plan, cache)
     return plan, quantized

@@ -15,7 +15,7 @@ Invariants every pass keeps:
 """
 
 from fxquant.passes.find_linears import LinearSite, WeightLookup, find_linears
-from fxquant.passes.merge_parallel_linears import merge_parallel_linears
+from fxquant.passes.merge_parallel_linears import merge_parallel_linears, plan_merges
 from fxquant.passes.plan_linears import Plan, PlannedLinear, plan_linears
 from fxquant.passes.quantize_weights import QuantizedWeight, quantize_weights
 from fxquant.passes.rewrite_linears import rewrite_linears
@@ -29,6 +29,7 @@ __all__ = [
     "find_linears",
     "merge_parallel_linears",
     "plan_linears",
+    "plan_merges",
     "quantize_weights",
     "rewrite_linears",
 ]

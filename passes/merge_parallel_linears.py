@@ -7,15 +7,19 @@
 Llama's q/k/v and gate/up projections, merged as vLLM's QKVParallelLinear and
 MergedColumnParallelLinear do by hand: the activation is quantized once, and one GEMM streams all
 the weights where a small one alone (k, v: N = 1024) leaves most of the GPU idle at decode.
-Members share the op, the activation bound and K, have no bias, scale their weights per channel or
-per N-block (the scheme's `stacks_along_n`), and were quantized by fxquant for this layer alone
-(stored weights arrive as graph inputs and stay as they are). Each member's quantized copy becomes
-a view of the stacked buffers, so every weight is held once and a re-quantization writes through.
+Two steps: `plan_merges` decides from the plan alone (so `fxquant.plan` shows it), before any
+weight is quantized; `merge_parallel_linears` carries it out on the rewritten graph. Members read
+one activation node with one scheme and activation bound, have no bias, scale their weights per
+channel or per N-block (the scheme's `stacks_along_n`; the plan's shape rule already made every N a
+whole number of blocks), and are quantized by fxquant from a weight no other layer uses (stored
+weights arrive as graph inputs and stay as they are). Each member's quantized copy becomes a view
+of the stacked buffers, so every weight is held once and a re-quantization writes through.
 """
 
 from __future__ import annotations
 
 import operator
+from collections import Counter
 
 import torch
 from torch import Tensor, fx
@@ -28,43 +32,37 @@ from fxquant.passes.quantize_weights import QuantizedCache
 from fxquant.passes.rewrite_linears import buffer_node
 
 
-def merge_parallel_linears(gm: fx.GraphModule, plan: Plan, cache: QuantizedCache | None = None) -> None:
-    """Replace each group of mergeable fxquant linears on one activation (see the module
-    docstring) with one op and a split; notes the merge on the members' plan entries."""
+def plan_merges(plan: Plan) -> None:
+    """Mark the layers that will run as one GEMM: `merged_with` names the group, the note says it."""
+    uses = Counter(id(entry.site.weight) for entry in plan)
     groups: dict[tuple, list[PlannedLinear]] = {}
     for entry in plan.rewritten:
-        if _mergeable(entry):
-            x, _, _, _, *rest = entry.fused.args
-            groups.setdefault((x, entry.fused.target, tuple(rest)), []).append(entry)
+        if (
+            entry.stored_scale is None
+            and LINEAR_SCHEMES[entry.scheme].stacks_along_n
+            and entry.site.bias is None
+            and uses[id(entry.site.weight)] == 1
+        ):
+            groups.setdefault((entry.site.activation, entry.scheme, entry.activation_scale_ub), []).append(entry)
+    for members in (group for group in groups.values() if len(group) > 1):
+        layers = tuple(member.layer for member in members)
+        for member in members:
+            member.merged_with = layers
+            others = ", ".join(layer.rsplit(".", 1)[-1] for layer in layers if layer != member.layer)
+            member.note = "; ".join(filter(None, [member.note, f"one GEMM with {others}"]))
+
+
+def merge_parallel_linears(gm: fx.GraphModule, plan: Plan, cache: QuantizedCache | None = None) -> None:
+    """Replace each group `plan_merges` marked (rewritten by now) with one op on the stacked
+    weights and a split of its output."""
+    groups: dict[tuple[str, ...], list[PlannedLinear]] = {}
+    for entry in plan.rewritten:
+        if entry.merged_with:
+            groups.setdefault(entry.merged_with, []).append(entry)
     for members in groups.values():
-        if len(members) > 1 and _stackable(members):
-            _merge(gm, members, cache)
+        _merge(gm, members, cache)
     gm.graph.lint()
     gm.recompile()
-
-
-def _mergeable(entry: PlannedLinear) -> bool:
-    quantized = entry.quantized
-    return (
-        entry.fused is not None
-        and quantized is not None
-        and len(quantized.layers) == 1  # a weight tied to another layer keeps its own buffers
-        and LINEAR_SCHEMES[entry.scheme].stacks_along_n
-        and entry.fused.args[3] is None  # no bias
-    )
-
-
-def _stackable(members: list[PlannedLinear]) -> bool:
-    """Same K and dtype, and scales that stack with their weights: the same number of weight rows
-    per scale row and the same scale columns."""
-    weights = [m.quantized.w_q for m in members]
-    scales = [m.quantized.w_scale for m in members]
-    return (
-        len({(w.shape[1:], w.dtype, w.device) for w in weights}) == 1
-        and len({(s.shape[1:], s.dtype) for s in scales}) == 1
-        and all(s.dim() >= 1 and w.shape[0] % s.shape[0] == 0 for w, s in zip(weights, scales))
-        and len({w.shape[0] // s.shape[0] for w, s in zip(weights, scales)}) == 1
-    )
 
 
 def _stacked(parts: list[Tensor]) -> Tensor:
@@ -118,8 +116,6 @@ def _merge(gm: fx.GraphModule, members: list[PlannedLinear], cache: QuantizedCac
                 graph.erase_node(buffer)
                 delattr(gm, buffer.target)
         member.fused = merged
-        others = ", ".join(m.layer.rsplit(".", 1)[-1] for m in members if m is not member)
-        member.note = "; ".join(filter(None, [member.note, f"one GEMM with {others}"]))
     counters["fxquant"]["merged_linears"] += len(members)
 
 

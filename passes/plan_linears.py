@@ -40,6 +40,7 @@ class PlannedLinear:
     quantized: QuantizedWeight | None = field(default=None, repr=False)  # set by quantize_weights
     stored_scale: fx.Node | torch.Tensor | None = field(default=None, repr=False)  # scale of weights stored quantized
     activation_scale_ub: float | None = None  # what the layer's FP8 op bounds the per-token amax with
+    merged_with: tuple[str, ...] = ()  # the layers it runs one GEMM with, itself included (plan_merges)
     fused: fx.Node | None = field(default=None, repr=False)  # the op node rewrite_linears made
 
     @property

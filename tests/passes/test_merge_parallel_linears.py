@@ -71,6 +71,18 @@ def forward(self, q_weight_, L_x_, k_weight_, v_weight_, gate_weight_, gate_bias
         self.assertEqual([entry.note for entry in plan], ["one GEMM with k, v", "one GEMM with q, v", "one GEMM with q, k", "", ""])
         self.assertEqual(counters["fxquant"]["merged_linears"], 3)
 
+    def test_the_plan_table_shows_the_merge_before_anything_is_quantized(self):
+        plan = fxquant.plan(ParallelProjections(), torch.randn(2, 64), config=SCHEMES["int8"])
+        self.assertExpectedInline(str(plan), """\
+layer  op      N x K    scheme  note
+-----  ------  -------  ------  ------------------
+q      linear  64 x 64  int8    one GEMM with k, v
+k      linear  32 x 64  int8    one GEMM with q, v
+v      linear  32 x 64  int8    one GEMM with q, k
+gate   linear  32 x 64  int8
+out    linear  64 x 64  int8
+5 of 5 linear layers quantized""")
+
 
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 def test_merged_graph_computes_what_the_per_layer_graph_does(scheme):
