@@ -1,9 +1,10 @@
 """Where a decode-shaped forward spends its GPU time: the top kernels of one (batch, 1) forward of
 the Llama-3-8B-shaped model (`e2e_llama.py`'s), bf16 torch.compile vs fxquant fp8_rowwise, default
 compile mode (no CUDA graphs, so each kernel shows). Batch 1 compiles static, batch 16 then compiles
-the dynamic-batch graph, as Dynamo does in a decode loop.
+the dynamic-batch graph, as Dynamo does in a decode loop. `--tokens 2048` profiles prefill instead.
 
     python benchmarks/profile_decode.py --layers 8 --json $OUT/profile.json
+    python benchmarks/profile_decode.py --layers 8 --batches 1 4 --tokens 2048 --json $OUT/profile_prefill.json
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--tokens", type=int, default=1)
     parser.add_argument("--json")
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -34,7 +36,7 @@ def main() -> None:
         compiled = torch.compile(target, backend=backend)
         with torch.no_grad():
             for batch in args.batches:
-                ids = torch.randint(0, 1000, (batch, 1), device=device)
+                ids = torch.randint(0, 1000, (batch, args.tokens), device=device)
                 forward = lambda: compiled(ids, use_cache=False, logits_to_keep=1)  # noqa: E731
                 start = time.perf_counter()
                 forward()
@@ -42,8 +44,8 @@ def main() -> None:
                 first_s = time.perf_counter() - start
                 kernels = kernel_profile(forward, device)
                 ms = median_ms(forward, device, 10)
-                results[f"{peer} {batch}x1"] = {"first_call_s": first_s, "ms": ms, "kernels": kernels}
-                print(f"== {peer} ({batch}, 1): {ms:.3f} ms per forward, top kernels {sum(k['us'] for k in kernels):.0f} µs of GPU time")
+                results[f"{peer} {batch}x{args.tokens}"] = {"first_call_s": first_s, "ms": ms, "kernels": kernels}
+                print(f"== {peer} ({batch}, {args.tokens}): {ms:.3f} ms per forward, top kernels {sum(k['us'] for k in kernels):.0f} µs of GPU time")
                 for k in kernels[:14]:
                     print(f"  {k['us']:8.1f} µs  x{k['calls']:<4} {k['kernel'][:110]}")
     if args.json:
