@@ -16,6 +16,7 @@ run (want 0: no recompile per token).
     python benchmarks/e2e_llama.py --layers 8 --modes default reduce-overhead --peers bf16 fxquant torchao
     python benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead --peers bf16 fxquant --decode
     python benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead --peers bf16 fxquant fxquant-per-layer   # the merge pass
+    python benchmarks/e2e_llama.py --layers 8 --modes default --peers bf16 fxquant-blockwise       # fp8_blockwise in a model
     python benchmarks/e2e_llama.py --tiny [--decode]     # CPU smoke test of the script itself
 """
 
@@ -53,6 +54,8 @@ def peer_model(peer: str, model: torch.nn.Module) -> tuple[torch.nn.Module, obje
         return model, fxquant.backend(scheme="fp8_rowwise")
     if peer == "fxquant-per-layer":  # q/k/v and gate/up as separate GEMMs, to measure the merge pass
         return model, fxquant.backend(scheme="fp8_rowwise", merge_parallel_linears=False)
+    if peer == "fxquant-blockwise":  # DeepSeek-V3 style 128 x 128 weight blocks, 1 x 128 activation groups
+        return model, fxquant.backend(scheme="fp8_blockwise")
     if peer == "torchao":
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 

@@ -9,12 +9,13 @@
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh torchao     # bf16, fxquant and torchao in one run
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh profile     # top kernels of decode-shaped forwards
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh merge       # fxquant with and without the merge pass
+#     source .whl/ondevice.sh && bash benchmarks/on_device.sh blockwise   # fp8_blockwise in the Llama forward
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 quiet() { grep -v -E "Warning|warn\(|^  |AUTOTUNE|strides:|dtypes:|SingleProcess|_fbgemm_torch_compat|cannot determine|^\s*$|\[0m|\[33m"; }
 
-case "${1:?stage: tests | gemm | e2e | decode | torchao | profile | merge}" in
+case "${1:?stage: tests | gemm | e2e | decode | torchao | profile | merge | blockwise}" in
   tests)
     timeout 560 python3 -m pytest -q -p no:cacheprovider --tb=short -rs tests/kernels tests/inductor >"$OUT/tests.txt" 2>&1
     grep -E "passed|failed|FAILED|SKIPPED|Error" "$OUT/tests.txt" | tail -30 ;;
@@ -37,6 +38,10 @@ case "${1:?stage: tests | gemm | e2e | decode | torchao | profile | merge}" in
     timeout 560 python3 benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead --peers bf16 fxquant fxquant-per-layer \
       --repeats 10 --json "$OUT/e2e_merge.json" >"$OUT/e2e_merge.txt" 2>&1
     quiet <"$OUT/e2e_merge.txt" | tail -8 ;;
+  blockwise)
+    timeout 560 python3 benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead --peers bf16 fxquant-blockwise \
+      --repeats 10 --json "$OUT/e2e_blockwise.json" >"$OUT/e2e_blockwise.txt" 2>&1
+    quiet <"$OUT/e2e_blockwise.txt" | tail -8 ;;
   profile)
     timeout 560 python3 benchmarks/profile_decode.py --layers 8 --json "$OUT/profile.json" >"$OUT/profile.txt" 2>&1
     grep -E "^==|^  " "$OUT/profile.txt" | cut -c1-150 ;;
