@@ -143,3 +143,22 @@ def test_exported_programs_keep_one_op_per_layer():
     program = fxquant.export(ParallelProjections(), (torch.randn(2, 64),), config=SCHEMES["fp8_rowwise"])
     code = program.graph_module.code
     assert code.count("fxquant.fp8_rowwise_linear") == 5 and "split_with_sizes" not in code
+
+
+def test_a_weight_shared_by_two_layers_is_not_stacked():
+    """Tied weights are quantized once for both layers; stacking would hold that copy twice."""
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = torch.nn.Linear(64, 64, bias=False)
+            self.k = torch.nn.Linear(64, 64, bias=False)
+            self.k.weight = self.q.weight
+
+        def forward(self, x):
+            return self.q(x), self.k(x).relu()
+
+    counters.clear()
+    code, _, plan = rewrite(Tied(), torch.randn(2, 64), config=SCHEMES["fp8_rowwise"])
+    assert counters["fxquant"]["merged_linears"] == 0 and "split_with_sizes" not in code
+    assert [entry.note for entry in plan] == ["", ""]
