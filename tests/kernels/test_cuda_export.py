@@ -77,15 +77,15 @@ def aoti_variant_on_cuda() -> tuple[str | None, str]:
     outcomes = []
     for name, (configs, where) in AOTI_VARIANTS.items():
         directory = pathlib.Path(tempfile.mkdtemp())
-        compiled = subprocess.run(
-            [sys.executable, "-c", PLAIN_PACKAGE, json.dumps(configs), str(directory)], capture_output=True, text=True, timeout=600
-        )
-        if compiled.returncode != 0:
-            outcomes.append(f"{name}: compile exit {compiled.returncode}")
-            continue
-        state = torch.load(directory / "state.pt") if configs else None
-        code = _run_in_compile_process(directory, configs) if where == "same process" else run_package(
-            str(directory / "plain.pt2"), torch.load(directory / "inputs.pt"), directory, state)[0]
+        if where == "same process":
+            code = _run_in_compile_process(directory, configs)
+        else:
+            code = subprocess.run(
+                [sys.executable, "-c", PLAIN_PACKAGE, json.dumps(configs), str(directory)], capture_output=True, timeout=600
+            ).returncode
+            if code == 0:
+                state = torch.load(directory / "state.pt") if configs else None
+                code = run_package(str(directory / "plain.pt2"), torch.load(directory / "inputs.pt"), directory, state)[0]
         if code == 0:
             return name, "; ".join([*outcomes, f"{name}: runs"])
         outcomes.append(f"{name}: exit {code}")
