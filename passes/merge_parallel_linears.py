@@ -66,19 +66,16 @@ def merge_parallel_linears(gm: fx.GraphModule, plan: Plan, cache: QuantizedCache
 
 
 def _stacked(parts: list[Tensor]) -> Tensor:
-    """The parts stacked along dim 0; without a copy when they already are consecutive views of one
-    tensor (merged for another graph of the same model)."""
-    base = parts[0]._base
-    if base is not None and base.is_contiguous() and all(p._base is base and p.is_contiguous() for p in parts):
-        start = parts[0].storage_offset() - base.storage_offset()
-        offset = parts[0].storage_offset()
-        for part in parts:
-            if part.storage_offset() != offset:
-                break
-            offset += part.numel()
-        else:
-            rows = sum(p.shape[0] for p in parts)
-            return base.reshape(-1).narrow(0, start, offset - parts[0].storage_offset()).view(rows, *parts[0].shape[1:])
+    """The parts stacked along dim 0: the tensor they were split from when they are its split
+    (stacked for another graph of the same model), else a new one."""
+    base, rows = parts[0]._base, [part.shape[0] for part in parts]
+    if (
+        base is not None
+        and sum(rows) == base.shape[0]
+        and [p.data_ptr() for p in parts] == [p.data_ptr() for p in base.split(rows)]
+        and all(p.shape == q.shape for p, q in zip(parts, base.split(rows)))
+    ):
+        return base
     return torch.cat(parts)
 
 

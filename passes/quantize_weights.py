@@ -20,7 +20,7 @@ from fxquant.config import QuantConfig
 from fxquant.ops import LINEAR_SCHEMES
 from fxquant.passes.plan_linears import Plan
 
-# parameter → {(scheme, weight_is_kn, block size): (version, w_q, w_scale)}; lets the graphs Dynamo compiles
+# parameter → {cache_key(...): (version, w_q, w_scale)}; lets the graphs Dynamo compiles
 # for one model (static first, dynamic after) share one quantized copy of each weight.
 QuantizedCache = WeakIdKeyDictionary
 
@@ -52,15 +52,19 @@ class QuantizedWeight:
         self.w_scale.copy_(w_scale)
         self.source, self.version = weight, weight._version
 
-
     def hold_in(self, w_q: Tensor, w_scale: Tensor, cache: QuantizedCache | None) -> None:
         """Keep the quantized copy in `w_q` and `w_scale` from now on (views of a merged layer's
         buffers), in the cache too, so that the tensors it was made in can be freed."""
         self.w_q, self.w_scale = w_q, w_scale
         per_param = cache.get(self.source) if cache is not None else None
-        key = (self.scheme, self.weight_is_kn, self.config.weight_block_size)
+        key = cache_key(self.scheme, self.weight_is_kn, self.config)
         if per_param is not None and key in per_param:
             per_param[key] = (per_param[key][0], w_q, w_scale)
+
+
+def cache_key(scheme: str, weight_is_kn: bool, config: QuantConfig) -> tuple:
+    """What a parameter's quantized copy depends on besides the parameter: its QuantizedCache key."""
+    return scheme, weight_is_kn, config.weight_block_size
 
 
 def quantize_parameter(
@@ -97,14 +101,14 @@ def quantize_weights(
         if entry.stored_scale is not None:  # already quantized: used as stored
             continue
         site = entry.site
-        key = (id(site.weight), entry.scheme, site.weight_is_kn, config.weight_block_size)
-        quantized = made.get(key)
+        key = cache_key(entry.scheme, site.weight_is_kn, config)
+        quantized = made.get((id(site.weight), key))
         if quantized is None:
             per_param = cache.setdefault(site.weight, {}) if cache is not None else {}
-            version, w_q, w_scale = per_param.get(key[1:], (None, None, None))
+            version, w_q, w_scale = per_param.get(key, (None, None, None))
             if version != site.weight._version:
                 w_q, w_scale = quantize_parameter(entry.layer, site.weight, site.weight_is_kn, entry.scheme, config)
-                per_param[key[1:]] = (site.weight._version, w_q, w_scale)
+                per_param[key] = (site.weight._version, w_q, w_scale)
             prefix = _buffer_prefix(gm, entry.layer)
             gm.register_buffer(prefix + "_weight", w_q)
             gm.register_buffer(prefix + "_scale", w_scale)
@@ -112,7 +116,7 @@ def quantize_weights(
                 entry.scheme, site.weight_is_kn, prefix + "_weight", prefix + "_scale",
                 w_q, w_scale, site.weight, site.weight._version, config,
             )
-            made[key] = quantized
+            made[id(site.weight), key] = quantized
         quantized.layers.append(entry.layer)
         entry.quantized = quantized
     return list(made.values())
