@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One stage of the GPU checks per device call (each call is limited to 10 minutes), results under
-# $OUT (they come back) and a short summary on stdout. Run from the repository root on the device:
+# $OUT (they come back) and a short summary on stdout; FXQUANT_TIMEOUT (seconds, default 560) bounds
+# a stage, to fit two in one call. Run from the repository root on the device:
 #
-#     source .whl/ondevice.sh && bash benchmarks/on_device.sh tests       # gpu-marked tests
+#     source .whl/ondevice.sh && bash benchmarks/on_device.sh tests [PATHS]  # gpu-marked tests (all take ~10 min)
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh gemm        # GEMM table, all schemes
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh e2e         # forward table, bf16 vs fxquant
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh decode      # static-cache generate loop
@@ -17,33 +18,35 @@ quiet() { grep -v -E "Warning|warn\(|^  |AUTOTUNE|strides:|dtypes:|SingleProcess
 
 case "${1:?stage: tests | gemm | e2e | decode | torchao | profile | merge | blockwise}" in
   tests)
-    timeout 560 python3 -m pytest -q -p no:cacheprovider --tb=short -rs tests/kernels tests/inductor >"$OUT/tests.txt" 2>&1
+    shift; paths=("${@}"); [ ${#paths[@]} -gt 0 ] || paths=(tests/kernels tests/inductor)
+    timeout "${FXQUANT_TIMEOUT:-560}" python3 -m pytest -q -p no:cacheprovider --tb=short -rsfE --durations=15 \
+      "${paths[@]}" >"$OUT/tests.txt" 2>&1
     grep -E "passed|failed|FAILED|SKIPPED|Error" "$OUT/tests.txt" | tail -30 ;;
   gemm)
-    timeout 560 python3 benchmarks/gemm.py --m 1 16 128 1024 4096 16384 --json "$OUT/gemm.json" >"$OUT/gemm.txt" 2>&1
+    timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/gemm.py --m 1 16 128 1024 4096 16384 --json "$OUT/gemm.json" >"$OUT/gemm.txt" 2>&1
     quiet <"$OUT/gemm.txt" | tail -30 ;;
   e2e)
-    timeout 560 python3 benchmarks/e2e_llama.py --layers 8 --modes default reduce-overhead --peers bf16 fxquant --profile \
+    timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/e2e_llama.py --layers 8 --modes default reduce-overhead --peers bf16 fxquant --profile \
       --repeats 10 --json "$OUT/e2e.json" >"$OUT/e2e.txt" 2>&1
     quiet <"$OUT/e2e.txt" | tail -8 ;;
   decode)
-    timeout 560 python3 benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead --peers bf16 fxquant --decode \
+    timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead --peers bf16 fxquant --decode \
       --json "$OUT/decode.json" >"$OUT/decode.txt" 2>&1
     quiet <"$OUT/decode.txt" | tail -8 ;;
   torchao)
-    timeout 560 python3 benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead --peers bf16 fxquant torchao \
+    timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead --peers bf16 fxquant torchao \
       --repeats 10 --json "$OUT/e2e_torchao.json" >"$OUT/e2e_torchao.txt" 2>&1
     quiet <"$OUT/e2e_torchao.txt" | tail -8 ;;
   merge)
-    timeout 560 python3 benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead --peers bf16 fxquant fxquant-per-layer \
+    timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead --peers bf16 fxquant fxquant-per-layer \
       --repeats 10 --json "$OUT/e2e_merge.json" >"$OUT/e2e_merge.txt" 2>&1
     quiet <"$OUT/e2e_merge.txt" | tail -8 ;;
   blockwise)
-    timeout 560 python3 benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead --peers bf16 fxquant-blockwise \
+    timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead --peers bf16 fxquant-blockwise \
       --repeats 10 --json "$OUT/e2e_blockwise.json" >"$OUT/e2e_blockwise.txt" 2>&1
     quiet <"$OUT/e2e_blockwise.txt" | tail -8 ;;
   profile)
-    timeout 560 python3 benchmarks/profile_decode.py --layers 8 --json "$OUT/profile.json" >"$OUT/profile.txt" 2>&1
+    timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/profile_decode.py --layers 8 --json "$OUT/profile.json" >"$OUT/profile.txt" 2>&1
     grep -E "^==|^  " "$OUT/profile.txt" | cut -c1-150 ;;
   *) echo "unknown stage $1" >&2; exit 2 ;;
 esac

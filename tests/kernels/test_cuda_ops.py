@@ -104,7 +104,7 @@ def test_merged_projections_on_cuda_match_the_per_layer_ones(scheme):
 
     torch.manual_seed(0)
     config = tiny_llama_config()
-    config.hidden_size, config.intermediate_size = 256, 512  # whole 128 x 128 blocks
+    config.hidden_size, config.intermediate_size, config.head_dim = 256, 512, 64  # whole 128 x 128 blocks
     model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).eval().cuda()
     ids = torch.randint(0, 128, (2, 32), device="cuda")
     torch._dynamo.utils.counters.clear()
