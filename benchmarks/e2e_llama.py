@@ -17,6 +17,7 @@ run (want 0: no recompile per token).
     python benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead --peers bf16 fxquant --decode
     python benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead --peers bf16 fxquant fxquant-per-layer   # the merge pass
     python benchmarks/e2e_llama.py --layers 8 --modes default --peers bf16 fxquant-blockwise       # fp8_blockwise in a model
+    python benchmarks/e2e_llama.py --peers bf16 fxquant torchao --shapes 1x1 16x1   # a slow peer, split by shapes
     python benchmarks/e2e_llama.py --tiny [--decode]     # CPU smoke test of the script itself
 """
 
@@ -135,11 +136,12 @@ PROMPT_TOKENS = 128
 NEW_TOKENS = 64
 
 
-def run_decode(peer: str, mode: str, model, device, vocab: int) -> dict:
+def run_decode(peer: str, mode: str, model, device, vocab: int, repeats: int) -> dict:
     """Greedy generate with a static cache, its decode steps compiled the way HF does it: generate
     compiles the model's call itself (`generation_config.compile_config`, here with the peer's
     backend and `mode`) and runs the prefill uncompiled. ms per token = the time of 64 new tokens
-    less that of 1 (same prompt, so the prefill cancels), after one warm-up of each."""
+    less that of 1 (same prompt, so the prefill cancels), after one warm-up of each; the median of
+    `repeats` such pairs."""
     from transformers import CompileConfig
 
     torch._dynamo.reset()
@@ -164,7 +166,7 @@ def run_decode(peer: str, mode: str, model, device, vocab: int) -> dict:
             first_s = generate(NEW_TOKENS)
             generate(1)
             graphs_before = counters["stats"]["unique_graphs"]
-            seconds = generate(NEW_TOKENS) - generate(1)
+            seconds = statistics.median(generate(NEW_TOKENS) - generate(1) for _ in range(repeats))
             result["decode"][f"batch {batch}"] = {
                 "first_call_s": first_s, "tokens_per_s": batch * (NEW_TOKENS - 1) / seconds,
                 "ms_per_step": seconds / (NEW_TOKENS - 1) * 1e3,
@@ -205,13 +207,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--tiny", action="store_true", help="a tiny config on the CPU, to test the script")
     parser.add_argument("--decode", action="store_true", help="the static-cache generate loop instead of single forwards")
+    parser.add_argument("--decode-repeats", type=int, default=5, help="(64-token, 1-token) generate pairs timed")
     parser.add_argument("--profile", action="store_true", help="also record each shape's top kernels (in --json)")
+    parser.add_argument("--shapes", nargs="+", metavar="BATCHxTOKENS",
+                        help="forward shapes to time (default: 1x1 16x1 1x2048 4x2048), to split a slow peer's run")
     parser.add_argument("--json")
     args = parser.parse_args()
     global SHAPES, EXTRA_LENGTHS, DECODE_BATCHES, PROMPT_TOKENS, NEW_TOKENS
     if args.tiny:
         SHAPES, EXTRA_LENGTHS = [(1, 1), (2, 1), (1, 32)], [3, 5, 7]
         DECODE_BATCHES, PROMPT_TOKENS, NEW_TOKENS = [1, 2], 8, 4
+    if args.shapes:
+        SHAPES = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes]
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
     config = llama3_8b(args.layers, args.tiny)
@@ -224,7 +231,7 @@ def main() -> None:
     for mode in args.modes:
         for peer in args.peers:
             if args.decode:
-                results.append(run_decode(peer, mode, model, device, config.vocab_size))
+                results.append(run_decode(peer, mode, model, device, config.vocab_size, args.decode_repeats))
             else:
                 results.append(run_peer(peer, mode, model, device, config.vocab_size, args.repeats, args.profile))
             print(json.dumps(results[-1]), flush=True)  # each peer as it finishes: a timeout keeps what ran

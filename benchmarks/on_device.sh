@@ -3,11 +3,14 @@
 # $OUT (they come back) and a short summary on stdout; FXQUANT_TIMEOUT (seconds, default 560) bounds
 # a stage, to fit two in one call. Run from the repository root on the device:
 #
-#     source .whl/ondevice.sh && bash benchmarks/on_device.sh tests [PATHS]  # gpu-marked tests (all take ~10 min)
+#     source .whl/ondevice.sh && bash benchmarks/on_device.sh tests [PATHS]  # gpu-marked tests; all of them take
+#         more than one call (560 s reached 131 of 143), so run them in two:
+#         tests tests/kernels/test_cuda_fp8_rowwise_gemm.py tests/kernels/test_cuda_ops.py
+#         tests tests/kernels/test_cuda_decode.py tests/kernels/test_cuda_export.py tests/kernels/test_cuda_fp8_schemes.py tests/inductor
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh gemm        # GEMM table, all schemes
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh e2e         # forward table, bf16 vs fxquant
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh decode      # static-cache generate loop
-#     source .whl/ondevice.sh && bash benchmarks/on_device.sh torchao     # bf16, fxquant and torchao in one run
+#     source .whl/ondevice.sh && bash benchmarks/on_device.sh torchao [SHAPES]  # bf16, fxquant, torchao in one run (1x1 16x1; then 1x2048 4x2048)
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh profile     # top kernels of decode-shaped forwards
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh merge       # fxquant with and without the merge pass
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh blockwise   # fp8_blockwise in the Llama forward
@@ -34,8 +37,9 @@ case "${1:?stage: tests | gemm | e2e | decode | torchao | profile | merge | bloc
       --json "$OUT/decode.json" >"$OUT/decode.txt" 2>&1
     quiet <"$OUT/decode.txt" | tail -8 ;;
   torchao)
+    shift; shapes=("${@}"); [ ${#shapes[@]} -gt 0 ] || shapes=(1x1 16x1)
     timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead --peers bf16 fxquant torchao \
-      --repeats 10 --json "$OUT/e2e_torchao.json" >"$OUT/e2e_torchao.txt" 2>&1
+      --shapes "${shapes[@]}" --repeats 10 --json "$OUT/e2e_torchao.json" >"$OUT/e2e_torchao.txt" 2>&1
     quiet <"$OUT/e2e_torchao.txt" | tail -8 ;;
   merge)
     timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead --peers bf16 fxquant fxquant-per-layer \
