@@ -4,7 +4,7 @@ For each (N, K) in the Llama-3-8B projections and each M (tokens), times with tr
 do_bench_cudagraph (median GPU time): bf16 F.linear; fxquant's fp8_rowwise_linear op called
 eagerly (FBGEMM quantize + GEMM behind it); the same op compiled with fxquant's Inductor lowering
 (the quantization kernel + the GEMM fxquant's heuristic picks), and with each GEMM choice forced
-(our Triton template, FBGEMM, _scaled_mm) or max-autotuned; torch._scaled_mm alone on
+(our Triton template, our split-K kernel at M <= 16, FBGEMM, _scaled_mm) or max-autotuned; torch._scaled_mm alone on
 pre-quantized input; FBGEMM quantize_fp8_per_row + f8f8bf16_rowwise; FBGEMM's GEMM alone. Unless
 --rowwise-only: fxquant's int8_linear; fxquant's fp8_blockwise_linear, eager and compiled (group
 quantization + cuBLAS's blockwise GEMM, or the Triton kernel), cuBLAS's blockwise GEMM alone, and
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench_cudagraph
 
 import fxquant  # noqa: F401  (registers the ops)
+from fxquant.inductor.fp8_rowwise_mm import SMALL_M
 from fxquant.ops.availability import fbgemm_genai_available
 from fxquant.ops.cublas_blockwise import cublas_blockwise_mm, cublas_blockwise_works
 from fxquant.ops.fp8_blockwise import (
@@ -71,7 +72,7 @@ def compile_with_lowering(fn, x, gemm: str | None = None):
     return compiled
 
 
-ROWWISE_GEMMS = ["triton", "fbgemm", "scaled_mm", "autotune"]
+ROWWISE_GEMMS = ["triton", "splitk", "fbgemm", "scaled_mm", "autotune"]
 
 
 def rows(ms: list[int], layers: list[str], rowwise_only: bool):
@@ -95,7 +96,9 @@ def rows(ms: list[int], layers: list[str], rowwise_only: bool):
                 "scaled_mm_gemm": bench(lambda: torch._scaled_mm(
                     x8, w8.t(), scale_a=x8_scale[:, None], scale_b=w8_scale[None, :], out_dtype=torch.bfloat16, use_fast_accum=True)),
             }
-            for gemm in ROWWISE_GEMMS if fbgemm else [g for g in ROWWISE_GEMMS if g != "fbgemm"]:
+            for gemm in ROWWISE_GEMMS:
+                if (gemm == "fbgemm" and not fbgemm) or (gemm == "splitk" and m > SMALL_M):
+                    continue
                 forced = compile_with_lowering(fp8_linear, x, gemm)
                 times[f"compiled_{gemm}"] = bench(lambda: forced(x))
             if fbgemm:

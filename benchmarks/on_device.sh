@@ -6,8 +6,10 @@
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh tests [PATHS]  # gpu-marked tests; all of them take
 #         more than one call (560 s reached 131 of 143), so run them in two:
 #         tests tests/kernels/test_cuda_fp8_rowwise_gemm.py tests/kernels/test_cuda_ops.py
-#         tests tests/kernels/test_cuda_decode.py tests/kernels/test_cuda_export.py tests/kernels/test_cuda_fp8_schemes.py tests/inductor
+#         tests tests/kernels/test_cuda_decode.py tests/kernels/test_cuda_export.py tests/kernels/test_cuda_fp8_schemes.py \
+#               tests/kernels/test_fp8_rowwise_splitk.py tests/inductor
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh gemm        # GEMM table, all schemes
+#     source .whl/ondevice.sh && bash benchmarks/on_device.sh gemm-decode # fp8_rowwise GEMM choices at M = 1, 16 (split-K included)
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh e2e         # forward table, bf16 vs fxquant
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh decode      # static-cache generate loop
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh torchao [SHAPES]  # bf16, fxquant, torchao in one run (1x1 16x1; then 1x2048 4x2048)
@@ -19,7 +21,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 quiet() { grep -v -E "Warning|warn\(|^  |AUTOTUNE|strides:|dtypes:|SingleProcess|_fbgemm_torch_compat|cannot determine|^\s*$|\[0m|\[33m"; }
 
-case "${1:?stage: tests | gemm | e2e | decode | torchao | profile | merge | blockwise}" in
+case "${1:?stage: tests | gemm | gemm-decode | e2e | decode | torchao | profile | merge | blockwise}" in
   tests)
     shift; paths=("${@}"); [ ${#paths[@]} -gt 0 ] || paths=(tests/kernels tests/inductor)
     timeout "${FXQUANT_TIMEOUT:-560}" python3 -m pytest -q -p no:cacheprovider --tb=short -rsfE --durations=15 \
@@ -28,6 +30,9 @@ case "${1:?stage: tests | gemm | e2e | decode | torchao | profile | merge | bloc
   gemm)
     timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/gemm.py --m 1 16 128 1024 4096 16384 --json "$OUT/gemm.json" >"$OUT/gemm.txt" 2>&1
     quiet <"$OUT/gemm.txt" | tail -30 ;;
+  gemm-decode)
+    timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/gemm.py --rowwise-only --m 1 16 --json "$OUT/gemm_decode.json" >"$OUT/gemm_decode.txt" 2>&1
+    quiet <"$OUT/gemm_decode.txt" | tail -12 ;;
   e2e)
     timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/e2e_llama.py --layers 8 --modes default reduce-overhead --peers bf16 fxquant --profile \
       --repeats 10 --json "$OUT/e2e.json" >"$OUT/e2e.txt" 2>&1

@@ -5,14 +5,17 @@ Choices (CUDA):
     FBGEMM's `f8f8bf16_rowwise` (CUTLASS), where fbgemm-gpu-genai imports
     `torch._scaled_mm` (cuBLASLt)
     FBGEMM's or cuBLAS's by M at run time (`rowwise_mm_by_rows`), for an M known only then
+    fxquant's split-K kernel (fxquant/kernels/fp8_rowwise_splitk.py), for a static M <= 16
 Under max-autotune (`mode="max-autotune"`, or `max_autotune_gemm`) Inductor benchmarks the first
 three and keeps the fastest. Otherwise fxquant's heuristic picks one (`heuristic_choice`), from what
-benchmarks/gemm.py measured on the H100. `FXQUANT_GEMM=triton|fbgemm|scaled_mm|by_rows` forces a
-choice (benchmarks compare them with it). Off CUDA the op stays a call to its reference implementation.
+benchmarks/gemm.py measured on the H100. `FXQUANT_GEMM=triton|fbgemm|scaled_mm|by_rows|splitk`
+forces a choice (benchmarks compare them with it); the split-K kernel is reached only so until the
+device has timed it against the template. Off CUDA the op stays a call to its reference implementation.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -22,17 +25,28 @@ from torch._inductor.lowering import fallback_handler, register_lowering
 from torch._inductor.select_algorithm import ExternKernelChoice, autotune_select_algorithm, realize_inputs
 
 from fxquant.kernels.fp8_rowwise_gemm import CONFIGS, configs_for, fp8_rowwise_gemm_template, heuristic_config
+from fxquant.log import log_once
 from fxquant.ops.availability import fbgemm_genai_available
 from fxquant.ops.fp8_rowwise import FBGEMM_MAX_ROWS, fbgemm_rowwise_mm, rowwise_mm_by_rows, scaled_mm_rowwise
 
 AUTOTUNED = ("triton", "fbgemm", "scaled_mm")
-CHOICES = (*AUTOTUNED, "by_rows")
+CHOICES = (*AUTOTUNED, "by_rows", "splitk")
 SMALL_M = 16  # the template's decode configs cover M up to here
 
 
 scaled_mm_choice = ExternKernelChoice(scaled_mm_rowwise, name="fxquant_scaled_mm", has_out_variant=False)
 fbgemm_choice = ExternKernelChoice(fbgemm_rowwise_mm, name="fxquant_fbgemm_f8f8bf16_rowwise", has_out_variant=False)
 by_rows_choice = ExternKernelChoice(rowwise_mm_by_rows, name="fxquant_rowwise_mm_by_rows", has_out_variant=False)
+
+
+def fp8_rowwise_mm_splitk(x_q, w_q, x_scale, w_scale):
+    """fxquant/kernels/fp8_rowwise_splitk.py's GEMM, imported on first use (triton: GPU machines only)."""
+    from fxquant.kernels.fp8_rowwise_splitk import fp8_rowwise_mm_splitk as splitk
+
+    return splitk(x_q, w_q, x_scale, w_scale)
+
+
+splitk_choice = ExternKernelChoice(fp8_rowwise_mm_splitk, name="fxquant_fp8_rowwise_mm_splitk", has_out_variant=False)
 
 
 def heuristic_choice(m: int | None) -> str:
@@ -43,7 +57,10 @@ def heuristic_choice(m: int | None) -> str:
     if forced:
         if forced not in CHOICES:
             raise ValueError(f"FXQUANT_GEMM={forced!r}: want one of {CHOICES}")
-        return forced
+        if forced != "splitk" or (m is not None and m <= SMALL_M):
+            return forced
+        log_once(logging.WARNING, f"fxquant: FXQUANT_GEMM=splitk is for a static M <= {SMALL_M}, not "
+                 f"M={'dynamic' if m is None else m}; that GEMM takes the heuristic's choice")
     if m is None:
         return "by_rows"
     if m <= SMALL_M:
@@ -88,6 +105,8 @@ def tuned_fp8_rowwise_mm(x_q, w_q, x_scale, w_scale):
         choices.append(fbgemm_choice.bind(inputs, layout))
     if "by_rows" in wanted:
         choices.append(by_rows_choice.bind(inputs, layout))
+    if "splitk" in wanted:
+        choices.append(splitk_choice.bind(inputs, layout))
     if "scaled_mm" in wanted or not choices:
         choices.append(scaled_mm_choice.bind(inputs, layout))
     return autotune_select_algorithm("fxquant_fp8_rowwise_mm", choices, inputs, layout)

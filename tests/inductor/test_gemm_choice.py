@@ -2,6 +2,8 @@
 fxquant/kernels/fp8_rowwise_gemm.py): what is picked when Inductor does not autotune, and the
 cache tag that keeps Inductor from reusing code compiled for another choice."""
 
+import logging
+
 import pytest
 import torch
 
@@ -24,6 +26,15 @@ def test_a_forced_choice_wins_and_a_wrong_one_is_an_error(monkeypatch):
     monkeypatch.setenv("FXQUANT_GEMM", "cutlass")
     with pytest.raises(ValueError, match="FXQUANT_GEMM='cutlass'"):
         heuristic_choice(1)
+
+
+def test_forced_split_k_covers_decode_m_only_and_says_so_elsewhere(monkeypatch, caplog):
+    monkeypatch.setenv("FXQUANT_GEMM", "splitk")
+    assert heuristic_choice(1) == heuristic_choice(SMALL_M) == "splitk"
+    with caplog.at_level(logging.WARNING, logger="fxquant"):
+        assert heuristic_choice(SMALL_M + 1) == "fbgemm"
+        assert heuristic_choice(None) == "by_rows"
+    assert any("FXQUANT_GEMM=splitk is for a static M <= 16, not M=17" in r.message for r in caplog.records)
 
 
 def test_config_buckets_by_m():

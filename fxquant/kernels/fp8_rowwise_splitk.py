@@ -1,0 +1,96 @@
+"""Split-K FP8 rowwise GEMM for decode (M <= 16): more programs than output tiles.
+
+    out[M, N] = (A[M, K] @ W[N, K].T) * A_SCALE[M] * W_SCALE[N]      e4m3 in, fp32 accumulate, bf16 out
+
+At M <= 16 the GEMM streams the weight once and does almost no math, so its speed is how many
+programs keep loads in flight. With one program per 16 x 32 output tile, N = 4096 (Llama's o_proj,
+down_proj) gives 128 programs for 132 SMs on an H100. Here each tile's K range is also split
+over SPLIT_K programs; each writes its scaled partial sum to an fp32 workspace [SPLIT_K, M, N], and
+a second kernel adds the partials in a fixed order and rounds to bf16 (deterministic, unlike
+atomics). With SPLIT_K = 1 the GEMM kernel stores bf16 directly and the second kernel is skipped.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_ROWS = 16  # one BLOCK_M tile: the kernel is for decode-sized M only
+BLOCK_M, BLOCK_N, BLOCK_K = 16, 32, 256
+PROGRAMS_PER_SM = 4  # the split aims at this many programs per SM
+MIN_K_PER_SPLIT = 4 * BLOCK_K  # shorter slices spend more on the prologue than they stream
+
+
+@triton.jit
+def _splitk_kernel(
+    a_ptr, w_ptr, a_scale_ptr, w_scale_ptr, out_ptr,
+    M, N, K, stride_am, stride_wn,
+    K_PER_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = pid_k * K_PER_SPLIT + tl.arange(0, BLOCK_K)
+    mask_m = rm < M
+    mask_n = rn < N
+    a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :]
+    w_ptrs = w_ptr + rn[None, :] * stride_wn + rk[:, None]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K_PER_SPLIT, BLOCK_K):
+        in_k = rk + k < K
+        a = tl.load(a_ptrs + k, mask=mask_m[:, None] & in_k[None, :], other=0.0)
+        w = tl.load(w_ptrs + k, mask=mask_n[None, :] & in_k[:, None], other=0.0)
+        acc = tl.dot(a, w, acc)
+
+    a_scale = tl.load(a_scale_ptr + rm, mask=mask_m, other=0.0)
+    w_scale = tl.load(w_scale_ptr + rn, mask=mask_n, other=0.0)
+    acc = acc * a_scale[:, None] * w_scale[None, :]
+    out_ptrs = out_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _sum_splits_kernel(partial_ptr, out_ptr, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < numel
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for split in range(SPLIT_K):
+        total += tl.load(partial_ptr + split * numel + offsets, mask=mask, other=0.0)
+    tl.store(out_ptr + offsets, total.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def split_k_for(n: int, k: int, sms: int) -> int:
+    """How many slices K is cut into: enough programs for PROGRAMS_PER_SM per SM, each slice a
+    whole number of BLOCK_K steps and at least MIN_K_PER_SPLIT long."""
+    tiles = triton.cdiv(n, BLOCK_N)
+    wanted = triton.cdiv(PROGRAMS_PER_SM * sms, tiles)
+    return max(1, min(wanted, k // MIN_K_PER_SPLIT))
+
+
+def fp8_rowwise_mm_splitk(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """fxquant::fp8_rowwise_mm for M <= MAX_ROWS: x_q [M, K], w_q [N, K] e4m3, x_scale [M], w_scale [N] float32."""
+    m, k = x_q.shape
+    n = w_q.shape[0]
+    if m > MAX_ROWS:
+        raise ValueError(f"fxquant: the split-K GEMM handles up to {MAX_ROWS} rows, got M={m}")
+    out = torch.empty((m, n), dtype=torch.bfloat16, device=x_q.device)
+    if m == 0 or n == 0:
+        return out
+    x_q, w_q = x_q.contiguous(), w_q.contiguous()
+    x_scale, w_scale = x_scale.contiguous(), w_scale.contiguous()
+    sms = torch.cuda.get_device_properties(x_q.device).multi_processor_count if x_q.is_cuda else 132
+    split_k = split_k_for(n, k, sms)
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), BLOCK_K) * BLOCK_K
+    split_k = triton.cdiv(k, k_per_split)  # rounding the slice up may leave fewer slices
+    partial = out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x_q.device)
+    _splitk_kernel[(triton.cdiv(n, BLOCK_N), split_k)](
+        x_q, w_q, x_scale, w_scale, partial, m, n, k, x_q.stride(0), w_q.stride(0),
+        K_PER_SPLIT=k_per_split, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=4,
+    )
+    if split_k > 1:
+        block = 1024
+        _sum_splits_kernel[(triton.cdiv(m * n, block),)](partial, out, m * n, SPLIT_K=split_k, BLOCK=block)
+    return out
