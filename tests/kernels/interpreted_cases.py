@@ -1,0 +1,56 @@
+"""Runs fxquant's Triton kernels on CPU tensors and reports each output against the exact float64
+result; meant to run under TRITON_INTERPRET=1 (tests/kernels/test_interpreted_triton_kernels.py):
+
+    TRITON_INTERPRET=1 python -m tests.kernels.interpreted_cases split_k '[{"m": 1, "n": 512, "k": 4096}]'
+"""
+
+import json
+import sys
+
+import torch
+
+from fxquant.ops.fp8_blockwise import quantize_fp8_blockwise_weight, quantize_fp8_groupwise
+from fxquant.ops.fp8_rowwise import quantize_fp8_rowwise
+
+BF16_ULP = 2.0**-7
+
+
+def split_k(m: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    from fxquant.kernels.fp8_rowwise_splitk import fp8_rowwise_mm_splitk, split_k_for
+
+    x_q, x_scale = quantize_fp8_rowwise(torch.randn(m, k) * 2)
+    w_q, w_scale = quantize_fp8_rowwise(torch.randn(n, k) / k**0.5)
+    exact = (x_q.double() @ w_q.double().t()) * x_scale.double()[:, None] * w_scale.double()[None, :]
+    return fp8_rowwise_mm_splitk(x_q, w_q, x_scale, w_scale), exact, {"splits": split_k_for(n, k, sms=132)}
+
+
+def blockwise(m: int, n: int, k: int, block_n: int, block_k: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    from fxquant.kernels.fp8_blockwise_gemm import fp8_blockwise_gemm
+
+    x_q, x_scale = quantize_fp8_groupwise(torch.randn(m, k) * 2, block_k)
+    w_q, w_scale = quantize_fp8_blockwise_weight(torch.randn(n, k) / k**0.5, (block_n, block_k))
+    w_scale_rows = w_scale.double().repeat_interleave(block_n, dim=0)  # [N, K / block_k]
+    exact = torch.zeros(m, n, dtype=torch.float64)
+    for kb, start in enumerate(range(0, k, block_k)):
+        block = x_q[:, start:start + block_k].double() @ w_q[:, start:start + block_k].double().t()
+        exact += block * x_scale.double()[:, kb, None] * w_scale_rows[None, :, kb]
+    return fp8_blockwise_gemm(x_q, x_scale, w_q, w_scale, block_n, block_k), exact, {}
+
+
+def report(out: torch.Tensor, exact: torch.Tensor, extra: dict) -> dict:
+    """Shape, dtype and whether every output is within one bf16 ulp of exact (plus a floor of 2^-20
+    of the largest output, for sums that cancel)."""
+    error = (out.double() - exact).abs()
+    floor = exact.abs().max().item() * 2.0**-20 if exact.numel() else 0.0
+    worst = (error / exact.abs().clamp_min(1e-30)).max().item() if exact.numel() else 0.0
+    within = bool((error <= exact.abs() * BF16_ULP + floor).all())
+    return {"shape": list(out.shape), "dtype": str(out.dtype), "within": within, "worst": worst, **extra}
+
+
+if __name__ == "__main__":
+    kernel = {"split_k": split_k, "blockwise": blockwise}[sys.argv[1]]
+    results = []
+    for case in json.loads(sys.argv[2]):
+        torch.manual_seed(0)
+        results.append(report(*kernel(**case)))
+    print(json.dumps(results))

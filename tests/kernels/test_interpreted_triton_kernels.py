@@ -1,0 +1,48 @@
+"""fxquant's own Triton kernels on the CPU, under Triton's interpreter (TRITON_INTERPRET=1).
+
+The cases run in a subprocess (tests/kernels/interpreted_cases.py), because the variable is read
+when a kernel is defined. The interpreter casts fp32 to bf16 by truncation and the GPU rounds to
+nearest: either way each output is within one bf16 ulp (2^-7 relative) of the exact float64
+result. Needs the triton package (the `test` extra installs it on Linux); without it these skip.
+The GPU tests run the same kernels through the ops and the lowering.
+"""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="the triton package is not installed")
+REPOSITORY = pathlib.Path(__file__).parents[2]
+
+
+def interpret(kernel: str, cases: list[dict]) -> list[dict]:
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.kernels.interpreted_cases", kernel, json.dumps(cases)],
+        env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=REPOSITORY, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def test_split_k_gemm_is_exact_to_a_bf16_ulp():
+    # tails in N and K; K cut into 4, 1, 2, 1 and 8 slices for 132 SMs; no tokens
+    cases = [(1, 512, 4096, 4), (7, 208, 272, 1), (16, 96, 2304, 2), (3, 64, 1000, 1), (2, 64, 8192, 8), (0, 64, 256, 1)]
+    results = interpret("split_k", [dict(m=m, n=n, k=k) for m, n, k, _ in cases])
+    for (m, n, k, splits), result in zip(cases, results):
+        assert result["shape"] == [m, n] and result["dtype"] == "torch.bfloat16", (m, n, k)
+        assert result["splits"] == splits, (m, n, k)
+        assert result["within"], f"M={m} N={n} K={k}: {result['worst']:.2e} beyond one bf16 ulp"
+
+
+def test_blockwise_gemm_is_exact_to_a_bf16_ulp():
+    # decode and prefill tiles, N not a multiple of BLOCK_N, 128 x 128 and 64 x 32 blocks, no tokens
+    cases = [dict(m=1, n=256, k=512, block_n=128, block_k=128), dict(m=20, n=192, k=256, block_n=64, block_k=32),
+             dict(m=130, n=128, k=256, block_n=128, block_k=128), dict(m=0, n=128, k=128, block_n=128, block_k=128)]
+    for case, result in zip(cases, interpret("blockwise", cases)):
+        assert result["shape"] == [case["m"], case["n"]] and result["dtype"] == "torch.bfloat16", case
+        assert result["within"], f"{case}: {result['worst']:.2e} beyond one bf16 ulp"
