@@ -4,13 +4,14 @@ For each (N, K) in the Llama-3-8B projections and each M (tokens), times with tr
 do_bench_cudagraph (median GPU time): bf16 F.linear; fxquant's fp8_rowwise_linear op called
 eagerly (FBGEMM quantize + GEMM behind it); the same op compiled with fxquant's Inductor lowering
 (the quantization kernel + the GEMM fxquant's heuristic picks), and with each GEMM choice forced
-(our Triton template, our split-K kernel at M <= 16, FBGEMM, _scaled_mm) or max-autotuned; torch._scaled_mm alone on
-pre-quantized input; FBGEMM quantize_fp8_per_row + f8f8bf16_rowwise; FBGEMM's GEMM alone. Unless
---rowwise-only: fxquant's int8_linear; fxquant's fp8_blockwise_linear, eager and compiled (group
-quantization + cuBLAS's blockwise GEMM, or the Triton kernel), cuBLAS's blockwise GEMM alone, and
-FBGEMM's blockwise GEMM alone (128 x 128 activation blocks, M a multiple of
-128); fxquant's fp8_tensorwise_linear, eager and compiled. Prints TFLOP/s and speed-ups over bf16;
---json writes every row.
+(our Triton template, our split-K kernel at M <= 16, FBGEMM, _scaled_mm) or max-autotuned; at
+M <= 16 also each choice's GEMM alone (fxquant::fp8_rowwise_mm compiled on operands quantized
+beforehand: the `mm_*` columns); torch._scaled_mm alone on pre-quantized input; FBGEMM
+quantize_fp8_per_row + f8f8bf16_rowwise; FBGEMM's GEMM alone. Unless --rowwise-only: fxquant's
+int8_linear; fxquant's fp8_blockwise_linear, eager and compiled (group quantization + cuBLAS's
+blockwise GEMM, or the Triton kernel), cuBLAS's blockwise GEMM alone, and FBGEMM's blockwise GEMM
+alone (128 x 128 activation blocks, M a multiple of 128); fxquant's fp8_tensorwise_linear, eager
+and compiled. Prints TFLOP/s and speed-ups over bf16; --json writes every row.
 
     python benchmarks/gemm.py [--json out.json] [--m 1 16 128 1024 4096 16384] [--rowwise-only]
 """
@@ -46,8 +47,9 @@ def bench(fn) -> float:
     return do_bench_cudagraph(fn, rep=100, return_mode="median")
 
 
-def compile_with_lowering(fn, x, gemm: str | None = None):
-    """fn compiled by Inductor with fxquant's lowering, as the backend does for CUDA graphs.
+def compile_with_lowering(fn, x, gemm: str | None = None, *more_inputs):
+    """fn compiled by Inductor with fxquant's lowering, as the backend does for CUDA graphs, and
+    called once on (x, *more_inputs).
 
     gemm: None for fxquant's heuristic, "autotune" for max-autotune over every choice, else the
     choice to force (FXQUANT_GEMM).
@@ -67,7 +69,7 @@ def compile_with_lowering(fn, x, gemm: str | None = None):
 
     torch._dynamo.reset()  # one fresh compile per shape; never the recompile limit's eager fallback
     compiled = torch.compile(fn, backend=backend, dynamic=False)
-    compiled(x)
+    compiled(x, *more_inputs)
     os.environ.pop("FXQUANT_GEMM", None)
     return compiled
 
@@ -101,6 +103,9 @@ def rows(ms: list[int], layers: list[str], rowwise_only: bool):
                     continue
                 forced = compile_with_lowering(fp8_linear, x, gemm)
                 times[f"compiled_{gemm}"] = bench(lambda: forced(x))
+                if m <= SMALL_M and gemm != "autotune":  # the GEMM alone, on operands quantized beforehand
+                    mm = compile_with_lowering(lambda x8, xs: torch.ops.fxquant.fp8_rowwise_mm(x8, w8, xs, w8_scale), x8, gemm, x8_scale)
+                    times[f"mm_{gemm}"] = bench(lambda: mm(x8, x8_scale))
             if fbgemm:
                 xq, xs = torch.ops.fbgemm.quantize_fp8_per_row(x)
                 def fbgemm_quantize_and_gemm():
@@ -142,7 +147,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | fbgemm genai {fbgemm_genai_available()}")
     results = []
     columns = ["bf16", "fxquant_fp8", "fxquant_compiled", *(f"compiled_{g}" for g in ROWWISE_GEMMS), "scaled_mm_gemm",
-               "fbgemm_q+gemm", "fbgemm_gemm"]
+               "fbgemm_q+gemm", "fbgemm_gemm", *(f"mm_{g}" for g in ROWWISE_GEMMS if g != "autotune")]
     if not args.rowwise_only:
         columns += ["fxquant_int8", "fxquant_blockwise", "fxquant_blockwise_compiled", "cublas_blockwise_gemm",
                     "fbgemm_blockwise_gemm", "fxquant_tensorwise", "fxquant_tensorwise_compiled"]
