@@ -3,11 +3,7 @@
 # $OUT (they come back) and a short summary on stdout; FXQUANT_TIMEOUT (seconds, default 560) bounds
 # a stage, to fit two in one call. Run from the repository root on the device:
 #
-#     source .whl/ondevice.sh && bash benchmarks/on_device.sh tests [PATHS]  # gpu-marked tests; all of them take
-#         more than one call (560 s reached 131 of 143), so run them in two:
-#         tests tests/kernels/test_cuda_fp8_rowwise_gemm.py tests/kernels/test_cuda_ops.py
-#         tests tests/kernels/test_cuda_decode.py tests/kernels/test_cuda_export.py tests/kernels/test_cuda_fp8_schemes.py \
-#               tests/kernels/test_fp8_rowwise_splitk.py tests/inductor
+#     source .whl/ondevice.sh && bash benchmarks/on_device.sh tests [PATHS]  # gpu-marked tests (all: three processes at once)
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh gemm        # GEMM table, all schemes
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh gemm-decode # fp8_rowwise GEMM choices at M = 1, 16 (split-K included)
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh e2e         # forward table, bf16 vs fxquant
@@ -23,10 +19,22 @@ quiet() { grep -v -E "Warning|warn\(|^  |AUTOTUNE|strides:|dtypes:|SingleProcess
 
 case "${1:?stage: tests | gemm | gemm-decode | e2e | decode | torchao | profile | merge | blockwise}" in
   tests)
-    shift; paths=("${@}"); [ ${#paths[@]} -gt 0 ] || paths=(tests/kernels tests/inductor)
-    timeout "${FXQUANT_TIMEOUT:-560}" python3 -m pytest -q -p no:cacheprovider --tb=short -rsfE --durations=15 \
-      "${paths[@]}" >"$OUT/tests.txt" 2>&1
-    grep -E "passed|failed|FAILED|SKIPPED|Error" "$OUT/tests.txt" | tail -30 ;;
+    # Without PATHS: every gpu test, in three pytest processes at once (compiling dominates and the
+    # device has 16 cores; one process took more than the 10 minutes), each to its own file.
+    shift
+    if [ $# -gt 0 ]; then groups=("$*"); else groups=(
+      "tests/kernels/test_cuda_fp8_rowwise_gemm.py"
+      "tests/kernels/test_cuda_ops.py tests/kernels/test_fp8_rowwise_splitk.py tests/kernels/test_interpreted_triton_kernels.py"
+      "tests/kernels/test_cuda_decode.py tests/kernels/test_cuda_export.py tests/kernels/test_cuda_fp8_schemes.py tests/inductor"); fi
+    for i in "${!groups[@]}"; do
+      # shellcheck disable=SC2086  (a group is a space-separated list of paths)
+      timeout "${FXQUANT_TIMEOUT:-560}" python3 -m pytest -q -p no:cacheprovider --tb=short -rsfE --durations=10 \
+        ${groups[$i]} >"$OUT/tests_$i.txt" 2>&1 &
+    done
+    wait
+    for i in "${!groups[@]}"; do
+      echo "== ${groups[$i]}"; grep -E "passed|failed|FAILED|SKIPPED|Error" "$OUT/tests_$i.txt" | tail -20
+    done ;;
   gemm)
     timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/gemm.py --m 1 16 128 1024 4096 16384 --json "$OUT/gemm.json" >"$OUT/gemm.txt" 2>&1
     quiet <"$OUT/gemm.txt" | tail -30 ;;
