@@ -10,6 +10,7 @@
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh decode      # static-cache generate loop
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh torchao [SHAPES]  # bf16, fxquant, torchao in one run (1x1 16x1; then 1x2048 4x2048)
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh profile     # top kernels of decode-shaped forwards
+#     source .whl/ondevice.sh && bash benchmarks/on_device.sh profile-prefill  # the same for (1, 2048) and (4, 2048)
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh merge       # fxquant with and without the merge pass
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh blockwise   # fp8_blockwise in the Llama forward
 set -u
@@ -17,7 +18,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 quiet() { grep -v -E "Warning|warn\(|^  |AUTOTUNE|strides:|dtypes:|SingleProcess|_fbgemm_torch_compat|cannot determine|^\s*$|\[0m|\[33m"; }
 
-case "${1:?stage: tests | gemm | gemm-decode | e2e | decode | torchao | profile | merge | blockwise}" in
+case "${1:?stage: tests | gemm | gemm-decode | e2e | decode | torchao | profile | profile-prefill | merge | blockwise}" in
   tests)
     # Without PATHS: every gpu test, in three pytest processes at once (compiling dominates and the
     # device has 16 cores; one process took more than the 10 minutes), each to its own file.
@@ -65,5 +66,9 @@ case "${1:?stage: tests | gemm | gemm-decode | e2e | decode | torchao | profile 
   profile)
     timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/profile_decode.py --layers 8 --json "$OUT/profile.json" >"$OUT/profile.txt" 2>&1
     grep -E "^==|^  " "$OUT/profile.txt" | cut -c1-150 ;;
+  profile-prefill)
+    timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/profile_decode.py --layers 8 --batches 1 4 --tokens 2048 \
+      --json "$OUT/profile_prefill.json" >"$OUT/profile_prefill.txt" 2>&1
+    grep -E "^==|^  " "$OUT/profile_prefill.txt" | cut -c1-150 ;;
   *) echo "unknown stage $1" >&2; exit 2 ;;
 esac

@@ -2,6 +2,8 @@
 the Llama-3-8B-shaped model (`e2e_llama.py`'s), bf16 torch.compile vs fxquant fp8_rowwise, default
 compile mode (no CUDA graphs, so each kernel shows). Batch 1 compiles static, batch 16 then compiles
 the dynamic-batch graph, as Dynamo does in a decode loop. `--tokens 2048` profiles prefill instead.
+Each forward's GPU time is also summed by category (`by_category`: FP8 and bf16 GEMMs, lm_head,
+attention, Inductor kernels that fuse fxquant's quantization, other Inductor kernels).
 
     python benchmarks/profile_decode.py --layers 8 --json $OUT/profile.json
     python benchmarks/profile_decode.py --layers 8 --batches 1 4 --tokens 2048 --json $OUT/profile_prefill.json
@@ -11,11 +13,34 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 
 import torch
 from e2e_llama import kernel_profile, llama3_8b, median_ms, peer_model
 from transformers import LlamaForCausalLM
+
+
+CATEGORIES = (  # (category, kernel-name pattern), the first match wins
+    ("attention", r"fmha|flash|AttentionKernel"),
+    ("FP8 GEMM", r"triton_tem_fused_fp8|_splitk_kernel|_sum_splits_kernel|f8f8bf16|qqtst|e4m3"),
+    ("GEMM", r"nvjet|gemm|cutlass|splitKreduce|xmma"),
+    ("Inductor kernels fusing fxquant ops", r"^triton_.*fp8_rowwise_linear"),  # quantization, mostly
+    ("other Inductor kernels", r"^triton_"),
+)
+
+
+def by_category(kernels: list[dict]) -> dict[str, float]:
+    """µs per forward by CATEGORIES; the longest GEMM called once per forward is lm_head's (a
+    decoder layer's run once per layer), its own category."""
+    once = [k for k in kernels if k["calls"] == 1 and re.search(CATEGORIES[2][1], k["kernel"])]
+    lm_head = max(once, key=lambda k: k["us"], default=None)
+    totals: dict[str, float] = {}
+    for k in kernels:
+        category = next((c for c, pattern in CATEGORIES if re.search(pattern, k["kernel"])), "other")
+        category = "lm_head GEMM" if k is lm_head else category
+        totals[category] = totals.get(category, 0.0) + k["us"]
+    return totals
 
 
 def main() -> None:
@@ -46,6 +71,8 @@ def main() -> None:
                 ms = median_ms(forward, device, 10)
                 results[f"{peer} {batch}x{args.tokens}"] = {"first_call_s": first_s, "ms": ms, "kernels": kernels}
                 print(f"== {peer} ({batch}, {args.tokens}): {ms:.3f} ms per forward, top kernels {sum(k['us'] for k in kernels):.0f} µs of GPU time")
+                results[f"{peer} {batch}x{args.tokens}"]["us_by_category"] = totals = by_category(kernels)
+                print("  " + ", ".join(f"{c} {us:.0f} µs" for c, us in sorted(totals.items(), key=lambda i: -i[1])))
                 for k in kernels[:14]:
                     print(f"  {k['us']:8.1f} µs  x{k['calls']:<4} {k['kernel'][:110]}")
     if args.json:
