@@ -1,0 +1,53 @@
+"""The GPU benchmarks' own code, on the CPU: device time is scarce, so a script that breaks should
+break here first. e2e_llama.py runs its `--tiny` model (forward table and decode loop) and
+profile_decode.py's kernel categories are checked on kernel names an H100 profile recorded."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run_e2e(tmp_path, *args: str) -> list[dict]:
+    out = tmp_path / "e2e.json"
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "e2e_llama.py"), "--tiny", "--modes", "default",
+                           "--json", str(out), *args], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_e2e_forward_table_on_the_tiny_model(tmp_path):
+    results = run_e2e(tmp_path, "--peers", "bf16", "fxquant", "--shapes", "1x1", "1x32", "--repeats", "2")
+    assert [r["peer"] for r in results] == ["bf16", "fxquant"]
+    for result in results:
+        assert list(result["shapes"]) == ["1x1", "1x32"], "--shapes picks the shapes timed"
+        assert all(shape["ms"] > 0 and shape["first_call_s"] > 0 for shape in result["shapes"].values())
+        assert result["recompiles_over_8_lengths"] == 0
+
+
+@pytest.mark.slow
+def test_e2e_decode_loop_on_the_tiny_model(tmp_path):
+    (result,) = run_e2e(tmp_path, "--decode", "--peers", "fxquant", "--decode-repeats", "1")
+    assert list(result["decode"]) == ["batch 1", "batch 2"]
+    for batch in result["decode"].values():
+        assert batch["ms_per_step"] > 0 and batch["recompiles"] == 0
+
+
+def test_profile_categories_on_an_h100_profile():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from profile_decode import by_category
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    profile = json.loads((BENCHMARKS / "results" / "profile_decode_h100_2026-11-23.json").read_text())
+    bf16, fxquant = by_category(profile["bf16 1x1"]["kernels"]), by_category(profile["fxquant 1x1"]["kernels"])
+    # RESULTS.md, third session: decoder GEMMs 1384 (bf16) and 978 µs (fxquant), lm_head 374 µs on both
+    assert round(fxquant["FP8 GEMM"]) == 978 and round(bf16["lm_head GEMM"]) == round(fxquant["lm_head GEMM"]) == 374
+    assert 1380 < bf16["GEMM"] < 1390, "bf16's decoder GEMMs, the one-call rotary sgemm among them"
+    assert "FP8 GEMM" not in bf16 and round(bf16["attention"]) == round(fxquant["attention"]) == 53
+    assert fxquant["Inductor kernels fusing fxquant ops"] > 0 and "Inductor kernels fusing fxquant ops" not in bf16
