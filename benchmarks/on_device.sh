@@ -13,12 +13,13 @@
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh profile-prefill  # the same for (1, 2048) and (4, 2048)
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh merge       # fxquant with and without the merge pass
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh blockwise   # fp8_blockwise in the Llama forward
+#     source .whl/ondevice.sh && bash benchmarks/on_device.sh aoti-probe  # which step of a plain AOTInductor package dies
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 quiet() { grep -v -E "Warning|warn\(|^  |AUTOTUNE|strides:|dtypes:|SingleProcess|_fbgemm_torch_compat|cannot determine|^\s*$|\[0m|\[33m"; }
 
-case "${1:?stage: tests | gemm | gemm-decode | e2e | decode | torchao | profile | profile-prefill | merge | blockwise}" in
+case "${1:?stage: tests | gemm | gemm-decode | e2e | decode | torchao | profile | profile-prefill | merge | blockwise | aoti-probe}" in
   tests)
     # Without PATHS: every gpu test, in three pytest processes at once (compiling dominates and the
     # device has 16 cores; one process took more than the 10 minutes), each to its own file.
@@ -70,5 +71,9 @@ case "${1:?stage: tests | gemm | gemm-decode | e2e | decode | torchao | profile 
     timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/profile_decode.py --layers 8 --batches 1 4 --tokens 2048 \
       --json "$OUT/profile_prefill.json" >"$OUT/profile_prefill.txt" 2>&1
     grep -E "^==|^  " "$OUT/profile_prefill.txt" | cut -c1-150 ;;
+  aoti-probe)
+    { timeout 270 python3 benchmarks/aoti_probe.py; timeout 270 env -u PYTHONPATH python3 benchmarks/aoti_probe.py --no-carried; } \
+      >"$OUT/aoti_probe.txt" 2>&1
+    grep -v -E "^\s*$" "$OUT/aoti_probe.txt" | tail -60 ;;
   *) echo "unknown stage $1" >&2; exit 2 ;;
 esac
