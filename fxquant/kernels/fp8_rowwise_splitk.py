@@ -12,6 +12,8 @@ atomics). With SPLIT_K = 1 the GEMM kernel stores bf16 directly and the second k
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -62,6 +64,12 @@ def _sum_splits_kernel(partial_ptr, out_ptr, numel, SPLIT_K: tl.constexpr, BLOCK
     tl.store(out_ptr + offsets, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    """SMs to fill (an H100's 132 where the interpreter runs on CPU tensors)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
 def split_k_for(n: int, k: int, sms: int) -> int:
     """How many slices K is cut into: enough programs for PROGRAMS_PER_SM per SM, each slice a
     whole number of BLOCK_K steps and at least MIN_K_PER_SPLIT long."""
@@ -81,8 +89,7 @@ def fp8_rowwise_mm_splitk(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.T
         return out
     x_q, w_q = x_q.contiguous(), w_q.contiguous()
     x_scale, w_scale = x_scale.contiguous(), w_scale.contiguous()
-    sms = torch.cuda.get_device_properties(x_q.device).multi_processor_count if x_q.is_cuda else 132
-    split_k = split_k_for(n, k, sms)
+    split_k = split_k_for(n, k, _sm_count(x_q.device))
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), BLOCK_K) * BLOCK_K
     split_k = triton.cdiv(k, k_per_split)  # rounding the slice up may leave fewer slices
     partial = out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x_q.device)
