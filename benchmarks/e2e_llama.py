@@ -86,7 +86,7 @@ def median_ms(fn, device: torch.device, repeats: int) -> float:
 
 
 def kernel_profile(forward, device: torch.device, steps: int = 5) -> list[dict]:
-    """The kernels of `steps` forwards, by total device time: [{name, calls, us per forward}], top 25."""
+    """The kernels of `steps` forwards, by total device time: [{name, calls, us per forward}], all of them."""
     from torch.profiler import ProfilerActivity, profile
 
     activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
@@ -99,7 +99,7 @@ def kernel_profile(forward, device: torch.device, steps: int = 5) -> list[dict]:
         total = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
         if total > 0:
             rows.append({"kernel": event.key, "calls": event.count // steps, "us": total / steps})
-    return sorted(rows, key=lambda row: -row["us"])[:25]
+    return sorted(rows, key=lambda row: -row["us"])
 
 
 def run_peer(peer: str, mode: str, model, device, vocab: int, repeats: int, profile: bool = False) -> dict:

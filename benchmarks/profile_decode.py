@@ -70,7 +70,7 @@ def main() -> None:
                 kernels = kernel_profile(forward, device)
                 ms = median_ms(forward, device, 10)
                 results[f"{peer} {batch}x{args.tokens}"] = {"first_call_s": first_s, "ms": ms, "kernels": kernels}
-                print(f"== {peer} ({batch}, {args.tokens}): {ms:.3f} ms per forward, top kernels {sum(k['us'] for k in kernels):.0f} µs of GPU time")
+                print(f"== {peer} ({batch}, {args.tokens}): {ms:.3f} ms per forward, {sum(k['us'] for k in kernels):.0f} µs of GPU time")
                 results[f"{peer} {batch}x{args.tokens}"]["us_by_category"] = totals = by_category(kernels)
                 print("  " + ", ".join(f"{c} {us:.0f} µs" for c, us in sorted(totals.items(), key=lambda i: -i[1])))
                 for k in kernels[:14]:
