@@ -69,9 +69,10 @@ def main() -> None:
                 first_s = time.perf_counter() - start
                 kernels = kernel_profile(forward, device)
                 ms = median_ms(forward, device, 10)
-                results[f"{peer} {batch}x{args.tokens}"] = {"first_call_s": first_s, "ms": ms, "kernels": kernels}
-                print(f"== {peer} ({batch}, {args.tokens}): {ms:.3f} ms per forward, {sum(k['us'] for k in kernels):.0f} µs of GPU time")
-                results[f"{peer} {batch}x{args.tokens}"]["us_by_category"] = totals = by_category(kernels)
+                totals = by_category(kernels)
+                results[f"{peer} {batch}x{args.tokens}"] = {
+                    "first_call_s": first_s, "ms": ms, "us_by_category": totals, "kernels": kernels}
+                print(f"== {peer} ({batch}, {args.tokens}): {ms:.3f} ms per forward, {sum(totals.values()):.0f} µs of GPU time")
                 print("  " + ", ".join(f"{c} {us:.0f} µs" for c, us in sorted(totals.items(), key=lambda i: -i[1])))
                 for k in kernels[:14]:
                     print(f"  {k['us']:8.1f} µs  x{k['calls']:<4} {k['kernel'][:110]}")
