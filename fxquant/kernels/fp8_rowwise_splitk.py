@@ -87,6 +87,8 @@ def fp8_rowwise_mm_splitk(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.T
     out = torch.empty((m, n), dtype=torch.bfloat16, device=x_q.device)
     if m == 0 or n == 0:
         return out
+    if k == 0:  # empty sums
+        return out.zero_()
     x_q, w_q = x_q.contiguous(), w_q.contiguous()
     x_scale, w_scale = x_scale.contiguous(), w_scale.contiguous()
     split_k = split_k_for(n, k, _sm_count(x_q.device))

@@ -18,8 +18,12 @@ BF16_ULP = 2.0**-7
 def split_k(m: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
     from fxquant.kernels.fp8_rowwise_splitk import fp8_rowwise_mm_splitk, split_k_for
 
-    x_q, x_scale = quantize_fp8_rowwise(torch.randn(m, k) * 2)
-    w_q, w_scale = quantize_fp8_rowwise(torch.randn(n, k) / k**0.5)
+    if k:
+        x_q, x_scale = quantize_fp8_rowwise(torch.randn(m, k) * 2)
+        w_q, w_scale = quantize_fp8_rowwise(torch.randn(n, k) / k**0.5)
+    else:  # no input channels: nothing to quantize, and every output is an empty sum
+        x_q, x_scale = torch.empty(m, 0, dtype=torch.float8_e4m3fn), torch.ones(m)
+        w_q, w_scale = torch.empty(n, 0, dtype=torch.float8_e4m3fn), torch.ones(n)
     exact = (x_q.double() @ w_q.double().t()) * x_scale.double()[:, None] * w_scale.double()[None, :]
     return fp8_rowwise_mm_splitk(x_q, w_q, x_scale, w_scale), exact, {"splits": split_k_for(n, k, sms=132)}
 

@@ -30,8 +30,9 @@ def interpret(kernel: str, cases: list[dict]) -> list[dict]:
 
 
 def test_split_k_gemm_is_exact_to_a_bf16_ulp():
-    # tails in N and K; K cut into 4, 1, 2, 1 and 8 slices for 132 SMs; no tokens
-    cases = [(1, 512, 4096, 4), (7, 208, 272, 1), (16, 96, 2304, 2), (3, 64, 1000, 1), (2, 64, 8192, 8), (0, 64, 256, 1)]
+    # tails in N and K; K cut into 4, 1, 2, 1 and 8 slices for 132 SMs; no tokens; no input channels
+    cases = [(1, 512, 4096, 4), (7, 208, 272, 1), (16, 96, 2304, 2), (3, 64, 1000, 1), (2, 64, 8192, 8), (0, 64, 256, 1),
+             (2, 64, 0, 1)]
     results = interpret("split_k", [dict(m=m, n=n, k=k) for m, n, k, _ in cases])
     for (m, n, k, splits), result in zip(cases, results):
         assert result["shape"] == [m, n] and result["dtype"] == "torch.bfloat16", (m, n, k)
