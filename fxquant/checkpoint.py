@@ -26,7 +26,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -39,6 +38,8 @@ from torch import Tensor, fx, nn
 from torch.export import ExportedProgram
 
 from fxquant.config import QuantConfig
+from fxquant.footprint import dtype_name, memory_footprint, tied_names
+from fxquant.hf_formats import HF_FORMATS
 from fxquant.ops import LINEAR_SCHEMES
 from fxquant.passes.find_linears import LinearSite
 from fxquant.passes.plan_linears import Plan, PlannedLinear, skip_reason
@@ -49,8 +50,6 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "fxquant.json"
 HF_CONFIG_FILE = "config.json"
-# FbgemmFp8Config's default; fxquant's None (no bound) has no fbgemm_fp8 equivalent.
-HF_DEFAULT_ACTIVATION_SCALE_UB = 1200.0
 
 Progress = Callable[[list[PlannedLinear]], Iterable[PlannedLinear]]
 
@@ -148,73 +147,6 @@ def program_state(program: ExportedProgram) -> tuple[dict[str, Tensor], Plan, Qu
     return tensors, plan, config, before
 
 
-def _tied_names(tensors: Mapping[str, Tensor]) -> dict[str, str]:
-    """{name: earlier name} for each tensor that is the very same data as an earlier one (tied weights)."""
-    first: dict[tuple, str] = {}
-    tied: dict[str, str] = {}
-    for name, t in tensors.items():
-        if t.is_meta or t.numel() == 0:
-            continue
-        identity = (t.device, t.data_ptr(), t.dtype, t.shape, t.stride())
-        if identity in first:
-            tied[name] = first[identity]
-        else:
-            first[identity] = name
-    return tied
-
-
-def fbgemm_fp8_config(plan: Plan, config: QuantConfig) -> dict | None:
-    """HF transformers' FbgemmFp8Config as config.json holds it, for fp8_rowwise; else None.
-
-    Every layer left unquantized, for whatever reason, is in modules_to_not_convert, since
-    transformers converts every other nn.Linear.
-    """
-    if config.scheme != "fp8_rowwise":
-        return None
-    ub = config.activation_scale_ub
-    return {
-        "quant_method": "fbgemm_fp8",
-        "activation_scale_ub": HF_DEFAULT_ACTIVATION_SCALE_UB if ub is None else ub,
-        "modules_to_not_convert": [entry.layer for entry in plan.skipped],
-    }
-
-
-def _ct_args(kind: str, strategy: str, dynamic: bool, **extra) -> dict:
-    return {"num_bits": 8, "type": kind, "strategy": strategy, "symmetric": True, "dynamic": dynamic, **extra}
-
-
-def compressed_tensors_config(plan: Plan, config: QuantConfig) -> dict | None:
-    """llm-compressor's compressed-tensors quantization_config (the layout vLLM loads): FP8_DYNAMIC
-    for fp8_rowwise, FP8_BLOCK for fp8_blockwise, W8A8 int8; None for fp8_tensorwise.
-
-    The stored tensors are already in that layout: `weight` low precision, `weight_scale` [N, 1]
-    per channel or [N / bn, K / bk] per block.
-    """
-    block_n, block_k = config.weight_block_size
-    groups = {
-        "fp8_rowwise": ("float-quantized", _ct_args("float", "channel", False), _ct_args("float", "token", True)),
-        "fp8_blockwise": (
-            "float-quantized",
-            _ct_args("float", "block", False, block_structure=[block_n, block_k]),
-            _ct_args("float", "group", True, group_size=block_k),
-        ),
-        "int8": ("int-quantized", _ct_args("int", "channel", False), _ct_args("int", "token", True)),
-    }
-    if config.scheme not in groups:
-        return None
-    storage, weights, activations = groups[config.scheme]
-    return {
-        "quant_method": "compressed-tensors",
-        "format": storage,
-        "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": activations}},
-        "ignore": [entry.layer for entry in plan.skipped],
-    }
-
-
-HF_FORMATS = {"fbgemm_fp8": fbgemm_fp8_config, "compressed-tensors": compressed_tensors_config}
-
-
 def _write_json(path: Path, content: dict) -> None:
     path.write_text(json.dumps(content, indent=2) + "\n")
 
@@ -242,7 +174,7 @@ def save_quantized(
         config = config or QuantConfig()
         quantized, plan = quantize_state(model, config, progress)
         before = memory_footprint(model.state_dict())
-    tied = _tied_names(quantized)  # stored once; safetensors refuses shared memory
+    tied = tied_names(quantized)  # stored once; safetensors refuses shared memory
     tensors = {name: t.contiguous() for name, t in quantized.items() if name not in tied}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -450,23 +382,3 @@ def empty_weights() -> Iterator[None]:
         yield
     finally:
         nn.Module.register_parameter = register
-
-
-def nbytes(dtype: torch.dtype, shape: Iterable[int]) -> int:
-    return math.prod(shape) * dtype.itemsize
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """torch.float8_e4m3fn → "float8_e4m3fn"."""
-    return str(dtype).removeprefix("torch.")
-
-
-def memory_footprint(model_or_state: nn.Module | Mapping[str, Tensor]) -> int:
-    """Bytes of a module's parameters and buffers (as HF's get_memory_footprint counts them), or
-    of a state dict's tensors; a tensor held under several names counts once."""
-    if isinstance(model_or_state, nn.Module):
-        tensors = [*model_or_state.parameters(), *model_or_state.buffers()]
-    else:
-        tied = _tied_names(model_or_state)
-        tensors = [t for name, t in model_or_state.items() if name not in tied]
-    return sum(nbytes(t.dtype, t.shape) for t in tensors)

@@ -19,18 +19,17 @@ from pathlib import Path
 import torch
 
 from fxquant.checkpoint import (
-    HF_FORMATS,
     METADATA_FILE,
     WEIGHTS_FILE,
-    dtype_name,
     empty_weights,
-    nbytes,
     plan_modules,
     read_header,
     read_metadata,
     save_quantized,
 )
 from fxquant.config import SCHEMES, QuantConfig
+from fxquant.footprint import dtype_name, nbytes
+from fxquant.hf_formats import HF_FORMATS
 
 
 def _quant_config(args: argparse.Namespace) -> QuantConfig:

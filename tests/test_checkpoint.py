@@ -12,16 +12,15 @@ from torch import nn
 
 import fxquant
 from fxquant.checkpoint import (
-    dtype_name,
     empty_weights,
     load_quantized,
-    memory_footprint,
     plan_modules,
     quantize_state,
     read_header,
     save_quantized,
 )
 from fxquant.config import QuantConfig
+from fxquant.footprint import dtype_name, memory_footprint
 from tests.models import MLP, tiny_llama, tiny_llama_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers loads: nothing here may touch the network
