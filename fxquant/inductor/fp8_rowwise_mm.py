@@ -6,11 +6,11 @@ Choices (CUDA):
     `torch._scaled_mm` (cuBLASLt)
     FBGEMM's or cuBLAS's by M at run time (`rowwise_mm_by_rows`), for an M known only then
     fxquant's split-K kernel (fxquant/kernels/fp8_rowwise_splitk.py), for a static M <= 16
-Under max-autotune (`mode="max-autotune"`, or `max_autotune_gemm`) Inductor benchmarks the first
-three and keeps the fastest. Otherwise fxquant's heuristic picks one (`heuristic_choice`), from what
-benchmarks/gemm.py measured on the H100. `FXQUANT_GEMM=triton|fbgemm|scaled_mm|by_rows|splitk`
-forces a choice (benchmarks compare them with it); the split-K kernel is reached only so until the
-device has timed it against the template. Off CUDA the op stays a call to its reference implementation.
+Under max-autotune (`mode="max-autotune"`, or `max_autotune_gemm`) Inductor benchmarks the template,
+FBGEMM, cuBLAS and (for a static M <= 16) split-K, and keeps the fastest. Otherwise fxquant's
+heuristic picks one (`heuristic_choice`), from what benchmarks/gemm.py measured on the H100.
+`FXQUANT_GEMM=triton|fbgemm|scaled_mm|by_rows|splitk` forces a choice (benchmarks compare them
+with it). Off CUDA the op stays a call to its reference implementation.
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ from fxquant.log import log_once
 from fxquant.ops.availability import fbgemm_genai_available
 from fxquant.ops.fp8_rowwise import FBGEMM_MAX_ROWS, fbgemm_rowwise_mm, rowwise_mm_by_rows, scaled_mm_rowwise
 
-AUTOTUNED = ("triton", "fbgemm", "scaled_mm")
-CHOICES = (*AUTOTUNED, "by_rows", "splitk")
-SMALL_M = 16  # the template's decode configs cover M up to here
+AUTOTUNED = ("triton", "fbgemm", "scaled_mm", "splitk")
+CHOICES = (*AUTOTUNED, "by_rows")
+SMALL_M = 16  # the template's decode configs and the split-K kernel cover M up to here
+SPLITK_MAX_N = 8192  # without FBGEMM, split-K beat the template at M = 1 on N <= 6144, lost at 28672
 
 
 scaled_mm_choice = ExternKernelChoice(scaled_mm_rowwise, name="fxquant_scaled_mm", has_out_variant=False)
@@ -49,10 +50,14 @@ def fp8_rowwise_mm_splitk(x_q, w_q, x_scale, w_scale):
 splitk_choice = ExternKernelChoice(fp8_rowwise_mm_splitk, name="fxquant_fp8_rowwise_mm_splitk", has_out_variant=False)
 
 
-def heuristic_choice(m: int | None) -> str:
+def heuristic_choice(m: int | None, n: int | None = None, fbgemm: bool = True) -> str:
     """The kernel to use without autotuning, for a static M (None: M is dynamic, as for a batch size
-    Dynamo saw change): fxquant's template for decode, FBGEMM's up to FBGEMM_MAX_ROWS, cuBLAS's
-    above, and the run-time pick between the last two for a dynamic M."""
+    Dynamo saw change) and N, where FBGEMM's GenAI ops import or not (`fbgemm`).
+
+    From benchmarks/gemm.py on the H100 (benchmarks/RESULTS.md, fifth session): FBGEMM's GEMM is the
+    fastest up to FBGEMM_MAX_ROWS rows, decode included, and cuBLAS's above. Without FBGEMM, decode
+    takes fxquant's kernels: split-K for one row and N <= SPLITK_MAX_N, the template otherwise. A
+    dynamic M takes the run-time pick between FBGEMM and cuBLAS."""
     forced = os.environ.get("FXQUANT_GEMM")
     if forced:
         if forced not in CHOICES:
@@ -63,9 +68,11 @@ def heuristic_choice(m: int | None) -> str:
                  f"M={'dynamic' if m is None else m}; that GEMM takes the heuristic's choice")
     if m is None:
         return "by_rows"
-    if m <= SMALL_M:
-        return "triton"
-    return "fbgemm" if m <= FBGEMM_MAX_ROWS else "scaled_mm"
+    if fbgemm and m <= FBGEMM_MAX_ROWS:
+        return "fbgemm"
+    if m == 1 and n is not None and n <= SPLITK_MAX_N:
+        return "splitk"
+    return "triton" if m <= SMALL_M else "scaled_mm"
 
 
 def _static(expr) -> int | None:
@@ -85,9 +92,12 @@ def tuned_fp8_rowwise_mm(x_q, w_q, x_scale, w_scale):
     layout = ir.FixedLayout(inputs[0].get_device(), torch.bfloat16, [m, n])
     static_m, static_n, static_k = _static(m), _static(n), _static(k)
     autotune = inductor_config.max_autotune or inductor_config.max_autotune_gemm
-    wanted = AUTOTUNED if autotune else (heuristic_choice(static_m),)
-    if "fbgemm" in wanted and not fbgemm_genai_available():
+    fbgemm = fbgemm_genai_available()
+    wanted = AUTOTUNED if autotune else (heuristic_choice(static_m, static_n, fbgemm),)
+    if not fbgemm:
         wanted = tuple(c for c in wanted if c != "fbgemm") or ("scaled_mm",)
+    if static_m is None or static_m > SMALL_M:
+        wanted = tuple(c for c in wanted if c != "splitk")
 
     choices = []
     if "triton" in wanted and static_k is not None:

@@ -52,6 +52,7 @@ GEMM_IN_CODE = {
     "fbgemm": "fxquant_fbgemm_f8f8bf16_rowwise",
     "scaled_mm": "fxquant_scaled_mm",
     "by_rows": "fxquant_rowwise_mm_by_rows",
+    "splitk": "fxquant_fp8_rowwise_mm_splitk",
 }
 
 

@@ -8,16 +8,25 @@ import pytest
 import torch
 
 from fxquant.inductor.cache_key import cache_key_tag
-from fxquant.inductor.fp8_rowwise_mm import SMALL_M, heuristic_choice
+from fxquant.inductor.fp8_rowwise_mm import SMALL_M, SPLITK_MAX_N, heuristic_choice
 from fxquant.kernels.fp8_rowwise_gemm import configs_for, heuristic_config
 from fxquant.ops.fp8_rowwise import FBGEMM_MAX_ROWS
 
 
-def test_decode_shapes_get_the_template_small_ones_fbgemm_and_others_cublas(monkeypatch):
+def test_small_m_gets_fbgemm_and_larger_m_cublas(monkeypatch):
     monkeypatch.delenv("FXQUANT_GEMM", raising=False)
     ms = (1, SMALL_M, SMALL_M + 1, FBGEMM_MAX_ROWS, FBGEMM_MAX_ROWS + 1, 4096)
-    assert [heuristic_choice(m) for m in ms] == ["triton", "triton", "fbgemm", "fbgemm", "scaled_mm", "scaled_mm"]
+    assert [heuristic_choice(m, 4096) for m in ms] == ["fbgemm"] * 4 + ["scaled_mm"] * 2
     assert heuristic_choice(None) == "by_rows", "a dynamic M runs at every M: the library is picked per call"
+
+
+def test_without_fbgemm_decode_gets_fxquants_kernels(monkeypatch):
+    """Split-K for one row of a narrow layer, the template for the other decode shapes, cuBLAS above."""
+    monkeypatch.delenv("FXQUANT_GEMM", raising=False)
+    cases = [(1, 4096, "splitk"), (1, SPLITK_MAX_N, "splitk"), (1, SPLITK_MAX_N + 1, "triton"), (2, 4096, "triton"),
+             (SMALL_M, 4096, "triton"), (SMALL_M + 1, 4096, "scaled_mm"), (1, None, "triton")]
+    assert [heuristic_choice(m, n, fbgemm=False) for m, n, _ in cases] == [want for *_, want in cases]
+    assert heuristic_choice(None, 4096, fbgemm=False) == "by_rows"
 
 
 def test_a_forced_choice_wins_and_a_wrong_one_is_an_error(monkeypatch):
@@ -32,7 +41,7 @@ def test_forced_split_k_covers_decode_m_only_and_says_so_elsewhere(monkeypatch, 
     monkeypatch.setenv("FXQUANT_GEMM", "splitk")
     assert heuristic_choice(1) == heuristic_choice(SMALL_M) == "splitk"
     with caplog.at_level(logging.WARNING, logger="fxquant"):
-        assert heuristic_choice(SMALL_M + 1) == "fbgemm"
+        assert heuristic_choice(SMALL_M + 1, fbgemm=False) == "scaled_mm"
         assert heuristic_choice(None) == "by_rows"
     assert any("FXQUANT_GEMM=splitk is for a static M <= 16, not M=17" in r.message for r in caplog.records)
 

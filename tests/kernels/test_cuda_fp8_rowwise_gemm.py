@@ -60,9 +60,12 @@ def test_max_autotune_picks_among_all_choices(m):
     assert relative_error(out, expected) < 4e-3
 
 
-def test_heuristic_uses_the_template_for_decode_fbgemm_for_small_m_and_cublas_above():
-    small = "fbgemm" if fbgemm_genai_available() else "scaled_mm"
-    for m, gemm in [(16, "triton"), (17, small), (128, small), (129, "scaled_mm")]:
+def test_heuristic_uses_fbgemm_for_small_m_and_cublas_above():
+    fbgemm = fbgemm_genai_available()
+    small = "fbgemm" if fbgemm else "scaled_mm"
+    cases = [(1, "fbgemm" if fbgemm else "splitk"), (16, "fbgemm" if fbgemm else "triton"), (17, small), (128, small),
+             (129, "scaled_mm")]
+    for m, gemm in cases:
         _, _, code = compiled_gemm(operands(m, 1024, 4096), {"force_disable_caches": True})
         assert GEMM_IN_CODE[gemm] in code, f"M={m}: want {gemm}:\n{code}"
 

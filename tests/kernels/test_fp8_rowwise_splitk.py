@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fxquant.ops.fp8_rowwise import quantize_fp8_rowwise
+from tests.inductor.test_decompositions import GEMM_IN_CODE
 from tests.kernels.test_cuda_fp8_rowwise_gemm import compiled_gemm, operands
 from tests.models import relative_error
 
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.gpu
 def test_forced_split_k_matches_the_reference_on_cuda(monkeypatch, m, n, k):
     monkeypatch.setenv("FXQUANT_GEMM", "splitk")
     out, expected, code = compiled_gemm(operands(m, n, k), {"force_disable_caches": True})
-    assert "fxquant_fp8_rowwise_mm_splitk" in code, code
+    assert GEMM_IN_CODE["splitk"] in code, code
     assert relative_error(out, expected) < 4e-3, f"M={m} N={n} K={k}"
 
 
