@@ -102,7 +102,8 @@ def kernel_profile(forward, device: torch.device, steps: int = 5) -> list[dict]:
     return sorted(rows, key=lambda row: -row["us"])
 
 
-def run_peer(peer: str, mode: str, model, device, vocab: int, repeats: int, profile: bool = False) -> dict:
+def run_peer(peer: str, mode: str, model, device, vocab: int, repeats: int, profile: bool = False,
+             count_recompiles: bool = True) -> dict:
     torch._dynamo.reset()
     counters.clear()
     target, backend = peer_model(peer, model)
@@ -120,12 +121,15 @@ def run_peer(peer: str, mode: str, model, device, vocab: int, repeats: int, prof
             synchronize(device)
             first_call_s = time.perf_counter() - start
             result["shapes"][f"{batch}x{tokens}"] = {"first_call_s": first_call_s, "ms": median_ms(forward, device, repeats)}
+            print(f"{peer} {mode} {batch}x{tokens}: {result['shapes'][f'{batch}x{tokens}']}", flush=True)
             if profile:
                 result["shapes"][f"{batch}x{tokens}"]["kernels"] = kernel_profile(forward, device)
-        graphs_before = counters["stats"]["unique_graphs"]
-        for tokens in EXTRA_LENGTHS:
-            compiled(torch.randint(0, vocab, (1, tokens), device=device), use_cache=False, logits_to_keep=1)
-        result["recompiles_over_8_lengths"] = counters["stats"]["unique_graphs"] - graphs_before
+        result["recompiles_over_8_lengths"] = None
+        if count_recompiles:
+            graphs_before = counters["stats"]["unique_graphs"]
+            for tokens in EXTRA_LENGTHS:
+                compiled(torch.randint(0, vocab, (1, tokens), device=device), use_cache=False, logits_to_keep=1)
+            result["recompiles_over_8_lengths"] = counters["stats"]["unique_graphs"] - graphs_before
     result["graphs"] = counters["stats"]["unique_graphs"]
     result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return result
@@ -196,7 +200,8 @@ def print_table(results: list[dict]) -> None:
         cells = "".join(f"{v['ms']:>12.3f}{base.get((r['mode'], s), float('nan')) / v['ms']:>6.2f}x" for s, v in r["shapes"].items())
         first = sum(v["first_call_s"] for v in r["shapes"].values())
         peak = f"{r['peak_gib']:>9.1f}" if r["peak_gib"] is not None else f"{'-':>9}"
-        print(f"{r['mode']:<16}{r['peer']:<18}{cells}{first:>11.1f}{peak}{r['recompiles_over_8_lengths']:>7}")
+        recompiles = r["recompiles_over_8_lengths"]
+        print(f"{r['mode']:<16}{r['peer']:<18}{cells}{first:>11.1f}{peak}{'-' if recompiles is None else recompiles:>7}")
 
 
 def main() -> None:
@@ -211,6 +216,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="also record each shape's top kernels (in --json)")
     parser.add_argument("--shapes", nargs="+", metavar="BATCHxTOKENS",
                         help="forward shapes to time (default: 1x1 16x1 1x2048 4x2048), to split a slow peer's run")
+    parser.add_argument("--no-recompile-check", action="store_true",
+                        help="skip the 8 extra sequence lengths (recompile count), to fit a slow peer in a call")
     parser.add_argument("--json")
     args = parser.parse_args()
     global SHAPES, EXTRA_LENGTHS, DECODE_BATCHES, PROMPT_TOKENS, NEW_TOKENS
@@ -233,7 +240,8 @@ def main() -> None:
             if args.decode:
                 results.append(run_decode(peer, mode, model, device, config.vocab_size, args.decode_repeats))
             else:
-                results.append(run_peer(peer, mode, model, device, config.vocab_size, args.repeats, args.profile))
+                results.append(run_peer(peer, mode, model, device, config.vocab_size, args.repeats, args.profile,
+                                        not args.no_recompile_check))
             print(json.dumps(results[-1]), flush=True)  # each peer as it finishes: a timeout keeps what ran
             if args.json:
                 with open(args.json, "w") as f:
