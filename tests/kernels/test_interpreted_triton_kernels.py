@@ -7,6 +7,7 @@ result. Needs the triton package (the `test` extra installs it on Linux); withou
 The GPU tests run the same kernels through the ops and the lowering.
 """
 
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -18,6 +19,13 @@ import pytest
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="the triton package is not installed")
 REPOSITORY = pathlib.Path(__file__).parents[2]
+
+
+def _interpreter_loops_to_runtime_bounds() -> bool:
+    """Triton 3.6's interpreter turns a runtime loop bound into int() of a 1-element numpy array,
+    which numpy 2.4 refuses (seen on the device: triton 3.6.0); 3.9's squeezes it first."""
+    major, minor = (int(part) for part in importlib.metadata.version("triton").split(".")[:2])
+    return (major, minor) >= (3, 9)
 
 
 def interpret(kernel: str, cases: list[dict]) -> list[dict]:
@@ -40,6 +48,10 @@ def test_split_k_gemm_is_exact_to_a_bf16_ulp():
         assert result["within"], f"M={m} N={n} K={k}: {result['worst']:.2e} beyond one bf16 ulp"
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("triton") is not None and not _interpreter_loops_to_runtime_bounds(),
+    reason="this triton's interpreter cannot run a loop to a runtime bound (the kernel's K loop); triton >= 3.9 can",
+)
 def test_blockwise_gemm_is_exact_to_a_bf16_ulp():
     # decode and prefill tiles, N not a multiple of BLOCK_N, 128 x 128 and 64 x 32 blocks, no tokens
     cases = [dict(m=1, n=256, k=512, block_n=128, block_k=128), dict(m=20, n=192, k=256, block_n=64, block_k=32),
