@@ -6,8 +6,10 @@ eagerly (FBGEMM quantize + GEMM behind it); the same op compiled with fxquant's 
 (the quantization kernel + the GEMM fxquant's heuristic picks), and with each GEMM choice forced
 (our Triton template, our split-K kernel at M <= 16, FBGEMM, _scaled_mm) or max-autotuned; at
 M <= 16 also each choice's GEMM alone (fxquant::fp8_rowwise_mm compiled on operands quantized
-beforehand: the `mm_*` columns); torch._scaled_mm alone on pre-quantized input; FBGEMM
-quantize_fp8_per_row + f8f8bf16_rowwise; FBGEMM's GEMM alone. Unless --rowwise-only: fxquant's
+beforehand: the `mm_*` columns); the quantization fused into its producer, as in a Llama layer
+(`fused_q+gemm`: RMSNorm -> fp8_rowwise_linear compiled, less RMSNorm compiled alone: what the
+quantize + GEMM adds once the quantization is in RMSNorm's kernel); torch._scaled_mm alone on
+pre-quantized input; FBGEMM quantize_fp8_per_row + f8f8bf16_rowwise; FBGEMM's GEMM alone. Unless --rowwise-only: fxquant's
 int8_linear; fxquant's fp8_blockwise_linear, eager and compiled (group quantization + cuBLAS's
 blockwise GEMM, or the Triton kernel), cuBLAS's blockwise GEMM alone, and FBGEMM's blockwise GEMM
 alone (128 x 128 activation blocks, M a multiple of 128); fxquant's fp8_tensorwise_linear, eager
@@ -77,6 +79,12 @@ def compile_with_lowering(fn, x, gemm: str | None = None, *more_inputs):
 ROWWISE_GEMMS = ["triton", "splitk", "fbgemm", "scaled_mm", "autotune"]
 
 
+def rms_norm(x):
+    """The producer an activation quantization fuses into (input_layernorm, post_attention_layernorm)."""
+    h = x.float()
+    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+
 def rows(ms: list[int], layers: list[str], rowwise_only: bool):
     fbgemm = fbgemm_genai_available()
     for name in layers:
@@ -90,11 +98,17 @@ def rows(ms: list[int], layers: list[str], rowwise_only: bool):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             x8, x8_scale = quantize_fp8_rowwise(x)
             fp8_linear = lambda x: torch.ops.fxquant.fp8_rowwise_linear(x, w8, w8_scale, None, None)  # noqa: E731
+            # each compiled function is timed before the next compile (which resets Dynamo)
+            norm = compile_with_lowering(rms_norm, x)
+            norm_ms = bench(lambda: norm(x))
+            norm_then_fp8 = compile_with_lowering(lambda x: fp8_linear(rms_norm(x)), x)
+            fused_ms = bench(lambda: norm_then_fp8(x)) - norm_ms
             compiled_fp8 = compile_with_lowering(fp8_linear, x)
             times = {
                 "bf16": bench(lambda: F.linear(x, w)),
                 "fxquant_fp8": bench(lambda: fp8_linear(x)),
                 "fxquant_compiled": bench(lambda: compiled_fp8(x)),
+                "fused_q+gemm": fused_ms,
                 "scaled_mm_gemm": bench(lambda: torch._scaled_mm(
                     x8, w8.t(), scale_a=x8_scale[:, None], scale_b=w8_scale[None, :], out_dtype=torch.bfloat16, use_fast_accum=True)),
             }
@@ -146,7 +160,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | fbgemm genai {fbgemm_genai_available()}")
     results = []
-    columns = ["bf16", "fxquant_fp8", "fxquant_compiled", *(f"compiled_{g}" for g in ROWWISE_GEMMS), "scaled_mm_gemm",
+    columns = ["bf16", "fxquant_fp8", "fxquant_compiled", "fused_q+gemm", *(f"compiled_{g}" for g in ROWWISE_GEMMS), "scaled_mm_gemm",
                "fbgemm_q+gemm", "fbgemm_gemm", *(f"mm_{g}" for g in ROWWISE_GEMMS if g != "autotune")]
     if not args.rowwise_only:
         columns += ["fxquant_int8", "fxquant_blockwise", "fxquant_blockwise_compiled", "cublas_blockwise_gemm",

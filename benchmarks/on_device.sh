@@ -6,6 +6,7 @@
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh tests [PATHS]  # gpu-marked tests (all: three processes at once)
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh gemm        # GEMM table, all schemes
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh gemm-decode # fp8_rowwise GEMM choices at M = 1, 16 (split-K included)
+#     source .whl/ondevice.sh && bash benchmarks/on_device.sh gemm-prefill # fp8_rowwise at M = 1024, 4096, 16384 (fused_q+gemm vs FBGEMM's GEMM)
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh e2e         # forward table, bf16 vs fxquant
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh decode      # static-cache generate loop
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh torchao [SHAPES]  # bf16, fxquant, torchao in one run (1x1 16x1; then 1x2048 4x2048)
@@ -19,7 +20,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 quiet() { grep -v -E "Warning|warn\(|^  |AUTOTUNE|strides:|dtypes:|SingleProcess|_fbgemm_torch_compat|cannot determine|^\s*$|\[0m|\[33m"; }
 
-case "${1:?stage: tests | gemm | gemm-decode | e2e | decode | torchao | profile | profile-prefill | merge | blockwise | aoti-probe}" in
+case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | torchao | profile | profile-prefill | merge | blockwise | aoti-probe}" in
   tests)
     # Without PATHS: every gpu test, in three pytest processes at once (compiling dominates and the
     # device has 16 cores; one process took more than the 10 minutes), each to its own file.
@@ -43,6 +44,9 @@ case "${1:?stage: tests | gemm | gemm-decode | e2e | decode | torchao | profile 
   gemm-decode)
     timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/gemm.py --rowwise-only --m 1 16 --json "$OUT/gemm_decode.json" >"$OUT/gemm_decode.txt" 2>&1
     quiet <"$OUT/gemm_decode.txt" | tail -12 ;;
+  gemm-prefill)
+    timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/gemm.py --rowwise-only --m 1024 4096 16384 --json "$OUT/gemm_prefill.json" >"$OUT/gemm_prefill.txt" 2>&1
+    quiet <"$OUT/gemm_prefill.txt" | tail -14 ;;
   e2e)
     timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/e2e_llama.py --layers 8 --modes default reduce-overhead --peers bf16 fxquant --profile \
       --repeats 10 --json "$OUT/e2e.json" >"$OUT/e2e.txt" 2>&1
