@@ -12,6 +12,8 @@
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh torchao [SHAPES]  # bf16, fxquant, torchao in one run (1x1 16x1; then 1x2048 4x2048)
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh profile     # top kernels of decode-shaped forwards
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh profile-prefill  # the same for (1, 2048) and (4, 2048)
+#     source .whl/ondevice.sh && bash benchmarks/on_device.sh reductions [split no-split persistent]  # decode kernels and
+#                                                  # default-mode forwards with Inductor's row reductions split or not
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh merge       # fxquant with and without the merge pass
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh blockwise   # fp8_blockwise in the Llama forward
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh aoti-probe  # which step of a plain AOTInductor package dies
@@ -20,7 +22,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 quiet() { grep -v -E "Warning|warn\(|^  |AUTOTUNE|strides:|dtypes:|SingleProcess|_fbgemm_torch_compat|cannot determine|^\s*$|\[0m|\[33m"; }
 
-case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | torchao | profile | profile-prefill | merge | blockwise | aoti-probe}" in
+case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | torchao | profile | profile-prefill | reductions | merge | blockwise | aoti-probe}" in
   tests)
     # Without PATHS: every gpu test, in three pytest processes at once (compiling dominates and the
     # device has 16 cores; one process took more than the 10 minutes), each to its own file.
@@ -75,6 +77,27 @@ case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | tor
     timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/profile_decode.py --layers 8 --batches 1 4 --tokens 2048 \
       --json "$OUT/profile_prefill.json" >"$OUT/profile_prefill.txt" 2>&1
     grep -E "^==|^  " "$OUT/profile_prefill.txt" | cut -c1-150 ;;
+  reductions)
+    # SiLU·mul's quantization at decode: Inductor splits its 14336-wide row amax into three kernels.
+    # One kernel (no split) was slower on the GPU (7.0 vs 5.8 µs per layer) but launches fewer;
+    # multi-kernel also tries a persistent (whole row in registers) one. Per variant: fxquant's
+    # kernels, and bf16 vs fxquant in default mode, where decode is host-bound (bf16's SiLU·mul has
+    # no reduction to split; its RMSNorm rows, 4096 wide, are never split).
+    # Each variant takes ~4 minutes: name one or two per call (default: split no-split).
+    shift; [ $# -gt 0 ] || set -- split no-split
+    declare -A settings=([split]="" [no-split]="TORCHINDUCTOR_SPLIT_REDUCTIONS=0"
+                         [persistent]="TORCHINDUCTOR_SPLIT_REDUCTIONS=0 TORCHINDUCTOR_MULTI_KERNEL=1")
+    for name in "$@"; do
+      variant="$name:${settings[$name]}"; mkdir -p "$OUT/$name"
+      # shellcheck disable=SC2086  (the variant's settings are words for env)
+      env ${variant#*:} timeout 120 python3 benchmarks/profile_decode.py --layers 8 --peers fxquant \
+        --json "$OUT/$name/profile.json" >"$OUT/$name/profile.txt" 2>&1
+      # shellcheck disable=SC2086
+      env ${variant#*:} timeout 150 python3 benchmarks/e2e_llama.py --layers 8 --modes default --peers bf16 fxquant \
+        --shapes 1x1 16x1 --no-recompile-check --repeats 20 --json "$OUT/$name/e2e_default.json" >"$OUT/$name/e2e.txt" 2>&1
+      echo "#### $name"; grep -E "^==|^  [A-Z]|mul_silu" "$OUT/$name/profile.txt" | cut -c1-150
+      grep -E "^(mode|default) " "$OUT/$name/e2e.txt"
+    done ;;
   aoti-probe)
     { timeout 270 python3 benchmarks/aoti_probe.py; timeout 270 env -u PYTHONPATH python3 benchmarks/aoti_probe.py --no-carried; } \
       >"$OUT/aoti_probe.txt" 2>&1

@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--tokens", type=int, default=1)
+    parser.add_argument("--peers", nargs="+", default=["bf16", "fxquant"])
     parser.add_argument("--json")
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -55,7 +56,7 @@ def main() -> None:
     with device:
         model = LlamaForCausalLM(llama3_8b(args.layers, tiny=False)).to(torch.bfloat16).eval()
     results = {}
-    for peer in ("bf16", "fxquant"):
+    for peer in args.peers:
         torch._dynamo.reset()
         target, backend = peer_model(peer, model)
         compiled = torch.compile(target, backend=backend)
