@@ -50,9 +50,9 @@ def fp8_rowwise_mm_splitk(x_q, w_q, x_scale, w_scale):
 splitk_choice = ExternKernelChoice(fp8_rowwise_mm_splitk, name="fxquant_fp8_rowwise_mm_splitk", has_out_variant=False)
 
 
-def heuristic_choice(m: int | None, n: int | None = None, fbgemm: bool = True) -> str:
+def heuristic_choice(m: int | None, n: int | None, *, fbgemm: bool) -> str:
     """The kernel to use without autotuning, for a static M (None: M is dynamic, as for a batch size
-    Dynamo saw change) and N, where FBGEMM's GenAI ops import or not (`fbgemm`).
+    Dynamo saw change) and N (None: dynamic), where FBGEMM's GenAI ops import or not (`fbgemm`).
 
     From benchmarks/gemm.py on the H100 (benchmarks/RESULTS.md, fifth session): FBGEMM's GEMM is the
     fastest up to FBGEMM_MAX_ROWS rows, decode included, and cuBLAS's above. Without FBGEMM, decode
@@ -93,7 +93,7 @@ def tuned_fp8_rowwise_mm(x_q, w_q, x_scale, w_scale):
     static_m, static_n, static_k = _static(m), _static(n), _static(k)
     autotune = inductor_config.max_autotune or inductor_config.max_autotune_gemm
     fbgemm = fbgemm_genai_available()
-    wanted = AUTOTUNED if autotune else (heuristic_choice(static_m, static_n, fbgemm),)
+    wanted = AUTOTUNED if autotune else (heuristic_choice(static_m, static_n, fbgemm=fbgemm),)
     if not fbgemm:
         wanted = tuple(c for c in wanted if c != "fbgemm") or ("scaled_mm",)
     if static_m is None or static_m > SMALL_M:

@@ -16,8 +16,8 @@ from fxquant.ops.fp8_rowwise import FBGEMM_MAX_ROWS
 def test_small_m_gets_fbgemm_and_larger_m_cublas(monkeypatch):
     monkeypatch.delenv("FXQUANT_GEMM", raising=False)
     ms = (1, SMALL_M, SMALL_M + 1, FBGEMM_MAX_ROWS, FBGEMM_MAX_ROWS + 1, 4096)
-    assert [heuristic_choice(m, 4096) for m in ms] == ["fbgemm"] * 4 + ["scaled_mm"] * 2
-    assert heuristic_choice(None) == "by_rows", "a dynamic M runs at every M: the library is picked per call"
+    assert [heuristic_choice(m, 4096, fbgemm=True) for m in ms] == ["fbgemm"] * 4 + ["scaled_mm"] * 2
+    assert heuristic_choice(None, 4096, fbgemm=True) == "by_rows", "a dynamic M runs at every M: the library is picked per call"
 
 
 def test_without_fbgemm_decode_gets_fxquants_kernels(monkeypatch):
@@ -31,18 +31,18 @@ def test_without_fbgemm_decode_gets_fxquants_kernels(monkeypatch):
 
 def test_a_forced_choice_wins_and_a_wrong_one_is_an_error(monkeypatch):
     monkeypatch.setenv("FXQUANT_GEMM", "fbgemm")
-    assert heuristic_choice(1) == "fbgemm"
+    assert heuristic_choice(1, 4096, fbgemm=False) == "fbgemm"
     monkeypatch.setenv("FXQUANT_GEMM", "cutlass")
     with pytest.raises(ValueError, match="FXQUANT_GEMM='cutlass'"):
-        heuristic_choice(1)
+        heuristic_choice(1, 4096, fbgemm=True)
 
 
 def test_forced_split_k_covers_decode_m_only_and_says_so_elsewhere(monkeypatch, caplog):
     monkeypatch.setenv("FXQUANT_GEMM", "splitk")
-    assert heuristic_choice(1) == heuristic_choice(SMALL_M) == "splitk"
+    assert heuristic_choice(1, 28672, fbgemm=True) == heuristic_choice(SMALL_M, 4096, fbgemm=True) == "splitk"
     with caplog.at_level(logging.WARNING, logger="fxquant"):
-        assert heuristic_choice(SMALL_M + 1, fbgemm=False) == "scaled_mm"
-        assert heuristic_choice(None) == "by_rows"
+        assert heuristic_choice(SMALL_M + 1, 4096, fbgemm=False) == "scaled_mm"
+        assert heuristic_choice(None, 4096, fbgemm=True) == "by_rows"
     assert any("FXQUANT_GEMM=splitk is for a static M <= 16, not M=17" in r.message for r in caplog.records)
 
 
