@@ -9,11 +9,12 @@ M <= 16 also each choice's GEMM alone (fxquant::fp8_rowwise_mm compiled on opera
 beforehand: the `mm_*` columns); the quantization fused into its producer, as in a Llama layer
 (`fused_q+gemm`: RMSNorm -> fp8_rowwise_linear compiled, less RMSNorm compiled alone: what the
 quantize + GEMM adds once the quantization is in RMSNorm's kernel); torch._scaled_mm alone on
-pre-quantized input; FBGEMM quantize_fp8_per_row + f8f8bf16_rowwise; FBGEMM's GEMM alone. Unless --rowwise-only: fxquant's
-int8_linear; fxquant's fp8_blockwise_linear, eager and compiled (group quantization + cuBLAS's
-blockwise GEMM, or the Triton kernel), cuBLAS's blockwise GEMM alone, and FBGEMM's blockwise GEMM
-alone (128 x 128 activation blocks, M a multiple of 128); fxquant's fp8_tensorwise_linear, eager
-and compiled. Prints TFLOP/s and speed-ups over bf16; --json writes every row.
+pre-quantized input; FBGEMM quantize_fp8_per_row + f8f8bf16_rowwise; FBGEMM's GEMM alone. Unless
+--rowwise-only: fxquant's int8_linear; fxquant's fp8_blockwise_linear, eager and compiled (group
+quantization + cuBLAS's blockwise GEMM, or the Triton kernel), cuBLAS's blockwise GEMM alone, and
+FBGEMM's blockwise GEMM alone (128 x 128 activation blocks, M a multiple of 128); fxquant's
+fp8_tensorwise_linear, eager and compiled. Prints TFLOP/s and speed-ups over bf16; --json writes
+every row.
 
     python benchmarks/gemm.py [--json out.json] [--m 1 16 128 1024 4096 16384] [--rowwise-only]
 """
