@@ -18,12 +18,15 @@ run (want 0: no recompile per token).
     python benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead --peers bf16 fxquant fxquant-per-layer   # the merge pass
     python benchmarks/e2e_llama.py --layers 8 --modes default --peers bf16 fxquant-blockwise       # fp8_blockwise in a model
     python benchmarks/e2e_llama.py --peers bf16 fxquant torchao --shapes 1x1 16x1   # a slow peer, split by shapes
+    python benchmarks/e2e_llama.py --modes default --peers bf16 fxquant fxquant:split_reductions=True --shapes 1x1 16x1
+                                                   # fxquant's Inductor settings against one of Inductor's own
     python benchmarks/e2e_llama.py --tiny [--decode]     # CPU smoke test of the script itself
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import json
 import statistics
@@ -48,15 +51,20 @@ def llama3_8b(layers: int, tiny: bool) -> LlamaConfig:
 
 
 def peer_model(peer: str, model: torch.nn.Module) -> tuple[torch.nn.Module, object]:
-    """(model to compile, backend) for a peer."""
+    """(model to compile, backend) for a peer. An fxquant peer takes Inductor settings after a colon,
+    to compare them with fxquant's own: `fxquant:split_reductions=True,realize_opcount_threshold=30`."""
+    peer, _, settings = peer.partition(":")
+    inductor = {key: ast.literal_eval(value) for key, value in (item.split("=", 1) for item in settings.split(",") if item)}
+    if inductor and not peer.startswith("fxquant"):
+        raise ValueError(f"{peer}: Inductor settings are for fxquant peers")
     if peer == "bf16":
         return model, "inductor"
     if peer == "fxquant":
-        return model, fxquant.backend(scheme="fp8_rowwise")
+        return model, fxquant.backend(scheme="fp8_rowwise", inductor=inductor)
     if peer == "fxquant-per-layer":  # q/k/v and gate/up as separate GEMMs, to measure the merge pass
-        return model, fxquant.backend(scheme="fp8_rowwise", merge_parallel_linears=False)
+        return model, fxquant.backend(scheme="fp8_rowwise", merge_parallel_linears=False, inductor=inductor)
     if peer == "fxquant-blockwise":  # DeepSeek-V3 style 128 x 128 weight blocks, 1 x 128 activation groups
-        return model, fxquant.backend(scheme="fp8_blockwise")
+        return model, fxquant.backend(scheme="fp8_blockwise", inductor=inductor)
     if peer == "torchao":
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
@@ -194,14 +202,15 @@ def print_decode_table(results: list[dict]) -> None:
 
 def print_table(results: list[dict]) -> None:
     base = {(r["mode"], s): v["ms"] for r in results if r["peer"] == "bf16" for s, v in r["shapes"].items()}
-    print(f"{'mode':<16}{'peer':<18}" + "".join(f"{s + ' ms':>12}{'x':>7}" for s in results[0]["shapes"])
+    width = max(18, *(len(r["peer"]) + 2 for r in results))
+    print(f"{'mode':<16}{'peer':<{width}}" + "".join(f"{s + ' ms':>12}{'x':>7}" for s in results[0]["shapes"])
           + f"{'1st call s':>11}{'peak GiB':>9}{'recomp':>7}")
     for r in results:
         cells = "".join(f"{v['ms']:>12.3f}{base.get((r['mode'], s), float('nan')) / v['ms']:>6.2f}x" for s, v in r["shapes"].items())
         first = sum(v["first_call_s"] for v in r["shapes"].values())
         peak = f"{r['peak_gib']:>9.1f}" if r["peak_gib"] is not None else f"{'-':>9}"
         recompiles = r["recompiles_over_8_lengths"]
-        print(f"{r['mode']:<16}{r['peer']:<18}{cells}{first:>11.1f}{peak}{'-' if recompiles is None else recompiles:>7}")
+        print(f"{r['mode']:<16}{r['peer']:<{width}}{cells}{first:>11.1f}{peak}{'-' if recompiles is None else recompiles:>7}")
 
 
 def main() -> None:

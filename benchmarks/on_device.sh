@@ -12,8 +12,9 @@
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh torchao [SHAPES]  # bf16, fxquant, torchao in one run (1x1 16x1; then 1x2048 4x2048)
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh profile     # top kernels of decode-shaped forwards
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh profile-prefill  # the same for (1, 2048) and (4, 2048)
-#     source .whl/ondevice.sh && bash benchmarks/on_device.sh reductions [split no-split persistent]  # decode kernels and
-#                                                  # default-mode forwards with Inductor's row reductions split or not
+#     source .whl/ondevice.sh && bash benchmarks/on_device.sh settings [PEERS]  # fxquant's Inductor settings vs Inductor's,
+#                                                  # decode-shaped: kernels per forward, default and CUDA-graph ms
+#     source .whl/ondevice.sh && bash benchmarks/on_device.sh default-decode  # bf16 vs fxquant without CUDA graphs, both orders
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh merge       # fxquant with and without the merge pass
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh blockwise   # fp8_blockwise in the Llama forward
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh aoti-probe  # which step of a plain AOTInductor package dies
@@ -22,7 +23,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 quiet() { grep -v -E "Warning|warn\(|^  |AUTOTUNE|strides:|dtypes:|SingleProcess|_fbgemm_torch_compat|cannot determine|^\s*$|\[0m|\[33m"; }
 
-case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | torchao | profile | profile-prefill | reductions | merge | blockwise | aoti-probe}" in
+case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | torchao | profile | profile-prefill | settings | default-decode | merge | blockwise | aoti-probe}" in
   tests)
     # Without PATHS: every gpu test, in three pytest processes at once (compiling dominates and the
     # device has 16 cores; one process took more than the 10 minutes), each to its own file.
@@ -77,26 +78,28 @@ case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | tor
     timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/profile_decode.py --layers 8 --batches 1 4 --tokens 2048 \
       --json "$OUT/profile_prefill.json" >"$OUT/profile_prefill.txt" 2>&1
     grep -E "^==|^  " "$OUT/profile_prefill.txt" | cut -c1-150 ;;
-  reductions)
-    # SiLU·mul's quantization at decode: Inductor splits its 14336-wide row amax into three kernels.
-    # One kernel (no split) was slower on the GPU (7.0 vs 5.8 µs per layer) but launches fewer;
-    # multi-kernel also tries a persistent (whole row in registers) one. Per variant: fxquant's
-    # kernels, and bf16 vs fxquant in default mode, where decode is host-bound (bf16's SiLU·mul has
-    # no reduction to split; its RMSNorm rows, 4096 wide, are never split).
-    # Each variant takes ~4 minutes: name one or two per call (default: split no-split).
-    shift; [ $# -gt 0 ] || set -- split no-split
-    declare -A settings=([split]="" [no-split]="TORCHINDUCTOR_SPLIT_REDUCTIONS=0"
-                         [persistent]="TORCHINDUCTOR_SPLIT_REDUCTIONS=0 TORCHINDUCTOR_MULTI_KERNEL=1")
-    for name in "$@"; do
-      variant="$name:${settings[$name]}"; mkdir -p "$OUT/$name"
-      # shellcheck disable=SC2086  (the variant's settings are words for env)
-      env ${variant#*:} timeout 120 python3 benchmarks/profile_decode.py --layers 8 --peers fxquant \
-        --json "$OUT/$name/profile.json" >"$OUT/$name/profile.txt" 2>&1
-      # shellcheck disable=SC2086
-      env ${variant#*:} timeout 150 python3 benchmarks/e2e_llama.py --layers 8 --modes default --peers bf16 fxquant \
-        --shapes 1x1 16x1 --no-recompile-check --repeats 20 --json "$OUT/$name/e2e_default.json" >"$OUT/$name/e2e.txt" 2>&1
-      echo "#### $name"; grep -E "^==|^  [A-Z]|mul_silu" "$OUT/$name/profile.txt" | cut -c1-150
-      grep -E "^(mode|default) " "$OUT/$name/e2e.txt"
+  settings)
+    # fxquant's Inductor settings (fxquant/inductor/settings.py) against single changes back to
+    # Inductor's own, decode-shaped, next to bf16: kernels launched and GPU time per forward
+    # (profile, default mode), default-mode ms (host-bound), and CUDA-graph ms (where
+    # split_reductions stays on). PEERS: fxquant peers with settings (e2e_llama.peer_model).
+    shift; [ $# -gt 0 ] || set -- fxquant fxquant:split_reductions=True fxquant:realize_opcount_threshold=60
+    timeout 200 python3 benchmarks/profile_decode.py --layers 8 --peers bf16 "$@" --json "$OUT/settings_profile.json" \
+      >"$OUT/settings_profile.txt" 2>&1
+    grep -E "^==|^  [A-Z]" "$OUT/settings_profile.txt" | cut -c1-160
+    for mode in default reduce-overhead; do
+      timeout 170 python3 benchmarks/e2e_llama.py --layers 8 --modes $mode --peers bf16 "$@" --shapes 1x1 16x1 \
+        --no-recompile-check --repeats 20 --json "$OUT/settings_$mode.json" >"$OUT/settings_$mode.txt" 2>&1
+      grep -E "^(mode|$mode) " "$OUT/settings_$mode.txt"
+    done ;;
+  default-decode)
+    # Default mode (no CUDA graphs) at decode shapes: host-bound, and the shared host is noisy, so
+    # the two peers run twice in one call, in both orders.
+    for order in "bf16 fxquant" "fxquant bf16"; do
+      # shellcheck disable=SC2086  (the order is two peer names)
+      timeout 150 python3 benchmarks/e2e_llama.py --layers 8 --modes default --peers $order --shapes 1x1 16x1 \
+        --no-recompile-check --repeats 50 --json "$OUT/default_decode_${order// /_}.json" >"$OUT/default_decode_${order// /_}.txt" 2>&1
+      grep -E "^(mode|default) " "$OUT/default_decode_${order// /_}.txt"
     done ;;
   aoti-probe)
     { timeout 270 python3 benchmarks/aoti_probe.py; timeout 270 env -u PYTHONPATH python3 benchmarks/aoti_probe.py --no-carried; } \

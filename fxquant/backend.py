@@ -2,6 +2,7 @@
 
     torch.compile(model, backend="fxquant", options={"scheme": "int8"})     # entry point, no import
     torch.compile(model, backend=fxquant.backend(QuantConfig(scheme="int8")))
+    torch.compile(model, backend=fxquant.backend(inductor={"split_reductions": True}))  # Inductor settings
 """
 
 from __future__ import annotations
@@ -29,11 +30,14 @@ class Backend:
     """A Dynamo backend that quantizes linear layers under `config`.
 
     `plans` holds the plan of every graph it compiled, in order; `graphs` the rewritten
-    GraphModules handed to Inductor (for inspection and tests).
+    GraphModules handed to Inductor (for inspection and tests). `inductor`: Inductor config patches
+    for the compiled graphs, applied after the compile mode's and fxquant's own
+    (fxquant/inductor/settings.py).
     """
 
-    def __init__(self, config: QuantConfig | None = None):
+    def __init__(self, config: QuantConfig | None = None, inductor: Mapping[str, object] | None = None):
         self.config = config or QuantConfig()
+        self.inductor = dict(inductor or {})
         self.plans: list[Plan] = []
         self.graphs: list[fx.GraphModule] = []
 
@@ -55,13 +59,12 @@ class Backend:
         cache_tag = torch.compiler.config.cache_key_tag
         if decompositions is not None:
             from fxquant.inductor.cache_key import cache_key_tag
+            from fxquant.inductor.settings import fxquant_inductor_settings, linear_tokens
 
-            # Quantize the activation as eager would see it (rounded to its dtype), not the
-            # fp32 value Inductor keeps inside a fused kernel: compiled == reference numerics.
-            patches = {**patches, "emulate_precision_casts": True}
+            patches = fxquant_inductor_settings(patches, linear_tokens(gm))
             cache_tag = cache_key_tag()
         with torch.compiler.config.patch(cache_key_tag=cache_tag):
-            compiled = compile_fx(gm, example_inputs, config_patches=patches, decompositions=decompositions)
+            compiled = compile_fx(gm, example_inputs, config_patches={**patches, **self.inductor}, decompositions=decompositions)
         if not (self.config.check_weight_updates and quantized):
             return compiled
         index_of = {id(node.meta["grapharg"].example): i for i, node in enumerate(placeholders) if "grapharg" in node.meta}
@@ -92,17 +95,21 @@ def _declare_buffers_to_dynamo(gm: fx.GraphModule) -> None:
             sources.setdefault(name, ConstantSource(name))
 
 
-def backend(config: QuantConfig | None = None, **options: object) -> Backend:
-    """A backend for `torch.compile(model, backend=...)`, from a QuantConfig or keyword options."""
+def backend(config: QuantConfig | None = None, *, inductor: Mapping[str, object] | None = None, **options: object) -> Backend:
+    """A backend for `torch.compile(model, backend=...)`, from a QuantConfig or keyword options;
+    `inductor`: Inductor config patches for its graphs (they win over fxquant's own)."""
     if config is not None and options:
         raise ValueError("fxquant.backend: pass a QuantConfig or keyword options, not both")
-    return Backend(config or QuantConfig.from_options(options))
+    return Backend(config or QuantConfig.from_options(options), inductor)
 
 
 def fxquant_backend(
     gm: fx.GraphModule, example_inputs: Sequence, options: Mapping[str, object] | None = None, mode: str | None = None, **kwargs
 ) -> Callable:
-    """`backend="fxquant"` (registered as a torch_dynamo_backends entry point)."""
-    return Backend(QuantConfig.from_options(options))(gm, example_inputs, mode=mode, **kwargs)
+    """`backend="fxquant"` (registered as a torch_dynamo_backends entry point); `options` are
+    QuantConfig's fields and `inductor` (Inductor config patches)."""
+    options = dict(options or {})
+    inductor = options.pop("inductor", None)
+    return Backend(QuantConfig.from_options(options), inductor)(gm, example_inputs, mode=mode, **kwargs)
 
 

@@ -11,6 +11,8 @@ a choice of kernels.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -75,9 +77,19 @@ def scaled_mm_rowwise(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor
     )
 
 
+@functools.cache
+def fbgemm_rowwise_gemm() -> torch._ops.OpOverload:
+    """FBGEMM's `f8f8bf16_rowwise`, its library loaded first. A graph Inductor takes from its cache
+    calls the GEMM without the lowering (which loads fbgemm-gpu-genai) having run in this process."""
+    if not fbgemm_genai_available():
+        raise RuntimeError("fxquant: this compiled graph calls FBGEMM's f8f8bf16_rowwise, but fbgemm-gpu-genai "
+                           "does not load in this process (see the log); recompile without it")
+    return torch.ops.fbgemm.f8f8bf16_rowwise.default
+
+
 def fbgemm_rowwise_mm(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor) -> Tensor:
     """fp8_rowwise_mm by FBGEMM's `f8f8bf16_rowwise` (CUTLASS; needs fbgemm-gpu-genai)."""
-    return torch.ops.fbgemm.f8f8bf16_rowwise(x_q.contiguous(), w_q, x_scale, w_scale, use_fast_accum=True)
+    return fbgemm_rowwise_gemm()(x_q.contiguous(), w_q, x_scale, w_scale, use_fast_accum=True)
 
 
 # FBGEMM's GEMM beats cuBLAS's on Llama-3-8B's shapes up to this many rows, cuBLAS's wins from

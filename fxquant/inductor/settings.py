@@ -1,0 +1,60 @@
+"""The Inductor settings fxquant compiles its CUDA graphs with, on top of the compile mode's.
+
+    emulate_precision_casts    True   quantize each activation as eager rounds it (bf16), so the
+                                      compiled model matches the reference ops' numerics
+    realize_opcount_threshold  60     decode-shaped graphs only (at most DECODE_TOKENS tokens per
+                                      linear layer): Inductor's 30 counts the emulated casts (two
+                                      ops per bf16 rounding) and so stores rotate_half(k) * sin to
+                                      memory, one more kernel per decoder layer; 60 fuses it into
+                                      the attention-input copy as in the bf16 model. With thousands
+                                      of tokens that copy recomputes it per query head of the group,
+                                      and 30 stays (1.4 % less GPU time at prefill)
+    split_reductions           False  without CUDA graphs only: a decode forward is bound by kernel
+                                      launches, and SiLU·mul's 14336-wide row amax split over three
+                                      kernels costs two more launches per layer than it saves on the
+                                      GPU; under CUDA graphs launches are cheap and the split stays
+Measured in benchmarks/RESULTS.md (sixth session). A user's `inductor` settings
+(`fxquant.backend(..., inductor={...})`) come last and win.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from torch import fx
+from torch._inductor import config as inductor_config
+
+from fxquant.passes.find_linears import fake_value
+
+DECODE_TOKENS = 16
+DECODE_REALIZE_OPCOUNT_THRESHOLD = 60
+
+
+def uses_cudagraphs(mode_patches: Mapping[str, object]) -> bool:
+    """Whether the compile mode (or Inductor's global config) runs the graph under CUDA graphs."""
+    return bool(mode_patches.get("triton.cudagraphs", inductor_config.triton.cudagraphs))
+
+
+def linear_tokens(gm: fx.GraphModule) -> int | None:
+    """The most tokens (rows) any of `gm`'s fxquant linear layers sees, from Dynamo's example values
+    (a dynamic size counts as the value it was traced with); None without fxquant layers."""
+    tokens = None
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and getattr(node.target, "namespace", None) == "fxquant":
+            sizes = [size if isinstance(size, int) else size.node.hint for size in fake_value(node.args[0]).shape[:-1]]
+            if None in sizes:  # an unbacked size: no hint, so not decode-shaped
+                return None
+            tokens = max(tokens or 0, math.prod(sizes))
+    return tokens
+
+
+def fxquant_inductor_settings(mode_patches: Mapping[str, object], tokens: int | None = None) -> dict[str, object]:
+    """Inductor config patches for a graph fxquant lowered whose linear layers see at most `tokens`
+    tokens (None: unknown): the mode's, then fxquant's (above)."""
+    settings = {**mode_patches, "emulate_precision_casts": True}
+    if tokens is not None and tokens <= DECODE_TOKENS:
+        settings["realize_opcount_threshold"] = DECODE_REALIZE_OPCOUNT_THRESHOLD
+    if not uses_cudagraphs(mode_patches):
+        settings["split_reductions"] = False
+    return settings
