@@ -54,7 +54,8 @@ def peer_model(peer: str, model: torch.nn.Module) -> tuple[torch.nn.Module, obje
     """(model to compile, backend) for a peer. An fxquant peer takes Inductor settings after a colon,
     to compare them with fxquant's own: `fxquant:split_reductions=True,realize_opcount_threshold=30`."""
     peer, _, settings = peer.partition(":")
-    inductor = {key: ast.literal_eval(value) for key, value in (item.split("=", 1) for item in settings.split(",") if item)}
+    pairs = (item.split("=", 1) for item in settings.split(",") if item)
+    inductor = {key: ast.literal_eval(value) for key, value in pairs}
     if inductor and not peer.startswith("fxquant"):
         raise ValueError(f"{peer}: Inductor settings are for fxquant peers")
     if peer == "bf16":

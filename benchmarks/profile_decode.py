@@ -2,9 +2,10 @@
 the Llama-3-8B-shaped model (`e2e_llama.py`'s), bf16 torch.compile vs fxquant fp8_rowwise, default
 compile mode (no CUDA graphs, so each kernel shows). Batch 1 compiles static, batch 16 then compiles
 the dynamic-batch graph, as Dynamo does in a decode loop. `--tokens 2048` profiles prefill instead.
-An fxquant peer may carry Inductor settings (`e2e_llama.peer_model`). Each forward's kernel launches
-are counted (all, and Inductor's Triton kernels) and its GPU time is also summed by category (`by_category`: FP8 and bf16 GEMMs, lm_head,
-attention, Inductor kernels that fuse fxquant's quantization, other Inductor kernels).
+An fxquant peer may carry Inductor settings (`e2e_llama.peer_model`). Each forward's kernel
+launches are counted (all, and Inductor's Triton kernels) and its GPU time is summed by category
+(`by_category`: FP8 and bf16 GEMMs, lm_head, attention, Inductor kernels that fuse fxquant's
+quantization, other Inductor kernels).
 
     python benchmarks/profile_decode.py --layers 8 --json $OUT/profile.json
     python benchmarks/profile_decode.py --layers 8 --batches 1 4 --tokens 2048 --json $OUT/profile_prefill.json
@@ -77,7 +78,8 @@ def main() -> None:
                 launches = sum(k["calls"] for k in kernels)
                 triton = sum(k["calls"] for k in kernels if k["kernel"].startswith("triton_"))
                 results[f"{peer} {batch}x{args.tokens}"].update(kernel_launches=launches, triton_launches=triton)
-                print(f"== {peer} ({batch}, {args.tokens}): {ms:.3f} ms per forward, {sum(totals.values()):.0f} µs of GPU time, "
+                print(f"== {peer} ({batch}, {args.tokens}): {ms:.3f} ms per forward, "
+                      f"{sum(totals.values()):.0f} µs of GPU time, "
                       f"{launches} kernels launched ({triton} Triton)")
                 print("  " + ", ".join(f"{c} {us:.0f} µs" for c, us in sorted(totals.items(), key=lambda i: -i[1])))
                 for k in kernels[:14]:

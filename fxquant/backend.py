@@ -63,8 +63,9 @@ class Backend:
 
             patches = fxquant_inductor_settings(patches, linear_tokens(gm))
             cache_tag = cache_key_tag()
+        patches = {**patches, **self.inductor}
         with torch.compiler.config.patch(cache_key_tag=cache_tag):
-            compiled = compile_fx(gm, example_inputs, config_patches={**patches, **self.inductor}, decompositions=decompositions)
+            compiled = compile_fx(gm, example_inputs, config_patches=patches, decompositions=decompositions)
         if not (self.config.check_weight_updates and quantized):
             return compiled
         index_of = {id(node.meta["grapharg"].example): i for i, node in enumerate(placeholders) if "grapharg" in node.meta}
@@ -95,7 +96,9 @@ def _declare_buffers_to_dynamo(gm: fx.GraphModule) -> None:
             sources.setdefault(name, ConstantSource(name))
 
 
-def backend(config: QuantConfig | None = None, *, inductor: Mapping[str, object] | None = None, **options: object) -> Backend:
+def backend(
+    config: QuantConfig | None = None, *, inductor: Mapping[str, object] | None = None, **options: object
+) -> Backend:
     """A backend for `torch.compile(model, backend=...)`, from a QuantConfig or keyword options;
     `inductor`: Inductor config patches for its graphs (they win over fxquant's own)."""
     if config is not None and options:
