@@ -90,7 +90,7 @@ case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | tor
     for mode in default reduce-overhead; do
       timeout 170 python3 benchmarks/e2e_llama.py --layers 8 --modes $mode --peers bf16 "$@" --shapes 1x1 16x1 \
         --no-recompile-check --repeats 20 --json "$OUT/settings_$mode.json" >"$OUT/settings_$mode.txt" 2>&1
-      grep -E "^(mode|$mode) " "$OUT/settings_$mode.txt"
+      grep -E "^(mode|back|$mode) " "$OUT/settings_$mode.txt"
     done ;;
   default-decode)
     # Default mode (no CUDA graphs) at decode shapes: host-bound, and the shared host is noisy, so
@@ -99,7 +99,7 @@ case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | tor
       # shellcheck disable=SC2086  (the order is two peer names)
       timeout 150 python3 benchmarks/e2e_llama.py --layers 8 --modes default --peers $order --shapes 1x1 16x1 \
         --no-recompile-check --repeats 50 --json "$OUT/default_decode_${order// /_}.json" >"$OUT/default_decode_${order// /_}.txt" 2>&1
-      grep -E "^(mode|default) " "$OUT/default_decode_${order// /_}.txt"
+      grep -E "^(mode|back|default) " "$OUT/default_decode_${order// /_}.txt"
     done ;;
   aoti-probe)
     { timeout 270 python3 benchmarks/aoti_probe.py; timeout 270 env -u PYTHONPATH python3 benchmarks/aoti_probe.py --no-carried; } \

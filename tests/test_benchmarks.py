@@ -22,11 +22,13 @@ def run_e2e(tmp_path, *args: str) -> list[dict]:
 
 @pytest.mark.slow
 def test_e2e_forward_table_on_the_tiny_model(tmp_path):
-    results = run_e2e(tmp_path, "--peers", "bf16", "fxquant", "--shapes", "1x1", "1x32", "--repeats", "2")
-    assert [r["peer"] for r in results] == ["bf16", "fxquant"]
+    peers = ["bf16", "fxquant", "fxquant:split_reductions=True"]  # the last with an Inductor setting of its own
+    results = run_e2e(tmp_path, "--peers", *peers, "--shapes", "1x1", "1x32", "--repeats", "2")
+    assert [r["peer"] for r in results] == peers
     for result in results:
         assert list(result["shapes"]) == ["1x1", "1x32"], "--shapes picks the shapes timed"
-        assert all(shape["ms"] > 0 and shape["first_call_s"] > 0 for shape in result["shapes"].values())
+        assert all(shape["ms"] > 0 and shape["ms_back_to_back"] > 0 and shape["first_call_s"] > 0
+                   for shape in result["shapes"].values())
         assert result["recompiles_over_8_lengths"] == 0
 
 
