@@ -42,8 +42,9 @@ def linear_tokens(gm: fx.GraphModule) -> int | None:
     tokens = None
     for node in gm.graph.nodes:
         if node.op == "call_function" and getattr(node.target, "namespace", None) == "fxquant":
-            sizes = [size if isinstance(size, int) else size.node.hint for size in fake_value(node.args[0]).shape[:-1]]
-            if None in sizes:  # an unbacked size: no hint, so not decode-shaped
+            x = fake_value(node.args[0])
+            sizes = None if x is None else [size if isinstance(size, int) else size.node.hint for size in x.shape[:-1]]
+            if sizes is None or None in sizes:  # no example value, or an unbacked size: not decode-shaped
                 return None
             tokens = max(tokens or 0, math.prod(sizes))
     return tokens

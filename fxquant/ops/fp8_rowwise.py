@@ -79,11 +79,11 @@ def scaled_mm_rowwise(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor
 
 @functools.cache
 def fbgemm_rowwise_gemm() -> torch._ops.OpOverload:
-    """FBGEMM's `f8f8bf16_rowwise`, its library loaded first. A graph Inductor takes from its cache
+    """FBGEMM's `f8f8bf16_rowwise`, its library loaded first: a graph Inductor takes from its cache
     calls the GEMM without the lowering (which loads fbgemm-gpu-genai) having run in this process."""
     if not fbgemm_genai_available():
-        raise RuntimeError("fxquant: this compiled graph calls FBGEMM's f8f8bf16_rowwise, but fbgemm-gpu-genai "
-                           "does not load in this process (see the log); recompile without it")
+        raise RuntimeError("fxquant: this compiled graph calls FBGEMM's f8f8bf16_rowwise, but "
+                           "fbgemm-gpu-genai does not load in this process (the log says why)")
     return torch.ops.fbgemm.f8f8bf16_rowwise.default
 
 

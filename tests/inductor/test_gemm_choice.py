@@ -72,3 +72,14 @@ def test_compiled_code_is_cached_per_lowering_source_and_gemm_choice(monkeypatch
     assert cache_key_tag() != heuristic and cache_key_tag().endswith(":fbgemm")
     with torch.compiler.config.patch(cache_key_tag="user-tag"):
         assert cache_key_tag().startswith("user-tag|fxquant:")
+
+
+def test_compiled_code_is_cached_per_fbgemm_availability(monkeypatch):
+    """The heuristic picks FBGEMM where it loads: code compiled there must not run where it does not."""
+    from fxquant.inductor import cache_key
+
+    tags = set()
+    for available in (True, False):
+        monkeypatch.setattr(cache_key, "fbgemm_genai_available", lambda: available)
+        tags.add(cache_key_tag())
+    assert len(tags) == 2
