@@ -221,27 +221,30 @@ def print_decode_table(results: list[dict]) -> None:
         print(f"{r['mode']:<16}{r['peer']:<18}{cells}")
 
 
-def print_table(results: list[dict]) -> None:
-    base = {(r["mode"], s): v["ms"] for r in results if r["peer"] == "bf16" for s, v in r["shapes"].items()}
+def ratio_cells(results: list[dict], key: str) -> tuple[int, list[str]]:
+    """The peer column's width and each result's `key` ms per shape with its speed-up over bf16."""
+    base = {(r["mode"], s): v[key] for r in results if r["peer"] == "bf16" for s, v in r["shapes"].items()}
     width = max(18, *(len(r["peer"]) + 2 for r in results))
+    return width, ["".join(f"{v[key]:>12.3f}{base.get((r['mode'], s), float('nan')) / v[key]:>6.2f}x"
+                           for s, v in r["shapes"].items()) for r in results]
+
+
+def print_table(results: list[dict]) -> None:
+    width, cells = ratio_cells(results, "ms")
     print(f"{'mode':<16}{'peer':<{width}}" + "".join(f"{s + ' ms':>12}{'x':>7}" for s in results[0]["shapes"])
           + f"{'1st call s':>11}{'peak GiB':>9}{'recomp':>7}")
-    for r in results:
-        cells = "".join(f"{v['ms']:>12.3f}{base.get((r['mode'], s), float('nan')) / v['ms']:>6.2f}x" for s, v in r["shapes"].items())
+    for r, row in zip(results, cells):
         first = sum(v["first_call_s"] for v in r["shapes"].values())
         peak = f"{r['peak_gib']:>9.1f}" if r["peak_gib"] is not None else f"{'-':>9}"
         recompiles = r["recompiles_over_8_lengths"]
-        print(f"{r['mode']:<16}{r['peer']:<{width}}{cells}{first:>11.1f}{peak}{'-' if recompiles is None else recompiles:>7}")
+        print(f"{r['mode']:<16}{r['peer']:<{width}}{row}{first:>11.1f}{peak}{'-' if recompiles is None else recompiles:>7}")
 
 
 def print_back_to_back(results: list[dict]) -> None:
-    base = {(r["mode"], s): v["ms_back_to_back"] for r in results if r["peer"] == "bf16" for s, v in r["shapes"].items()}
-    width = max(18, *(len(r["peer"]) + 2 for r in results))
+    width, cells = ratio_cells(results, "ms_back_to_back")
     print("back to back (one synchronization per --repeats forwards):")
-    for r in results:
-        cells = "".join(f"{v['ms_back_to_back']:>12.3f}{base.get((r['mode'], s), float('nan')) / v['ms_back_to_back']:>6.2f}x"
-                        for s, v in r["shapes"].items())
-        print(f"{r['mode']:<16}{r['peer']:<{width}}{cells}")
+    for r, row in zip(results, cells):
+        print(f"{r['mode']:<16}{r['peer']:<{width}}{row}")
 
 
 def main() -> None:

@@ -83,7 +83,7 @@ case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | tor
     # Inductor's own, decode-shaped, next to bf16: kernels launched and GPU time per forward
     # (profile, default mode), default-mode ms (host-bound), and CUDA-graph ms (where
     # split_reductions stays on). PEERS: fxquant peers with settings (e2e_llama.peer_model).
-    shift; [ $# -gt 0 ] || set -- fxquant fxquant:split_reductions=True fxquant:realize_opcount_threshold=60
+    shift; [ $# -gt 0 ] || set -- fxquant fxquant:split_reductions=True fxquant:realize_opcount_threshold=30
     timeout 200 python3 benchmarks/profile_decode.py --layers 8 --peers bf16 "$@" --json "$OUT/settings_profile.json" \
       >"$OUT/settings_profile.txt" 2>&1
     grep -E "^==|^  [A-Z]" "$OUT/settings_profile.txt" | cut -c1-160
