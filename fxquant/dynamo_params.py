@@ -17,19 +17,24 @@ _CONTAINER_ATTRS = {"_modules", "_parameters", "_buffers"}
 
 
 def qualified_name(source: object) -> str | None:
-    """'layers.0.fc.weight' for a Source chain rooted at the compiled frame's local or global."""
-    parts: list[str] = []
+    """'layers.0.fc.weight' for a Source chain rooted at the compiled frame's local or global: the
+    module itself (`L['self']`), or `L['args'][0]` where the frame is a `*args` wrapper's around the
+    model's `forward` (transformers' decorated forwards), whose first argument is the model."""
+    chain: list[object] = []
     while source is not None:
-        member = getattr(source, "member", None)
-        index = getattr(source, "index", None)
+        chain.append(source)
+        source = getattr(source, "base", None)
+    root, *hops = reversed(chain)
+    if hops and getattr(root, "local_name", None) == "args" and getattr(hops[0], "index", None) == 0:
+        hops = hops[1:]
+    parts: list[str] = []
+    for hop in hops:
+        member, index = getattr(hop, "member", None), getattr(hop, "index", None)
         if isinstance(member, str) and member not in _CONTAINER_ATTRS:
             parts.append(member)
-        elif isinstance(index, (str, int)) and getattr(source, "base", None) is not None:
+        elif isinstance(index, (str, int)):
             parts.append(str(index))
-        if getattr(source, "base", None) is None:
-            break
-        source = source.base
-    return ".".join(reversed(parts)) or None
+    return ".".join(parts) or None
 
 
 def _is_buffer(source: object) -> bool:

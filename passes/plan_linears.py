@@ -70,8 +70,9 @@ class Plan(list):
 
 
 def _module_path(stack_path: str) -> str:
-    """Dynamo's "L['self'].layers[0].fc" (export's "layers.0.fc" passes through) → "layers.0.fc"."""
-    path = re.sub(r"^[LG]\['[^']*'\]", "", stack_path)
+    """Dynamo's "L['self'].layers[0].fc", or "L['args'][0].layers[0].fc" where the compiled frame is a
+    `*args` wrapper's (dynamo_params.qualified_name; export's "layers.0.fc" passes through) → "layers.0.fc"."""
+    path = re.sub(r"^L\['args'\]\[0\]|^[LG]\['[^']*'\]", "", stack_path)
     path = re.sub(r"\[(\d+)\]|\['([^']*)'\]", lambda m: "." + (m.group(1) or m.group(2)), path)
     return path.replace("._modules.", ".").strip(".")
 

@@ -5,6 +5,7 @@ weights changed after compilation, grad mode, dynamic shapes, option errors, the
 left untouched.
 """
 
+import functools
 import os
 import subprocess
 import sys
@@ -102,6 +103,31 @@ def test_new_sequence_lengths_do_not_recompile_after_the_dynamic_one():
             compiled(torch.randn(2, tokens, 64))
     assert len(backend.plans) == 2, "one static graph, one dynamic graph, then no more compiles"
     assert backend.graphs[0].fxquant_up_weight is backend.graphs[1].fxquant_up_weight, "graphs share quantized weights"
+
+
+def keyword_renamed(forward):
+    """A `*args` wrapper around `forward`, as transformers' `deprecate_kwarg` puts on Llama's: the
+    frame Dynamo compiles is the wrapper's, and the model is its `args[0]`."""
+
+    @functools.wraps(forward)
+    def wrapper(*args, **kwargs):
+        return forward(*args, **kwargs)
+
+    return wrapper
+
+
+class WrappedMLP(MLP):
+    forward = keyword_renamed(MLP.forward)
+
+
+def test_a_wrapped_forward_names_layers_from_the_model():
+    backend = fxquant.backend()
+    with torch.no_grad():
+        torch.compile(WrappedMLP(), backend=backend)(torch.randn(2, 64))
+    (plan,) = backend.plans
+    assert [entry.layer for entry in plan.rewritten] == ["up", "down"]
+    assert [entry.layer for entry in plan.skipped] == ["lm_head"], "lm_head is skipped by default"
+    assert hasattr(backend.graphs[0], "fxquant_up_weight"), "quantized weights are named after the model's"
 
 
 def test_users_model_is_unchanged():
