@@ -20,6 +20,12 @@ from fxquant.ops.fp8_rowwise import quantize_fp8_rowwise
 from tests.models import relative_error
 
 
+def rms_norm(x, weight):
+    """Llama's RMSNorm, as HF writes it: float32 statistics, the weight applied in x's dtype."""
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    return (x.float() * torch.rsqrt(variance + 1e-6)).to(x.dtype) * weight
+
+
 class RMSNormLinear(torch.nn.Module):
     """Llama's RMSNorm feeding a linear layer: the pair whose quantization must fuse."""
 
@@ -29,9 +35,7 @@ class RMSNormLinear(torch.nn.Module):
         self.proj = torch.nn.Linear(dim, out, bias=False)
 
     def forward(self, x):
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        h = (x.float() * torch.rsqrt(variance + 1e-6)).to(x.dtype) * self.norm_weight
-        return self.proj(h)
+        return self.proj(rms_norm(x, self.norm_weight))
 
 
 def compile_with_lowering(fn):
@@ -41,9 +45,10 @@ def compile_with_lowering(fn):
 
 
 def kernels(code: str) -> list[str]:
-    """The generated kernels' sources (Triton or C++), one string each."""
+    """The generated kernels, one string each: its name (Triton) or signature (C++) and its source, up
+    to the source's closing quotes (the wrapper code after the last kernel names the ops it calls)."""
     marker = "async_compile.triton(" if "async_compile.triton(" in code else "async_compile.cpp_pybinding("
-    return code.split(marker)[1:]
+    return ["'''".join(chunk.split("'''", 2)[:2]) for chunk in code.split(marker)[1:]]
 
 
 # What each GEMM choice leaves in Inductor's generated code.
@@ -70,7 +75,8 @@ def check_fused(device, gemm):
     out, (code, *_) = run_and_get_code(compile_with_lowering(rmsnorm_linear), x)
     generated = [k for k in kernels(code) if not k.startswith("'triton_tem_")]  # the GEMM template aside
     assert len(generated) == 1, f"want one kernel (RMSNorm + quantization), got {len(generated)}:\n{code}"
-    assert "rsqrt" in generated[0] and "float8" in generated[0].lower(), "the quantization is not in the RMSNorm kernel"
+    # rsqrt: Triton's libdevice.rsqrt, C++'s 1 / std::sqrt
+    assert "sqrt" in generated[0] and "float8" in generated[0].lower(), "the quantization is not in the RMSNorm kernel"
     assert GEMM_IN_CODE[gemm] in code, f"the GEMM is not {gemm}:\n{code}"
     error = relative_error(out, rmsnorm_linear(x))
     # emulate_precision_casts makes the fused kernel quantize the bf16-rounded RMSNorm output, as
