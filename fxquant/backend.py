@@ -7,12 +7,15 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 
 import torch
 from torch import fx
 from torch._dynamo.source import ConstantSource
 from torch._inductor.compile_fx import compile_fx
+from torch._inductor.virtualized import V
 
 from fxquant.config import QuantConfig
 from fxquant.dynamo_params import dynamo_module_tensor
@@ -64,12 +67,22 @@ class Backend:
             patches = fxquant_inductor_settings(patches, linear_tokens(gm))
             cache_tag = cache_key_tag()
         patches = {**patches, **self.inductor}
-        with torch.compiler.config.patch(cache_key_tag=cache_tag):
+        choices = patches.pop("inductor_choices_class", None)
+        if choices is not None:
+            choices = choices()
+            cache_tag = f"{cache_tag}|choices:{choices.uuid()}"
+        with torch.compiler.config.patch(cache_key_tag=cache_tag), _choices_handler(choices):
             compiled = compile_fx(gm, example_inputs, config_patches=patches, decompositions=decompositions)
         if not (self.config.check_weight_updates and quantized):
             return compiled
         index_of = {id(node.meta["grapharg"].example): i for i, node in enumerate(placeholders) if "grapharg" in node.meta}
         return RequantizeOnUpdate(compiled, [(index_of[id(q.source)], q) for q in quantized])
+
+
+def _choices_handler(choices: object | None) -> AbstractContextManager:
+    """Inductor's heuristics for one compile: its config's `inductor_choices_class` is read once per
+    thread, so a per-graph class is installed as the handler while compiling instead."""
+    return contextlib.nullcontext() if choices is None else V.set_choices_handler(choices)
 
 
 def inductor_decompositions(example_inputs: Sequence) -> dict | None:

@@ -9,11 +9,16 @@
                                       the attention-input copy as in the bf16 model. With thousands
                                       of tokens that copy recomputes it per query head of the group,
                                       and 30 stays (1.4 % less GPU time at prefill)
-    split_reductions           False  without CUDA graphs only: a decode forward is bound by kernel
+    split_reductions           False  without CUDA graphs: a decode forward is bound by kernel
                                       launches, and SiLU·mul's 14336-wide row amax split over three
                                       kernels costs two more launches per layer than it saves on the
-                                      GPU; under CUDA graphs launches are cheap and the split stays
-Measured in benchmarks/RESULTS.md (sixth session). A user's `inductor` settings
+                                      GPU. Under CUDA graphs: decode-shaped graphs only (one
+                                      looped kernel was faster than the three, 5.0 vs 5.5 µs)
+    inductor_choices_class     WholeRowReductions (fxquant/inductor/choices.py), decode-shaped
+                                      graphs only: RMSNorm + quantization rows up to 8192 wide as
+                                      persistent reductions (the row read once); the backend
+                                      installs it as Inductor's choices handler while compiling
+Measured in benchmarks/RESULTS.md (sixth to eighth sessions). A user's `inductor` settings
 (`fxquant.backend(..., inductor={...})`) come last and win.
 """
 
@@ -25,6 +30,7 @@ from collections.abc import Mapping
 from torch import fx
 from torch._inductor import config as inductor_config
 
+from fxquant.inductor.choices import WholeRowReductions
 from fxquant.passes.find_linears import fake_value
 
 DECODE_TOKENS = 16
@@ -54,8 +60,10 @@ def fxquant_inductor_settings(mode_patches: Mapping[str, object], tokens: int | 
     """Inductor config patches for a graph fxquant lowered whose linear layers see at most `tokens`
     tokens (None: unknown): the mode's, then fxquant's (above)."""
     settings = {**mode_patches, "emulate_precision_casts": True}
-    if tokens is not None and tokens <= DECODE_TOKENS:
+    decode_shaped = tokens is not None and tokens <= DECODE_TOKENS
+    if decode_shaped:
         settings["realize_opcount_threshold"] = DECODE_REALIZE_OPCOUNT_THRESHOLD
-    if not uses_cudagraphs(mode_patches):
+        settings["inductor_choices_class"] = WholeRowReductions
+    if decode_shaped or not uses_cudagraphs(mode_patches):
         settings["split_reductions"] = False
     return settings
