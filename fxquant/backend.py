@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager
 
 import torch
 from torch import fx
@@ -79,7 +78,7 @@ class Backend:
         return RequantizeOnUpdate(compiled, [(index_of[id(q.source)], q) for q in quantized])
 
 
-def _choices_handler(choices: object | None) -> AbstractContextManager:
+def _choices_handler(choices: object | None) -> contextlib.AbstractContextManager:
     """Inductor's heuristics for one compile: its config's `inductor_choices_class` is read once per
     thread, so a per-graph class is installed as the handler while compiling instead."""
     return contextlib.nullcontext() if choices is None else V.set_choices_handler(choices)
