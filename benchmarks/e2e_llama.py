@@ -51,12 +51,26 @@ def llama3_8b(layers: int, tiny: bool) -> LlamaConfig:
                        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
 
 
+def setting_value(text: str) -> object:
+    """An Inductor setting's value from the command line: a literal, or one of fxquant's choices classes."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        from fxquant.inductor import choices
+
+        if not isinstance(getattr(choices, text, None), type):
+            raise ValueError(f"{text!r}: want a Python literal or a class in fxquant/inductor/choices.py") from None
+        return getattr(choices, text)
+
+
 def peer_model(peer: str, model: torch.nn.Module) -> tuple[torch.nn.Module, object]:
     """(model to compile, backend) for a peer. An fxquant peer takes Inductor settings after a colon,
-    to compare them with fxquant's own: `fxquant:split_reductions=True,realize_opcount_threshold=30`."""
+    to compare them with fxquant's own: `fxquant:split_reductions=True,realize_opcount_threshold=30`;
+    a value is a Python literal or the name of a class in fxquant/inductor/choices.py
+    (`fxquant:inductor_choices_class=WholeRowReductions`)."""
     peer, _, settings = peer.partition(":")
     pairs = (item.split("=", 1) for item in settings.split(",") if item)
-    inductor = {key: ast.literal_eval(value) for key, value in pairs}
+    inductor = {key: setting_value(value) for key, value in pairs}
     if inductor and not peer.startswith("fxquant"):
         raise ValueError(f"{peer}: Inductor settings are for fxquant peers")
     if peer == "bf16":

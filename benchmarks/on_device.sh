@@ -11,7 +11,7 @@
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh decode      # static-cache generate loop
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh torchao [SHAPES]  # bf16, fxquant, torchao in one run (1x1 16x1; then 1x2048 4x2048)
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh profile     # top kernels of decode-shaped forwards
-#     source .whl/ondevice.sh && bash benchmarks/on_device.sh profile-prefill  # the same for (1, 2048) and (4, 2048)
+#     source .whl/ondevice.sh && bash benchmarks/on_device.sh profile-prefill [PEERS]  # the same for (1, 2048) and (4, 2048)
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh settings [PEERS]  # fxquant's Inductor settings vs Inductor's,
 #                                                  # decode-shaped: kernels per forward, default and CUDA-graph ms
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh default-decode  # bf16 vs fxquant without CUDA graphs, both orders
@@ -75,8 +75,10 @@ case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | tor
     timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/profile_decode.py --layers 8 --json "$OUT/profile.json" >"$OUT/profile.txt" 2>&1
     grep -E "^==|^  " "$OUT/profile.txt" | cut -c1-150 ;;
   profile-prefill)
+    # PEERS (default bf16 fxquant): e.g. bf16 fxquant fxquant:inductor_choices_class=WholeRowReductions
+    shift; [ $# -gt 0 ] || set -- bf16 fxquant
     timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/profile_decode.py --layers 8 --batches 1 4 --tokens 2048 \
-      --json "$OUT/profile_prefill.json" >"$OUT/profile_prefill.txt" 2>&1
+      --peers "$@" --json "$OUT/profile_prefill.json" >"$OUT/profile_prefill.txt" 2>&1
     grep -E "^==|^  " "$OUT/profile_prefill.txt" | cut -c1-150 ;;
   settings)
     # fxquant's Inductor settings (fxquant/inductor/settings.py) against single changes back to

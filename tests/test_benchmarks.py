@@ -2,6 +2,7 @@
 break here first. e2e_llama.py runs its `--tiny` model (forward table and decode loop) and
 profile_decode.py's kernel categories are checked on kernel names an H100 profile recorded."""
 
+import importlib
 import json
 import pathlib
 import subprocess
@@ -10,6 +11,15 @@ import sys
 import pytest
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def benchmark(name: str):
+    """A script of benchmarks/ as a module (the scripts import each other by their plain names)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
 
 
 def run_e2e(tmp_path, *args: str) -> list[dict]:
@@ -32,6 +42,16 @@ def test_e2e_forward_table_on_the_tiny_model(tmp_path):
         assert result["recompiles_over_8_lengths"] == 0
 
 
+def test_a_peers_inductor_settings_take_literals_and_fxquants_choices():
+    peer_model = benchmark("e2e_llama").peer_model
+    from fxquant.inductor.choices import WholeRowReductions
+
+    _, backend = peer_model("fxquant:inductor_choices_class=WholeRowReductions,split_reductions=True", None)
+    assert backend.inductor == {"inductor_choices_class": WholeRowReductions, "split_reductions": True}
+    with pytest.raises(ValueError, match="NoSuchChoices"):
+        peer_model("fxquant:inductor_choices_class=NoSuchChoices", None)
+
+
 @pytest.mark.slow
 def test_e2e_decode_loop_on_the_tiny_model(tmp_path):
     (result,) = run_e2e(tmp_path, "--decode", "--peers", "fxquant", "--decode-repeats", "1")
@@ -41,11 +61,7 @@ def test_e2e_decode_loop_on_the_tiny_model(tmp_path):
 
 
 def test_profile_categories_on_an_h100_profile():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        from profile_decode import by_category
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    by_category = benchmark("profile_decode").by_category
     profile = json.loads((BENCHMARKS / "results" / "profile_decode_h100_2026-11-23.json").read_text())
     bf16, fxquant = by_category(profile["bf16 1x1"]["kernels"]), by_category(profile["fxquant 1x1"]["kernels"])
     # RESULTS.md, third session: decoder GEMMs 1384 (bf16) and 978 µs (fxquant), lm_head 374 µs on both
