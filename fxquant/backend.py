@@ -66,9 +66,9 @@ class Backend:
             patches = fxquant_inductor_settings(patches, linear_tokens(gm))
             cache_tag = cache_key_tag()
         patches = {**patches, **self.inductor}
-        choices = patches.pop("inductor_choices_class", None)
+        choices_class = patches.pop("inductor_choices_class", None)
+        choices = choices_class() if choices_class is not None else None
         if choices is not None:
-            choices = choices()
             cache_tag = f"{cache_tag}|choices:{choices.uuid()}"
         with torch.compiler.config.patch(cache_key_tag=cache_tag), _choices_handler(choices):
             compiled = compile_fx(gm, example_inputs, config_patches=patches, decompositions=decompositions)
