@@ -77,6 +77,8 @@ def peer_model(peer: str, model: torch.nn.Module) -> tuple[torch.nn.Module, obje
         return model, "inductor"
     if peer == "fxquant":
         return model, fxquant.backend(scheme="fp8_rowwise", inductor=inductor)
+    if peer == "fxquant-frozen":  # without the per-call check for weights changed after compiling
+        return model, fxquant.backend(scheme="fp8_rowwise", check_weight_updates=False, inductor=inductor)
     if peer == "fxquant-per-layer":  # q/k/v and gate/up as separate GEMMs, to measure the merge pass
         return model, fxquant.backend(scheme="fp8_rowwise", merge_parallel_linears=False, inductor=inductor)
     if peer == "fxquant-blockwise":  # DeepSeek-V3 style 128 x 128 weight blocks, 1 x 128 activation groups

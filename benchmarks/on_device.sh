@@ -3,7 +3,7 @@
 # $OUT (they come back) and a short summary on stdout; FXQUANT_TIMEOUT (seconds, default 560) bounds
 # a stage, to fit two in one call. Run from the repository root on the device:
 #
-#     source .whl/ondevice.sh && bash benchmarks/on_device.sh tests [PATHS]  # gpu-marked tests (all: three processes at once)
+#     source .whl/ondevice.sh && bash benchmarks/on_device.sh tests [PATHS]  # gpu-marked tests (all: four processes at once)
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh gemm        # GEMM table, all schemes
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh gemm-decode # fp8_rowwise GEMM choices at M = 1, 16 (split-K included)
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh gemm-prefill # fp8_rowwise at M = 1024, 4096, 16384 (fused_q+gemm vs FBGEMM's GEMM)
@@ -18,20 +18,23 @@
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh merge       # fxquant with and without the merge pass
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh blockwise   # fp8_blockwise in the Llama forward
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh aoti-probe  # which step of a plain AOTInductor package dies
+#     source .whl/ondevice.sh && bash benchmarks/on_device.sh weight-check  # check_weight_updates' cost per decode step
+#     source .whl/ondevice.sh && bash benchmarks/on_device.sh division-rounding  # correctly rounded division's cost
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 quiet() { grep -v -E "Warning|warn\(|^  |AUTOTUNE|strides:|dtypes:|SingleProcess|_fbgemm_torch_compat|cannot determine|^\s*$|\[0m|\[33m"; }
 
-case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | torchao | profile | profile-prefill | settings | default-decode | merge | blockwise | aoti-probe}" in
+case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | torchao | profile | profile-prefill | settings | default-decode | merge | blockwise | aoti-probe | weight-check | division-rounding}" in
   tests)
-    # Without PATHS: every gpu test, in three pytest processes at once (compiling dominates and the
+    # Without PATHS: every gpu test, in four pytest processes at once (compiling dominates and the
     # device has 16 cores; one process took more than the 10 minutes), each to its own file.
     shift
     if [ $# -gt 0 ]; then groups=("$*"); else groups=(
       "tests/kernels/test_cuda_fp8_rowwise_gemm.py"
       "tests/kernels/test_cuda_ops.py tests/kernels/test_cuda_cached_graph.py tests/kernels/test_fp8_rowwise_splitk.py tests/kernels/test_interpreted_triton_kernels.py"
-      "tests/kernels/test_cuda_decode.py tests/kernels/test_cuda_export.py tests/kernels/test_cuda_fp8_schemes.py tests/inductor"); fi
+      "tests/kernels/test_cuda_decode.py tests/kernels/test_cuda_export.py tests/kernels/test_cuda_fp8_schemes.py tests/inductor"
+      "tests/kernels/test_cuda_compiled_quantization.py tests/kernels/test_cuda_op_branches.py tests/kernels/test_cuda_trust.py"); fi
     for i in "${!groups[@]}"; do
       # shellcheck disable=SC2086  (a group is a space-separated list of paths)
       timeout "${FXQUANT_TIMEOUT:-560}" python3 -m pytest -q -p no:cacheprovider --tb=short -rsfE --durations=10 \
@@ -103,6 +106,15 @@ case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | tor
         --no-recompile-check --repeats 50 --json "$OUT/default_decode_${order// /_}.json" >"$OUT/default_decode_${order// /_}.txt" 2>&1
       grep -E "^(mode|back|default) " "$OUT/default_decode_${order// /_}.txt"
     done ;;
+  weight-check)
+    # What check_weight_updates costs per decode step (fxquant/weight_updates.py), on and off, same run.
+    timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/weight_check.py --layers 8 --out "$OUT" >"$OUT/weight_check.txt" 2>&1
+    quiet <"$OUT/weight_check.txt" | tail -14 ;;
+  division-rounding)
+    # Correctly rounded division in the fused FP8 quantization (item 13's setting), off and on.
+    timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/division_rounding.py --json "$OUT/division_rounding.json" \
+      >"$OUT/division_rounding.txt" 2>&1
+    quiet <"$OUT/division_rounding.txt" | tail -8 ;;
   aoti-probe)
     { timeout 270 python3 benchmarks/aoti_probe.py; timeout 270 env -u PYTHONPATH python3 benchmarks/aoti_probe.py --no-carried; } \
       >"$OUT/aoti_probe.txt" 2>&1

@@ -43,6 +43,11 @@ class Backend:
         self.plans: list[Plan] = []
         self.graphs: list[fx.GraphModule] = []
 
+    def __deepcopy__(self, memo: dict) -> Backend:
+        """The backend itself: transformers deep-copies a generation config's `compile_config` on every
+        `generate`, and a copy would record its plans out of the user's sight and recompile each time."""
+        return self
+
     def rewrite(self, gm: fx.GraphModule) -> tuple[Plan, list[QuantizedWeight]]:
         """Run fxquant's passes on a Dynamo graph in place; returns the plan and the quantized weights."""
         plan, quantized = quantize_graph(gm, dynamo_module_tensor, self.config, _QUANTIZED, merge=True)

@@ -11,6 +11,8 @@ quantize (same layer names as the plan), so the recorded names always match the 
 from __future__ import annotations
 
 import json
+import math
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,16 +33,44 @@ class Calibration:
     batches: int = 0
 
     def observe(self, activation: torch.Tensor, layer: str) -> None:
+        """Record `activation`, seen at the input of `layer` in batch number `self.batches`; a NaN or
+        Inf is an error, since max() would keep or drop it depending on the batch it came in."""
         value = float(activation.detach().abs().amax())
+        if not math.isfinite(value):
+            raise ValueError(
+                f"fxquant: calibration batch {self.batches}: the input of layer '{layer}' holds a NaN or Inf; "
+                "calibrate on finite activations"
+            )
         self.amax[layer] = max(value, self.amax.get(layer, 0.0))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"amax": self.amax, "batches": self.batches}, indent=1, sort_keys=True))
+        """Write strict JSON (no NaN / Infinity), replacing `path` only once the whole file is written."""
+        path = Path(path)
+        _check_amax(self.amax, "fxquant: Calibration.save")
+        text = json.dumps({"amax": self.amax, "batches": self.batches}, indent=1, sort_keys=True, allow_nan=False)
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.write_text(text)
+        os.replace(temporary, path)  # atomic: a reader sees the old file or the new one, never half of one
 
     @classmethod
     def load(cls, path: str | Path) -> Calibration:
-        data = json.loads(Path(path).read_text())
-        return cls(amax={str(k): float(v) for k, v in data["amax"].items()}, batches=int(data["batches"]))
+        """Read a file written by `save`; a malformed file or a non-finite or non-positive amax is an
+        error naming the file (and the layer)."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"fxquant: {path}: not JSON ({error})") from error
+        if not (isinstance(data, dict) and isinstance(data.get("amax"), dict) and isinstance(data.get("batches"), int)):
+            raise ValueError(f'fxquant: {path}: not a calibration file (want {{"amax": {{layer: number}}, "batches": integer}})')
+        _check_amax(data["amax"], f"fxquant: {path}")
+        return cls(amax={str(k): float(v) for k, v in data["amax"].items()}, batches=data["batches"])
+
+
+def _check_amax(amax: dict, where: str) -> None:
+    """Each amax is a positive finite number, as static scales need."""
+    for layer, value in amax.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{where}: layer '{layer}': amax {value!r} is not a positive finite number")
 
 
 def calibrate(model: torch.nn.Module, batches: Iterable, config: QuantConfig | None = None) -> Calibration:

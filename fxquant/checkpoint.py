@@ -6,12 +6,13 @@ A checkpoint is a directory:
                         `<layer>.weight` (e4m3 or int8, [N, K]) and `<layer>.weight_scale`
                         (float32: [N, 1] per channel, [N/bn, K/bk] per block, [] per tensor)
     fxquant.json        format version, QuantConfig, plan, each tensor's dtype and shape, tied
-                        names, bytes before/after, and the quantization_config of config.json
+                        names, bytes before/after, the weights file's SHA-256, the files the
+                        save wrote, and the quantization_config of config.json
     config.json         HF models only: the model's config plus a quantization_config that
                         transformers understands: {"quant_method": "fbgemm_fp8", ...} for
-                        fp8_rowwise (hf_format="fbgemm_fp8", the default), or llm-compressor's
-                        compressed-tensors config (hf_format="compressed-tensors": fp8_rowwise,
-                        fp8_blockwise, int8; what vLLM loads). Otherwise none: transformers would
+                        fp8_rowwise, or llm-compressor's compressed-tensors config (fp8_rowwise,
+                        fp8_blockwise, int8; what vLLM loads); hf_format="auto" (the default) picks
+                        the first that describes the scheme. Otherwise none: transformers would
                         cast the weights to float and load garbage.
 
 `load_quantized` checks the whole checkpoint against the model before it changes anything, then
@@ -30,21 +31,25 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import _TYPES as SAFETENSORS_DTYPES  # "F8_E4M3" → torch.float8_e4m3fn, ...
 from safetensors.torch import load_file, save_file
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 from torch.export import ExportedProgram
 
+from fxquant.checkpoint_dir import check_replaceable, replaced_atomically
+from fxquant.checkpoint_schema import METADATA, mismatch
+from fxquant.checkpoint_layers import (
+    file_weight, is_checkpoint_layer, is_conv1d, layer_shape, plan_modules, stored_layout, stored_scale, traced_storage,
+)
 from fxquant.config import QuantConfig
 from fxquant.footprint import dtype_name, memory_footprint, tied_names
-from fxquant.hf_formats import HF_FORMATS
+from fxquant.hf_formats import check_hf_format, hf_quantization_config
 from fxquant.ops import LINEAR_SCHEMES
-from fxquant.passes.find_linears import LinearSite
-from fxquant.passes.plan_linears import Plan, PlannedLinear, skip_reason
+from fxquant.passes.plan_linears import Plan, PlannedLinear
 from fxquant.passes.quantize_weights import quantize_parameter
-from fxquant.passes.stored_weights import register_stored_weight
+from fxquant.passes.stored_weights import STORED_DTYPES
+from fxquant.stored_layers import make_stored
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -54,37 +59,8 @@ HF_CONFIG_FILE = "config.json"
 Progress = Callable[[list[PlannedLinear]], Iterable[PlannedLinear]]
 
 
-def _linear_site(name: str, linear: nn.Linear) -> LinearSite:
-    """`linear` as the one-node graph `F.linear(x, weight)`, x of the weight's dtype and device, so
-    that the plan pass's own `skip_reason` judges it as it would in a traced model."""
-    graph = fx.Graph()
-    x = graph.placeholder("x")
-    x.meta["val"] = torch.empty(0, linear.in_features, dtype=linear.weight.dtype, device=linear.weight.device)
-    node = graph.call_function(F.linear, (x, graph.get_attr("weight")))
-    return LinearSite(node, "linear", f"{name}.weight", linear.weight, weight_is_kn=False, view_node=None)
-
-
-def plan_modules(model: nn.Module, config: QuantConfig) -> Plan:
-    """The plan of every nn.Linear of `model`, in module order, by the plan pass's rules; no tracing.
-
-    Unlike the backend's plan there is no device fallback: a checkpoint stores the scheme asked for.
-    """
-    plan = Plan()
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            site = _linear_site(name, module)
-            reason = skip_reason(name, site, config)
-            plan.append(PlannedLinear(name, site, None if reason else config.scheme, reason or ""))
-    return plan
-
-
 def _key(layer: str, attr: str) -> str:
     return f"{layer}.{attr}" if layer else attr
-
-
-def _stored_scale(scale: Tensor) -> Tensor:
-    """Per-channel scales [N] are stored [N, 1], as HF's FbgemmFp8Linear holds its weight_scale."""
-    return scale.unsqueeze(-1) if scale.dim() == 1 else scale
 
 
 def _check_config(config: QuantConfig) -> None:
@@ -100,9 +76,10 @@ def quantize_state(
 ) -> tuple[dict[str, Tensor], Plan]:
     """The tensors of `model`'s quantized checkpoint, and the plan that chose its layers.
 
-    Each quantized layer's `weight` becomes its low-precision copy and gains a float32
-    `weight_scale`; every other tensor of the state dict is kept as is. `progress` wraps the list
-    of layers being quantized (e.g. with tqdm).
+    Each quantized layer's `weight` becomes its low-precision copy (in the file's layout,
+    fxquant/checkpoint_layers.py) and gains a float32 `weight_scale`; a layer already stored
+    quantized (a model from `load_quantized`) is written as stored, bit for bit; every other tensor
+    of the state dict is kept as is. `progress` wraps the list of layers being quantized (e.g. with tqdm).
     """
     config = config or QuantConfig()
     _check_config(config)
@@ -114,9 +91,15 @@ def quantize_state(
         )
     plan = plan_modules(model, config)
     for entry in (progress or iter)(plan.rewritten):
-        w_q, w_scale = quantize_parameter(entry.layer, entry.site.weight, False, entry.scheme, config)
-        tensors[_key(entry.layer, "weight")] = w_q
-        tensors[_key(entry.layer, "weight_scale")] = _stored_scale(w_scale)
+        site, module = entry.site, model.get_submodule(entry.layer)
+        if site.weight.dtype in STORED_DTYPES:
+            scale_shape = stored_layout(entry.scheme, site.out_features, site.in_features, config, False)["weight_scale"][1]
+            w_q, scale = site.weight.detach(), module.weight_scale.reshape(scale_shape)
+        else:
+            w_q, w_scale = quantize_parameter(entry.layer, site.weight, site.weight_is_kn, entry.scheme, config)
+            scale = stored_scale(w_scale)
+        tensors[_key(entry.layer, "weight")] = file_weight(w_q, is_conv1d(module))
+        tensors[_key(entry.layer, "weight_scale")] = scale
     return tensors, plan
 
 
@@ -135,20 +118,17 @@ def program_state(program: ExportedProgram) -> tuple[dict[str, Tensor], Plan, Qu
     tensors = {name: t for name, t in program.state_dict.items() if name not in lifted}
     before = memory_footprint(tensors)
     for entry in made:
-        key = _key(entry.layer, "weight")
-        if entry.site.weight_name != key or entry.site.weight_is_kn:
-            raise ValueError(
-                f"fxquant: layer '{entry.layer}' multiplies by '{entry.site.weight_name}', not by an nn.Linear weight "
-                f"'{key}'; a checkpoint stores quantized nn.Linear layers only (skip the layer to save the program)"
-            )
-        tensors[key] = entry.quantized.w_q
-        tensors[_key(entry.layer, "weight_scale")] = _stored_scale(entry.quantized.w_scale)
+        conv1d = traced_storage(entry.layer, entry.site)
+        tensors[_key(entry.layer, "weight")] = file_weight(entry.quantized.w_q, conv1d)
+        tensors[_key(entry.layer, "weight_scale")] = stored_scale(entry.quantized.w_scale)
         before += entry.site.weight.numel() * entry.site.weight.element_size()
     return tensors, plan, config, before
 
 
 def _write_json(path: Path, content: dict) -> None:
-    path.write_text(json.dumps(content, indent=2) + "\n")
+    """A new file (never an existing one, nor a symlink's target) holding `content` as JSON."""
+    with open(path, "x") as file:
+        file.write(json.dumps(content, indent=2, allow_nan=False) + "\n")
 
 
 def save_quantized(
@@ -156,16 +136,23 @@ def save_quantized(
     directory: str | Path,
     config: QuantConfig | None = None,
     progress: Progress | None = None,
-    hf_format: str = "fbgemm_fp8",
+    hf_format: str | None = "auto",
+    overwrite: bool = False,
 ) -> dict:
     """Write a checkpoint of `model`, quantized, into `directory` (see the module docstring); the
     model is not modified. A program made by `fxquant.export` is written with the weights and the
     config it was quantized with (`config` must then be None), and without an HF config.json (it
-    has no HF config). `hf_format` ("fbgemm_fp8" or "compressed-tensors") chooses the
-    quantization_config written for HF models. Returns what fxquant.json holds, including the bytes
-    of the float state dict before and of the stored tensors after quantization."""
-    if hf_format not in HF_FORMATS:
-        raise ValueError(f"fxquant: unknown hf_format {hf_format!r}; known: {', '.join(HF_FORMATS)}")
+    has no HF config). `hf_format` chooses the quantization_config written for HF models:
+    "fbgemm_fp8", "compressed-tensors", "auto" (the first of these that describes the scheme and
+    every quantized layer) or None (no config.json). Returns what fxquant.json holds, including the bytes
+    of the float state dict before and of the stored tensors after quantization.
+
+    The directory is replaced whole, in one step (fxquant/checkpoint_dir.py): a save that fails
+    leaves the earlier checkpoint as it was, and no file of an earlier save survives. It must be
+    missing, empty or a checkpoint holding only the files its fxquant.json lists; anything else is
+    refused unless `overwrite`, which replaces it and all it holds."""
+    check_hf_format(hf_format)  # before any work
+    check_replaceable(Path(directory), METADATA_FILE, overwrite)  # before the work of quantizing
     if isinstance(model, ExportedProgram):
         if config is not None:
             raise ValueError("fxquant: a program is saved with the config fxquant.export quantized it with; pass config=None")
@@ -176,32 +163,35 @@ def save_quantized(
         before = memory_footprint(model.state_dict())
     tied = tied_names(quantized)  # stored once; safetensors refuses shared memory
     tensors = {name: t.contiguous() for name, t in quantized.items() if name not in tied}
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})  # HF requires format "pt"
-    metadata = {
-        "format_version": FORMAT_VERSION,
-        "config": dataclasses.asdict(config),
-        "plan": [
-            {"layer": e.layer, "shape": [e.site.out_features, e.site.in_features], "scheme": e.scheme, "note": e.note}
-            for e in plan
-        ],
-        "tensors": {name: {"dtype": dtype_name(t.dtype), "shape": list(t.shape)} for name, t in tensors.items()},
-        "tied": tied,
-        "bytes": {"before": before, "after": memory_footprint(tensors)},
-        "sha256": file_sha256(directory / WEIGHTS_FILE),
-    }
-    quantization_config = HF_FORMATS[hf_format](plan, config)
-    if quantization_config is not None:
-        metadata["quantization_config"] = quantization_config
-        model_config = getattr(model, "config", None)
-        if hasattr(model_config, "to_dict"):  # an HF model: make the directory an HF checkpoint
-            _write_json(directory / HF_CONFIG_FILE, {
-                **model_config.to_dict(),
-                "architectures": [type(model).__name__],  # as save_pretrained writes it
-                "quantization_config": quantization_config,
-            })
-    _write_json(directory / METADATA_FILE, metadata)
+    quantization_config = hf_quantization_config(hf_format, plan, config)
+    model_config = getattr(model, "config", None)
+    hf_config = None
+    if quantization_config is not None and hasattr(model_config, "to_dict"):  # an HF model: make it an HF checkpoint
+        hf_config = {
+            **model_config.to_dict(),
+            "architectures": [type(model).__name__],  # as save_pretrained writes it
+            "quantization_config": quantization_config,
+        }
+    with replaced_atomically(Path(directory), METADATA_FILE, overwrite) as staging:
+        save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})  # HF requires format "pt"
+        metadata = {
+            "format_version": FORMAT_VERSION,
+            "config": dataclasses.asdict(config),
+            "plan": [
+                {"layer": e.layer, "shape": [e.site.out_features, e.site.in_features], "scheme": e.scheme, "note": e.note}
+                for e in plan
+            ],
+            "tensors": {name: {"dtype": dtype_name(t.dtype), "shape": list(t.shape)} for name, t in tensors.items()},
+            "tied": tied,
+            "bytes": {"before": before, "after": memory_footprint(tensors)},
+            "sha256": file_sha256(staging / WEIGHTS_FILE),
+            "files": [WEIGHTS_FILE, *([HF_CONFIG_FILE] if hf_config else []), METADATA_FILE],
+        }
+        if quantization_config is not None:
+            metadata["quantization_config"] = quantization_config
+        if hf_config is not None:
+            _write_json(staging / HF_CONFIG_FILE, hf_config)
+        _write_json(staging / METADATA_FILE, metadata)
     return metadata
 
 
@@ -235,19 +225,43 @@ def read_metadata(directory: str | Path) -> tuple[dict, QuantConfig]:
         raise FileNotFoundError(f"fxquant: {path} not found; is {directory} a checkpoint written by fxquant.save_quantized?")
     try:
         metadata = json.loads(path.read_text())
-        if metadata.get("format_version") != FORMAT_VERSION:
-            version = metadata.get("format_version")
-            raise ValueError(f"format_version {version!r} unsupported (this fxquant reads {FORMAT_VERSION})")
+    except ValueError as error:  # not UTF-8 or not JSON
+        raise ValueError(f"fxquant: {path}: not a JSON file ({error})") from error
+    problem = _metadata_problem(metadata)
+    if problem:
+        raise ValueError(f"fxquant: {path}: {problem}")
+    try:
         config = QuantConfig.from_options(metadata["config"])
         _check_config(config)
-        for entry in metadata["plan"]:
-            if entry["scheme"] is not None and entry["scheme"] not in LINEAR_SCHEMES:
-                raise ValueError(f"layer '{entry['layer']}' has unknown scheme {entry['scheme']!r}")
-    except KeyError as error:
-        raise ValueError(f"fxquant: {path}: missing {error}") from error
-    except (ValueError, TypeError) as error:
+    except ValueError as error:
         raise ValueError(f"fxquant: {path}: {str(error).removeprefix('fxquant: ')}") from error
     return metadata, config
+
+
+def _metadata_problem(metadata: object) -> str | None:
+    """What is wrong with fxquant.json on its own terms (version, structure, schemes, a plan or tied
+    map that its tensor table does not bear out), or None."""
+    version = metadata.get("format_version") if isinstance(metadata, dict) else None
+    if version != FORMAT_VERSION:
+        return f"format_version {version!r} unsupported (this fxquant reads {FORMAT_VERSION})"
+    problem = mismatch(metadata, METADATA, "")
+    if problem:
+        return problem
+    table, tied = metadata["tensors"], metadata["tied"]
+    layers = [entry["layer"] for entry in metadata["plan"]]
+    if len(set(layers)) != len(layers):
+        return f"the plan lists layer '{next(layer for layer in layers if layers.count(layer) > 1)}' twice"
+    for entry in metadata["plan"]:
+        layer, scheme = entry["layer"], entry["scheme"]
+        if scheme is not None and scheme not in LINEAR_SCHEMES:
+            return f"layer '{layer}' has unknown scheme {scheme!r}"
+        absent = [_key(layer, attr) for attr in ("weight", "weight_scale") if _key(layer, attr) not in {*table, *tied}]
+        if scheme is not None and absent:
+            return f"the plan quantizes layer '{layer}' ({scheme}), but the tensor table has no '{absent[0]}'"
+    for alias, target in tied.items():
+        if alias in table or target not in table:
+            return f"tied maps '{alias}' to '{target}', but the tensor table {'holds' if alias in table else 'has no'} '{alias if alias in table else target}'"
+    return None
 
 
 def _expected_tensors(
@@ -255,7 +269,7 @@ def _expected_tensors(
 ) -> tuple[dict[str, tuple[torch.dtype, tuple]], set[str]]:
     """What a checkpoint for `model` must hold, {name: (dtype, shape)}, and the names of the quantized tensors.
 
-    For tensors left as they were, only floating-or-not of the dtype is fixed (the stored dtype wins).
+    For tensors left as they were, a plain float dtype may differ (loaded as stored); any other dtype must match.
     """
     expected = {name: (t.dtype, tuple(t.shape)) for name, t in model.state_dict().items()}
     quantized = set()
@@ -265,17 +279,53 @@ def _expected_tensors(
             continue
         layer = entry["layer"]
         module = modules.get(layer)
-        if not isinstance(module, nn.Linear) or [module.out_features, module.in_features] != entry["shape"]:
+        if not (module is not None and is_checkpoint_layer(module) and layer_shape(module) == entry["shape"]):
             n, k = entry["shape"]
             raise ValueError(
-                f"fxquant: {path}: tensor '{_key(layer, 'weight')}' was quantized from a {n} x {k} nn.Linear, but the "
-                f"model's '{layer}' is {module!r}; is it a checkpoint for another architecture?"
+                f"fxquant: {path}: tensor '{_key(layer, 'weight')}' was quantized from an N x K = {n} x {k} nn.Linear "
+                f"or Conv1D, but the model's '{layer}' is {module!r}; is it a checkpoint for another architecture?"
             )
-        w_q, w_scale = LINEAR_SCHEMES[entry["scheme"]].quantize_weight(torch.empty(entry["shape"], device="meta"), config)
-        for attr, value in (("weight", w_q), ("weight_scale", _stored_scale(w_scale))):
-            expected[_key(layer, attr)] = (value.dtype, tuple(value.shape))
+        for attr, dtype_shape in stored_layout(entry["scheme"], *entry["shape"], config, is_conv1d(module)).items():
+            expected[_key(layer, attr)] = dtype_shape
             quantized.add(_key(layer, attr))
     return expected, quantized
+
+
+def _check_table(path: Path, header: dict, table: dict) -> None:
+    """The weights file holds exactly the tensors fxquant.json's table lists, with their dtypes and shapes."""
+    stored = {name: (dtype_name(dtype), list(shape)) for name, (dtype, shape) in header.items()}
+    recorded = {name: (entry["dtype"], entry["shape"]) for name, entry in table.items()}
+    for name in sorted(stored.keys() | recorded.keys()):
+        if stored.get(name) != recorded.get(name):
+            raise ValueError(
+                f"fxquant: {path}: tensor '{name}' is {_dtype_and_shape(stored.get(name), 'torch.')}; "
+                f"{METADATA_FILE} records {_dtype_and_shape(recorded.get(name), '')}; changed after saving?"
+            )
+
+
+def _dtype_and_shape(entry: tuple[str, list] | None, prefix: str) -> str:
+    return "absent" if entry is None else f"{prefix}{entry[0]} {entry[1]}"
+
+
+def _check_ties(path: Path, tied: dict[str, str], model: nn.Module) -> None:
+    """Each name fxquant.json's `tied` stores as another is that very tensor in the model (tied
+    embeddings): the same object, as on the meta device, or the same memory."""
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    identity = {
+        name: id(t) if t.is_meta or t.numel() == 0 else (t.device, t.data_ptr(), t.dtype, t.shape, t.stride())
+        for name, t in named
+    }
+    for alias, target in tied.items():
+        if alias not in identity or identity[alias] != identity.get(target):
+            raise ValueError(
+                f"fxquant: {path}: tied says '{alias}' is stored as '{target}', but the model's '{alias}' is "
+                f"{'no tensor' if alias not in identity else 'a tensor of its own'}; was {METADATA_FILE} edited?"
+            )
+
+
+# A float tensor left unquantized may be stored in another of these: it is loaded as stored (a
+# bf16 model's checkpoint into a model built in fp32), never cast; FP8 is only a quantized weight.
+PLAIN_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _check_tensors(path: Path, header: dict, tied: dict[str, str], expected: dict, quantized: set[str]) -> None:
@@ -291,11 +341,10 @@ def _check_tensors(path: Path, header: dict, tied: dict[str, str], expected: dic
         )
     for name, (dtype, shape) in expected.items():
         stored_dtype, stored_shape = found[name]
-        if name in quantized:
+        if name in quantized or dtype not in PLAIN_FLOATS:
             dtype_fits, wanted = stored_dtype == dtype, str(dtype)
         else:
-            dtype_fits = stored_dtype.is_floating_point == dtype.is_floating_point
-            wanted = "floating point" if dtype.is_floating_point else "not floating point"
+            dtype_fits, wanted = stored_dtype in PLAIN_FLOATS, "float16, bfloat16, float32 or float64"
         if not dtype_fits or stored_shape != shape:
             raise ValueError(
                 f"fxquant: {path}: tensor '{name}' is {stored_dtype} {list(stored_shape)}; "
@@ -317,7 +366,8 @@ def _check_no_meta_left(model: nn.Module, expected: Mapping[str, object]) -> Non
 
 
 def _assign(model: nn.Module, name: str, value: Tensor, quantized: bool, made: dict[int, Tensor]) -> None:
-    """Put `value` in place of the parameter or buffer `name`; tied names get one shared Parameter."""
+    """Put `value` in place of the parameter or buffer `name`; tied names get one shared Parameter.
+    A Conv1D's quantized weight, [K, N] in the file, is held [N, K], as the op takes it."""
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
     old = module._parameters.get(attr)
@@ -325,7 +375,8 @@ def _assign(model: nn.Module, name: str, value: Tensor, quantized: bool, made: d
         module.register_buffer(attr, value)
         return
     if id(value) not in made:
-        made[id(value)] = nn.Parameter(value, requires_grad=old.requires_grad and not quantized)
+        held = value.t().contiguous() if quantized and attr == "weight" and is_conv1d(module) else value
+        made[id(value)] = nn.Parameter(held, requires_grad=old.requires_grad and not quantized)
     module._parameters[attr] = made[id(value)]
 
 
@@ -336,29 +387,37 @@ def load_quantized(
 
     The checkpoint is checked first (readable file, known scheme, every tensor present with the
     dtype and shape the model needs, nothing extra); on any error the model is left unchanged.
-    Quantized layers then hold `weight` as a low-precision nn.Parameter (requires_grad=False) and
-    a float32 `weight_scale` buffer, registered as stored weights so that the fxquant backend and
-    `fxquant.export` use them without quantizing again; every tensor is assigned, not copied, on `device`.
+    Quantized layers then hold `weight` as a low-precision nn.Parameter (requires_grad=False; [N, K],
+    a Conv1D's too) and a float32 `weight_scale` buffer, registered as stored weights with the
+    scheme fxquant.json's plan names, so that the fxquant backend and `fxquant.export` use them
+    without quantizing again; every tensor is assigned, not copied, on `device`. Each such layer's
+    class becomes a subclass of its own (StoredLinear, StoredConv1D: fxquant/stored_layers.py), so
+    the model also runs without compiling, through fxquant's ops with the compiled numerics;
+    `save_quantized` of the loaded model writes its stored tensors back as they are.
     `verify_checksum` compares the weights file with the SHA-256 recorded at save time (one read
-    of the file), so changed data bytes are caught, not only a damaged header.
+    of the file), so changed data bytes are caught, not only a damaged header; False skips that
+    read, an explicit opt-out (fxquant.json must record the checksum either way). fxquant.json
+    itself must agree with the file (its tensor table) and the model (its tied names).
     """
     directory = Path(directory)
     metadata, config = read_metadata(directory)
     path = directory / WEIGHTS_FILE
     header = read_header(path)
-    tied = metadata.get("tied", {})
+    _check_table(path, header, metadata["tensors"])
+    tied = metadata["tied"]
+    _check_ties(directory / METADATA_FILE, tied, model)
     expected, quantized = _expected_tensors(path, model, metadata, config)
     _check_tensors(path, header, tied, expected, quantized)
     _check_no_meta_left(model, expected)
-    if verify_checksum and metadata.get("sha256") not in (None, file_sha256(path)):
+    if verify_checksum and metadata["sha256"] != file_sha256(path):
         raise ValueError(f"fxquant: {path}: SHA-256 differs from the one recorded in {METADATA_FILE}; the file was changed or corrupted")
     tensors = load_file(path, device=str(device))
     made: dict[int, Tensor] = {}
     for name in expected:
         _assign(model, name, tensors[tied.get(name, name)], name in quantized, made)
     for entry in metadata["plan"]:
-        if entry["scheme"] is not None:  # torch.compile(backend="fxquant") then runs them as they are
-            register_stored_weight(model.get_submodule(entry["layer"]), activation_scale_ub=config.activation_scale_ub)
+        if entry["scheme"] is not None:  # eager calls and torch.compile(backend="fxquant") run them as stored
+            make_stored(model.get_submodule(entry["layer"]), entry["scheme"], config.activation_scale_ub)
     return model
 
 

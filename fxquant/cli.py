@@ -5,20 +5,24 @@ inspect a checkpoint.
     fxquant plan DIR_IN --scheme int8
     fxquant inspect DIR_OUT            (or DIR_OUT/model.safetensors)
 
-Models are read offline (local_files_only); a model whose config names a *ForCausalLM
-architecture is loaded with AutoModelForCausalLM, any other with AutoModel.
+Models are read offline (local_files_only), as the class config.json's `architectures` names
+(fxquant/hf_model.py); the directories are checked before anything is read (fxquant/cli_paths.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import pickle
 import sys
 from collections import Counter
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from fxquant.checkpoint import (
+    HF_CONFIG_FILE,
     METADATA_FILE,
     WEIGHTS_FILE,
     empty_weights,
@@ -27,56 +31,131 @@ from fxquant.checkpoint import (
     read_metadata,
     save_quantized,
 )
+from fxquant.cli_paths import check_input_dir, check_output_dir
 from fxquant.config import SCHEMES, QuantConfig
 from fxquant.footprint import dtype_name, nbytes
-from fxquant.hf_formats import HF_FORMATS
+from fxquant.hf_formats import HF_FORMATS, NO_ACTIVATION_SCALE_UB, NoHFLayout, hf_quantization_config
+from fxquant.hf_model import (
+    check_not_quantized,
+    check_output_holds_input,
+    load_model,
+    model_class,
+    read_config,
+    tensor_names,
+)
+from fxquant.passes import Plan
+
+
+def _skip_globs(values: list[str] | None) -> tuple[str, ...] | None:
+    """`--skip a,b --skip c` → ("a", "b", "c"); `--skip ''` → () (quantize every layer); no flag → None."""
+    return None if values is None else tuple(glob for value in values for glob in value.split(",") if glob)
 
 
 def _quant_config(args: argparse.Namespace) -> QuantConfig:
-    options = {"scheme": args.scheme, "skip": args.skip, "activation_scale_ub": args.activation_scale_ub}
+    options = {"scheme": args.scheme, "skip": _skip_globs(args.skip), "activation_scale_ub": args.activation_scale_ub}
     return QuantConfig.from_options({key: value for key, value in options.items() if value is not None})
 
 
-def _auto_class(config):
-    """AutoModelForCausalLM for a *ForCausalLM architecture, else AutoModel."""
-    import transformers
-
-    architectures = getattr(config, "architectures", None) or []
-    causal = any(name.endswith("ForCausalLM") for name in architectures)
-    return transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+def _layout_problems(config: QuantConfig) -> list[str]:
+    """Why each HF layout cannot describe `config`'s scheme and bound, for the line that says none was written."""
+    problems = []
+    for layout in HF_FORMATS.values():
+        try:
+            layout(Plan(), config)
+        except NoHFLayout as error:
+            problems.append(str(error).removeprefix("fxquant: "))
+    return problems
 
 
 def _bytes_line(before: int, after: int) -> str:
     return f"bytes: {before:,} before, {after:,} after ({after / before:.2f}x)"
 
 
+def _reader_notes(metadata: dict) -> list[str]:
+    """Where a reader of config.json's quantization_config (transformers, vLLM) computes otherwise than fxquant."""
+    layout = metadata.get("quantization_config") or {}
+    ub = metadata["config"].get("activation_scale_ub")
+    notes = []
+    if layout.get("quant_method") == "fbgemm_fp8" and layout.get("activation_scale_ub") != (NO_ACTIVATION_SCALE_UB if ub is None else ub):
+        notes.append(
+            f"note: config.json's activation_scale_ub is {layout.get('activation_scale_ub')}: transformers clamps activation "
+            f"amax there, fxquant computed with {'no bound' if ub is None else ub}"
+        )
+    if layout.get("quant_method") == "compressed-tensors" and ub is not None:
+        notes.append(f"note: compressed-tensors has no activation bound: its readers do not clamp activation amax at {ub} as fxquant did")
+    return notes
+
+
 def quantize(args: argparse.Namespace) -> None:
-    import transformers
     from tqdm import tqdm  # a dependency of transformers
 
+    dir_in, dir_out = Path(args.dir_in), Path(args.dir_out)
     config = _quant_config(args)
-    hf_config = transformers.AutoConfig.from_pretrained(args.dir_in, local_files_only=True)
-    model = _auto_class(hf_config).from_pretrained(args.dir_in, local_files_only=True).eval()
+    try:  # a layout that cannot describe the scheme is refused before anything is read
+        hf_quantization_config(args.hf_format, Plan(), config)
+    except NoHFLayout as error:
+        raise ValueError(f"fxquant: --hf-format {args.hf_format}: {str(error).removeprefix('fxquant: ')}; use --hf-format auto") from error
+    check_output_dir(dir_in, dir_out, args.overwrite)  # before anything is read
+    check_not_quantized(dir_in)
+    hf_config = read_config(dir_in)
+    cls, note = model_class(hf_config)
+    if note:
+        print(f"note: {note}")
+    inputs = tensor_names(dir_in)  # reads the weight files' headers: a damaged file is named here
+    model = load_model(dir_in, cls, hf_config)
     metadata = save_quantized(
-        model, args.dir_out, config, progress=lambda layers: tqdm(layers, desc="quantizing", unit="layer"),
-        hf_format=args.hf_format,
+        model, dir_out, config, progress=lambda layers: tqdm(layers, desc="quantizing", unit="layer"),
+        hf_format=args.hf_format, overwrite=args.overwrite,
     )
+    check_output_holds_input(inputs, dir_in, dir_out, model, set(metadata["tensors"]), metadata["tied"])
     quantized = sum(entry["scheme"] is not None for entry in metadata["plan"])
-    print(f"{args.dir_out}: {config.scheme}, {quantized} of {len(metadata['plan'])} linear layers quantized")
+    print(f"{dir_out}: {cls.__name__}, {config.scheme}, {quantized} of {len(metadata['plan'])} linear layers quantized")
     print(_bytes_line(metadata["bytes"]["before"], metadata["bytes"]["after"]))
+    written = (metadata.get("quantization_config") or {}).get("quant_method")
+    if written:
+        print(f"{HF_CONFIG_FILE}: quantization_config {written}, for transformers and vLLM")
+    else:
+        why = "; ".join(_layout_problems(config)) or "transformers converts nn.Linear only, not the quantized Conv1D layers"
+        print(f"{HF_CONFIG_FILE}: none written: {why}; transformers cannot load {dir_out}, fxquant.load_quantized can")
+    for line in _reader_notes(metadata):
+        print(line)
 
 
 def plan(args: argparse.Namespace) -> None:
-    import transformers
-
-    hf_config = transformers.AutoConfig.from_pretrained(args.dir_in, local_files_only=True)
+    dir_in = Path(args.dir_in)
+    check_input_dir(dir_in)
+    hf_config = read_config(dir_in)
+    cls, note = model_class(hf_config)
+    if note:
+        print(f"note: {note}")
     with empty_weights():  # the architecture only: no weights are read
-        model = _auto_class(hf_config).from_config(hf_config)
+        model = cls(hf_config)
     print(plan_modules(model, _quant_config(args)))
+
+
+def _metadata_lines(metadata: dict, path: Path) -> tuple[list[str], int]:
+    """inspect's lines about the scheme and the plan, and the bytes before quantization; a
+    malformed fxquant.json is an error naming it."""
+    try:
+        skipped = [entry["layer"] for entry in metadata["plan"] if entry["scheme"] is None]
+        method = (metadata.get("quantization_config") or {}).get("quant_method")
+        layout = {"fbgemm_fp8": " (HF transformers fbgemm_fp8 layout)", "compressed-tensors": " (compressed-tensors layout)"}.get(method, "")
+        lines = [
+            f"scheme: {metadata['config']['scheme']}{layout}",
+            *_reader_notes(metadata),
+            f"linear layers: {len(metadata['plan']) - len(skipped)} quantized, {len(skipped)} left as they were {skipped}",
+        ]
+        return lines, int(metadata["bytes"]["before"])
+    except KeyError as error:
+        raise ValueError(f"fxquant: {path}: missing {error}") from error
+    except (TypeError, AttributeError, ValueError) as error:
+        raise ValueError(f"fxquant: {path}: malformed ({error})") from error
 
 
 def inspect(args: argparse.Namespace) -> None:
     path = Path(args.path)
+    if not path.exists():
+        raise ValueError(f"fxquant: {path}: no such file or directory")
     weights, directory = (path / WEIGHTS_FILE, path) if path.is_dir() else (path, path.parent)
     header = read_header(weights)
     metadata = read_metadata(directory)[0] if (directory / METADATA_FILE).is_file() else None
@@ -89,43 +168,47 @@ def inspect(args: argparse.Namespace) -> None:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     print()
     print(f"checkpoint: {weights}")
-    if metadata is None:
-        print(f"scheme: unknown (no {METADATA_FILE})")
-    else:
-        plan = metadata["plan"]
-        skipped = [entry["layer"] for entry in plan if entry["scheme"] is None]
-        method = metadata.get("quantization_config", {}).get("quant_method")
-        layout = {"fbgemm_fp8": " (HF transformers fbgemm_fp8 layout)", "compressed-tensors": " (compressed-tensors layout)"}.get(method, "")
-        print(f"scheme: {metadata['config']['scheme']}{layout}")
-        print(f"linear layers: {len(plan) - len(skipped)} quantized, {len(skipped)} left as they were {skipped}")
+    lines, before = ([f"scheme: unknown (no {METADATA_FILE})"], None) if metadata is None else _metadata_lines(metadata, directory / METADATA_FILE)
+    for line in lines:
+        print(line)
     dtypes = Counter(dtype_name(dtype) for dtype, _ in header.values())
     scales = sum(name.endswith(".weight_scale") or name == "weight_scale" for name in header)
     print(f"tensors: {len(header)} ({', '.join(f'{n} {d}' for d, n in dtypes.most_common())}); {scales} weight_scale")
     after = sum(nbytes(dtype, shape) for dtype, shape in header.values())
-    if metadata is None:
-        print(f"bytes: {after:,} stored (size before quantization unknown)")
+    if before:
+        print(_bytes_line(before, after))
     else:
-        print(_bytes_line(metadata["bytes"]["before"], after))
+        print(f"bytes: {after:,} stored (size before quantization unknown)")
 
 
 def _parser() -> argparse.ArgumentParser:
     options = argparse.ArgumentParser(add_help=False)
     options.add_argument("--scheme", choices=SCHEMES, help="default: fp8_rowwise")
-    options.add_argument("--skip", nargs="*", metavar="GLOB", help="layers left unquantized (fnmatch globs); default: lm_head")
+    options.add_argument(
+        "--skip", action="append", metavar="GLOB[,GLOB...]",
+        help="layers left unquantized (fnmatch globs), repeatable; --skip '' quantizes every layer; default: lm_head",
+    )
     options.add_argument("--activation-scale-ub", type=float, help="FP8: upper bound on an activation amax")
 
     parser = argparse.ArgumentParser(prog="fxquant", description="Quantize models' linear layers to FP8 / int8 checkpoints.")
     commands = parser.add_subparsers(dest="command", required=True)
     command = commands.add_parser(
         "quantize", parents=[options], help="quantize an HF model directory into a safetensors checkpoint",
-        description="Load an HF model directory (offline), quantize its nn.Linear layers and write "
-        f"{WEIGHTS_FILE} and {METADATA_FILE}, plus an HF config.json whose quantization_config is "
-        "HF's fbgemm_fp8 (fp8_rowwise) or llm-compressor's compressed-tensors (fp8_rowwise, fp8_blockwise, int8).",
+        description="Load an HF model directory (offline) as the class its config.json names, quantize its nn.Linear "
+        f"layers and write {WEIGHTS_FILE} and {METADATA_FILE}, plus an HF {HF_CONFIG_FILE} whose quantization_config "
+        "is HF's fbgemm_fp8 (fp8_rowwise) or llm-compressor's compressed-tensors (fp8_rowwise, fp8_blockwise, int8). "
+        "DIR_OUT must not be, hold or lie inside DIR_IN, nor share a file with it.",
     )
     command.add_argument("dir_in")
     command.add_argument("dir_out")
-    command.add_argument("--hf-format", choices=list(HF_FORMATS), default="fbgemm_fp8",
-                         help="the quantization_config written into config.json (default: fbgemm_fp8)")
+    command.add_argument(
+        "--hf-format", choices=["auto", *HF_FORMATS], default="auto",
+        help="the quantization_config written into config.json; auto (the default): fbgemm_fp8 for fp8_rowwise, "
+        "compressed-tensors for fp8_blockwise and int8, none for fp8_tensorwise",
+    )
+    command.add_argument(
+        "--overwrite", action="store_true", help="replace DIR_OUT even if it is not empty and not an fxquant checkpoint"
+    )
     command.set_defaults(run=quantize)
     command = commands.add_parser(
         "plan", parents=[options], help="the plan table of an HF model directory",
@@ -145,13 +228,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors of bad input (a missing or malformed file, a model that does not fit): one line, no traceback.
+BAD_INPUT = (ValueError, OSError, SafetensorError, pickle.UnpicklingError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         with torch.no_grad():
             args.run(args)
-    except (ValueError, OSError) as error:
-        print(f"fxquant {args.command}: error: {error}", file=sys.stderr)
+        sys.stdout.flush()  # a reader that left (`| head`) is noticed here, not at exit
+    except BrokenPipeError:
+        # As Python's docs advise (signal, "Note on SIGPIPE"): point stdout at devnull so that the
+        # flush at exit does not fail again, and exit quietly.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except BAD_INPUT as error:
+        print(f"fxquant {args.command}: error: {str(error).removeprefix('fxquant: ')}", file=sys.stderr)
         return 1
     return 0
 

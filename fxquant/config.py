@@ -40,9 +40,11 @@ class QuantConfig:
             are folded into constants. Layers without an entry are skipped.
         min_weight_numel: layers whose weight has fewer elements stay unquantized; tiny GEMMs
             gain nothing from quantization.
-        check_weight_updates: re-quantize a weight that was changed in place (or replaced)
-            after compilation, detected through the tensor's version counter. Costs a few
-            microseconds per call; turn off only for frozen weights.
+        check_weight_updates: re-quantize a weight that was changed or replaced after
+            compilation (in place, through `.data`, or a new Parameter), detected through its
+            identity, version counter, storage and a sample of its values
+            (fxquant/weight_stamp.py). Costs one small comparison per call (on CUDA, one wait
+            for the GPU: benchmarks/weight_check.py); turn off only for frozen weights.
         merge_parallel_linears: when compiling, layers that read the same activation (Llama's
             q/k/v and gate/up projections) run as one GEMM on their weights stacked along N, as
             vLLM's merged linear layers do; the weights are held once. Exported programs keep

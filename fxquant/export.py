@@ -49,7 +49,7 @@ def export(
 
 def quantize_program(program: ExportedProgram, config: QuantConfig) -> tuple[ExportedProgram, Plan]:
     """Run fxquant's passes on a copy of an exported program; returns the new program and the plan."""
-    gm = copy.deepcopy(program.graph_module)
+    gm = _copy_graph_module(program.graph_module)
     signature = program.graph_signature
     state_names = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}  # placeholder → qualified name
     state_dict = dict(program.state_dict)
@@ -58,9 +58,10 @@ def quantize_program(program: ExportedProgram, config: QuantConfig) -> tuple[Exp
         name = state_names.get(node.name) if node.op == "placeholder" else None
         return None if name is None or name not in state_dict else (name, state_dict[name])
 
+    unused_before = {node.name for node in gm.graph.find_nodes(op="placeholder") if not node.users}  # e.g. tied aliases
     plan, quantized = quantize_graph(gm, lookup, config)
     input_specs = _lift_buffers(gm, program.graph_signature.input_specs, quantized, state_dict)
-    input_specs = _drop_unused_parameters(gm, input_specs, state_dict)
+    input_specs = _drop_unused_parameters(gm, input_specs, state_dict, unused_before)
     gm.recompile()
     new_signature = ExportGraphSignature(input_specs=input_specs, output_specs=_output_specs(gm, signature.output_specs))
     new_program = ExportedProgram(
@@ -77,6 +78,19 @@ def quantize_program(program: ExportedProgram, config: QuantConfig) -> tuple[Exp
     return new_program, plan
 
 
+def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A deep copy of `gm` whose nodes keep their names. Copying a graph renames a node named after a
+    Python builtin (`input` → `input_1`, as torch.export names a `forward(input)` argument), and the
+    program's signature, module call graph and users' kwargs name the originals."""
+    copied = copy.deepcopy(gm)
+    for original_module, copied_module in zip(gm.modules(), copied.modules()):
+        if isinstance(original_module, fx.GraphModule):
+            for original, node in zip(original_module.graph.nodes, copied_module.graph.nodes):
+                node.name = original.name
+            copied_module.recompile()
+    return copied
+
+
 def _lift_buffers(
     gm: fx.GraphModule, input_specs: list[InputSpec], quantized: list[QuantizedWeight], state_dict: dict
 ) -> list[InputSpec]:
@@ -86,21 +100,35 @@ def _lift_buffers(
     n_state = sum(spec.kind in (InputKind.PARAMETER, InputKind.BUFFER) for spec in input_specs)
     anchor = placeholders[n_state] if n_state < len(placeholders) else next(n for n in graph.nodes if n.op != "placeholder")
     new_specs = []
-    for attr in (a for q in quantized for a in (q.weight_attr, q.scale_attr)):
-        users = [n for n in graph.find_nodes(op="get_attr") if n.target == attr]
-        tensor = getattr(gm, attr)
-        delattr(gm, attr)
-        if not users:  # a scale folded into constants (static fp8_tensorwise)
-            continue
-        with graph.inserting_before(anchor):
-            placeholder = graph.placeholder(f"b_{attr}")
-        placeholder.meta.update(users[0].meta)
-        for node in users:
-            node.replace_all_uses_with(placeholder)
-            graph.erase_node(node)
-        state_dict[attr] = tensor
-        new_specs.append(InputSpec(InputKind.BUFFER, TensorArgument(placeholder.name), target=attr, persistent=True))
+    for q in quantized:
+        q.weight_attr = _lift_buffer(gm, q.weight_attr, anchor, state_dict, new_specs)
+        q.scale_attr = _lift_buffer(gm, q.scale_attr, anchor, state_dict, new_specs)
     return input_specs[:n_state] + new_specs + input_specs[n_state:]
+
+
+def _lift_buffer(gm: fx.GraphModule, attr: str, anchor: fx.Node, state_dict: dict, specs: list[InputSpec]) -> str:
+    """Buffer `attr` of `gm` → a placeholder before `anchor` and an entry of `state_dict` (under `attr`,
+    or `attr_1`... where the model's own state holds that name); appends its spec, returns its name."""
+    graph = gm.graph
+    users = [n for n in graph.find_nodes(op="get_attr") if n.target == attr]
+    tensor = getattr(gm, attr)
+    delattr(gm, attr)
+    if not users:  # a scale folded into constants (static fp8_tensorwise)
+        return attr
+    target, n = attr, 0
+    while target in state_dict:
+        n += 1
+        target = f"{attr}_{n}"
+    with graph.inserting_before(anchor):
+        placeholder = graph.placeholder(f"b_{target}")
+    placeholder.target = placeholder.name  # the unique name the graph gave it is the argument's name in forward
+    placeholder.meta.update(users[0].meta)
+    for node in users:
+        node.replace_all_uses_with(placeholder)
+        graph.erase_node(node)
+    state_dict[target] = tensor
+    specs.append(InputSpec(InputKind.BUFFER, TensorArgument(placeholder.name), target=target, persistent=True))
+    return target
 
 
 def _output_specs(gm: fx.GraphModule, output_specs: list[OutputSpec]) -> list[OutputSpec]:
@@ -113,9 +141,12 @@ def _output_specs(gm: fx.GraphModule, output_specs: list[OutputSpec]) -> list[Ou
     ]
 
 
-def _drop_unused_parameters(gm: fx.GraphModule, input_specs: list[InputSpec], state_dict: dict) -> list[InputSpec]:
-    """Parameters whose placeholders lost every user (the rewritten layers' float weights) leave the program."""
-    unused = {node.name: node for node in gm.graph.find_nodes(op="placeholder") if not node.users}
+def _drop_unused_parameters(
+    gm: fx.GraphModule, input_specs: list[InputSpec], state_dict: dict, unused_before: set[str]
+) -> list[InputSpec]:
+    """Parameters whose placeholders lost every user (the rewritten layers' float weights) leave the
+    program; those torch.export left unused (the second name of a tied weight) stay, as it keeps them."""
+    unused = {node.name: node for node in gm.graph.find_nodes(op="placeholder") if not node.users and node.name not in unused_before}
     kept = []
     for spec in input_specs:
         if spec.kind == InputKind.PARAMETER and spec.arg.name in unused:

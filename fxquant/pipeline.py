@@ -32,5 +32,5 @@ def quantize_graph(
     quantized = quantize_weights(gm, plan, config, cache)
     rewrite_linears(gm, plan, config)
     if merge:
-        merge_parallel_linears(gm, plan, cache)
+        merge_parallel_linears(gm, plan)
     return plan, quantized

@@ -28,7 +28,6 @@ from torch._dynamo.utils import counters
 from fxquant.ops import LINEAR_SCHEMES
 from fxquant.passes.find_linears import fake_value
 from fxquant.passes.plan_linears import Plan, PlannedLinear
-from fxquant.passes.quantize_weights import QuantizedCache
 from fxquant.passes.rewrite_linears import buffer_node
 
 
@@ -52,7 +51,7 @@ def plan_merges(plan: Plan) -> None:
             member.note = "; ".join(filter(None, [member.note, f"one GEMM with {others}"]))
 
 
-def merge_parallel_linears(gm: fx.GraphModule, plan: Plan, cache: QuantizedCache | None = None) -> None:
+def merge_parallel_linears(gm: fx.GraphModule, plan: Plan) -> None:
     """Replace each group `plan_merges` marked (rewritten by now) with one op on the stacked
     weights and a split of its output."""
     groups: dict[tuple[str, ...], list[PlannedLinear]] = {}
@@ -60,7 +59,7 @@ def merge_parallel_linears(gm: fx.GraphModule, plan: Plan, cache: QuantizedCache
         if entry.merged_with:
             groups.setdefault(entry.merged_with, []).append(entry)
     for members in groups.values():
-        _merge(gm, members, cache)
+        _merge(gm, members)
     gm.graph.lint()
     gm.recompile()
 
@@ -79,7 +78,7 @@ def _stacked(parts: list[Tensor]) -> Tensor:
     return torch.cat(parts)
 
 
-def _merge(gm: fx.GraphModule, members: list[PlannedLinear], cache: QuantizedCache | None) -> None:
+def _merge(gm: fx.GraphModule, members: list[PlannedLinear]) -> None:
     graph = gm.graph
     position = {node: i for i, node in enumerate(graph.nodes)}
     members = sorted(members, key=lambda m: position[m.fused])
@@ -91,7 +90,7 @@ def _merge(gm: fx.GraphModule, members: list[PlannedLinear], cache: QuantizedCac
     widths = [q.w_q.shape[0] for q in quantized]
     scale_rows = [q.w_scale.shape[0] for q in quantized]
     for q, w_view, scale_view in zip(quantized, w_q.split(widths), w_scale.split(scale_rows)):
-        q.hold_in(w_view, scale_view, cache)
+        q.hold_in(w_view, scale_view)
 
     first = members[0].fused
     x, _, _, bias, *rest = first.args

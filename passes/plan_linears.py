@@ -2,6 +2,7 @@
 
 Changes nothing in the graph. The plan prints as a table (layer, op, N x K, scheme, note), and
 every rejection has a reason string: "skipped by skip list (lm_head)", "K=40 not divisible by 16".
+A layer whose dtypes eager would reject (outside autocast) is an error naming it, as eager's is.
 """
 
 from __future__ import annotations
@@ -121,6 +122,43 @@ def skip_reason(layer: str, site: LinearSite, config: QuantConfig) -> str | None
     return LINEAR_SCHEMES[config.scheme].unsupported(layer, n, k, config)
 
 
+def autocast_regions(gm: fx.GraphModule) -> dict[fx.Node, tuple[tuple[str, bool], ...]]:
+    """For each node, the graph's own `torch.autocast` regions open where it runs (Dynamo's
+    _enter_autocast / _exit_autocast nodes), outermost first, as (device type, enabled)."""
+    regions, open_regions = {}, {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.amp.autocast_mode._enter_autocast:
+            open_regions[node] = (node.args[0], bool(node.args[2]))
+        elif node.op == "call_function" and node.target is torch.amp.autocast_mode._exit_autocast:
+            open_regions.pop(node.args[0], None)
+        regions[node] = tuple(open_regions.values())
+    return regions
+
+
+def autocast_enabled(regions: tuple[tuple[str, bool], ...], device_type: str) -> bool:
+    """Whether autocast is on for `device_type` inside `regions`: the innermost region's word, else the
+    caller's state (Dynamo compiles under it and guards on it; an exported program follows its runner's)."""
+    for region_device, enabled in reversed(regions):
+        if region_device == device_type:
+            return enabled
+    return torch.is_autocast_enabled(device_type)
+
+
+def check_eager_dtypes(layer: str, site: LinearSite, autocast: bool) -> None:
+    """Eager's dtype rule for a layer fxquant rewrites: outside autocast, its activation, weight and
+    bias share one dtype (eager raises otherwise; the op would silently run in the activation's)."""
+    if autocast:
+        return
+    operands = {"activation": fake_value(site.activation), "weight": site.weight, "bias": fake_value(site.bias)}
+    dtypes = {name: value.dtype for name, value in operands.items() if value is not None}
+    if len(set(dtypes.values())) > 1:
+        described = ", ".join(f"{name} {str(dtype).removeprefix('torch.')}" for name, dtype in dtypes.items())
+        raise ValueError(
+            f"fxquant: layer '{layer}': {described}; eager PyTorch raises here too (mat1 and mat2 must have the same "
+            "dtype). Give the model inputs of its dtype, or run it under torch.autocast"
+        )
+
+
 def scheme_for(site: LinearSite, config: QuantConfig) -> tuple[str, str]:
     """The scheme this device can run, and a note when it differs from the one asked for."""
     if not LINEAR_SCHEMES[config.scheme].uses_fp8:
@@ -136,6 +174,7 @@ def plan_linears(gm: fx.GraphModule, lookup: WeightLookup, config: QuantConfig) 
     """Find every linear layer in `gm` and decide its scheme or why it is skipped."""
     plan = Plan()
     named_nodes = {found[0]: node for node in gm.graph.nodes if (found := lookup(node)) is not None}
+    regions = autocast_regions(gm)
     for site in find_linears(gm, lookup):
         layer = layer_name(site)
         if site.weight.dtype in STORED_DTYPES:
@@ -146,6 +185,7 @@ def plan_linears(gm: fx.GraphModule, lookup: WeightLookup, config: QuantConfig) 
                 "weights were cast (model.to(dtype)?). Move a loaded model with .to(device) only, or load it again"
             )
         elif (reason := skip_reason(layer, site, config)) is None:
+            check_eager_dtypes(layer, site, autocast_enabled(regions[site.node], site.weight.device.type))
             entry = PlannedLinear(layer, site, *scheme_for(site, config), activation_scale_ub=config.activation_scale_ub)
         else:
             entry = PlannedLinear(layer, site, None, reason)

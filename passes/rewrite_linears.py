@@ -18,6 +18,7 @@ from fxquant.config import QuantConfig
 from fxquant.ops import LINEAR_SCHEMES
 from fxquant.passes.find_linears import fake_value
 from fxquant.passes.plan_linears import Plan, PlannedLinear
+from fxquant.passes.stored_weights import op_scale_shape
 
 
 def buffer_node(gm: fx.GraphModule, attr: str, like: fx.Node) -> fx.Node:
@@ -35,7 +36,7 @@ def _stored_scale(gm: fx.GraphModule, entry: PlannedLinear, like: fx.Node) -> fx
     a reshape of the scale's graph input, or a buffer of `gm` when the graph has no such input."""
     scale, n = entry.stored_scale, entry.site.out_features
     value = fake_value(scale) if isinstance(scale, fx.Node) else scale
-    shape = {(n, 1): [n], (1,): [], (1, 1): []}.get(tuple(value.shape), list(value.shape))
+    shape = op_scale_shape(entry.scheme, tuple(value.shape), n)
     if not isinstance(scale, fx.Node):
         attr = "fxquant_" + entry.layer.replace(".", "_") + "_stored_scale"
         gm.register_buffer(attr, scale.reshape(shape))

@@ -1,6 +1,7 @@
 """The GPU benchmarks' own code, on the CPU: device time is scarce, so a script that breaks should
-break here first. e2e_llama.py runs its `--tiny` model (forward table and decode loop) and
-profile_decode.py's kernel categories are checked on kernel names an H100 profile recorded."""
+break here first. e2e_llama.py runs its `--tiny` model (forward table and decode loop), weight_check.py
+a narrow one, and profile_decode.py's kernel categories are checked on kernel names an H100 profile
+recorded."""
 
 import importlib
 import json
@@ -69,3 +70,15 @@ def test_profile_categories_on_an_h100_profile():
     assert 1380 < bf16["GEMM"] < 1390, "bf16's decoder GEMMs, the one-call rotary sgemm among them"
     assert "FP8 GEMM" not in bf16 and round(bf16["attention"]) == round(fxquant["attention"]) == 53
     assert fxquant["Inductor kernels fusing fxquant ops"] > 0 and "Inductor kernels fusing fxquant ops" not in bf16
+
+
+@pytest.mark.slow
+def test_weight_check_cost_on_a_narrow_model(tmp_path):
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "weight_check.py"), "--device", "cpu", "--layers", "1",
+                           "--hidden", "128", "--repeats", "2", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "weight_check.json").read_text())["results"]
+    assert [(r["mode"], r["check_weight_updates"]) for r in results] == [("default", False), ("default", True)]
+    assert all(r["weights_watched"] == 7 and list(r["shapes"]) == ["1x1", "16x1"] for r in results), "q k v o gate up down"
+    assert results[0]["check_alone_us"] is None and results[1]["check_alone_us"] > 0

@@ -5,8 +5,12 @@ Checks that `fxquant.calibrate` records, under the plan's layer names, each laye
 that a model compiled with the calibrated static scales stays close to eager; and the errors:
 a layer without a calibrated amax is skipped, a weight changed after its scale was folded, a
 calibration config that already has static scales, invalid static_activation_amax and
-weight_block_size values.
+weight_block_size values, a NaN or Inf activation in any batch, and calibration files that are
+not strict JSON or hold an amax static scales cannot use.
 """
+
+import json
+import re
 
 import pytest
 import torch
@@ -159,3 +163,69 @@ def test_static_activation_amax_is_normalized():
 def test_invalid_static_amax_and_block_size_are_errors(options, message):
     with pytest.raises(ValueError, match=message):
         QuantConfig.from_options(options)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("bad_batch", [0, 1, 2])
+def test_a_non_finite_input_in_any_batch_is_an_error_naming_the_layer_and_batch(bad_batch, value):
+    torch.manual_seed(0)
+    batches = mlp_batches()
+    batches[bad_batch][0][0, 1, 2] = value
+    with pytest.raises(ValueError, match=rf"^fxquant: calibration batch {bad_batch}: the input of layer 'up' holds a NaN or Inf"):
+        fxquant.calibrate(MLP(), batches)
+
+
+def test_a_non_finite_activation_inside_the_model_names_the_layer_it_reaches():
+    torch.manual_seed(0)
+    model = MLP()
+    with torch.no_grad():
+        model.up.bias[3] = float("inf")  # up's input is finite, down's (gelu(inf) = inf) is not
+    with pytest.raises(ValueError, match="batch 0: the input of layer 'down' holds a NaN or Inf"):
+        fxquant.calibrate(model, mlp_batches())
+
+
+def test_save_writes_strict_json(tmp_path):
+    torch.manual_seed(0)
+    calibration = fxquant.calibrate(MLP(), mlp_batches())
+    path = tmp_path / "amax.json"
+    calibration.save(path)
+
+    def refuse(constant):
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    data = json.loads(path.read_text(), parse_constant=refuse)
+    assert data == {"amax": calibration.amax, "batches": 3}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["amax.json"], "no temporary file is left"
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 0.0, -1.0])
+def test_save_refuses_an_amax_that_static_scales_cannot_use_and_keeps_the_old_file(tmp_path, value):
+    path = tmp_path / "amax.json"
+    Calibration(amax={"up": 1.0}, batches=1).save(path)
+    before = path.read_text()
+    with pytest.raises(ValueError, match=r"^fxquant: Calibration.save: layer 'down': amax .* is not a positive finite number"):
+        Calibration(amax={"up": 1.0, "down": value}, batches=1).save(path)
+    assert path.read_text() == before
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda text: text.replace("1.5", "NaN"), "layer 'down': amax nan is not a positive finite number"),
+        (lambda text: text.replace("1.5", "Infinity"), "layer 'down': amax inf is not a positive finite number"),
+        (lambda text: text.replace("1.5", "-Infinity"), "layer 'down': amax -inf is not a positive finite number"),
+        (lambda text: text.replace("1.5", "0"), "layer 'down': amax 0 is not a positive finite number"),
+        (lambda text: text.replace("1.5", "-2.0"), "layer 'down': amax -2.0 is not a positive finite number"),
+        (lambda text: text.replace("1.5", '"1.5"'), "layer 'down': amax '1.5' is not a positive finite number"),
+        (lambda text: text.replace("1.5", "true"), "layer 'down': amax True is not a positive finite number"),
+        (lambda text: text.replace('"batches"', '"batch"'), "not a calibration file"),
+        (lambda text: "[" + text + "]", "not a calibration file"),
+        (lambda text: text[: len(text) // 2], "not JSON"),
+    ],
+)
+def test_load_refuses_a_malformed_file_naming_it_and_the_layer(tmp_path, edit, message):
+    path = tmp_path / "amax.json"
+    Calibration(amax={"down": 1.5, "up": 2.25}, batches=2).save(path)
+    path.write_text(edit(path.read_text()))
+    with pytest.raises(ValueError, match=f"^fxquant: {re.escape(str(path))}: {re.escape(message)}"):
+        Calibration.load(path)

@@ -105,11 +105,36 @@ def test_fxquant_json(tmp_path):
     assert not (tmp_path / "config.json").exists()  # not an HF model
 
 
-def test_other_schemes_write_no_hf_config(tmp_path):
+@pytest.mark.parametrize("scheme, hf_format", [("fp8_tensorwise", "auto"), ("fp8_rowwise", None), ("int8", None)])
+def test_without_a_layout_for_the_scheme_no_hf_config_is_written(tmp_path, scheme, hf_format):
     model = tiny_llama()
-    metadata = save_quantized(model, tmp_path, QuantConfig(scheme="int8"))
+    metadata = save_quantized(model, tmp_path, QuantConfig(scheme=scheme), hf_format=hf_format)
     assert "quantization_config" not in metadata
-    assert not (tmp_path / "config.json").exists()  # transformers would load the int8 weights as floats
+    assert not (tmp_path / "config.json").exists()  # transformers would load the low-precision weights as floats
+
+
+@pytest.mark.parametrize("scheme, method", [("fp8_rowwise", "fbgemm_fp8"), ("fp8_blockwise", "compressed-tensors"),
+                                            ("int8", "compressed-tensors")])
+def test_auto_writes_the_first_layout_that_describes_the_scheme(tmp_path, scheme, method):
+    metadata = save_quantized(tiny_llama(), tmp_path, QuantConfig(scheme=scheme))  # hf_format="auto"
+    written = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert written == metadata["quantization_config"] and written["quant_method"] == method
+
+
+@pytest.mark.parametrize("scheme, hf_format, why", [
+    ("int8", "fbgemm_fp8", "fbgemm_fp8 describes fp8_rowwise only, not int8"),
+    ("fp8_tensorwise", "compressed-tensors", "compressed-tensors has no dynamic fp8_tensorwise layout"),
+])
+def test_a_layout_asked_for_that_cannot_describe_the_scheme_is_refused(tmp_path, scheme, hf_format, why):
+    with pytest.raises(ValueError, match=why):
+        save_quantized(tiny_llama(), tmp_path / "out", QuantConfig(scheme=scheme), hf_format=hf_format)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unknown_hf_format_is_refused_before_writing(tmp_path):
+    with pytest.raises(ValueError, match="unknown hf_format 'fbgemm'"):
+        save_quantized(tiny_llama(), tmp_path / "out", hf_format="fbgemm")
+    assert not (tmp_path / "out").exists()
 
 
 def test_plan_uses_the_plan_pass_rules():
@@ -214,7 +239,7 @@ def corrupt_scale_shape(directory):
     tensors = load_file(path)
     tensors["up.weight_scale"] = tensors["up.weight_scale"][:128]
     save_file(tensors, path)
-    return ValueError, r"model\.safetensors: tensor 'up\.weight_scale' is torch\.float32 \[128, 1\]; .*shape \[256, 1\]"
+    return ValueError, r"model\.safetensors: tensor 'up\.weight_scale' is torch\.float32 \[128, 1\]; fxquant\.json records float32 \[256, 1\]"
 
 
 def corrupt_data(directory):
@@ -249,7 +274,7 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     model = mlp()
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"model\.safetensors: tensor 'model\.layers\.0\.self_attn\.q_proj\.weight' "
-                                         r"was quantized from a 64 x 64 nn\.Linear, but the model's .* is None"):
+                                         r"was quantized from an N x K = 64 x 64 nn\.Linear or Conv1D, but the model's .* is None"):
         load_quantized(tmp_path / "llama", model)
     save_quantized(MLP(dim=128, hidden=256, vocab=48), tmp_path / "vocab48")
     with pytest.raises(ValueError, match=r"tensor 'lm_head\.weight' is torch\.float32 \[48, 128\]; .*shape \[32, 128\]"):
@@ -273,8 +298,8 @@ def test_hf_fbgemm_fp8_layout(tmp_path):
     assert config.architectures == ["LlamaForCausalLM"] and config.hidden_size == 64
     quantization_config = config.quantization_config
     assert quantization_config == {
-        "quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0, "modules_to_not_convert": ["lm_head"]
-    }
+        "quant_method": "fbgemm_fp8", "activation_scale_ub": torch.finfo(torch.float32).max, "modules_to_not_convert": ["lm_head"]
+    }  # no bound, as fxquant computed (tests/test_checkpoint_metadata.py)
     hf_config = transformers.FbgemmFp8Config.from_dict(quantization_config)
     assert json.loads(hf_config.to_json_string()) == quantization_config
 

@@ -49,5 +49,5 @@ def test_transformers_loads_the_checkpoint_with_compressed_tensors(tmp_path, sch
 
 
 def test_unknown_hf_format_is_an_error(tmp_path):
-    with pytest.raises(ValueError, match="unknown hf_format 'vllm'; known: fbgemm_fp8, compressed-tensors"):
+    with pytest.raises(ValueError, match="unknown hf_format 'vllm'; known: auto, fbgemm_fp8, compressed-tensors, None"):
         fxquant.save_quantized(tiny_llama(), tmp_path, hf_format="vllm")

@@ -32,6 +32,9 @@ def fp8_static_scale(amax: float, scale_ub: float | None = None) -> float:
 
 def saturate_to_fp8(x: Tensor, scale: Tensor | float) -> Tensor:
     """e4m3(x / scale), clamped to ±448 first (values beyond an upper-bounded scale saturate)."""
+    if not isinstance(scale, Tensor):
+        # CUDA divides by a Python number as a product with its reciprocal, not correctly rounded.
+        scale = x.new_full((), scale, dtype=torch.float32)
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 

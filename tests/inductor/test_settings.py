@@ -11,7 +11,20 @@ from fxquant.inductor.settings import fxquant_inductor_settings
 
 
 def test_default_mode_keeps_row_reductions_whole():
-    assert fxquant_inductor_settings({}) == {"emulate_precision_casts": True, "split_reductions": False}
+    assert fxquant_inductor_settings({}) == {
+        "emulate_precision_casts": True, fxquant_settings.DIVISION_ROUNDING: True, "split_reductions": False}
+
+
+@pytest.mark.parametrize("mode", [None, "reduce-overhead", "max-autotune"])
+@pytest.mark.parametrize("tokens", [None, 1, 4096])
+def test_every_graph_divides_correctly_rounded(mode, tokens):
+    """FP8 codes are rounded quotients x / scale: Triton's approximate float32 division would move
+    some of them (tests/kernels/test_cuda_compiled_quantization.py checks the codes on the GPU)."""
+    settings = fxquant_inductor_settings(torch._inductor.list_mode_options(mode) if mode else {}, tokens)
+    name = fxquant_settings.DIVISION_ROUNDING
+    assert settings[name] is True
+    with torch._inductor.config.patch({name: False}):  # a name Inductor knows: patching it works
+        pass
 
 
 def test_cuda_graphs_keep_inductors_split_reductions():

@@ -1,0 +1,167 @@
+"""Which layers a checkpoint stores quantized, and in what layout: nn.Linear and transformers' Conv1D.
+
+    nn.Linear  weight [N, K]  →  <layer>.weight  e4m3 / int8 [N, K]    <layer>.weight_scale  float32
+    Conv1D     weight [K, N]  →  <layer>.weight  e4m3 / int8 [K, N]    <layer>.weight_scale  float32
+Scales are in the GEMM's orientation for both ([N, 1] per channel, [N/bn, K/bk] per block, [] per
+tensor). A Conv1D's quantized weight keeps its module's [K, N] layout in the file, as GPT-2's float
+checkpoints hold it and as vLLM's GPT-2 loader reads it (it transposes every c_attn / c_proj / c_fc
+weight); loaded, it is held [N, K], the op's layout (fxquant/stored_layers.py).
+
+The plan walks modules, not a trace: a parameter multiplied outside these modules (`x @ W.t()` on a
+raw nn.Parameter) is listed unquantized with the reason. A layer already stored quantized (a model
+from `load_quantized`) is kept as stored, and must agree with the config the checkpoint is written with.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from fxquant.config import QuantConfig
+from fxquant.ops import LINEAR_SCHEMES
+from fxquant.passes.find_linears import LinearSite
+from fxquant.passes.plan_linears import Plan, PlannedLinear, skip_reason
+from fxquant.passes.stored_weights import STORED_DTYPES, STORED_WEIGHTS, stored_scheme
+from fxquant.stored_layers import conv1d_type
+
+STORED_NOTE = "stored quantized weights"
+RAW_PARAMETER_NOTE = "a parameter outside nn.Linear / Conv1D: checkpoints store it as it is (compiling may quantize it)"
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    conv1d = conv1d_type()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def is_checkpoint_layer(module: nn.Module) -> bool:
+    """nn.Linear or Conv1D: the layers a checkpoint can hold quantized."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def _site(name: str, weight: Tensor, kind: str, weight_is_kn: bool) -> LinearSite:
+    """`weight` as the one-node graph `F.linear(x, weight)`, `addmm(b, x, weight)` or `x @ weight` (by
+    `kind`), x of the weight's dtype and device, so that the plan pass's `skip_reason` judges it."""
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    in_features = weight.shape[0] if weight_is_kn else weight.shape[-1]
+    x.meta["val"] = torch.empty(0, in_features, dtype=weight.dtype, device=weight.device)
+    bias = graph.placeholder("bias")
+    w = graph.get_attr("weight")
+    calls = {"linear": (F.linear, (x, w)), "addmm": (torch.addmm, (bias, x, w)), "matmul": (torch.matmul, (x, w))}
+    node = graph.call_function(*calls[kind])
+    return LinearSite(node, kind, name, weight, weight_is_kn=weight_is_kn, view_node=None)
+
+
+def layer_site(name: str, module: nn.Module) -> LinearSite:
+    """A checkpoint layer as a LinearSite: a Conv1D's float weight is [K, N], its stored one [N, K]."""
+    weight = module.weight
+    conv1d = is_conv1d(module)
+    kn = conv1d and weight.dtype not in STORED_DTYPES
+    return _site(f"{name}.weight" if name else "weight", weight, "addmm" if conv1d else "linear", kn)
+
+
+def stored_scale(scale: Tensor) -> Tensor:
+    """Per-channel scales [N] are stored [N, 1], as HF's FbgemmFp8Linear holds its weight_scale."""
+    return scale.unsqueeze(-1) if scale.dim() == 1 else scale
+
+
+def stored_layout(scheme: str, n: int, k: int, config: QuantConfig, conv1d: bool) -> dict[str, tuple[torch.dtype, tuple]]:
+    """{"weight": (dtype, shape), "weight_scale": (dtype, shape)} of an [N, K] layer stored with `scheme`, as the file holds it."""
+    w_q, w_scale = LINEAR_SCHEMES[scheme].quantize_weight(torch.empty(n, k, device="meta"), config)
+    return {
+        "weight": (w_q.dtype, (k, n) if conv1d else (n, k)),
+        "weight_scale": (torch.float32, tuple(stored_scale(w_scale).shape)),
+    }
+
+
+def file_weight(w_q: Tensor, conv1d: bool) -> Tensor:
+    """A quantized weight [N, K] in the file's layout: [K, N] for a Conv1D."""
+    return w_q.t().contiguous() if conv1d else w_q
+
+
+def layer_shape(module: nn.Module) -> list[int]:
+    """[N, K] of an nn.Linear or Conv1D, whichever way its weight is held."""
+    return [module.nf, module.nx] if is_conv1d(module) else [module.out_features, module.in_features]
+
+
+def _traced_module_type(site: LinearSite) -> type | None:
+    """The class of the module whose forward ran `site` in a traced graph (a class, or its qualified
+    name under torch.export, whose module the model's existence has imported)."""
+    stack = site.node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    module_type = list(stack.values())[-1][1]
+    if isinstance(module_type, str):
+        module_name, _, class_name = module_type.rpartition(".")
+        module_type = getattr(sys.modules.get(module_name), class_name, None)
+    return module_type if isinstance(module_type, type) else None
+
+
+def traced_storage(layer: str, site: LinearSite) -> bool:
+    """For a layer of a traced graph: True for a Conv1D, False for an nn.Linear (its quantized weight's
+    file layout); a ValueError naming the layer and parameter when a checkpoint cannot store it."""
+    module_type, conv1d = _traced_module_type(site), conv1d_type()
+    is_linear = isinstance(module_type, type) and issubclass(module_type, nn.Linear) and not site.weight_is_kn
+    is_conv = conv1d is not None and isinstance(module_type, type) and issubclass(module_type, conv1d) and site.weight_is_kn
+    if site.weight_name == (f"{layer}.weight" if layer else "weight") and (is_linear or is_conv):
+        return is_conv
+    used = f"parameter '{site.weight_name}'" if layer == site.weight_name else f"layer '{layer}' (parameter '{site.weight_name}')"
+    raise ValueError(
+        f"fxquant: {used} is multiplied outside an nn.Linear or Conv1D weight; a checkpoint stores only those "
+        "quantized (skip it with QuantConfig.skip to save the program)"
+    )
+
+
+def _stored_disagreement(name: str, site: LinearSite, scheme: str, module: nn.Module, config: QuantConfig) -> str | None:
+    """Why a stored layer does not fit the checkpoint `config` describes, or None."""
+    if scheme != config.scheme:
+        return f"the config asks for {config.scheme}"
+    pattern = next((p for p in config.skip if fnmatch.fnmatchcase(name, p)), None)
+    if pattern is not None:
+        return f"the config's skip list has {pattern!r}"
+    ub = getattr(STORED_WEIGHTS.get(site.weight), "activation_scale_ub", None)
+    if scheme != "int8" and ub != config.activation_scale_ub:
+        return f"it runs with activation_scale_ub {ub}, the config has {config.activation_scale_ub}"
+    n, k = site.out_features, site.in_features
+    wanted = stored_layout(scheme, n, k, config, False)["weight_scale"][1]
+    if scheme == "fp8_blockwise" and tuple(module.weight_scale.shape) != wanted:
+        return f"its scale is {list(module.weight_scale.shape)}, the config's weight_block_size {config.weight_block_size} makes {list(wanted)}"
+    return None
+
+
+def _stored_entry(name: str, module: nn.Module, config: QuantConfig) -> PlannedLinear:
+    site = layer_site(name, module)
+    scheme, note = stored_scheme(site, getattr(module, "weight_scale", None))
+    problem = note if scheme is None else _stored_disagreement(name, site, scheme, module, config)
+    if problem is not None:
+        stored = f" as {scheme}" if scheme else ""
+        raise ValueError(
+            f"fxquant: layer '{name}' is stored quantized{stored} and cannot be quantized again: {problem}; "
+            "save it with the QuantConfig it was loaded with (fxquant.checkpoint.read_metadata(directory)[1])"
+        )
+    return PlannedLinear(name, site, scheme, STORED_NOTE)
+
+
+def plan_modules(model: nn.Module, config: QuantConfig) -> Plan:
+    """The plan of every nn.Linear and Conv1D of `model`, in module order, by the plan pass's rules;
+    no tracing. Layers stored quantized keep their scheme; other 2-D parameters are listed unquantized.
+
+    Unlike the backend's plan there is no device fallback: a checkpoint stores the scheme asked for.
+    """
+    plan = Plan()
+    for name, module in model.named_modules():
+        if is_checkpoint_layer(module) and module.weight.dtype in STORED_DTYPES:
+            plan.append(_stored_entry(name, module, config))
+        elif is_checkpoint_layer(module):
+            site = layer_site(name, module)
+            reason = skip_reason(name, site, config)
+            plan.append(PlannedLinear(name, site, None if reason else config.scheme, reason or ""))
+        elif not isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            for attr, parameter in module.named_parameters(prefix=name, recurse=False):
+                if parameter.dim() == 2 and parameter.is_floating_point():
+                    plan.append(PlannedLinear(attr, _site(attr, parameter, "matmul", False), None, RAW_PARAMETER_NOTE))
+    return plan

@@ -1,0 +1,93 @@
+"""Layers whose weights are stored quantized, run eagerly with the numerics the backend compiles.
+
+    make_stored(model.up, "fp8_rowwise", activation_scale_ub=None)
+    model.up(x)                       # eager: fxquant.fp8_rowwise_linear(x, w_q, scale, bias, ub)
+    torch.compile(model, backend="fxquant")(x)   # traced as F.linear(x, w_q, bias).to(x.dtype): passes/stored_weights.py
+
+`make_stored` registers the module's weight as stored (passes/stored_weights.py) and swaps the
+module's class for a subclass of it (`StoredLinear` for nn.Linear, `StoredConv1D` for
+transformers' Conv1D), so `isinstance(module, nn.Linear)`, the state dict's keys and the
+module's attributes stay. The weight is held [N, K], as the op takes it, for Conv1D too. While
+Dynamo or torch.export traces, the forward is a plain `F.linear`, which fxquant's backend and
+`fxquant.export` rewrite into the same op (their plan lists the layer, and the compile's config
+may set its own activation_scale_ub); other backends cannot run a low-precision F.linear.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fxquant.config import QuantConfig
+from fxquant.ops import LINEAR_SCHEMES
+from fxquant.passes.stored_weights import STORED_DTYPES, STORED_WEIGHTS, op_scale_shape, register_stored_weight
+
+# What the schemes' `call` reads from a config for a stored weight: nothing (no static scales).
+_STORED_CALL_CONFIG = QuantConfig()
+
+
+class StoredLayer:
+    """The forward of a linear layer whose `weight` [N, K] is stored quantized (mixed into its class)."""
+
+    weight: Tensor
+    bias: Tensor | None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_exporting():
+            return F.linear(x, self.weight, self.bias)
+        if torch.compiler.is_compiling():  # Dynamo gives F.linear the weight's dtype; what follows needs x's
+            return F.linear(x, self.weight, self.bias).to(x.dtype)
+        stored = STORED_WEIGHTS.get(self.weight)
+        if stored is None or stored.scheme is None:
+            if self.weight.dtype in STORED_DTYPES:
+                raise RuntimeError(
+                    f"fxquant: a {type(self).__name__}'s {self.weight.dtype} weight is not registered as stored "
+                    "(replaced after loading?); load the checkpoint again or call fxquant.stored_layers.make_stored"
+                )
+            return F.linear(x, self.weight, self.bias)  # a float weight assigned since: it runs as float
+        scale = stored.scale
+        scale = scale.reshape(op_scale_shape(stored.scheme, tuple(scale.shape), self.weight.shape[0]))
+        op, args = LINEAR_SCHEMES[stored.scheme].call(
+            _STORED_CALL_CONFIG, "", stored.activation_scale_ub, x, self.weight, scale, None, self.bias
+        )
+        return op(*args)
+
+    def extra_repr(self) -> str:
+        stored = STORED_WEIGHTS.get(self.weight)
+        scheme = f"stored {stored.scheme}" if stored is not None and stored.scheme else "stored"
+        return ", ".join(filter(None, (super().extra_repr(), scheme)))
+
+
+@functools.cache
+def stored_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """`cls` with StoredLayer's forward: StoredLinear, StoredConv1D (made once per class)."""
+    return type(f"Stored{cls.__name__}", (StoredLayer, cls), {"__module__": __name__})
+
+
+def conv1d_type() -> type[nn.Module] | None:
+    """transformers' Conv1D (GPT-2's linear layers, weight [K, N]) where transformers is loaded;
+    without it no model holds one."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
+def plain_linear_forward(module: nn.Module) -> bool:
+    """Whether `module` runs nn.Linear's or Conv1D's own forward: its weight's linear map and nothing else."""
+    conv1d = conv1d_type()
+    return type(module).forward in (nn.Linear.forward, getattr(conv1d, "forward", None))
+
+
+def make_stored(module: nn.Module, scheme: str, activation_scale_ub: float | None = None) -> nn.Module:
+    """Make `module` (nn.Linear, or Conv1D with its weight already [N, K]) run its stored weight
+    `weight` and scale `weight_scale` with `scheme`'s op, eagerly and compiled; returns it.
+
+    A subclass of nn.Linear with a forward of its own keeps its class: only compiling with
+    backend="fxquant" runs it."""
+    register_stored_weight(module, "weight", None if scheme == "int8" else activation_scale_ub, scheme)
+    if isinstance(module, StoredLayer) or not plain_linear_forward(module):
+        return module
+    module.__class__ = stored_class(type(module))
+    return module

@@ -1,0 +1,152 @@
+"""`fxquant quantize` on models that are not *ForCausalLM (fxquant/hf_model.py): the model is loaded
+as the class config.json's `architectures` names, so heads, key prefixes and `architectures`
+survive, and every tensor of the input is in the output under its name; weights that do not fit
+the class, and a class transformers lacks, are errors before anything is written."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from fxquant.checkpoint import read_header
+from fxquant.cli import main
+from fxquant.hf_model import check_output_holds_input, tensor_names
+from tests.models import tiny_llama
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_gpt2():
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64))
+
+
+def tiny_t5():
+    config = transformers.T5Config(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4, vocab_size=128)
+    return transformers.T5ForConditionalGeneration(config)
+
+
+def tiny_bert_classifier():
+    config = transformers.BertConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128, num_labels=3
+    )
+    return transformers.BertForSequenceClassification(config)
+
+
+MODELS = {
+    "GPT2LMHeadModel": tiny_gpt2,
+    "T5ForConditionalGeneration": tiny_t5,
+    "BertForSequenceClassification": tiny_bert_classifier,
+    "LlamaForCausalLM": tiny_llama,
+}
+
+
+def saved(model: torch.nn.Module, path, **options):
+    model.save_pretrained(path, **options)
+    return path
+
+
+@pytest.mark.parametrize("architecture", list(MODELS))
+def test_the_class_config_json_names_is_quantized_with_its_head_and_names(architecture, tmp_path, capsys):
+    torch.manual_seed(0)
+    source, out = saved(MODELS[architecture]().eval(), tmp_path / "in"), tmp_path / "out"
+    assert main(["quantize", str(source), str(out)]) == 0, capsys.readouterr().err
+
+    metadata = json.loads((out / "fxquant.json").read_text())
+    quantized = sum(entry["scheme"] is not None for entry in metadata["plan"])
+    assert quantized > 0
+    report = capsys.readouterr().out
+    assert f"{out}: {architecture}, fp8_rowwise, {quantized} of {len(metadata['plan'])} linear layers quantized" in report
+    if architecture == "GPT2LMHeadModel":  # Conv1D layers: transformers would read them back as float
+        assert not (out / "config.json").exists()
+        assert "config.json: none written: transformers converts nn.Linear only, not the quantized Conv1D layers" in report
+    else:
+        assert json.loads((out / "config.json").read_text())["architectures"] == [architecture]
+        assert "config.json: quantization_config fbgemm_fp8" in report
+    inputs, outputs = set(read_header(source / "model.safetensors")), set(read_header(out / "model.safetensors"))
+    assert inputs - outputs - set(metadata["tied"]) == set(), "input tensors missing from the output"
+    assert {name.removesuffix("_scale") for name in outputs - inputs} <= inputs, "only weight_scale tensors are new"
+
+
+@pytest.mark.parametrize("architecture", ["T5ForConditionalGeneration", "BertForSequenceClassification", "LlamaForCausalLM"])
+def test_transformers_loads_the_output_as_the_original_class(architecture, tmp_path, capsys):
+    pytest.importorskip("compressed_tensors")
+    torch.manual_seed(0)
+    source, out = saved(MODELS[architecture]().eval(), tmp_path / "in"), tmp_path / "out"
+    assert main(["quantize", str(source), str(out), "--hf-format", "compressed-tensors"]) == 0, capsys.readouterr().err
+    model, info = getattr(transformers, architecture).from_pretrained(out, output_loading_info=True)
+    assert type(model).__name__ == architecture
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+
+@pytest.mark.parametrize("layout", [{}, {"safe_serialization": False}, {"max_shard_size": "100KB"}],
+                         ids=["safetensors", "pickle", "sharded"])
+def test_input_tensor_names_are_read_from_each_weights_layout(layout, tmp_path, capsys):
+    model = tiny_llama()
+    source = saved(model, tmp_path / "in", **layout)
+    assert tensor_names(source) == saved_names(source) and "model.norm.weight" in saved_names(source)
+    assert main(["quantize", str(source), str(tmp_path / "out")]) == 0, capsys.readouterr().err
+
+
+def saved_names(directory) -> set[str]:
+    """The tensor names save_pretrained wrote, read with transformers' own loader."""
+    from transformers.modeling_utils import load_state_dict
+
+    files = [path for path in directory.iterdir() if path.suffix in (".safetensors", ".bin")]
+    return {name for path in files for name in load_state_dict(str(path))}
+
+
+def test_without_architectures_the_base_model_is_loaded_and_the_note_says_so(tmp_path, capsys):
+    source = saved(tiny_llama().model, tmp_path / "in")  # LlamaModel: no head
+    config = json.loads((source / "config.json").read_text())
+    del config["architectures"]
+    (source / "config.json").write_text(json.dumps(config))
+    assert main(["quantize", str(source), str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    report = capsys.readouterr().out
+    assert "note: config.json names no architectures: loading the base model LlamaModel, without any head" in report
+    assert f"{tmp_path / 'out'}: LlamaModel, fp8_rowwise, 14 of 14 linear layers quantized" in report
+
+
+@pytest.mark.parametrize(
+    "save, architecture, message",
+    [
+        (lambda: tiny_llama(), "LlamaForSequenceClassification",
+         "holds tensors that LlamaForSequenceClassification has no place for: lm_head.weight"),
+        (lambda: tiny_llama().model, "LlamaForCausalLM", "lacks tensors that LlamaForCausalLM needs (they would be random): lm_head.weight"),
+        (lambda: tiny_bert_classifier().bert, "BertForSequenceClassification",
+         "lacks tensors that BertForSequenceClassification needs (they would be random): classifier.bias, classifier.weight"),
+        (lambda: tiny_llama(), "LlamaForNothing", "names 'LlamaForNothing', which transformers"),
+        (lambda: tiny_llama(), "LlamaConfig", "names 'LlamaConfig', which transformers"),  # a transformers name, not a model
+    ],
+    ids=["head-without-weights", "weights-without-head", "base-weights-for-a-classifier", "unknown-class", "not-a-model"],
+)
+def test_weights_that_do_not_fit_the_named_class_are_an_error_before_writing(save, architecture, message, tmp_path, capsys):
+    source = saved(save(), tmp_path / "in")
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "architectures": [architecture]}))
+    assert main(["quantize", str(source), str(tmp_path / "out")]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_input_tensor_missing_from_the_output_is_an_error_naming_it(tmp_path):
+    model = tiny_llama()
+    source = saved(model, tmp_path / "in")
+    inputs = tensor_names(source)
+    stored = inputs - {"model.norm.weight", "model.layers.1.mlp.up_proj.weight"}
+    with pytest.raises(ValueError, match=r"lacks tensors of .*: model.layers.1.mlp.up_proj.weight, model.norm.weight; "):
+        check_output_holds_input(inputs, source, tmp_path / "out", model, stored, {})
+    check_output_holds_input(inputs, source, tmp_path / "out", model, stored, {  # tied names are held
+        "model.norm.weight": "x", "model.layers.1.mlp.up_proj.weight": "y"
+    })
+
+
+def test_a_buffer_the_model_computes_may_be_missing_from_the_output(tmp_path):
+    """MiniLM's checkpoint holds embeddings.position_ids, which BertModel computes (non-persistent)."""
+    config = transformers.BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4)
+    model = transformers.BertModel(config)
+    assert "embeddings.position_ids" not in model.state_dict()
+    inputs = set(model.state_dict()) | {"embeddings.position_ids"}
+    check_output_holds_input(inputs, tmp_path, tmp_path / "out", model, set(model.state_dict()), {})
+
