@@ -107,7 +107,7 @@ def quantize(args: argparse.Namespace) -> None:
         model, dir_out, config, progress=lambda layers: tqdm(layers, desc="quantizing", unit="layer"),
         hf_format=args.hf_format, overwrite=args.overwrite,
     )
-    check_output_holds_input(inputs, dir_in, dir_out, model, set(metadata["tensors"]), metadata["tied"])
+    check_output_holds_input(inputs, dir_in, dir_out, model, metadata["tensors"], metadata["tied"])
     quantized = sum(entry["scheme"] is not None for entry in metadata["plan"])
     print(f"{dir_out}: {cls.__name__}, {config.scheme}, {quantized} of {len(metadata['plan'])} linear layers quantized")
     print(_bytes_line(metadata["bytes"]["before"], metadata["bytes"]["after"]))

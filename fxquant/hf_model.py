@@ -108,13 +108,26 @@ def tensor_names(directory: Path) -> set[str]:
     raise ValueError(f"fxquant: {directory}: no weights file ({SAFE_WEIGHTS_NAME}, {WEIGHTS_NAME} or an index)")
 
 
+def names_on_disk(model: nn.Module, tensors: dict[str, dict]) -> set[str]:
+    """The names transformers' save_pretrained gives these tensors ({name: {"dtype", "shape"}}, as
+    fxquant.json lists them): transformers 5 loads some architectures under other names than their
+    files hold (ViT's `attention.attention.query` is `attention.q_proj` in the model; Qwen3-MoE's
+    per-expert weights one fused tensor) and reverts that when it saves."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    state = {name: torch.empty(entry["shape"], dtype=getattr(torch, entry["dtype"]), device="meta") for name, entry in tensors.items()}
+    return set(revert_weight_conversion(model, state))
+
+
 def check_output_holds_input(
-    inputs: set[str], dir_in: Path, dir_out: Path, model: nn.Module, stored: set[str], tied: dict[str, str]
+    inputs: set[str], dir_in: Path, dir_out: Path, model: nn.Module, tensors: dict[str, dict], tied: dict[str, str]
 ) -> None:
-    """Every tensor of `dir_in` (`inputs`) is in the checkpoint `dir_out` under the same name: stored,
-    or tied to a stored one. Tensors the model computes instead of loading (non-persistent buffers
-    such as position_ids, which older checkpoints hold) are the exception."""
+    """Every tensor of `dir_in` (`inputs`) is in the checkpoint `dir_out` under the same name, or the
+    name transformers loads it under: stored, or tied to a stored one. Tensors the model computes
+    instead of loading (non-persistent buffers such as position_ids, which older checkpoints hold)
+    are the exception."""
     computed = set(dict(model.named_buffers())) - set(model.state_dict())
+    stored = set(tensors) | names_on_disk(model, tensors)
     lost = sorted(inputs - stored - set(tied) - computed)
     if lost:
         raise ValueError(

@@ -80,6 +80,40 @@ def test_transformers_loads_the_output_as_the_original_class(architecture, tmp_p
     assert not info["missing_keys"] and not info["unexpected_keys"], info
 
 
+def tiny_vit_classifier():
+    config = transformers.ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                    image_size=32, patch_size=8, num_labels=3)
+    return transformers.ViTForImageClassification(config)
+
+
+def tiny_qwen3_moe():
+    config = transformers.Qwen3MoeConfig(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                         vocab_size=128, head_dim=16)
+    return transformers.Qwen3MoeForCausalLM(config)
+
+
+@pytest.mark.parametrize("make_model", [tiny_vit_classifier, tiny_qwen3_moe], ids=["ViT", "Qwen3-MoE"])
+def test_a_model_transformers_renames_on_loading_keeps_every_tensor(make_model, tmp_path, capsys):
+    """transformers 5 loads these under other names than their files hold (ViT's `attention.attention.query`
+    is `attention.q_proj`; Qwen3-MoE's per-expert weights one fused tensor): the output holds each input
+    tensor under the name transformers loads it as, and transformers and fxquant both load it."""
+    torch.manual_seed(0)
+    model = make_model().eval()
+    source, out = saved(model, tmp_path / "in"), tmp_path / "out"
+    on_disk = set(read_header(source / "model.safetensors"))
+    assert on_disk != set(model.state_dict()), "transformers no longer renames this model: pick another"
+    assert main(["quantize", str(source), str(out), "--scheme", "int8"]) == 0, capsys.readouterr().err
+    assert "linear layers quantized" in capsys.readouterr().out
+    loaded, info = type(model).from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    from fxquant import empty_weights, load_quantized
+
+    with empty_weights():
+        empty = type(model)(model.config)
+    load_quantized(out, empty)
+
+
 @pytest.mark.parametrize("layout", [{}, {"safe_serialization": False}, {"max_shard_size": "100KB"}],
                          ids=["safetensors", "pickle", "sharded"])
 def test_input_tensor_names_are_read_from_each_weights_layout(layout, tmp_path, capsys):
