@@ -164,14 +164,20 @@ def test_weights_that_do_not_fit_the_named_class_are_an_error_before_writing(sav
     assert not (tmp_path / "out").exists()
 
 
+def table(model: torch.nn.Module, names: set[str]) -> dict[str, dict]:
+    """fxquant.json's tensor table for `names` of `model`'s state dict."""
+    state = model.state_dict()
+    return {name: {"dtype": str(state[name].dtype).removeprefix("torch."), "shape": list(state[name].shape)} for name in names}
+
+
 def test_an_input_tensor_missing_from_the_output_is_an_error_naming_it(tmp_path):
     model = tiny_llama()
     source = saved(model, tmp_path / "in")
     inputs = tensor_names(source)
     stored = inputs - {"model.norm.weight", "model.layers.1.mlp.up_proj.weight"}
     with pytest.raises(ValueError, match=r"lacks tensors of .*: model.layers.1.mlp.up_proj.weight, model.norm.weight; "):
-        check_output_holds_input(inputs, source, tmp_path / "out", model, stored, {})
-    check_output_holds_input(inputs, source, tmp_path / "out", model, stored, {  # tied names are held
+        check_output_holds_input(inputs, source, tmp_path / "out", model, table(model, stored), {})
+    check_output_holds_input(inputs, source, tmp_path / "out", model, table(model, stored), {  # tied names are held
         "model.norm.weight": "x", "model.layers.1.mlp.up_proj.weight": "y"
     })
 
@@ -182,5 +188,5 @@ def test_a_buffer_the_model_computes_may_be_missing_from_the_output(tmp_path):
     model = transformers.BertModel(config)
     assert "embeddings.position_ids" not in model.state_dict()
     inputs = set(model.state_dict()) | {"embeddings.position_ids"}
-    check_output_holds_input(inputs, tmp_path, tmp_path / "out", model, set(model.state_dict()), {})
+    check_output_holds_input(inputs, tmp_path, tmp_path / "out", model, table(model, set(model.state_dict())), {})
 
