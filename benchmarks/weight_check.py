@@ -54,7 +54,7 @@ def check_alone_us(weights: list, device: torch.device, repeats: int) -> float:
 
 def run(model, mode: str, check: bool, device: torch.device, vocab: int, repeats: int) -> dict:
     torch._dynamo.reset()
-    backend = fxquant.backend(scheme="fp8_rowwise", check_weight_updates=check)
+    backend = fxquant.backend(scheme="fp8_rowwise", check_weight_updates=check, keep_graphs=True)
     kwargs = {} if mode == "default" else {"mode": mode}
     compiled = torch.compile(model, backend=backend, dynamic=False, **kwargs)
     result = {"mode": mode, "check_weight_updates": check, "shapes": {}}

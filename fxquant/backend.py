@@ -3,6 +3,11 @@
     torch.compile(model, backend="fxquant", options={"scheme": "int8"})     # entry point, no import
     torch.compile(model, backend=fxquant.backend(QuantConfig(scheme="int8")))
     torch.compile(model, backend=fxquant.backend(inductor={"split_reductions": True}))  # Inductor settings
+    torch.compile(model, backend=fxquant.backend(keep_graphs=True))          # tests, inspection
+
+A backend keeps no compiled graph unless asked: `plans` holds each graph's plan as plain rows
+(fxquant/plan_summary.py). The quantized weights belong to the model's parameters and the graphs
+that run them (fxquant/quantized_copies.py).
 """
 
 from __future__ import annotations
@@ -20,28 +25,39 @@ from fxquant.config import QuantConfig
 from fxquant.dynamo_params import dynamo_module_tensor
 from fxquant.log import logger
 from fxquant.passes import Plan
-from fxquant.passes.quantize_weights import QuantizedCache, QuantizedWeight
+from fxquant.passes.quantize_weights import QuantizedWeight
 from fxquant.pipeline import quantize_graph
+from fxquant.plan_summary import PlanSummary
+from fxquant.quantized_copies import COPIES
 from fxquant.weight_updates import RequantizeOnUpdate
-
-# Shared by every backend instance: the graphs Dynamo compiles for one model reuse its weights' quantized copies.
-_QUANTIZED = QuantizedCache()
 
 
 class Backend:
     """A Dynamo backend that quantizes linear layers under `config`.
 
-    `plans` holds the plan of every graph it compiled, in order; `graphs` the rewritten
-    GraphModules handed to Inductor (for inspection and tests). `inductor`: Inductor config patches
+    `plans` holds the plan of every graph it compiled, in order, as a PlanSummary (rows of plain
+    values: nothing of the graph). `keep_graphs=True` (for inspection and tests) keeps the graphs
+    alive instead: `graphs` holds the rewritten GraphModules handed to Inductor, and `plans` the
+    full Plans (their sites' nodes, their quantized weights). `inductor`: Inductor config patches
     for the compiled graphs, applied after the compile mode's and fxquant's own
     (fxquant/inductor/settings.py).
     """
 
-    def __init__(self, config: QuantConfig | None = None, inductor: Mapping[str, object] | None = None):
+    def __init__(
+        self, config: QuantConfig | None = None, inductor: Mapping[str, object] | None = None, keep_graphs: bool = False
+    ):
         self.config = config or QuantConfig()
         self.inductor = dict(inductor or {})
+        self.keep_graphs = keep_graphs
         self.plans: list[Plan] = []
-        self.graphs: list[fx.GraphModule] = []
+        self._graphs: list[fx.GraphModule] = []
+
+    @property
+    def graphs(self) -> list[fx.GraphModule]:
+        """The rewritten GraphModules, in order (only with keep_graphs=True)."""
+        if not self.keep_graphs:
+            raise AttributeError("fxquant: this backend keeps no compiled graphs; create it with keep_graphs=True")
+        return self._graphs
 
     def __deepcopy__(self, memo: dict) -> Backend:
         """The backend itself: transformers deep-copies a generation config's `compile_config` on every
@@ -50,10 +66,13 @@ class Backend:
 
     def rewrite(self, gm: fx.GraphModule) -> tuple[Plan, list[QuantizedWeight]]:
         """Run fxquant's passes on a Dynamo graph in place; returns the plan and the quantized weights."""
-        plan, quantized = quantize_graph(gm, dynamo_module_tensor, self.config, _QUANTIZED, merge=True)
+        plan, quantized = quantize_graph(gm, dynamo_module_tensor, self.config, COPIES, merge=True)
         _declare_buffers_to_dynamo(gm)
-        self.plans.append(plan)
-        self.graphs.append(gm)
+        if self.keep_graphs:
+            self.plans.append(plan)
+            self._graphs.append(gm)
+        else:
+            self.plans.append(PlanSummary(plan))
         if plan:
             logger.info("fxquant plan (%s):\n%s", self.config.scheme, plan)
         return plan, quantized
@@ -114,13 +133,18 @@ def _declare_buffers_to_dynamo(gm: fx.GraphModule) -> None:
 
 
 def backend(
-    config: QuantConfig | None = None, *, inductor: Mapping[str, object] | None = None, **options: object
+    config: QuantConfig | None = None,
+    *,
+    inductor: Mapping[str, object] | None = None,
+    keep_graphs: bool = False,
+    **options: object,
 ) -> Backend:
     """A backend for `torch.compile(model, backend=...)`, from a QuantConfig or keyword options;
-    `inductor`: Inductor config patches for its graphs (they win over fxquant's own)."""
+    `inductor`: Inductor config patches for its graphs (they win over fxquant's own); `keep_graphs`:
+    keep the compiled graphs and their full plans (Backend)."""
     if config is not None and options:
         raise ValueError("fxquant.backend: pass a QuantConfig or keyword options, not both")
-    return Backend(config or QuantConfig.from_options(options), inductor)
+    return Backend(config or QuantConfig.from_options(options), inductor, keep_graphs)
 
 
 def fxquant_backend(

@@ -23,11 +23,10 @@ backend="fxquant")` then runs the stored weights as they are (passes/stored_weig
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -43,6 +42,7 @@ from fxquant.checkpoint_layers import (
     file_weight, is_checkpoint_layer, is_conv1d, layer_shape, plan_modules, stored_layout, stored_scale, traced_storage,
 )
 from fxquant.config import QuantConfig
+from fxquant.empty_weights import empty_weights  # noqa: F401  (fxquant.checkpoint.empty_weights, as before)
 from fxquant.footprint import dtype_name, memory_footprint, tied_names
 from fxquant.hf_formats import check_hf_format, hf_quantization_config
 from fxquant.ops import LINEAR_SCHEMES
@@ -419,25 +419,3 @@ def load_quantized(
         if entry["scheme"] is not None:  # eager calls and torch.compile(backend="fxquant") run them as stored
             make_stored(model.get_submodule(entry["layer"]), entry["scheme"], config.activation_scale_ub)
     return model
-
-
-@contextlib.contextmanager
-def empty_weights() -> Iterator[None]:
-    """Modules created inside get their parameters on the meta device and their buffers as usual.
-
-    `with torch.device("meta")` would also put non-persistent buffers (rotary frequencies, position
-    ids) on meta, and no checkpoint holds them. Patches nn.Module.register_parameter meanwhile (not
-    thread-safe); each parameter exists in real memory only until it is registered.
-    """
-    register = nn.Module.register_parameter
-
-    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        register(module, name, param)
-        if param is not None and not param.is_meta:
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register_on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register

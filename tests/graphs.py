@@ -28,7 +28,7 @@ def rewrite(model: torch.nn.Module, *args, config: fxquant.QuantConfig | None = 
     The rewritten graph runs eagerly, so its output is the ops' CPU reference applied in the
     places the passes chose; compare it with the unquantized model's output.
     """
-    backend = fxquant.Backend(config)
+    backend = fxquant.Backend(config, keep_graphs=True)
 
     def capture(gm, example_inputs, **_):
         backend.rewrite(gm)

@@ -8,7 +8,8 @@ Choices (CUDA):
     fxquant's split-K kernel (fxquant/kernels/fp8_rowwise_splitk.py), for a static M <= 16
 Under max-autotune (`mode="max-autotune"`, or `max_autotune_gemm`) Inductor benchmarks the template,
 FBGEMM, cuBLAS and (for a static M <= 16) split-K, and keeps the fastest. Otherwise fxquant's
-heuristic picks one (`heuristic_choice`), from what benchmarks/gemm.py measured on the H100.
+heuristic picks one (`heuristic_choice`), by the GPU's tuning row (fxquant/inductor/tuning.py, read
+through Inductor's choices handler).
 `FXQUANT_GEMM=triton|fbgemm|scaled_mm|by_rows|splitk` forces a choice (benchmarks compare them
 with it). Off CUDA the op stays a call to its reference implementation.
 """
@@ -24,15 +25,16 @@ from torch._inductor import ir
 from torch._inductor.lowering import fallback_handler, register_lowering
 from torch._inductor.select_algorithm import ExternKernelChoice, autotune_select_algorithm, realize_inputs
 
-from fxquant.kernels.fp8_rowwise_gemm import CONFIGS, configs_for, fp8_rowwise_gemm_template, heuristic_config
+from fxquant.inductor.choices import tuning
+from fxquant.inductor.tuning import DeviceTuning
+from fxquant.kernels.fp8_rowwise_gemm import fp8_rowwise_gemm_template
 from fxquant.log import log_once
 from fxquant.ops.availability import fbgemm_genai_available
-from fxquant.ops.fp8_rowwise import FBGEMM_MAX_ROWS, fbgemm_rowwise_mm, rowwise_mm_by_rows, scaled_mm_rowwise
+from fxquant.ops.fp8_rowwise import fbgemm_rowwise_mm, rowwise_mm_by_rows, scaled_mm_rowwise
 
 AUTOTUNED = ("triton", "fbgemm", "scaled_mm", "splitk")
 CHOICES = (*AUTOTUNED, "by_rows")
 SMALL_M = 16  # the template's decode configs and the split-K kernel cover M up to here
-SPLITK_MAX_N = 8192  # without FBGEMM, split-K beat the template at M = 1 on N <= 6144, lost at 28672
 
 
 scaled_mm_choice = ExternKernelChoice(scaled_mm_rowwise, name="fxquant_scaled_mm", has_out_variant=False)
@@ -50,13 +52,14 @@ def fp8_rowwise_mm_splitk(x_q, w_q, x_scale, w_scale):
 splitk_choice = ExternKernelChoice(fp8_rowwise_mm_splitk, name="fxquant_fp8_rowwise_mm_splitk", has_out_variant=False)
 
 
-def heuristic_choice(m: int | None, n: int | None, *, fbgemm: bool) -> str:
+def heuristic_choice(m: int | None, n: int | None, *, fbgemm: bool, tuned: DeviceTuning) -> str:
     """The kernel to use without autotuning, for a static M (None: M is dynamic, as for a batch size
-    Dynamo saw change) and N (None: dynamic), where FBGEMM's GenAI ops import or not (`fbgemm`).
+    Dynamo saw change) and N (None: dynamic), where FBGEMM's GenAI ops import or not (`fbgemm`), on
+    the GPU `tuned` describes.
 
-    From benchmarks/gemm.py on the H100 (benchmarks/RESULTS.md, fifth session): FBGEMM's GEMM is the
-    fastest up to FBGEMM_MAX_ROWS rows, decode included, and cuBLAS's above. Without FBGEMM, decode
-    takes fxquant's kernels: split-K for one row and N <= SPLITK_MAX_N, the template otherwise. A
+    From benchmarks/gemm.py (benchmarks/RESULTS.md, fifth session): FBGEMM's GEMM is the fastest up
+    to `fbgemm_max_rows` rows, decode included, and cuBLAS's above. Without FBGEMM, decode takes
+    fxquant's kernels: split-K for one row and N <= `splitk_max_n`, the template otherwise. A
     dynamic M takes the run-time pick between FBGEMM and cuBLAS."""
     forced = os.environ.get("FXQUANT_GEMM")
     if forced:
@@ -68,9 +71,9 @@ def heuristic_choice(m: int | None, n: int | None, *, fbgemm: bool) -> str:
                  f"M={'dynamic' if m is None else m}; that GEMM takes the heuristic's choice")
     if m is None:
         return "by_rows"
-    if fbgemm and m <= FBGEMM_MAX_ROWS:
+    if fbgemm and m <= tuned.fbgemm_max_rows:
         return "fbgemm"
-    if m == 1 and n is not None and n <= SPLITK_MAX_N:
+    if m == 1 and n is not None and n <= tuned.splitk_max_n:
         return "splitk"
     return "triton" if m <= SMALL_M else "scaled_mm"
 
@@ -93,7 +96,8 @@ def tuned_fp8_rowwise_mm(x_q, w_q, x_scale, w_scale):
     static_m, static_n, static_k = _static(m), _static(n), _static(k)
     autotune = inductor_config.max_autotune or inductor_config.max_autotune_gemm
     fbgemm = fbgemm_genai_available()
-    wanted = AUTOTUNED if autotune else (heuristic_choice(static_m, static_n, fbgemm=fbgemm),)
+    tuned = tuning(inputs[0].get_device())
+    wanted = AUTOTUNED if autotune else (heuristic_choice(static_m, static_n, fbgemm=fbgemm, tuned=tuned),)
     if not fbgemm:
         wanted = tuple(c for c in wanted if c != "fbgemm") or ("scaled_mm",)
     if static_m is None or static_m > SMALL_M:
@@ -102,11 +106,11 @@ def tuned_fp8_rowwise_mm(x_q, w_q, x_scale, w_scale):
     choices = []
     if "triton" in wanted and static_k is not None:
         if not autotune:
-            configs = [heuristic_config(static_m or 2**62, static_n, static_k)]
+            configs = [tuned.heuristic_config(static_m or 2**62, static_n, static_k)]
         elif static_m is not None:
-            configs = configs_for(static_m)
+            configs = tuned.configs_for(static_m)
         else:
-            configs = [config for bucket in CONFIGS.values() for config in bucket]
+            configs = [config for bucket in tuned.template_configs.values() for config in bucket]
         for config in configs:
             fp8_rowwise_gemm_template.maybe_append_choice(
                 choices, input_nodes=inputs, layout=layout, **config.template_kwargs(static_k)

@@ -23,7 +23,8 @@
                                       GPU. Under CUDA graphs: decode-shaped graphs only (one
                                       looped kernel was faster than the three, 5.0 vs 5.5 µs)
     inductor_choices_class     WholeRowReductions (fxquant/inductor/choices.py), decode-shaped
-                                      graphs only: RMSNorm + quantization rows up to 8192 wide as
+                                      graphs only: RMSNorm + quantization rows up to the GPU's
+                                      whole_row_limit (8192 on the H100; inductor/tuning.py) as
                                       persistent reductions (the row read once); the backend
                                       installs it as Inductor's choices handler while compiling
 Measured in benchmarks/RESULTS.md (sixth to eighth sessions). A user's `inductor` settings

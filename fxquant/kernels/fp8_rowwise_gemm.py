@@ -1,4 +1,5 @@
-"""fxquant's FP8 rowwise GEMM as an Inductor Triton template, with configs per M bucket.
+"""fxquant's FP8 rowwise GEMM as an Inductor Triton template (its configs per M bucket and GPU:
+fxquant/inductor/tuning.py).
 
     out[M, N] = (A[M, K] @ W[N, K].T) * A_SCALE[M, 1] * W_SCALE[1, N]      e4m3 in, fp32 accumulate
 
@@ -11,8 +12,6 @@ problem.
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 from torch._inductor.kernel.mm_common import mm_grid
 from torch._inductor.select_algorithm import TritonTemplate
@@ -74,44 +73,3 @@ SOURCE = r"""
 """
 
 fp8_rowwise_gemm_template = TritonTemplate(name="fxquant_fp8_rowwise_gemm", grid=mm_grid, source=SOURCE)
-
-
-class GemmConfig(NamedTuple):
-    block_m: int
-    block_n: int
-    block_k: int
-    num_stages: int
-    num_warps: int
-
-    def template_kwargs(self, k: int) -> dict:
-        return {
-            "BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k, "GROUP_M": 8,
-            "EVEN_K": k % self.block_k == 0, "num_stages": self.num_stages, "num_warps": self.num_warps,
-        }
-
-
-# Per M bucket, every config max-autotune tries.
-CONFIGS: dict[int, list[GemmConfig]] = {
-    16: [GemmConfig(16, 32, 256, 6, 4), GemmConfig(16, 64, 256, 5, 4), GemmConfig(16, 32, 512, 4, 4),
-         GemmConfig(16, 64, 128, 6, 4), GemmConfig(16, 128, 128, 5, 4)],
-    128: [GemmConfig(64, 64, 128, 5, 4), GemmConfig(64, 128, 128, 4, 4), GemmConfig(32, 64, 256, 4, 4),
-          GemmConfig(128, 64, 128, 4, 4)],
-    2**62: [GemmConfig(128, 128, 128, 4, 8), GemmConfig(128, 256, 128, 3, 8), GemmConfig(64, 256, 128, 4, 4),
-            GemmConfig(256, 128, 128, 3, 8)],
-}
-
-
-def configs_for(m: int) -> list[GemmConfig]:
-    """The configs of the smallest M bucket that holds m."""
-    return next(configs for bound, configs in CONFIGS.items() if m <= bound)
-
-
-def heuristic_config(m: int, n: int, k: int) -> GemmConfig:
-    """The config to use without autotuning: what max-autotune picked on the H100 for Llama-3-8B's
-    shapes at M <= 16 (benchmarks/RESULTS.md). Enough programs along N to cover the SMs: BLOCK_N = 32
-    up to N = 8192 (128-256 programs), 64 above; a long BLOCK_K for a long K (fewer loop trips)."""
-    if m > 16:
-        return configs_for(m)[0]
-    if k >= 8192:
-        return GemmConfig(16, 32, 512, 4, 4)
-    return GemmConfig(16, 32, 256, 6, 4) if n <= 8192 else GemmConfig(16, 64, 256, 5, 4)

@@ -18,9 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
+from fxquant.inductor.tuning import device_tuning
+
 MAX_ROWS = 16  # one BLOCK_M tile: the kernel is for decode-sized M only
 BLOCK_M, BLOCK_N, BLOCK_K = 16, 32, 256
-PROGRAMS_PER_SM = 4  # the split aims at this many programs per SM
 MIN_K_PER_SPLIT = 4 * BLOCK_K  # shorter slices spend more on the prologue than they stream
 
 
@@ -70,11 +71,12 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
-def split_k_for(n: int, k: int, sms: int) -> int:
-    """How many slices K is cut into: enough programs for PROGRAMS_PER_SM per SM, each slice a
-    whole number of BLOCK_K steps and at least MIN_K_PER_SPLIT long."""
+def split_k_for(n: int, k: int, sms: int, programs_per_sm: int) -> int:
+    """How many slices K is cut into: enough programs for `programs_per_sm` per SM (the GPU's
+    `splitk_programs_per_sm`, fxquant/inductor/tuning.py), each slice a whole number of BLOCK_K
+    steps and at least MIN_K_PER_SPLIT long."""
     tiles = triton.cdiv(n, BLOCK_N)
-    wanted = triton.cdiv(PROGRAMS_PER_SM * sms, tiles)
+    wanted = triton.cdiv(programs_per_sm * sms, tiles)
     return max(1, min(wanted, k // MIN_K_PER_SPLIT))
 
 
@@ -91,7 +93,7 @@ def fp8_rowwise_mm_splitk(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.T
         return out.zero_()
     x_q, w_q = x_q.contiguous(), w_q.contiguous()
     x_scale, w_scale = x_scale.contiguous(), w_scale.contiguous()
-    split_k = split_k_for(n, k, _sm_count(x_q.device))
+    split_k = split_k_for(n, k, _sm_count(x_q.device), device_tuning(x_q.device).splitk_programs_per_sm)
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), BLOCK_K) * BLOCK_K
     split_k = triton.cdiv(k, k_per_split)  # rounding the slice up may leave fewer slices
     partial = out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x_q.device)

@@ -4,7 +4,8 @@ Numerics are FBGEMM's (`torch.ops.fbgemm.quantize_fp8_per_row`), so results comp
     scale = max(min(amax, scale_ub) / 448, 1 / (448 * 512))     per row, float32
     x_q   = saturate_e4m3(x / scale)
 The CPU implementation is the reference: exact fp8 products accumulated in float32. On CUDA the
-GEMM is FBGEMM's `f8f8bf16_rowwise` up to 128 rows when fbgemm-gpu-genai imports, else
+GEMM is FBGEMM's `f8f8bf16_rowwise` up to the GPU's `fbgemm_max_rows` (128 on the H100) when
+fbgemm-gpu-genai imports, else
 `torch._scaled_mm`; the GEMM alone is an op too (fp8_rowwise_mm), which the Inductor lowering gives
 a choice of kernels.
 """
@@ -16,6 +17,7 @@ import functools
 import torch
 from torch import Tensor
 
+from fxquant.inductor.tuning import device_tuning
 from fxquant.ops.availability import fbgemm_genai_available, fp8_unsupported_reason
 from fxquant.ops.fp8_common import FP8_DTYPE, device_scalar, fp8_scale, saturate_to_fp8
 from fxquant.ops.linear_common import (
@@ -92,19 +94,15 @@ def fbgemm_rowwise_mm(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor
     return fbgemm_rowwise_gemm()(x_q.contiguous(), w_q, x_scale, w_scale, use_fast_accum=True)
 
 
-# FBGEMM's GEMM beats cuBLAS's on Llama-3-8B's shapes up to this many rows, cuBLAS's wins from
-# M = 1024 (benchmarks/RESULTS.md, "GEMM alone" columns).
-FBGEMM_MAX_ROWS = 128
-
-
 def rowwise_mm_by_rows(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor) -> Tensor:
-    """fp8_rowwise_mm by the faster library for this M, chosen at run time: FBGEMM up to
-    FBGEMM_MAX_ROWS rows (where fbgemm-gpu-genai imports), `torch._scaled_mm` above. The op's CUDA
-    kernel, and the lowering's choice when M is known only at run time (a dynamic batch)."""
+    """fp8_rowwise_mm by the faster library for this M, chosen at run time: FBGEMM up to the GPU's
+    `fbgemm_max_rows` (fxquant/inductor/tuning.py; where fbgemm-gpu-genai imports), `torch._scaled_mm`
+    above. The op's CUDA kernel, and the lowering's choice when M is known only at run time (a
+    dynamic batch)."""
     rows = x_q.shape[0]
     if rows == 0:  # no tokens: neither library is asked to handle it
         return x_q.new_empty((0, w_q.shape[0]), dtype=torch.bfloat16)
-    small = rows <= FBGEMM_MAX_ROWS and fbgemm_genai_available()
+    small = rows <= device_tuning(x_q.device).fbgemm_max_rows and fbgemm_genai_available()
     return (fbgemm_rowwise_mm if small else scaled_mm_rowwise)(x_q, w_q, x_scale, w_scale)
 
 

@@ -15,10 +15,14 @@ from torch._inductor.utils import run_and_get_code
 from torch._inductor.virtualized import V
 
 import fxquant
-from fxquant.inductor.choices import WHOLE_ROW_LIMIT, WholeRowReductions
+from fxquant.inductor.choices import WholeRowReductions
+from fxquant.inductor.tuning import DEFAULT
 from fxquant.inductor.settings import fxquant_inductor_settings
 from tests.inductor.test_decompositions import kernels, rms_norm
 from tests.models import relative_error
+
+
+WHOLE_ROW_LIMIT = DEFAULT.whole_row_limit  # a CPU machine's row
 
 
 def persistent(numel: int, hint: ReductionHint) -> bool:

@@ -1,6 +1,6 @@
-"""fxquant's GEMM heuristic and config buckets (fxquant/inductor/fp8_rowwise_mm.py,
-fxquant/kernels/fp8_rowwise_gemm.py): what is picked when Inductor does not autotune, and the
-cache tag that keeps Inductor from reusing code compiled for another choice."""
+"""fxquant's GEMM heuristic and config buckets (fxquant/inductor/fp8_rowwise_mm.py, the H100's row of
+fxquant/inductor/tuning.py): what is picked when Inductor does not autotune, and the cache tag that
+keeps Inductor from reusing code compiled for another choice."""
 
 import logging
 
@@ -8,16 +8,18 @@ import pytest
 import torch
 
 from fxquant.inductor.cache_key import cache_key_tag
-from fxquant.inductor.fp8_rowwise_mm import SMALL_M, SPLITK_MAX_N, heuristic_choice
-from fxquant.kernels.fp8_rowwise_gemm import configs_for, heuristic_config
-from fxquant.ops.fp8_rowwise import FBGEMM_MAX_ROWS
+from fxquant.inductor.fp8_rowwise_mm import SMALL_M, heuristic_choice
+from fxquant.inductor.tuning import H100
+
+FBGEMM_MAX_ROWS, SPLITK_MAX_N = H100.fbgemm_max_rows, H100.splitk_max_n
+configs_for, heuristic_config = H100.configs_for, H100.heuristic_config
 
 
 def test_small_m_gets_fbgemm_and_larger_m_cublas(monkeypatch):
     monkeypatch.delenv("FXQUANT_GEMM", raising=False)
     ms = (1, SMALL_M, SMALL_M + 1, FBGEMM_MAX_ROWS, FBGEMM_MAX_ROWS + 1, 4096)
-    assert [heuristic_choice(m, 4096, fbgemm=True) for m in ms] == ["fbgemm"] * 4 + ["scaled_mm"] * 2
-    assert heuristic_choice(None, 4096, fbgemm=True) == "by_rows", "a dynamic M: the library is picked per call"
+    assert [heuristic_choice(m, 4096, fbgemm=True, tuned=H100) for m in ms] == ["fbgemm"] * 4 + ["scaled_mm"] * 2
+    assert heuristic_choice(None, 4096, fbgemm=True, tuned=H100) == "by_rows", "a dynamic M: the library is picked per call"
 
 
 def test_without_fbgemm_decode_gets_fxquants_kernels(monkeypatch):
@@ -25,24 +27,24 @@ def test_without_fbgemm_decode_gets_fxquants_kernels(monkeypatch):
     monkeypatch.delenv("FXQUANT_GEMM", raising=False)
     cases = [(1, 4096, "splitk"), (1, SPLITK_MAX_N, "splitk"), (1, SPLITK_MAX_N + 1, "triton"), (2, 4096, "triton"),
              (SMALL_M, 4096, "triton"), (SMALL_M + 1, 4096, "scaled_mm"), (1, None, "triton")]
-    assert [heuristic_choice(m, n, fbgemm=False) for m, n, _ in cases] == [want for *_, want in cases]
-    assert heuristic_choice(None, 4096, fbgemm=False) == "by_rows"
+    assert [heuristic_choice(m, n, fbgemm=False, tuned=H100) for m, n, _ in cases] == [want for *_, want in cases]
+    assert heuristic_choice(None, 4096, fbgemm=False, tuned=H100) == "by_rows"
 
 
 def test_a_forced_choice_wins_and_a_wrong_one_is_an_error(monkeypatch):
     monkeypatch.setenv("FXQUANT_GEMM", "fbgemm")
-    assert heuristic_choice(1, 4096, fbgemm=False) == "fbgemm"
+    assert heuristic_choice(1, 4096, fbgemm=False, tuned=H100) == "fbgemm"
     monkeypatch.setenv("FXQUANT_GEMM", "cutlass")
     with pytest.raises(ValueError, match="FXQUANT_GEMM='cutlass'"):
-        heuristic_choice(1, 4096, fbgemm=True)
+        heuristic_choice(1, 4096, fbgemm=True, tuned=H100)
 
 
 def test_forced_split_k_covers_decode_m_only_and_says_so_elsewhere(monkeypatch, caplog):
     monkeypatch.setenv("FXQUANT_GEMM", "splitk")
-    assert heuristic_choice(1, 28672, fbgemm=True) == heuristic_choice(SMALL_M, 4096, fbgemm=True) == "splitk"
+    assert heuristic_choice(1, 28672, fbgemm=True, tuned=H100) == heuristic_choice(SMALL_M, 4096, fbgemm=True, tuned=H100) == "splitk"
     with caplog.at_level(logging.WARNING, logger="fxquant"):
-        assert heuristic_choice(SMALL_M + 1, 4096, fbgemm=False) == "scaled_mm"
-        assert heuristic_choice(None, 4096, fbgemm=True) == "by_rows"
+        assert heuristic_choice(SMALL_M + 1, 4096, fbgemm=False, tuned=H100) == "scaled_mm"
+        assert heuristic_choice(None, 4096, fbgemm=True, tuned=H100) == "by_rows"
     assert any("FXQUANT_GEMM=splitk is for a static M <= 16, not M=17" in r.message for r in caplog.records)
 
 

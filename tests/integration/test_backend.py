@@ -96,7 +96,7 @@ def test_grad_mode_on_runs_inference_and_backward_is_a_clear_error():
 
 def test_new_sequence_lengths_do_not_recompile_after_the_dynamic_one():
     model = MLP()
-    backend = fxquant.backend()
+    backend = fxquant.backend(keep_graphs=True)
     compiled = torch.compile(model, backend=backend)
     with torch.no_grad():
         for tokens in (8, 12, 16, 20, 33, 64):
@@ -121,7 +121,7 @@ class WrappedMLP(MLP):
 
 
 def test_a_wrapped_forward_names_layers_from_the_model():
-    backend = fxquant.backend()
+    backend = fxquant.backend(keep_graphs=True)
     with torch.no_grad():
         torch.compile(WrappedMLP(), backend=backend)(torch.randn(2, 64))
     (plan,) = backend.plans

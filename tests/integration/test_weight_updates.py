@@ -143,7 +143,7 @@ def test_a_graph_compiled_after_an_update_quantizes_the_new_weights(how, target,
     copy changed in place is re-quantized in place, for both graphs."""
     torch.manual_seed(0)
     model, x, longer = Targets().eval(), torch.randn(2, 4, 64), torch.randn(2, 6, 64)
-    backend = fxquant.backend(check_weight_updates=check)
+    backend = fxquant.backend(check_weight_updates=check, keep_graphs=True)
     compiled = torch.compile(model, backend=backend)
     with torch.no_grad():
         compiled(x)
@@ -161,7 +161,7 @@ def test_a_graph_compiled_after_a_refresh_shares_the_refreshed_copy(how, target)
     second quantization, one copy of each weight in memory."""
     torch.manual_seed(0)
     model, x, longer = Targets().eval(), torch.randn(2, 4, 64), torch.randn(2, 6, 64)
-    backend = fxquant.backend()
+    backend = fxquant.backend(keep_graphs=True)
     compiled = torch.compile(model, backend=backend)
     with torch.no_grad():
         compiled(x)

@@ -9,6 +9,7 @@ import sys
 
 import torch
 
+from fxquant.inductor.tuning import DEFAULT
 from fxquant.ops.fp8_blockwise import quantize_fp8_blockwise_weight, quantize_fp8_groupwise
 from fxquant.ops.fp8_rowwise import quantize_fp8_rowwise
 
@@ -25,7 +26,8 @@ def split_k(m: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
         x_q, x_scale = torch.empty(m, 0, dtype=torch.float8_e4m3fn), torch.ones(m)
         w_q, w_scale = torch.empty(n, 0, dtype=torch.float8_e4m3fn), torch.ones(n)
     exact = (x_q.double() @ w_q.double().t()) * x_scale.double()[:, None] * w_scale.double()[None, :]
-    return fp8_rowwise_mm_splitk(x_q, w_q, x_scale, w_scale), exact, {"splits": split_k_for(n, k, sms=132)}
+    splits = split_k_for(n, k, sms=132, programs_per_sm=DEFAULT.splitk_programs_per_sm)  # what a CPU tensor gets
+    return fp8_rowwise_mm_splitk(x_q, w_q, x_scale, w_scale), exact, {"splits": splits}
 
 
 def blockwise(m: int, n: int, k: int, block_n: int, block_k: int) -> tuple[torch.Tensor, torch.Tensor, dict]:

@@ -11,10 +11,10 @@ import fxquant.ops.cublas_blockwise as cublas_module
 import fxquant.ops.fp8_blockwise as blockwise_module
 import fxquant.ops.fp8_rowwise as rowwise_module
 import fxquant.ops.fp8_tensorwise as tensorwise_module
+from fxquant.inductor.tuning import device_tuning
 from fxquant.ops.availability import fbgemm_genai_available
 from fxquant.ops.fp8_blockwise import quantize_fp8_blockwise_weight, quantize_fp8_groupwise
 from fxquant.ops.fp8_rowwise import (
-    FBGEMM_MAX_ROWS,
     fbgemm_rowwise_mm,
     quantize_fp8_rowwise,
     rowwise_mm_by_rows,
@@ -26,6 +26,7 @@ from tests.kernels.test_cuda_compiled_quantization import bits
 from tests.models import relative_error
 
 pytestmark = pytest.mark.gpu
+FBGEMM_MAX_ROWS = device_tuning().fbgemm_max_rows  # this machine's GPU's bound (fxquant/inductor/tuning.py)
 
 
 def cuda_and_cpu(shape, dtype, seed=0):

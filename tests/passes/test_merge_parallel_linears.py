@@ -110,7 +110,7 @@ def test_each_weight_is_held_once_across_graphs():
     """Members' quantized copies are views of the stacked buffer, and the dynamic graph Dynamo
     compiles next stacks the same views without a copy."""
     model = ParallelProjections()
-    backend = fxquant.backend(scheme="fp8_rowwise")
+    backend = fxquant.backend(scheme="fp8_rowwise", keep_graphs=True)
     compiled = torch.compile(model, backend=backend)
     with torch.no_grad():
         for tokens in (4, 9, 16):

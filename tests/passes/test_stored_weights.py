@@ -44,7 +44,7 @@ def test_stored_weights_compute_what_quantizing_the_float_model_gives(scheme):
     torch.manual_seed(0)
     model, x = MLP(), torch.randn(4, 64)
     stored = stored_copy(model, CONFIGS[scheme])
-    backend = fxquant.backend(CONFIGS[scheme])
+    backend = fxquant.backend(CONFIGS[scheme], keep_graphs=True)
     with torch.no_grad():
         expected = torch.compile(model, backend=fxquant.backend(CONFIGS[scheme]))(x)
         torch._dynamo.reset()
