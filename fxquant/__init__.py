@@ -5,19 +5,21 @@
     print(fxquant.plan(model, example_input))
 """
 
-from fxquant import ops  # noqa: F401  (registers torch.ops.fxquant.*)
+from fxquant import ops, schemes  # noqa: F401  (registers torch.ops.fxquant.* and the built-in schemes)
 from fxquant.backend import Backend, backend
 from fxquant.calibrate import Calibration, calibrate
 from fxquant.checkpoint import load_quantized, memory_footprint, save_quantized
-from fxquant.config import SCHEMES, QuantConfig
+from fxquant.config import QuantConfig
 from fxquant.empty_weights import empty_weights
 from fxquant.explain import plan
 from fxquant.export import export, load_program
 from fxquant.passes import Plan
 from fxquant.quantized_copies import quantized_copies, release
+from fxquant.scheme import SCHEMES, Scheme, SchemeCall, register_scheme, unregister_scheme
 
 __version__ = "0.1.0"
 __all__ = [
-    "SCHEMES", "Backend", "Calibration", "Plan", "QuantConfig", "backend", "calibrate", "empty_weights", "export",
-    "load_program", "load_quantized", "memory_footprint", "plan", "quantized_copies", "release", "save_quantized",
+    "SCHEMES", "Backend", "Calibration", "Plan", "QuantConfig", "Scheme", "SchemeCall", "backend", "calibrate",
+    "empty_weights", "export", "load_program", "load_quantized", "memory_footprint", "plan", "quantized_copies",
+    "register_scheme", "release", "save_quantized", "unregister_scheme",
 ]

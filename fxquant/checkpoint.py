@@ -2,18 +2,21 @@
 is also HF transformers' `fbgemm_fp8` layout.
 
 A checkpoint is a directory:
-    model.safetensors   the model's state dict, where each quantized nn.Linear holds
-                        `<layer>.weight` (e4m3 or int8, [N, K]) and `<layer>.weight_scale`
-                        (float32: [N, 1] per channel, [N/bn, K/bk] per block, [] per tensor)
-    fxquant.json        format version, QuantConfig, plan, each tensor's dtype and shape, tied
+    model.safetensors   the model's state dict, where each quantized nn.Linear holds its scheme's
+                        tensors: `<layer>.weight` (e4m3 or int8, [N, K]) and, for the built-ins,
+                        `<layer>.weight_scale` (float32: [N, 1] per channel, [N/bn, K/bk] per
+                        block, [] per tensor); a plugin's `<layer>.weight_<...>` as it declares
+    fxquant.json        format version, QuantConfig, plan (each layer's scheme: the declaration
+                        load_quantized registers, never guessed), each tensor's dtype and shape, tied
                         names, bytes before/after, the weights file's SHA-256, the files the
                         save wrote, and the quantization_config of config.json
     config.json         HF models only: the model's config plus a quantization_config that
                         transformers understands: {"quant_method": "fbgemm_fp8", ...} for
                         fp8_rowwise, or llm-compressor's compressed-tensors config (fp8_rowwise,
-                        fp8_blockwise, int8; what vLLM loads); hf_format="auto" (the default) picks
-                        the first that describes the scheme. Otherwise none: transformers would
-                        cast the weights to float and load garbage.
+                        fp8_blockwise, int8, and mixes of them by layer; what vLLM loads);
+                        hf_format="auto" (the default) picks the first that describes the
+                        schemes. Otherwise none: transformers would cast the weights to float and
+                        load garbage.
 
 `load_quantized` checks the whole checkpoint against the model before it changes anything, then
 assigns the stored tensors (no copy into the float parameters), so a model created under
@@ -39,16 +42,15 @@ from torch.export import ExportedProgram
 from fxquant.checkpoint_dir import check_replaceable, replaced_atomically
 from fxquant.checkpoint_schema import METADATA, mismatch
 from fxquant.checkpoint_layers import (
-    file_weight, is_checkpoint_layer, is_conv1d, layer_shape, plan_modules, stored_layout, stored_scale, traced_storage,
+    file_tensors, is_checkpoint_layer, is_conv1d, layer_shape, plan_modules, stored_layout, traced_storage,
 )
 from fxquant.config import QuantConfig
 from fxquant.empty_weights import empty_weights  # noqa: F401  (fxquant.checkpoint.empty_weights, as before)
 from fxquant.footprint import dtype_name, memory_footprint, tied_names
 from fxquant.hf_formats import check_hf_format, hf_quantization_config
-from fxquant.ops import LINEAR_SCHEMES
 from fxquant.passes.plan_linears import Plan, PlannedLinear
 from fxquant.passes.quantize_weights import quantize_parameter
-from fxquant.passes.stored_weights import STORED_DTYPES
+from fxquant.scheme import SCHEMES, get_scheme
 from fxquant.stored_layers import make_stored
 
 FORMAT_VERSION = 1
@@ -64,11 +66,13 @@ def _key(layer: str, attr: str) -> str:
 
 
 def _check_config(config: QuantConfig) -> None:
-    if LINEAR_SCHEMES[config.scheme].folds_weight_scale(config):
-        raise ValueError(
-            "fxquant: checkpoints of static fp8_tensorwise (static_activation_amax) are not supported; "
-            "save with dynamic scales (static_activation_amax=None)"
-        )
+    """Checkpoints hold tensors, not graphs: a scheme that folds its tensors into constants cannot be saved."""
+    for scheme in config.schemes_in_use():
+        if get_scheme(scheme).folds_tensors(config.options_for(scheme)):
+            raise ValueError(
+                f"fxquant: checkpoints of {scheme} with tensors folded into the graph (static fp8_tensorwise: "
+                "static_activation_amax) are not supported; save with dynamic scales (static_activation_amax=None)"
+            )
 
 
 def quantize_state(
@@ -76,8 +80,8 @@ def quantize_state(
 ) -> tuple[dict[str, Tensor], Plan]:
     """The tensors of `model`'s quantized checkpoint, and the plan that chose its layers.
 
-    Each quantized layer's `weight` becomes its low-precision copy (in the file's layout,
-    fxquant/checkpoint_layers.py) and gains a float32 `weight_scale`; a layer already stored
+    Each quantized layer's `weight` becomes its low-precision copy and the layer gains its scheme's
+    other tensors (`weight_scale`, ...), in the file's layout (fxquant/checkpoint_layers.py); a layer already stored
     quantized (a model from `load_quantized`) is written as stored, bit for bit; every other tensor
     of the state dict is kept as is. `progress` wraps the list of layers being quantized (e.g. with tqdm).
     """
@@ -92,14 +96,14 @@ def quantize_state(
     plan = plan_modules(model, config)
     for entry in (progress or iter)(plan.rewritten):
         site, module = entry.site, model.get_submodule(entry.layer)
-        if site.weight.dtype in STORED_DTYPES:
-            scale_shape = stored_layout(entry.scheme, site.out_features, site.in_features, config, False)["weight_scale"][1]
-            w_q, scale = site.weight.detach(), module.weight_scale.reshape(scale_shape)
+        if entry.stored is not None:  # as loaded: the op's weight, the other tensors as the file held them
+            n, k = site.out_features, site.in_features
+            layout = stored_layout(entry.scheme, n, k, entry.options, False)
+            quantized = {"weight": site.weight.detach(), **{name: t.reshape(layout[name][1]) for name, t in entry.stored.items()}}
         else:
-            w_q, w_scale = quantize_parameter(entry.layer, site.weight, site.weight_is_kn, entry.scheme, config)
-            scale = stored_scale(w_scale)
-        tensors[_key(entry.layer, "weight")] = file_weight(w_q, is_conv1d(module))
-        tensors[_key(entry.layer, "weight_scale")] = scale
+            quantized = quantize_parameter(entry.layer, site.weight, site.weight_is_kn, entry.scheme, entry.options)
+        for name, tensor in file_tensors(entry.scheme, quantized, is_conv1d(module)).items():
+            tensors[_key(entry.layer, name)] = tensor
     return tensors, plan
 
 
@@ -114,13 +118,13 @@ def program_state(program: ExportedProgram) -> tuple[dict[str, Tensor], Plan, Qu
         )
     _check_config(config)
     made = [entry for entry in plan.rewritten if entry.quantized is not None]  # not the stored weights
-    lifted = {attr for entry in made for attr in (entry.quantized.weight_attr, entry.quantized.scale_attr)}
+    lifted = {attr for entry in made for attr in entry.quantized.attrs.values()}
     tensors = {name: t for name, t in program.state_dict.items() if name not in lifted}
     before = memory_footprint(tensors)
     for entry in made:
         conv1d = traced_storage(entry.layer, entry.site)
-        tensors[_key(entry.layer, "weight")] = file_weight(entry.quantized.w_q, conv1d)
-        tensors[_key(entry.layer, "weight_scale")] = stored_scale(entry.quantized.w_scale)
+        for name, tensor in file_tensors(entry.scheme, entry.quantized.tensors, conv1d).items():
+            tensors[_key(entry.layer, name)] = tensor
         before += entry.site.weight.numel() * entry.site.weight.element_size()
     return tensors, plan, config, before
 
@@ -253,9 +257,10 @@ def _metadata_problem(metadata: object) -> str | None:
         return f"the plan lists layer '{next(layer for layer in layers if layers.count(layer) > 1)}' twice"
     for entry in metadata["plan"]:
         layer, scheme = entry["layer"], entry["scheme"]
-        if scheme is not None and scheme not in LINEAR_SCHEMES:
+        if scheme is not None and scheme not in SCHEMES:
             return f"layer '{layer}' has unknown scheme {scheme!r}"
-        absent = [_key(layer, attr) for attr in ("weight", "weight_scale") if _key(layer, attr) not in {*table, *tied}]
+        names = SCHEMES[scheme].tensors if scheme is not None else ()
+        absent = [_key(layer, attr) for attr in names if _key(layer, attr) not in {*table, *tied}]
         if scheme is not None and absent:
             return f"the plan quantizes layer '{layer}' ({scheme}), but the tensor table has no '{absent[0]}'"
     for alias, target in tied.items():
@@ -285,7 +290,8 @@ def _expected_tensors(
                 f"fxquant: {path}: tensor '{_key(layer, 'weight')}' was quantized from an N x K = {n} x {k} nn.Linear "
                 f"or Conv1D, but the model's '{layer}' is {module!r}; is it a checkpoint for another architecture?"
             )
-        for attr, dtype_shape in stored_layout(entry["scheme"], *entry["shape"], config, is_conv1d(module)).items():
+        options = config.options_for(entry["scheme"])
+        for attr, dtype_shape in stored_layout(entry["scheme"], *entry["shape"], options, is_conv1d(module)).items():
             expected[_key(layer, attr)] = dtype_shape
             quantized.add(_key(layer, attr))
     return expected, quantized
@@ -388,8 +394,9 @@ def load_quantized(
     The checkpoint is checked first (readable file, known scheme, every tensor present with the
     dtype and shape the model needs, nothing extra); on any error the model is left unchanged.
     Quantized layers then hold `weight` as a low-precision nn.Parameter (requires_grad=False; [N, K],
-    a Conv1D's too) and a float32 `weight_scale` buffer, registered as stored weights with the
-    scheme fxquant.json's plan names, so that the fxquant backend and `fxquant.export` use them
+    a Conv1D's too) and their scheme's other tensors as buffers (`weight_scale`, ...), registered as
+    stored weights with the scheme fxquant.json's plan names and its options from the checkpoint's
+    config, so that the fxquant backend and `fxquant.export` use them
     without quantizing again; every tensor is assigned, not copied, on `device`. Each such layer's
     class becomes a subclass of its own (StoredLinear, StoredConv1D: fxquant/stored_layers.py), so
     the model also runs without compiling, through fxquant's ops with the compiled numerics;
@@ -417,5 +424,5 @@ def load_quantized(
         _assign(model, name, tensors[tied.get(name, name)], name in quantized, made)
     for entry in metadata["plan"]:
         if entry["scheme"] is not None:  # eager calls and torch.compile(backend="fxquant") run them as stored
-            make_stored(model.get_submodule(entry["layer"]), entry["scheme"], config.activation_scale_ub)
+            make_stored(model.get_submodule(entry["layer"]), entry["scheme"], config.options_for(entry["scheme"]))
     return model

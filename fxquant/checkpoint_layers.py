@@ -1,8 +1,9 @@
 """Which layers a checkpoint stores quantized, and in what layout: nn.Linear and transformers' Conv1D.
 
-    nn.Linear  weight [N, K]  →  <layer>.weight  e4m3 / int8 [N, K]    <layer>.weight_scale  float32
+    nn.Linear  weight [N, K]  →  <layer>.weight  e4m3 / int8 [N, K]    <layer>.weight_scale  float32  (<layer>.weight_<...>)
     Conv1D     weight [K, N]  →  <layer>.weight  e4m3 / int8 [K, N]    <layer>.weight_scale  float32
-Scales are in the GEMM's orientation for both ([N, 1] per channel, [N/bn, K/bk] per block, [] per
+Each layer holds its scheme's tensors (fxquant/scheme.py) in the scheme's file layout (the built-ins'
+scales in the GEMM's orientation for both: [N, 1] per channel, [N/bn, K/bk] per block, [] per
 tensor). A Conv1D's quantized weight keeps its module's [K, N] layout in the file, as GPT-2's float
 checkpoints hold it and as vLLM's GPT-2 loader reads it (it transposes every c_attn / c_proj / c_fc
 weight); loaded, it is held [N, K], the op's layout (fxquant/stored_layers.py).
@@ -14,7 +15,7 @@ from `load_quantized`) is kept as stored, and must agree with the config the che
 
 from __future__ import annotations
 
-import fnmatch
+import dataclasses
 import sys
 
 import torch
@@ -22,10 +23,10 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from fxquant.config import QuantConfig
-from fxquant.ops import LINEAR_SCHEMES
 from fxquant.passes.find_linears import LinearSite
-from fxquant.passes.plan_linears import Plan, PlannedLinear, skip_reason
-from fxquant.passes.stored_weights import STORED_DTYPES, STORED_WEIGHTS, stored_scheme
+from fxquant.passes.plan_linears import Plan, PlannedLinear, decide
+from fxquant.passes.stored_weights import STORED_WEIGHTS, is_stored, stored_scheme
+from fxquant.scheme import get_scheme
 from fxquant.stored_layers import conv1d_type
 
 STORED_NOTE = "stored quantized weights"
@@ -60,22 +61,25 @@ def layer_site(name: str, module: nn.Module) -> LinearSite:
     """A checkpoint layer as a LinearSite: a Conv1D's float weight is [K, N], its stored one [N, K]."""
     weight = module.weight
     conv1d = is_conv1d(module)
-    kn = conv1d and weight.dtype not in STORED_DTYPES
+    kn = conv1d and not is_stored(weight)
     return _site(f"{name}.weight" if name else "weight", weight, "addmm" if conv1d else "linear", kn)
 
 
-def stored_scale(scale: Tensor) -> Tensor:
-    """Per-channel scales [N] are stored [N, 1], as HF's FbgemmFp8Linear holds its weight_scale."""
-    return scale.unsqueeze(-1) if scale.dim() == 1 else scale
+def stored_layout(scheme: str, n: int, k: int, options: object, conv1d: bool) -> dict[str, tuple[torch.dtype, tuple]]:
+    """{name: (dtype, shape)} of the tensors an [N, K] layer stored with `scheme` holds, as the file holds them."""
+    plugin = get_scheme(scheme)
+    layout = {name: (dtype, plugin.file_shape(name, shape)) for name, (dtype, shape) in plugin.layout(n, k, options).items()}
+    if conv1d:
+        layout["weight"] = (layout["weight"][0], (k, n))
+    return layout
 
 
-def stored_layout(scheme: str, n: int, k: int, config: QuantConfig, conv1d: bool) -> dict[str, tuple[torch.dtype, tuple]]:
-    """{"weight": (dtype, shape), "weight_scale": (dtype, shape)} of an [N, K] layer stored with `scheme`, as the file holds it."""
-    w_q, w_scale = LINEAR_SCHEMES[scheme].quantize_weight(torch.empty(n, k, device="meta"), config)
-    return {
-        "weight": (w_q.dtype, (k, n) if conv1d else (n, k)),
-        "weight_scale": (torch.float32, tuple(stored_scale(w_scale).shape)),
-    }
+def file_tensors(scheme: str, tensors: dict[str, Tensor], conv1d: bool) -> dict[str, Tensor]:
+    """A layer's quantized tensors (the op's layout) as the file holds them, by name."""
+    plugin = get_scheme(scheme)
+    stored = {name: t.reshape(plugin.file_shape(name, tuple(t.shape))) for name, t in tensors.items()}
+    stored["weight"] = file_weight(tensors["weight"], conv1d)
+    return stored
 
 
 def file_weight(w_q: Tensor, conv1d: bool) -> Tensor:
@@ -116,50 +120,46 @@ def traced_storage(layer: str, site: LinearSite) -> bool:
     )
 
 
-def _stored_disagreement(name: str, site: LinearSite, scheme: str, module: nn.Module, config: QuantConfig) -> str | None:
+def _stored_disagreement(name: str, site: LinearSite, scheme: str, config: QuantConfig) -> str | None:
     """Why a stored layer does not fit the checkpoint `config` describes, or None."""
-    if scheme != config.scheme:
-        return f"the config asks for {config.scheme}"
-    pattern = next((p for p in config.skip if fnmatch.fnmatchcase(name, p)), None)
-    if pattern is not None:
-        return f"the config's skip list has {pattern!r}"
-    ub = getattr(STORED_WEIGHTS.get(site.weight), "activation_scale_ub", None)
-    if scheme != "int8" and ub != config.activation_scale_ub:
-        return f"it runs with activation_scale_ub {ub}, the config has {config.activation_scale_ub}"
-    n, k = site.out_features, site.in_features
-    wanted = stored_layout(scheme, n, k, config, False)["weight_scale"][1]
-    if scheme == "fp8_blockwise" and tuple(module.weight_scale.shape) != wanted:
-        return f"its scale is {list(module.weight_scale.shape)}, the config's weight_block_size {config.weight_block_size} makes {list(wanted)}"
+    decision = config.decide(name)
+    if decision.scheme is None:
+        return f"the config's {'skip list' if decision.source == 'skip' else 'rules'} has {decision.pattern!r}"
+    if decision.scheme != scheme:
+        return f"the config asks for {decision.scheme}"
+    stored, wanted = getattr(STORED_WEIGHTS.get(site.weight), "options", None), config.options_for(scheme)
+    for field in dataclasses.fields(wanted) if stored is not None else ():
+        if getattr(stored, field.name) != getattr(wanted, field.name):
+            return f"it runs with {field.name} {getattr(stored, field.name)}, the config has {getattr(wanted, field.name)}"
     return None
 
 
 def _stored_entry(name: str, module: nn.Module, config: QuantConfig) -> PlannedLinear:
     site = layer_site(name, module)
-    scheme, note = stored_scheme(site, getattr(module, "weight_scale", None))
-    problem = note if scheme is None else _stored_disagreement(name, site, scheme, module, config)
+    scheme, tensors, note = stored_scheme(site)
+    problem = note if scheme is None else _stored_disagreement(name, site, scheme, config)
     if problem is not None:
         stored = f" as {scheme}" if scheme else ""
         raise ValueError(
             f"fxquant: layer '{name}' is stored quantized{stored} and cannot be quantized again: {problem}; "
             "save it with the QuantConfig it was loaded with (fxquant.checkpoint.read_metadata(directory)[1])"
         )
-    return PlannedLinear(name, site, scheme, STORED_NOTE)
+    return PlannedLinear(name, site, scheme, STORED_NOTE, config.options_for(scheme), stored=tensors)
 
 
 def plan_modules(model: nn.Module, config: QuantConfig) -> Plan:
-    """The plan of every nn.Linear and Conv1D of `model`, in module order, by the plan pass's rules;
-    no tracing. Layers stored quantized keep their scheme; other 2-D parameters are listed unquantized.
+    """The plan of every nn.Linear and Conv1D of `model`, in module order, by the plan pass's rules
+    (QuantConfig.rules, skip, scheme); no tracing. Layers stored quantized keep their scheme; other 2-D
+    parameters are listed unquantized.
 
     Unlike the backend's plan there is no device fallback: a checkpoint stores the scheme asked for.
     """
     plan = Plan()
     for name, module in model.named_modules():
-        if is_checkpoint_layer(module) and module.weight.dtype in STORED_DTYPES:
+        if is_checkpoint_layer(module) and is_stored(module.weight):
             plan.append(_stored_entry(name, module, config))
         elif is_checkpoint_layer(module):
-            site = layer_site(name, module)
-            reason = skip_reason(name, site, config)
-            plan.append(PlannedLinear(name, site, None if reason else config.scheme, reason or ""))
+            plan.append(decide(name, layer_site(name, module), config))
         elif not isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
             for attr, parameter in module.named_parameters(prefix=name, recurse=False):
                 if parameter.dim() == 2 and parameter.is_floating_point():

@@ -86,6 +86,13 @@ def _sizes(count: int | None, smallest: int) -> Where:
     return Where(test, f"{count} {size}" if count else f"a list of {size}")
 
 
+def _pair(first: type, second: object, description: str) -> Where:
+    """A two-item list whose items are of the JSON types `first` and `second`."""
+    seconds = second if isinstance(second, tuple) else (second,)
+    return Where(lambda value: isinstance(value, list) and len(value) == 2 and _fits_type(value[0], first)
+                 and any(_fits_type(value[1], kind) for kind in seconds), description)
+
+
 SHA256 = Where(lambda value: isinstance(value, str) and re.fullmatch("[0-9a-f]{64}", value) is not None,
                "the weights file's SHA-256 (64 hexadecimal digits); re-save the checkpoint to record it")
 
@@ -100,6 +107,8 @@ CONFIG = {
     "min_weight_numel?": int,
     "check_weight_updates?": bool,
     "merge_parallel_linears?": bool,
+    "rules?": [_pair(str, (str, None), "a [glob, scheme or null] pair")],
+    "scheme_options?": [_pair(str, list, "a [scheme, [[option, value], ...]] pair")],
 }
 
 METADATA = {

@@ -32,7 +32,7 @@ from fxquant.checkpoint import (
     save_quantized,
 )
 from fxquant.cli_paths import check_input_dir, check_output_dir
-from fxquant.config import SCHEMES, QuantConfig
+from fxquant.config import QuantConfig
 from fxquant.footprint import dtype_name, nbytes
 from fxquant.hf_formats import HF_FORMATS, NO_ACTIVATION_SCALE_UB, NoHFLayout, hf_quantization_config
 from fxquant.hf_model import (
@@ -44,6 +44,7 @@ from fxquant.hf_model import (
     tensor_names,
 )
 from fxquant.passes import Plan
+from fxquant.scheme import SCHEMES
 
 
 def _skip_globs(values: list[str] | None) -> tuple[str, ...] | None:
@@ -140,8 +141,10 @@ def _metadata_lines(metadata: dict, path: Path) -> tuple[list[str], int]:
         skipped = [entry["layer"] for entry in metadata["plan"] if entry["scheme"] is None]
         method = (metadata.get("quantization_config") or {}).get("quant_method")
         layout = {"fbgemm_fp8": " (HF transformers fbgemm_fp8 layout)", "compressed-tensors": " (compressed-tensors layout)"}.get(method, "")
+        schemes = Counter(entry["scheme"] for entry in metadata["plan"] if entry["scheme"] is not None)
         lines = [
-            f"scheme: {metadata['config']['scheme']}{layout}",
+            f"scheme: {(next(iter(schemes)) if schemes else metadata['config']['scheme'])}{layout}" if len(schemes) <= 1
+            else "schemes: " + ", ".join(f"{scheme} ({count} layer{'s' * (count > 1)})" for scheme, count in schemes.items()),
             *_reader_notes(metadata),
             f"linear layers: {len(metadata['plan']) - len(skipped)} quantized, {len(skipped)} left as they were {skipped}",
         ]

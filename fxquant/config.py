@@ -7,15 +7,33 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
-SCHEMES = ("fp8_rowwise", "fp8_blockwise", "fp8_tensorwise", "int8")
+from fxquant.scheme import SCHEMES, get_scheme
 
-# The kernels (FBGEMM, torch._scaled_mm, torch._int_mm) want K and N in multiples of 16.
-GEMM_ALIGNMENT = 16
+# A rule: (glob over layer names, scheme or None for "leave it unquantized").
+Rule = tuple[str, "str | None"]
+
+
+class Decision(NamedTuple):
+    """The config's word on one layer: a scheme (None: unquantized), which field said so ("rules",
+    "skip" or "scheme") and the glob that matched."""
+
+    scheme: str | None
+    source: str
+    pattern: str | None
+
+    @property
+    def note(self) -> str:
+        """The plan's note: "rule '*.down_proj'", "skipped by rule (lm_head)", "skipped by skip list (lm_head)", ""."""
+        if self.source == "rules":
+            return f"rule {self.pattern!r}" if self.scheme else f"skipped by rule ({self.pattern})"
+        return f"skipped by skip list ({self.pattern})" if self.source == "skip" else ""
 
 
 @dataclass(frozen=True)
@@ -23,11 +41,12 @@ class QuantConfig:
     """How fxquant quantizes a model's linear layers.
 
     Args:
-        scheme: "fp8_rowwise" (e4m3 weights per output channel, e4m3 activations per token,
-            dynamic); "fp8_blockwise" (DeepSeek-V3: e4m3 weights per `weight_block_size` block,
-            activations per token per block-K group, dynamic); "fp8_tensorwise" (one scale per
-            weight and one per activation tensor: dynamic, or static from `static_activation_amax`);
-            "int8" (int8 symmetric, per channel and per token, int32 accumulation).
+        scheme: the scheme of every layer no rule decides, one of `fxquant.SCHEMES`: "fp8_rowwise"
+            (e4m3 weights per output channel, e4m3 activations per token, dynamic); "fp8_blockwise"
+            (DeepSeek-V3: e4m3 weights per `weight_block_size` block, activations per token per
+            block-K group, dynamic); "fp8_tensorwise" (one scale per weight and one per activation
+            tensor: dynamic, or static from `static_activation_amax`); "int8" (int8 symmetric, per
+            channel and per token, int32 accumulation); or a registered plugin (fxquant/scheme.py).
         skip: glob patterns (fnmatch) over layer names, e.g. "lm_head" or "*.gate". A layer's
             name is its module path ("layers.0.mlp.down_proj"); a bare parameter used in a
             matmul is named by its own path ("blocks.0.w"). Skipped layers run unchanged.
@@ -49,6 +68,14 @@ class QuantConfig:
             q/k/v and gate/up projections) run as one GEMM on their weights stacked along N, as
             vLLM's merged linear layers do; the weights are held once. Exported programs keep
             one GEMM per layer (the layout checkpoints are written from).
+        rules: per-layer schemes: (glob, scheme or None) pairs, or a dict in that order, e.g.
+            {"*.experts.*": "fp8_blockwise", "*.down_proj": "int8", "lm_head": None}. The first rule
+            whose glob matches a layer decides it (None: left unquantized) and wins over `skip` and
+            `scheme`, which decide the layers no rule matches. The plan names the deciding rule.
+        scheme_options: options of schemes by name, {"my_scheme": {"group_size": 64}}: each scheme
+            declares its options (its `Options` dataclass). activation_scale_ub, weight_block_size
+            and static_activation_amax are options of the built-in schemes, given once for every
+            scheme that declares them; a scheme's entry here wins over them.
     """
 
     scheme: str = "fp8_rowwise"
@@ -59,35 +86,54 @@ class QuantConfig:
     min_weight_numel: int = 0
     check_weight_updates: bool = True
     merge_parallel_linears: bool = True
+    rules: tuple[Rule, ...] = ()
+    scheme_options: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = ()
 
     def __post_init__(self) -> None:
-        if self.scheme not in SCHEMES:
-            raise ValueError(f"fxquant: unknown scheme {self.scheme!r}; valid schemes: {', '.join(SCHEMES)}")
+        get_scheme(self.scheme)
         skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip)
         if not all(isinstance(pattern, str) for pattern in skip):
             raise ValueError(f"fxquant: skip must be a list of glob strings, got {self.skip!r}")
         object.__setattr__(self, "skip", skip)
-        ub = self.activation_scale_ub
-        if ub is not None:
-            if not self.scheme.startswith("fp8"):
-                raise ValueError(f"fxquant: activation_scale_ub applies to FP8 schemes, not {self.scheme!r}")
-            if not ub > 0:
-                raise ValueError(f"fxquant: activation_scale_ub must be positive, got {ub!r}")
-            object.__setattr__(self, "activation_scale_ub", float(ub))
-        block = tuple(self.weight_block_size)
-        if len(block) != 2 or not all(isinstance(b, int) and b > 0 and b % GEMM_ALIGNMENT == 0 for b in block):
-            raise ValueError(f"fxquant: weight_block_size must be two positive multiples of {GEMM_ALIGNMENT}, got {self.weight_block_size!r}")
-        object.__setattr__(self, "weight_block_size", block)
-        if self.static_activation_amax is not None:
-            if self.scheme != "fp8_tensorwise":
-                raise ValueError(f"fxquant: static_activation_amax applies to fp8_tensorwise, not {self.scheme!r}")
-            amax = dict(self.static_activation_amax)
-            bad = {layer: value for layer, value in amax.items() if not (isinstance(value, (int, float)) and 0 < value < float("inf"))}
-            if bad:
-                raise ValueError(f"fxquant: static_activation_amax values must be positive and finite: {bad}")
-            object.__setattr__(self, "static_activation_amax", tuple(sorted((k, float(v)) for k, v in amax.items())))
+        object.__setattr__(self, "rules", _rules(self.rules))
+        object.__setattr__(self, "scheme_options", _scheme_options(self.scheme_options))
+        for name in _SHARED_OPTIONS:
+            object.__setattr__(self, name, _frozen(getattr(self, name)))
+        in_use = self.schemes_in_use()
+        for name in _SHARED_OPTIONS:
+            declaring = [s for s in SCHEMES if name in SCHEMES[s].option_names()]
+            if _DEFAULTS[name] is None and getattr(self, name) is not None and not set(declaring) & set(in_use):
+                raise ValueError(f"fxquant: {name} applies to {', '.join(declaring)}, not {', '.join(map(repr, in_use))}")
+        for scheme in in_use:  # each scheme validates (and normalizes) its options
+            options = self.options_for(scheme)
+            for name in SCHEMES[scheme].option_names():
+                if name in _SHARED_OPTIONS and name not in dict(self.scheme_options).get(scheme, {}):
+                    object.__setattr__(self, name, getattr(options, name))
         if self.min_weight_numel < 0:
             raise ValueError(f"fxquant: min_weight_numel must be >= 0, got {self.min_weight_numel}")
+
+    def schemes_in_use(self) -> tuple[str, ...]:
+        """`scheme` and the schemes rules name, each once."""
+        return tuple(dict.fromkeys([self.scheme, *(scheme for _, scheme in self.rules if scheme is not None)]))
+
+    def options_for(self, scheme: str) -> object:
+        """`scheme`'s Options: its entry in `scheme_options`, else the field of this config of the same
+        name (activation_scale_ub, ...), else the option's default."""
+        known = get_scheme(scheme).option_names()
+        given = dict(dict(self.scheme_options).get(scheme, ()))
+        shared = {name: getattr(self, name) for name in known if name in _SHARED_OPTIONS and name not in given}
+        return get_scheme(scheme).options({**shared, **given})
+
+    def decide(self, layer: str) -> Decision:
+        """What the config asks for `layer`: the first rule whose glob matches it, else the skip list's
+        first match (no scheme), else `scheme`."""
+        for pattern, scheme in self.rules:
+            if fnmatch.fnmatchcase(layer, pattern):
+                return Decision(scheme, "rules", pattern)
+        for pattern in self.skip:
+            if fnmatch.fnmatchcase(layer, pattern):
+                return Decision(None, "skip", pattern)
+        return Decision(self.scheme, "scheme", None)
 
     @classmethod
     def from_options(cls, options: Mapping[str, object] | None) -> QuantConfig:
@@ -104,3 +150,39 @@ class QuantConfig:
         payload = json.dumps(dataclasses.asdict(self), sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
+
+# Options of the built-in schemes as fields of QuantConfig, shared by every scheme that declares one.
+_SHARED_OPTIONS = ("activation_scale_ub", "weight_block_size", "static_activation_amax")
+_DEFAULTS = {field.name: field.default for field in dataclasses.fields(QuantConfig)}
+
+
+def _frozen(value: object) -> object:
+    """A value as a config holds it, hashable: a mapping as sorted (key, value) pairs, lists as tuples."""
+    if isinstance(value, Mapping):
+        return tuple(sorted((key, _frozen(item)) for key, item in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(item) for item in value)
+    return value
+
+
+def _rules(rules: object) -> tuple[Rule, ...]:
+    """Rules as (glob, scheme or None) pairs, from a dict or a sequence of pairs; each scheme registered."""
+    pairs = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
+    if not all(isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], str) for pair in pairs):
+        raise ValueError(f"fxquant: rules must map glob strings to schemes (or None), got {rules!r}")
+    for _, scheme in pairs:
+        if scheme is not None:
+            get_scheme(scheme)
+    return tuple((pattern, scheme) for pattern, scheme in pairs)
+
+
+def _scheme_options(options: object) -> tuple:
+    """{scheme: {option: value}} (or its pairs, as fxquant.json holds it) as sorted, hashable pairs."""
+    try:
+        per_scheme = dict(options)
+        per_scheme = {scheme: dict(values) for scheme, values in per_scheme.items()}
+    except (TypeError, ValueError):
+        raise ValueError(f"fxquant: scheme_options must map scheme names to option maps, got {options!r}") from None
+    for scheme, values in per_scheme.items():
+        get_scheme(scheme).options({name: _frozen(value) for name, value in values.items()})
+    return tuple(sorted((scheme, _frozen(values)) for scheme, values in per_scheme.items()))

@@ -24,7 +24,7 @@ def plan(model: torch.nn.Module, *args, config: QuantConfig | None = None, **kwa
         if config.merge_parallel_linears:
             plan_merges(graph_plan)
         result.extend(graph_plan)
-        if any(entry.stored_scale is not None for entry in graph_plan):
+        if any(entry.stored is not None for entry in graph_plan):
             quantize_graph(gm, dynamo_module_tensor, config)  # stored low-precision weights only run in fxquant's ops
         return gm.forward
 

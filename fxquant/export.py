@@ -4,8 +4,8 @@
     torch.export.save(program, "model.pt2");  program = fxquant.load_program("model.pt2")
     package = torch._inductor.aoti_compile_and_package(program)          # AOTInductor
 
-The same passes as the backend run on the aten-level exported graph. Their quantized weights and
-scales become buffers of the program (placeholders with BUFFER input specs, in its state dict),
+The same passes as the backend run on the aten-level exported graph. Their quantized tensors (each
+scheme's: weight, scale, ...) become buffers of the program (placeholders with BUFFER input specs, in its state dict),
 and the parameters only the rewritten layers used leave the graph, its signature and its state
 dict, so the program holds the low-precision weights only.
 """
@@ -101,8 +101,7 @@ def _lift_buffers(
     anchor = placeholders[n_state] if n_state < len(placeholders) else next(n for n in graph.nodes if n.op != "placeholder")
     new_specs = []
     for q in quantized:
-        q.weight_attr = _lift_buffer(gm, q.weight_attr, anchor, state_dict, new_specs)
-        q.scale_attr = _lift_buffer(gm, q.scale_attr, anchor, state_dict, new_specs)
+        q.attrs = {name: _lift_buffer(gm, attr, anchor, state_dict, new_specs) for name, attr in q.attrs.items()}
     return input_specs[:n_state] + new_specs + input_specs[n_state:]
 
 

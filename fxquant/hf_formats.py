@@ -1,15 +1,24 @@
 """The quantization_config a quantized checkpoint's config.json carries, in the layouts other tools
 read: HF transformers' `fbgemm_fp8` (FbgemmFp8Config) and llm-compressor's compressed-tensors (what
-vLLM loads). Each maps fxquant's plan and QuantConfig to that tool's dict, or raises NoHFLayout
-where the layout has no equivalent of the scheme, of its activation bound or of a quantized layer
-(transformers' Conv1D)."""
+vLLM loads). Each layout's frame is here; each scheme gives its own part (`Scheme.hf_config`):
+for fbgemm_fp8 the `activation_scale_ub`, for compressed-tensors the `format` and the `weights` and
+`input_activations` argument groups. A layout raises NoHFLayout where it has no equivalent of a
+scheme, of an option (an activation bound) or of a quantized layer (transformers' Conv1D). A
+checkpoint whose layers mix schemes (per-layer rules) is compressed-tensors' "mixed-precision":
+one group per scheme, targeting its layers by name; fbgemm_fp8 describes fp8_rowwise alone."""
 
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 from fxquant.config import QuantConfig
-from fxquant.passes.plan_linears import Plan
+from fxquant.scheme import NoHFLayout, get_scheme
+
+if TYPE_CHECKING:
+    from fxquant.passes.plan_linears import Plan
+
+__all__ = ["HF_FORMATS", "NO_ACTIVATION_SCALE_UB", "NoHFLayout", "check_hf_format", "hf_quantization_config"]
 
 # fxquant's activation_scale_ub=None (no bound) in fbgemm_fp8's terms: transformers and vLLM read the
 # bound into a float32 tensor and clamp each token's amax to it; float32's largest value clamps nothing
@@ -17,16 +26,17 @@ from fxquant.passes.plan_linears import Plan
 NO_ACTIVATION_SCALE_UB = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 
 
-class NoHFLayout(ValueError):
-    """The layout cannot describe this checkpoint: its scheme, its activation bound or a quantized layer."""
-
-
-def _check_only_linear(plan: Plan, layout: str) -> None:
-    """transformers' fbgemm_fp8 and compressed-tensors convert nn.Linear only: a quantized Conv1D (GPT-2)
-    would be read back as float garbage."""
+def _schemes(plan: Plan, config: QuantConfig, layout: str) -> dict[str, list[str]]:
+    """{scheme: its quantized layers} (the config's scheme for a plan without any); NoHFLayout for a
+    quantized Conv1D (transformers' fbgemm_fp8 and compressed-tensors convert nn.Linear only: it would
+    be read back as float garbage)."""
     conv1d = [entry.layer for entry in plan.rewritten if entry.site.kind == "addmm"]
     if conv1d:
         raise NoHFLayout(f"fxquant: {layout} converts nn.Linear only, not the quantized Conv1D {conv1d[0]!r}")
+    schemes: dict[str, list[str]] = {}
+    for entry in plan.rewritten:
+        schemes.setdefault(entry.scheme, []).append(entry.layer)
+    return schemes or {config.scheme: []}
 
 
 def fbgemm_fp8_config(plan: Plan, config: QuantConfig) -> dict:
@@ -35,19 +45,15 @@ def fbgemm_fp8_config(plan: Plan, config: QuantConfig) -> dict:
     Every layer left unquantized, for whatever reason, is in modules_to_not_convert, since
     transformers converts every other nn.Linear.
     """
-    if config.scheme != "fp8_rowwise":
-        raise NoHFLayout(f"fxquant: fbgemm_fp8 describes fp8_rowwise only, not {config.scheme}")
-    _check_only_linear(plan, "fbgemm_fp8")
-    ub = config.activation_scale_ub
+    schemes = _schemes(plan, config, "fbgemm_fp8")
+    other = next((scheme for scheme in schemes if scheme != "fp8_rowwise"), None)
+    if other is not None:
+        raise NoHFLayout(f"fxquant: fbgemm_fp8 describes fp8_rowwise only, not {other}")
     return {
         "quant_method": "fbgemm_fp8",
-        "activation_scale_ub": NO_ACTIVATION_SCALE_UB if ub is None else ub,
+        **get_scheme("fp8_rowwise").hf_config("fbgemm_fp8", config.options_for("fp8_rowwise")),
         "modules_to_not_convert": [entry.layer for entry in plan.skipped],
     }
-
-
-def _ct_args(kind: str, strategy: str, dynamic: bool, **extra) -> dict:
-    return {"num_bits": 8, "type": kind, "strategy": strategy, "symmetric": True, "dynamic": dynamic, **extra}
 
 
 def compressed_tensors_config(plan: Plan, config: QuantConfig) -> dict:
@@ -56,33 +62,23 @@ def compressed_tensors_config(plan: Plan, config: QuantConfig) -> dict:
 
     The stored tensors are already in that layout: `weight` low precision, `weight_scale` [N, 1]
     per channel or [N / bn, K / bk] per block. The layout has no bound on activation scales, so a
-    config with activation_scale_ub is refused rather than described as something it is not.
+    config with activation_scale_ub is refused rather than described as something it is not. A
+    checkpoint of one scheme is one group targeting every Linear; one whose layers mix schemes
+    (per-layer rules) is a "mixed-precision" config with one group per scheme, targeting its layers
+    by name, each with its own format.
     """
-    block_n, block_k = config.weight_block_size
-    groups = {
-        "fp8_rowwise": ("float-quantized", _ct_args("float", "channel", False), _ct_args("float", "token", True)),
-        "fp8_blockwise": (
-            "float-quantized",
-            _ct_args("float", "block", False, block_structure=[block_n, block_k]),
-            _ct_args("float", "group", True, group_size=block_k),
-        ),
-        "int8": ("int-quantized", _ct_args("int", "channel", False), _ct_args("int", "token", True)),
-    }
-    if config.scheme not in groups:
-        raise NoHFLayout(f"fxquant: compressed-tensors has no dynamic {config.scheme} layout")
-    _check_only_linear(plan, "compressed-tensors")
-    if config.activation_scale_ub is not None:
-        raise NoHFLayout(
-            f"fxquant: compressed-tensors cannot record activation_scale_ub={config.activation_scale_ub:g}: vLLM and "
-            "transformers would quantize activations without the bound; save with activation_scale_ub=None, or with "
-            'hf_format="fbgemm_fp8", which records it'
-        )
-    storage, weights, activations = groups[config.scheme]
+    schemes = _schemes(plan, config, "compressed-tensors")
+    groups = {}
+    for i, (scheme, layers) in enumerate(schemes.items()):
+        part = get_scheme(scheme).hf_config("compressed-tensors", config.options_for(scheme))
+        groups[f"group_{i}"] = {"targets": ["Linear"] if len(schemes) == 1 else layers, "weights": part["weights"],
+                                "input_activations": part["input_activations"], "format": part["format"]}
+    formats = {group["format"] for group in groups.values()}
     return {
         "quant_method": "compressed-tensors",
-        "format": storage,
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
         "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": activations}},
+        "config_groups": groups,
         "ignore": [entry.layer for entry in plan.skipped],
     }
 

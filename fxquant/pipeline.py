@@ -1,6 +1,7 @@
 """The one place that decides the order of fxquant's passes.
 
-    plan       find linear layers, decide scheme or skip reason     (reads the graph only)
+    plan       find linear layers, decide scheme (rules, skip list,   (reads the graph only)
+               scheme, fallback) or skip reason
     quantize   parameters → low-precision buffers on the module     (needs the plan's decisions)
     rewrite    linear nodes → fxquant ops reading those buffers     (needs the buffers)
     merge      ops on one activation → one op on stacked weights    (compiling only: `merge`;
@@ -24,13 +25,13 @@ def quantize_graph(
 ) -> tuple[Plan, list[QuantizedWeight]]:
     """Run fxquant's passes on `gm` in place; returns the plan and the quantized weights. `merge`
     (for compiling, where `config.merge_parallel_linears` allows it) stacks the weights of layers
-    that share an input; an exported program keeps one op and one buffer pair per layer."""
+    that share an input; an exported program keeps one op and its own buffers per layer."""
     merge = merge and config.merge_parallel_linears
     plan = plan_linears(gm, lookup, config)
     if merge:
         plan_merges(plan)
-    quantized = quantize_weights(gm, plan, config, cache)
-    rewrite_linears(gm, plan, config)
+    quantized = quantize_weights(gm, plan, cache)
+    rewrite_linears(gm, plan)
     if merge:
         merge_parallel_linears(gm, plan)
     return plan, quantized

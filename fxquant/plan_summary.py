@@ -2,7 +2,7 @@
 
 A `Plan` references its graph (each site's fx nodes) and the quantized weights; kept by a backend
 for every graph, it would keep them all alive. A `PlanSummary` keeps what the plan says (its
-table and, per layer, the layer, op, shape, scheme and note) and nothing of the graph.
+table and, per layer, the layer, op, shape, scheme, note and rule) and nothing of the graph.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ class PlannedLayer:
     scheme: str | None
     note: str
     merged_with: tuple[str, ...]
+    rule: str | None  # the QuantConfig.rules glob that decided the layer, if one did
 
 
 class PlanSummary(Plan):
@@ -29,7 +30,7 @@ class PlanSummary(Plan):
 
     def __init__(self, plan: Plan):
         super().__init__(
-            PlannedLayer(e.layer, e.site.kind, e.shape, e.scheme, e.note, e.merged_with) for e in plan
+            PlannedLayer(e.layer, e.site.kind, e.shape, e.scheme, e.note, e.merged_with, e.rule) for e in plan
         )
         self.table = str(plan)
 

@@ -33,7 +33,7 @@ def release(model: nn.Module) -> int:
     released = 0
     for param in model.parameters():
         for copy in COPIES.pop(param, {}).values():
-            released += sum(_bytes(t) for t in (copy.w_q, copy.w_scale))
+            released += sum(_bytes(t) for t in copy.tensors.values())
     return released
 
 

@@ -1,7 +1,7 @@
 """Layers whose weights are stored quantized, run eagerly with the numerics the backend compiles.
 
-    make_stored(model.up, "fp8_rowwise", activation_scale_ub=None)
-    model.up(x)                       # eager: fxquant.fp8_rowwise_linear(x, w_q, scale, bias, ub)
+    make_stored(model.up, "fp8_rowwise", options)   # options: the scheme's Options the weights were made with
+    model.up(x)                       # eager: the scheme's op, e.g. fxquant.fp8_rowwise_linear(x, w_q, scale, bias, ub)
     torch.compile(model, backend="fxquant")(x)   # traced as F.linear(x, w_q, bias).to(x.dtype): passes/stored_weights.py
 
 `make_stored` registers the module's weight as stored (passes/stored_weights.py) and swaps the
@@ -22,12 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fxquant.config import QuantConfig
-from fxquant.ops import LINEAR_SCHEMES
-from fxquant.passes.stored_weights import STORED_DTYPES, STORED_WEIGHTS, op_scale_shape, register_stored_weight
-
-# What the schemes' `call` reads from a config for a stored weight: nothing (no static scales).
-_STORED_CALL_CONFIG = QuantConfig()
+from fxquant.passes.stored_weights import PLAIN_FLOATS, STORED_WEIGHTS, op_tensor, register_stored_weight
+from fxquant.scheme import get_scheme
 
 
 class StoredLayer:
@@ -43,18 +39,16 @@ class StoredLayer:
             return F.linear(x, self.weight, self.bias).to(x.dtype)
         stored = STORED_WEIGHTS.get(self.weight)
         if stored is None or stored.scheme is None:
-            if self.weight.dtype in STORED_DTYPES:
+            if self.weight.dtype not in PLAIN_FLOATS:
                 raise RuntimeError(
                     f"fxquant: a {type(self).__name__}'s {self.weight.dtype} weight is not registered as stored "
                     "(replaced after loading?); load the checkpoint again or call fxquant.stored_layers.make_stored"
                 )
             return F.linear(x, self.weight, self.bias)  # a float weight assigned since: it runs as float
-        scale = stored.scale
-        scale = scale.reshape(op_scale_shape(stored.scheme, tuple(scale.shape), self.weight.shape[0]))
-        op, args = LINEAR_SCHEMES[stored.scheme].call(
-            _STORED_CALL_CONFIG, "", stored.activation_scale_ub, x, self.weight, scale, None, self.bias
-        )
-        return op(*args)
+        scheme, n, k = get_scheme(stored.scheme), *self.weight.shape
+        tensors = {name: op_tensor(stored.scheme, name, t, n, k, stored.options) for name, t in stored.tensors().items()}
+        call = scheme.call("", x, {"weight": self.weight, **tensors}, self.bias, stored.options)
+        return call.op(*call.node_args())
 
     def extra_repr(self) -> str:
         stored = STORED_WEIGHTS.get(self.weight)
@@ -80,13 +74,14 @@ def plain_linear_forward(module: nn.Module) -> bool:
     return type(module).forward in (nn.Linear.forward, getattr(conv1d, "forward", None))
 
 
-def make_stored(module: nn.Module, scheme: str, activation_scale_ub: float | None = None) -> nn.Module:
+def make_stored(module: nn.Module, scheme: str, options: object = None) -> nn.Module:
     """Make `module` (nn.Linear, or Conv1D with its weight already [N, K]) run its stored weight
-    `weight` and scale `weight_scale` with `scheme`'s op, eagerly and compiled; returns it.
+    `weight` and the scheme's other tensors (`weight_scale`, ...) with `scheme`'s op and `options`
+    (its Options; None: the defaults), eagerly and compiled; returns it.
 
     A subclass of nn.Linear with a forward of its own keeps its class: only compiling with
     backend="fxquant" runs it."""
-    register_stored_weight(module, "weight", None if scheme == "int8" else activation_scale_ub, scheme)
+    register_stored_weight(module, scheme, "weight", options)
     if isinstance(module, StoredLayer) or not plain_linear_forward(module):
         return module
     module.__class__ = stored_class(type(module))

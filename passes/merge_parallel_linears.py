@@ -9,11 +9,13 @@ MergedColumnParallelLinear do by hand: the activation is quantized once, and one
 the weights where a small one alone (k, v: N = 1024) leaves most of the GPU idle at decode.
 Two steps: `plan_merges` decides from the plan alone (so `fxquant.plan` shows it), before any
 weight is quantized; `merge_parallel_linears` carries it out on the rewritten graph. Members read
-one activation node with one scheme and activation bound, have no bias, scale their weights per
-channel or per N-block (the scheme's `stacks_along_n`; the plan's shape rule already made every N a
-whole number of blocks), and are quantized by fxquant from a weight no other layer uses (stored
-weights arrive as graph inputs and stay as they are). Each member's quantized copy becomes a view
-of the stacked buffers, so every weight is held once and a re-quantization writes through.
+one activation node with one scheme and the same options, have no bias, use a scheme whose tensors
+stack along N (its `merge_dims`: scales per channel or per N-block, not one per tensor; the plan's
+shape rule already made every N a whole number of blocks), and are quantized by fxquant from a
+weight no other layer uses (stored weights arrive as graph inputs and stay as they are). The merged
+node is the first member's SchemeCall on the stacked tensors, by name. Each member's quantized copy
+becomes a view of the stacked buffers, so every weight is held once and a re-quantization writes
+through.
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ import torch
 from torch import Tensor, fx
 from torch._dynamo.utils import counters
 
-from fxquant.ops import LINEAR_SCHEMES
 from fxquant.passes.find_linears import fake_value
 from fxquant.passes.plan_linears import Plan, PlannedLinear
+from fxquant.passes.quantize_weights import buffer_suffix
 from fxquant.passes.rewrite_linears import buffer_node
+from fxquant.scheme import get_scheme
 
 
 def plan_merges(plan: Plan) -> None:
@@ -37,12 +40,12 @@ def plan_merges(plan: Plan) -> None:
     groups: dict[tuple, list[PlannedLinear]] = {}
     for entry in plan.rewritten:
         if (
-            entry.stored_scale is None
-            and LINEAR_SCHEMES[entry.scheme].stacks_along_n
+            entry.stored is None
+            and get_scheme(entry.scheme).merge_dims
             and entry.site.bias is None
             and uses[id(entry.site.weight)] == 1
         ):
-            groups.setdefault((entry.site.activation, entry.scheme, entry.activation_scale_ub), []).append(entry)
+            groups.setdefault((entry.site.activation, entry.scheme, entry.options), []).append(entry)
     for members in (group for group in groups.values() if len(group) > 1):
         layers = tuple(member.layer for member in members)
         for member in members:
@@ -64,18 +67,18 @@ def merge_parallel_linears(gm: fx.GraphModule, plan: Plan) -> None:
     gm.recompile()
 
 
-def _stacked(parts: list[Tensor]) -> Tensor:
-    """The parts stacked along dim 0: the tensor they were split from when they are its split
+def _stacked(parts: list[Tensor], dim: int) -> Tensor:
+    """The parts concatenated along `dim`: the tensor they were split from when they are its split
     (stacked for another graph of the same model), else a new one."""
-    base, rows = parts[0]._base, [part.shape[0] for part in parts]
+    base, sizes = parts[0]._base, [part.shape[dim] for part in parts]
     if (
         base is not None
-        and sum(rows) == base.shape[0]
-        and [p.data_ptr() for p in parts] == [p.data_ptr() for p in base.split(rows)]
-        and all(p.shape == q.shape for p, q in zip(parts, base.split(rows)))
+        and sum(sizes) == base.shape[dim]
+        and [p.data_ptr() for p in parts] == [p.data_ptr() for p in base.split(sizes, dim)]
+        and all(p.shape == q.shape for p, q in zip(parts, base.split(sizes, dim)))
     ):
         return base
-    return torch.cat(parts)
+    return torch.cat(parts, dim)
 
 
 def _merge(gm: fx.GraphModule, members: list[PlannedLinear]) -> None:
@@ -83,27 +86,28 @@ def _merge(gm: fx.GraphModule, members: list[PlannedLinear]) -> None:
     position = {node: i for i, node in enumerate(graph.nodes)}
     members = sorted(members, key=lambda m: position[m.fused])
     quantized = [m.quantized for m in members]
-    w_q, w_scale = _stacked([q.w_q for q in quantized]), _stacked([q.w_scale for q in quantized])
-    prefix = quantized[0].weight_attr.removesuffix("_weight") + "_merged"
-    gm.register_buffer(prefix + "_weight", w_q)
-    gm.register_buffer(prefix + "_scale", w_scale)
-    widths = [q.w_q.shape[0] for q in quantized]
-    scale_rows = [q.w_scale.shape[0] for q in quantized]
-    for q, w_view, scale_view in zip(quantized, w_q.split(widths), w_scale.split(scale_rows)):
-        q.hold_in(w_view, scale_view)
+    dims = get_scheme(members[0].scheme).merge_dims
+    prefix = quantized[0].attrs["weight"].removesuffix("_weight") + "_merged"
+    stacked = {}
+    for name, dim in dims.items():
+        stacked[name] = _stacked([q.tensors[name] for q in quantized], dim)
+        gm.register_buffer(prefix + buffer_suffix(name), stacked[name])
+    views = {name: stacked[name].split([q.tensors[name].shape[dim] for q in quantized], dim) for name, dim in dims.items()}
+    for i, q in enumerate(quantized):
+        q.hold_in({name: views[name][i] for name in dims})
+    widths = [q.tensors["weight"].shape[dims["weight"]] for q in quantized]
 
-    first = members[0].fused
-    x, _, _, bias, *rest = first.args
-    with graph.inserting_before(first):
-        merged = graph.call_function(
-            first.target, (x, buffer_node(gm, prefix + "_weight", x), buffer_node(gm, prefix + "_scale", x), bias, *rest)
-        )
+    first = members[0]
+    x = first.call.args[first.call.activation]
+    with graph.inserting_before(first.fused):
+        call = first.call.with_tensors({name: buffer_node(gm, prefix + buffer_suffix(name), x) for name in dims})
+        merged = graph.call_function(call.op, call.node_args())
         parts = graph.call_function(torch.ops.aten.split_with_sizes.default, (merged, widths, -1))
         outputs = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(members))]
     _set_fake_values(merged, parts, [m.fused for m in members])
     for member, output in zip(members, outputs):
         old = member.fused
-        buffers = old.args[1:3]
+        buffers = [member.call.tensor(name) for name in member.call.tensors]
         output.meta.update(old.meta)
         old.replace_all_uses_with(output)
         graph.erase_node(old)
@@ -111,7 +115,7 @@ def _merge(gm: fx.GraphModule, members: list[PlannedLinear]) -> None:
             if isinstance(buffer, fx.Node) and not buffer.users:
                 graph.erase_node(buffer)
                 delattr(gm, buffer.target)
-        member.fused = merged
+        member.fused, member.call = merged, call
     counters["fxquant"]["merged_linears"] += len(members)
 
 

@@ -1,15 +1,18 @@
 """Plan: decide, for every linear layer found, its scheme or the reason it stays as it is.
 
-Changes nothing in the graph. The plan prints as a table (layer, op, N x K, scheme, note), and
-every rejection has a reason string: "skipped by skip list (lm_head)", "K=40 not divisible by 16".
+Changes nothing in the graph. A float layer's scheme is the config's word on it (the first
+matching QuantConfig.rules glob, else the skip list, else `scheme`), checked by the scheme's shape
+rule, then replaced by the scheme's fallback where the device cannot run it; a stored layer's is
+the one it was stored with. The plan prints as a table (layer, op, N x K, scheme, note): every
+rejection has a reason string ("skipped by skip list (lm_head)", "K=40 not divisible by 16") and a
+row a rule decided names it ("rule '*.down_proj'").
 A layer whose dtypes eager would reject (outside autocast) is an error naming it, as eager's is.
 """
 
 from __future__ import annotations
 
-import fnmatch
+import dataclasses
 import importlib
-import logging
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -19,12 +22,10 @@ from torch import fx
 from torch._dynamo.utils import counters
 
 from fxquant.config import QuantConfig
-from fxquant.log import log_once
-from fxquant.ops import LINEAR_SCHEMES
-from fxquant.ops.availability import fp8_unsupported_reason
 from fxquant.ops.linear_common import FLOAT_DTYPES
 from fxquant.passes.find_linears import LinearSite, WeightLookup, fake_value, find_linears
-from fxquant.passes.stored_weights import STORED_DTYPES, STORED_WEIGHTS, stored_scale_name, stored_scheme
+from fxquant.passes.stored_weights import STORED_WEIGHTS, is_stored, stored_scheme, stored_tensor_name
+from fxquant.scheme import SchemeCall, get_scheme
 
 if TYPE_CHECKING:
     from fxquant.passes.quantize_weights import QuantizedWeight
@@ -38,11 +39,14 @@ class PlannedLinear:
     site: LinearSite = field(repr=False)
     scheme: str | None
     note: str = ""
+    options: object = None  # the scheme's Options this layer runs with
+    rule: str | None = None  # the glob of the QuantConfig.rules entry that decided the layer, if one did
     quantized: QuantizedWeight | None = field(default=None, repr=False)  # set by quantize_weights
-    stored_scale: fx.Node | torch.Tensor | None = field(default=None, repr=False)  # scale of weights stored quantized
-    activation_scale_ub: float | None = None  # what the layer's FP8 op bounds the per-token amax with
+    # weights stored quantized: the scheme's tensors other than "weight" (graph inputs, or the module's buffers)
+    stored: dict[str, fx.Node | torch.Tensor] | None = field(default=None, repr=False)
     merged_with: tuple[str, ...] = ()  # the layers it runs one GEMM with, itself included (plan_merges)
-    fused: fx.Node | None = field(default=None, repr=False)  # the op node rewrite_linears made
+    fused: fx.Node | None = field(default=None, repr=False)  # the op node rewrite_linears (or merge) made
+    call: SchemeCall | None = field(default=None, repr=False)  # how `fused` was built, by name
 
     @property
     def shape(self) -> str:
@@ -100,11 +104,8 @@ def _is_linear_type(module_type: type | str) -> bool:
     return isinstance(module_type, type) and issubclass(module_type, torch.nn.Linear)
 
 
-def skip_reason(layer: str, site: LinearSite, config: QuantConfig) -> str | None:
-    """Why `site` cannot be quantized under `config`, or None when it can."""
-    for pattern in config.skip:
-        if fnmatch.fnmatchcase(layer, pattern):
-            return f"skipped by skip list ({pattern})"
+def skip_reason(layer: str, site: LinearSite, config: QuantConfig, scheme: str) -> str | None:
+    """Why `site` cannot be quantized with `scheme` under `config`, or None when it can."""
     if site.weight.dtype not in FLOAT_DTYPES:
         return f"weight dtype {site.weight.dtype} unsupported"
     activation = fake_value(site.activation)
@@ -119,7 +120,19 @@ def skip_reason(layer: str, site: LinearSite, config: QuantConfig) -> str | None
         return "empty weight"
     if site.weight.numel() < config.min_weight_numel:
         return f"{site.weight.numel()} weights < min_weight_numel={config.min_weight_numel}"
-    return LINEAR_SCHEMES[config.scheme].unsupported(layer, n, k, config)
+    return get_scheme(scheme).unsupported(layer, n, k, config.options_for(scheme))
+
+
+def decide(layer: str, site: LinearSite, config: QuantConfig) -> PlannedLinear:
+    """The plan entry of a float layer: its rule, skip entry or the config's scheme, or why it stays as it is."""
+    decision = config.decide(layer)
+    rule = decision.pattern if decision.source == "rules" else None
+    if decision.scheme is None:
+        return PlannedLinear(layer, site, None, decision.note, rule=rule)
+    reason = skip_reason(layer, site, config, decision.scheme)
+    if reason is not None:
+        return PlannedLinear(layer, site, None, "; ".join(filter(None, [decision.note, reason])), rule=rule)
+    return PlannedLinear(layer, site, decision.scheme, decision.note, config.options_for(decision.scheme), rule=rule)
 
 
 def autocast_regions(gm: fx.GraphModule) -> dict[fx.Node, tuple[tuple[str, bool], ...]]:
@@ -159,15 +172,14 @@ def check_eager_dtypes(layer: str, site: LinearSite, autocast: bool) -> None:
         )
 
 
-def scheme_for(site: LinearSite, config: QuantConfig) -> tuple[str, str]:
-    """The scheme this device can run, and a note when it differs from the one asked for."""
-    if not LINEAR_SCHEMES[config.scheme].uses_fp8:
-        return config.scheme, ""
-    reason = fp8_unsupported_reason(site.weight.device)
-    if reason is None:
-        return config.scheme, ""
-    log_once(logging.WARNING, f"fxquant: {reason}; falling back from {config.scheme} to int8")
-    return "int8", f"{config.scheme} -> int8: {reason}"
+def with_fallback(entry: PlannedLinear, device: torch.device, config: QuantConfig) -> PlannedLinear:
+    """`entry` with the scheme its scheme falls back to where it cannot run on `device` (noted)."""
+    fallback = get_scheme(entry.scheme).fallback(device)
+    if fallback is None:
+        return entry
+    scheme, reason = fallback
+    note = "; ".join(filter(None, [entry.note, f"{entry.scheme} -> {scheme}: {reason}"]))
+    return dataclasses.replace(entry, scheme=scheme, note=note, options=config.options_for(scheme))
 
 
 def plan_linears(gm: fx.GraphModule, lookup: WeightLookup, config: QuantConfig) -> Plan:
@@ -177,36 +189,38 @@ def plan_linears(gm: fx.GraphModule, lookup: WeightLookup, config: QuantConfig) 
     regions = autocast_regions(gm)
     for site in find_linears(gm, lookup):
         layer = layer_name(site)
-        if site.weight.dtype in STORED_DTYPES:
-            entry = _plan_stored(layer, site, named_nodes.get(stored_scale_name(site)), lookup, config)
+        if is_stored(site.weight):
+            entry = _plan_stored(layer, site, named_nodes, lookup, config)
         elif site.weight in STORED_WEIGHTS:
             raise ValueError(
                 f"fxquant: layer '{layer}': its weight was loaded quantized but is now {site.weight.dtype}; the stored "
                 "weights were cast (model.to(dtype)?). Move a loaded model with .to(device) only, or load it again"
             )
-        elif (reason := skip_reason(layer, site, config)) is None:
-            check_eager_dtypes(layer, site, autocast_enabled(regions[site.node], site.weight.device.type))
-            entry = PlannedLinear(layer, site, *scheme_for(site, config), activation_scale_ub=config.activation_scale_ub)
         else:
-            entry = PlannedLinear(layer, site, None, reason)
+            entry = decide(layer, site, config)
+            if entry.scheme is not None:
+                check_eager_dtypes(layer, site, autocast_enabled(regions[site.node], site.weight.device.type))
+                entry = with_fallback(entry, site.weight.device, config)
         counters["fxquant"]["skipped"] += entry.scheme is None
         plan.append(entry)
     return plan
 
 
 def _plan_stored(
-    layer: str, site: LinearSite, scale_node: fx.Node | None, lookup: WeightLookup, config: QuantConfig
+    layer: str, site: LinearSite, named_nodes: dict[str, fx.Node], lookup: WeightLookup, config: QuantConfig
 ) -> PlannedLinear:
-    """A layer whose weight is already quantized: its scheme comes from the stored tensors, not the
-    config; its activation_scale_ub is the config's, else the one registered with the weight."""
-    registered = STORED_WEIGHTS.get(site.weight)
-    scale = lookup(scale_node)[1] if scale_node is not None else getattr(registered, "scale", None)
-    scheme, note = stored_scheme(site, scale)
+    """A layer whose weight is already quantized: its scheme and tensors are the stored ones, not the
+    config's; each option the config leaves unset (None) is the one registered with the weight."""
+    scheme, tensors, note = stored_scheme(site, lambda name: lookup(named_nodes[name])[1] if name in named_nodes else None)
     if scheme is None:
         raise ValueError(f"fxquant: layer '{layer}': {note}; it cannot run unquantized either")
-    ub = config.activation_scale_ub
-    if ub is None and registered is not None and registered.activation_scale_ub is not None and scheme != "int8":
-        ub = registered.activation_scale_ub
-        note += f" (activation_scale_ub {ub:g} from the checkpoint)"
-    return PlannedLinear(layer, site, scheme, note, stored_scale=scale_node if scale_node is not None else scale,
-                         activation_scale_ub=None if scheme == "int8" else ub)
+    nodes = {name: named_nodes.get(stored_tensor_name(site, name), tensor) for name, tensor in tensors.items()}
+    options = config.options_for(scheme)
+    registered = getattr(STORED_WEIGHTS.get(site.weight), "options", None)
+    if registered is not None:
+        unset = {f.name: getattr(registered, f.name) for f in dataclasses.fields(options)
+                 if getattr(options, f.name) is None and getattr(registered, f.name) is not None}
+        options = dataclasses.replace(options, **unset)
+        note += "".join(f" ({name} {value:g} from the checkpoint)" if isinstance(value, float)
+                        else f" ({name} {value} from the checkpoint)" for name, value in unset.items())
+    return PlannedLinear(layer, site, scheme, note, options, stored=nodes)

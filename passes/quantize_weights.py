@@ -1,8 +1,7 @@
-"""Quantize: turn each planned parameter into low-precision constants, once per parameter.
+"""Quantize: turn each planned parameter into its scheme's low-precision tensors, once per parameter.
 
-For every rewritten layer, registers on the GraphModule
-    fxquant_<layer>_weight   [N, K] e4m3 / int8      fxquant_<layer>_scale   float32: [N] per channel,
-                                                     [N/bn, K/bk] per block, [] per tensor
+For every rewritten layer, registers one buffer per tensor of its scheme on the GraphModule,
+    fxquant_<layer>_weight   [N, K] e4m3 / int8 / ...     fxquant_<layer>_scale   ("weight_scale")   ...
 and records them on the plan entry. A parameter shared by several layers (tied weights) is
 quantized once. The graphs Dynamo compiles for one model share each copy through a QuantizedCache;
 a cached copy whose parameter changed since it was made (fxquant/weight_stamp.py) is re-quantized
@@ -19,20 +18,19 @@ from torch import Tensor, fx
 from torch._dynamo.utils import counters
 from torch.utils.weak import WeakIdKeyDictionary
 
-from fxquant.config import QuantConfig
-from fxquant.ops import LINEAR_SCHEMES
 from fxquant.passes.find_linears import LinearSite
-from fxquant.passes.plan_linears import Plan
+from fxquant.passes.plan_linears import Plan, PlannedLinear
+from fxquant.scheme import get_scheme
 from fxquant.weight_stamp import WeightStamp
 
 
 @dataclass(eq=False)
 class QuantizedCopy:
-    """A parameter's quantized tensors and the stamp of the weight they were made from; the graphs
-    Dynamo compiles for one model (static first, dynamic after) share it through the QuantizedCache."""
+    """A parameter's quantized tensors (by the scheme's names) and the stamp of the weight they were made
+    from; the graphs Dynamo compiles for one model (static first, dynamic after) share it through the
+    QuantizedCache."""
 
-    w_q: Tensor
-    w_scale: Tensor
+    tensors: dict[str, Tensor]
     stamp: WeightStamp
 
 
@@ -42,24 +40,19 @@ QuantizedCache = WeakIdKeyDictionary
 
 @dataclass(eq=False)
 class QuantizedWeight:
-    """A graph's use of a parameter's quantized copy: the copy and the names of its two buffers."""
+    """A graph's use of a parameter's quantized copy: the copy and the names of its buffers."""
 
     scheme: str
+    options: object  # the scheme's Options it was quantized (and is called) with
     weight_is_kn: bool  # the parameter is stored [K, N]; its quantized copy is [N, K]
-    weight_attr: str
-    scale_attr: str
+    attrs: dict[str, str]  # the scheme's tensor name → the buffer holding it
     copy: QuantizedCopy
-    config: QuantConfig
     cache: QuantizedCache | None
     layers: list[str] = field(default_factory=list)
 
     @property
-    def w_q(self) -> Tensor:
-        return self.copy.w_q
-
-    @property
-    def w_scale(self) -> Tensor:
-        return self.copy.w_scale
+    def tensors(self) -> dict[str, Tensor]:
+        return self.copy.tensors
 
     @property
     def source(self) -> Tensor | None:
@@ -69,40 +62,38 @@ class QuantizedWeight:
     def refresh(self, weight: Tensor) -> None:
         """Re-quantize from `weight` (the parameter changed, or was replaced) into the same buffers, for
         every graph that shares them; the cache finds the copy under `weight` from now on."""
-        if LINEAR_SCHEMES[self.scheme].folds_weight_scale(self.config):
+        if get_scheme(self.scheme).folds_tensors(self.options):
             raise RuntimeError(
-                f"fxquant: the weight of {', '.join(self.layers)} changed after compilation, but its scale was "
-                "folded into the compiled graph (static fp8_tensorwise); call torch._dynamo.reset() and compile again"
+                f"fxquant: the weight of {', '.join(self.layers)} changed after compilation, but its scale was folded "
+                f"into the compiled graph ({self.scheme}, static scales); call torch._dynamo.reset() and compile again"
             )
-        _requantize(self.copy, self.layers[0], weight, self.weight_is_kn, self.scheme, self.config)
+        _requantize(self.copy, self.layers[0], weight, self.weight_is_kn, self.scheme, self.options)
         if self.cache is not None:
-            self.cache.setdefault(weight, {})[cache_key(self.scheme, self.weight_is_kn, self.config)] = self.copy
+            self.cache.setdefault(weight, {})[cache_key(self.scheme, self.weight_is_kn, self.options)] = self.copy
 
-    def hold_in(self, w_q: Tensor, w_scale: Tensor) -> None:
-        """Keep the quantized copy in `w_q` and `w_scale` from now on (views of a merged layer's
-        buffers), for every graph that shares it, so that the tensors it was made in can be freed."""
-        self.copy.w_q, self.copy.w_scale = w_q, w_scale
+    def hold_in(self, tensors: dict[str, Tensor]) -> None:
+        """Keep the quantized copy in `tensors` from now on (views of a merged layer's buffers), for
+        every graph that shares it, so that the tensors it was made in can be freed."""
+        self.copy.tensors = tensors
 
 
-def _requantize(copy: QuantizedCopy, layer: str, weight: Tensor, weight_is_kn: bool, scheme: str, config: QuantConfig) -> None:
-    w_q, w_scale = quantize_parameter(layer, weight, weight_is_kn, scheme, config)
-    copy.w_q.copy_(w_q)
-    copy.w_scale.copy_(w_scale)
+def _requantize(copy: QuantizedCopy, layer: str, weight: Tensor, weight_is_kn: bool, scheme: str, options: object) -> None:
+    for name, tensor in quantize_parameter(layer, weight, weight_is_kn, scheme, options).items():
+        copy.tensors[name].copy_(tensor)
     copy.stamp = WeightStamp(weight)
     counters["fxquant"]["requantized_weights"] += 1
 
 
-def cache_key(scheme: str, weight_is_kn: bool, config: QuantConfig) -> tuple:
-    """What a parameter's quantized copy depends on besides the parameter: its QuantizedCache key. A copy
-    whose scale a graph folds is never re-quantized in place, so such graphs share copies only among
-    themselves."""
-    return scheme, weight_is_kn, config.weight_block_size, LINEAR_SCHEMES[scheme].folds_weight_scale(config)
+def cache_key(scheme: str, weight_is_kn: bool, options: object) -> tuple:
+    """What a parameter's quantized copy depends on besides the parameter: its QuantizedCache key (the
+    scheme's part from its `cache_key`). A copy whose tensors a graph folds is never re-quantized in
+    place, so such graphs share copies only among themselves."""
+    plugin = get_scheme(scheme)
+    return scheme, weight_is_kn, plugin.cache_key(options), plugin.folds_tensors(options)
 
 
-def quantize_parameter(
-    layer: str, weight: Tensor, weight_is_kn: bool, scheme: str, config: QuantConfig
-) -> tuple[Tensor, Tensor]:
-    """(w_q [N, K], w_scale) for `weight`; NaN or Inf in it is an error naming the layer."""
+def quantize_parameter(layer: str, weight: Tensor, weight_is_kn: bool, scheme: str, options: object) -> dict[str, Tensor]:
+    """The scheme's tensors for `weight` ("weight" [N, K] first); NaN or Inf in it is an error naming the layer."""
     with torch.no_grad():
         w = weight.detach().t() if weight_is_kn else weight.detach()
         finite = torch.isfinite(w)
@@ -112,8 +103,12 @@ def quantize_parameter(
                 f"fxquant: layer '{layer}': weight {tuple(weight.shape)} holds {bad} NaN/Inf value(s); "
                 "cannot quantize it. Fix the weight or add the layer to options['skip']."
             )
-        w_q, w_scale = LINEAR_SCHEMES[scheme].quantize_weight(w, config)
-        return w_q.contiguous(), w_scale.contiguous()
+        return {name: tensor.contiguous() for name, tensor in get_scheme(scheme).quantize(w, options).items()}
+
+
+def buffer_suffix(name: str) -> str:
+    """A tensor's buffer suffix: "weight" → "_weight", "weight_scale" → "_scale"."""
+    return "_weight" if name == "weight" else name.removeprefix("weight")
 
 
 def _buffer_prefix(gm: fx.GraphModule, layer: str) -> str:
@@ -124,42 +119,37 @@ def _buffer_prefix(gm: fx.GraphModule, layer: str) -> str:
     return candidate
 
 
-def _current_copy(
-    layer: str, site: LinearSite, scheme: str, config: QuantConfig, cache: QuantizedCache | None
-) -> QuantizedCopy:
+def _current_copy(layer: str, site: LinearSite, entry: PlannedLinear, cache: QuantizedCache | None) -> QuantizedCopy:
     """The cached copy of the site's weight, re-quantized in place if the weight changed since it was
-    made (a copy whose scale graphs fold is replaced instead); a new one if there is none."""
-    key = cache_key(scheme, site.weight_is_kn, config)
+    made (a copy whose tensors graphs fold is replaced instead); a new one if there is none."""
+    key = cache_key(entry.scheme, site.weight_is_kn, entry.options)
     per_param = cache.setdefault(site.weight, {}) if cache is not None else {}
     copy = per_param.get(key)
     stale = copy is not None and not copy.stamp.matches(site.weight)
-    if stale and not LINEAR_SCHEMES[scheme].folds_weight_scale(config):
-        _requantize(copy, layer, site.weight, site.weight_is_kn, scheme, config)
+    if stale and not get_scheme(entry.scheme).folds_tensors(entry.options):
+        _requantize(copy, layer, site.weight, site.weight_is_kn, entry.scheme, entry.options)
     elif copy is None or stale:
-        w_q, w_scale = quantize_parameter(layer, site.weight, site.weight_is_kn, scheme, config)
-        copy = per_param[key] = QuantizedCopy(w_q, w_scale, WeightStamp(site.weight))
+        tensors = quantize_parameter(layer, site.weight, site.weight_is_kn, entry.scheme, entry.options)
+        copy = per_param[key] = QuantizedCopy(tensors, WeightStamp(site.weight))
     return copy
 
 
-def quantize_weights(
-    gm: fx.GraphModule, plan: Plan, config: QuantConfig, cache: QuantizedCache | None = None
-) -> list[QuantizedWeight]:
+def quantize_weights(gm: fx.GraphModule, plan: Plan, cache: QuantizedCache | None = None) -> list[QuantizedWeight]:
     """Quantize each parameter the plan rewrites into buffers of `gm`; returns them, one per parameter."""
     made: dict[tuple, QuantizedWeight] = {}
     for entry in plan.rewritten:
-        if entry.stored_scale is not None:  # already quantized: used as stored
+        if entry.stored is not None:  # already quantized: used as stored
             continue
         site = entry.site
-        key = cache_key(entry.scheme, site.weight_is_kn, config)
+        key = cache_key(entry.scheme, site.weight_is_kn, entry.options)
         quantized = made.get((id(site.weight), key))
         if quantized is None:
-            copy = _current_copy(entry.layer, site, entry.scheme, config, cache)
+            copy = _current_copy(entry.layer, site, entry, cache)
             prefix = _buffer_prefix(gm, entry.layer)
-            gm.register_buffer(prefix + "_weight", copy.w_q)
-            gm.register_buffer(prefix + "_scale", copy.w_scale)
-            quantized = QuantizedWeight(
-                entry.scheme, site.weight_is_kn, prefix + "_weight", prefix + "_scale", copy, config, cache
-            )
+            attrs = {name: prefix + buffer_suffix(name) for name in copy.tensors}
+            for name, attr in attrs.items():
+                gm.register_buffer(attr, copy.tensors[name])
+            quantized = QuantizedWeight(entry.scheme, entry.options, site.weight_is_kn, attrs, copy, cache)
             made[id(site.weight), key] = quantized
         quantized.layers.append(entry.layer)
         entry.quantized = quantized

@@ -14,11 +14,11 @@ from torch import fx
 from torch._dynamo.utils import counters
 from torch._subclasses.fake_tensor import FakeTensor
 
-from fxquant.config import QuantConfig
-from fxquant.ops import LINEAR_SCHEMES
 from fxquant.passes.find_linears import fake_value
 from fxquant.passes.plan_linears import Plan, PlannedLinear
-from fxquant.passes.stored_weights import op_scale_shape
+from fxquant.passes.quantize_weights import buffer_suffix
+from fxquant.passes.stored_weights import op_tensor
+from fxquant.scheme import get_scheme
 
 
 def buffer_node(gm: fx.GraphModule, attr: str, like: fx.Node) -> fx.Node:
@@ -31,44 +31,43 @@ def buffer_node(gm: fx.GraphModule, attr: str, like: fx.Node) -> fx.Node:
     return node
 
 
-def _stored_scale(gm: fx.GraphModule, entry: PlannedLinear, like: fx.Node) -> fx.Node:
-    """The stored scale in the op's layout (HF's per-channel [N, 1] becomes [N], one element 0-dim):
-    a reshape of the scale's graph input, or a buffer of `gm` when the graph has no such input."""
-    scale, n = entry.stored_scale, entry.site.out_features
-    value = fake_value(scale) if isinstance(scale, fx.Node) else scale
-    shape = op_scale_shape(entry.scheme, tuple(value.shape), n)
-    if not isinstance(scale, fx.Node):
-        attr = "fxquant_" + entry.layer.replace(".", "_") + "_stored_scale"
-        gm.register_buffer(attr, scale.reshape(shape))
+def _stored_tensor(gm: fx.GraphModule, entry: PlannedLinear, name: str, like: fx.Node) -> fx.Node:
+    """A stored tensor in the op's layout (HF's per-channel [N, 1] scale becomes [N]): a reshape of its
+    graph input, or a buffer of `gm` when the graph has no such input."""
+    stored, site = entry.stored[name], entry.site
+    value = fake_value(stored) if isinstance(stored, fx.Node) else stored
+    reshaped = op_tensor(entry.scheme, name, value, site.out_features, site.in_features, entry.options)
+    if not isinstance(stored, fx.Node):
+        attr = "fxquant_" + entry.layer.replace(".", "_") + "_stored" + buffer_suffix(name)
+        gm.register_buffer(attr, reshaped)
         return buffer_node(gm, attr, like)
-    if list(value.shape) == shape:
-        return scale
-    node = gm.graph.call_function(torch.ops.aten.reshape.default, (scale, shape))
-    node.meta["val" if "val" in scale.meta else "example_value"] = value.reshape(shape)
+    if value.shape == reshaped.shape:
+        return stored
+    node = gm.graph.call_function(torch.ops.aten.reshape.default, (stored, list(reshaped.shape)))
+    node.meta["val" if "val" in stored.meta else "example_value"] = reshaped
     return node
 
 
-def rewrite_linears(gm: fx.GraphModule, plan: Plan, config: QuantConfig) -> None:
+def rewrite_linears(gm: fx.GraphModule, plan: Plan) -> None:
     """Replace every planned linear node with its scheme's op (needs quantize_weights first)."""
     graph = gm.graph
     for entry in plan.rewritten:
         site, quantized = entry.site, entry.quantized
-        scheme = LINEAR_SCHEMES[entry.scheme]
         with graph.inserting_before(site.node):
-            if entry.stored_scale is not None:
-                w_q, w_scale, w_scale_value = site.weight_node, _stored_scale(gm, entry, site.activation), None
+            if entry.stored is not None:
+                tensors = {"weight": site.weight_node,
+                           **{name: _stored_tensor(gm, entry, name, site.activation) for name in entry.stored}}
+                values = None
             else:
-                w_q = buffer_node(gm, quantized.weight_attr, site.activation)
-                w_scale = buffer_node(gm, quantized.scale_attr, site.activation)
-                w_scale_value = quantized.w_scale
-            op, args = scheme.call(
-                config, entry.layer, entry.activation_scale_ub, site.activation, w_q, w_scale, w_scale_value, site.bias
-            )
-            fused = graph.call_function(op, args)
-        if not w_scale.users:  # the scale was folded into a constant argument
-            graph.erase_node(w_scale)
+                tensors = {name: buffer_node(gm, attr, site.activation) for name, attr in quantized.attrs.items()}
+                values = quantized.tensors
+            call = get_scheme(entry.scheme).call(entry.layer, site.activation, tensors, site.bias, entry.options, values)
+            fused = graph.call_function(call.op, call.node_args())
+        for node in tensors.values():
+            if not node.users and node.op == "get_attr":  # a tensor folded into a constant argument
+                graph.erase_node(node)
         fused.meta.update(site.node.meta)
-        entry.fused = fused
+        entry.fused, entry.call = fused, call
         site.node.replace_all_uses_with(fused)
         graph.erase_node(site.node)
         if site.view_node is not None and not site.view_node.users:
@@ -76,5 +75,3 @@ def rewrite_linears(gm: fx.GraphModule, plan: Plan, config: QuantConfig) -> None
         counters["fxquant"][f"{entry.scheme}_linear"] += 1
     graph.lint()
     gm.recompile()
-
-

@@ -1,110 +1,103 @@
 """Recognize linear layers whose weights are already quantized (a loaded checkpoint).
 
-A layer stored the way HF transformers' `fbgemm_fp8` and fxquant's checkpoints store it,
-    <layer>.weight        e4m3 or int8 [N, K]       <layer>.weight_scale   float32
-runs through fxquant's op with those tensors as they are: nothing is re-quantized. The scale is
-found as a graph input of that name (torch.export lifts every buffer) or, under Dynamo, through
+A layer stored with a scheme's tensors, as fxquant's checkpoints store it,
+    <layer>.weight        low precision [N, K]      <layer>.weight_scale   float32   (<layer>.weight_<...>: more)
+runs through the scheme's op with those tensors as they are: nothing is re-quantized. Each tensor
+is found as a graph input of its name (torch.export lifts every buffer) or, under Dynamo, through
 STORED_WEIGHTS: the checkpoint loader registers each stored weight with the module that holds it
-(the scale is read from the module when compiling, so moving the model afterwards is fine) and the
-activation_scale_ub the checkpoint was made with (kept unless the compile's config sets its own). The scheme
-is the one registered with the weight (fxquant.json's plan), checked against the scale's shape; for
-a weight registered without one (HF fbgemm_fp8 modules) the scale's shape names it: [N] or [N, 1]
-per channel (fp8_rowwise, int8), [N / bn, K / bk] per block (fp8_blockwise), one element per
-tensor (fp8_tensorwise). The config's skip list and scheme do not apply to such a layer: a
-low-precision weight cannot run unquantized.
+(the tensors are read from the module when compiling, so moving the model afterwards is fine), the
+scheme fxquant.json's plan names and the scheme's options the checkpoint was made with (kept where
+the compile's config leaves an option unset). The only weight stored without a declared scheme is
+HF transformers' fbgemm_fp8 layout (e4m3 weight, float32 weight_scale [N, 1]): fp8_rowwise. The
+config's rules, skip list and scheme do not apply to such a layer: a low-precision weight cannot
+run unquantized.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import weakref
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from fxquant.passes.find_linears import LinearSite
+from fxquant.scheme import get_scheme
 
-STORED_DTYPES = {torch.float8_e4m3fn: "fp8", torch.int8: "int8"}
+# What a weight stored without a declared scheme is: HF transformers' fbgemm_fp8 layout.
+FOREIGN_DTYPE, FOREIGN_SCHEME = torch.float8_e4m3fn, "fp8_rowwise"
+PLAIN_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class StoredWeight(NamedTuple):
-    module: weakref.ref  # the module holding the weight and its scale
-    scale_name: str  # the scale's attribute: "<weight attribute>_scale"
-    activation_scale_ub: float | None  # FP8 only: the bound the checkpoint's activations were quantized with
-    scheme: str | None = None  # the scheme it was stored with; None: named by the scale's shape
+    module: weakref.ref  # the module holding the weight and the scheme's other tensors
+    weight_name: str  # the weight's attribute
+    scheme: str | None  # the scheme it was stored with; None: HF fbgemm_fp8
+    options: object = None  # the scheme's Options the checkpoint was made with (None for HF fbgemm_fp8)
 
-    @property
-    def scale(self) -> Tensor | None:
-        return getattr(self.module(), self.scale_name, None)
+    def attribute(self, name: str) -> str:
+        """The module attribute of the scheme's tensor `name` ("weight_scale" → "<weight_name>_scale")."""
+        return self.weight_name + name.removeprefix("weight")
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The scheme's tensors other than the weight that the module holds, by name."""
+        module, scheme = self.module(), get_scheme(self.scheme or FOREIGN_SCHEME)
+        found = {name: getattr(module, self.attribute(name), None) for name in scheme.tensors if name != "weight"}
+        return {name: tensor for name, tensor in found.items() if isinstance(tensor, Tensor)}
 
 
-# weight → StoredWeight, for stored weights whose scale the graph does not reach: Dynamo only passes
-# a backend the tensors forward() uses, and nn.Linear.forward never reads `weight_scale`.
+# weight → StoredWeight, for stored weights whose other tensors the graph does not reach: Dynamo only
+# passes a backend the tensors forward() uses, and nn.Linear.forward never reads `weight_scale`.
 STORED_WEIGHTS = WeakIdKeyDictionary()
 
 
 def register_stored_weight(
-    module: nn.Module, weight_name: str = "weight", activation_scale_ub: float | None = None, scheme: str | None = None
+    module: nn.Module, scheme: str | None = None, weight_name: str = "weight", options: object = None
 ) -> None:
-    """Tell fxquant that `module.<weight_name>` is stored quantized with `scheme` (None: named by the
-    scale's shape), its scale in `module.<weight_name>_scale` (checkpoint loaders call this)."""
-    STORED_WEIGHTS[getattr(module, weight_name)] = StoredWeight(
-        weakref.ref(module), weight_name + "_scale", activation_scale_ub, scheme
-    )
+    """Tell fxquant that `module.<weight_name>` is stored quantized with `scheme` (None: HF fbgemm_fp8),
+    its other tensors in `module.<weight_name>_<...>` ("weight_scale" → `weight_scale`), made with
+    `options` (its Options; None: the defaults). Checkpoint loaders call this."""
+    if scheme is not None and options is None:
+        options = get_scheme(scheme).options({})
+    STORED_WEIGHTS[getattr(module, weight_name)] = StoredWeight(weakref.ref(module), weight_name, scheme, options)
 
 
-def stored_scale_name(site: LinearSite) -> str:
-    """The qualified name of the scale that goes with a stored weight: "mlp.up.weight" → "mlp.up.weight_scale"."""
-    return site.weight_name + "_scale"
+def is_stored(weight: Tensor) -> bool:
+    """Whether `weight` is held quantized: registered so (and not cast to a float since), or HF fbgemm_fp8's e4m3."""
+    return weight.dtype not in PLAIN_FLOATS and (weight in STORED_WEIGHTS or weight.dtype == FOREIGN_DTYPE)
 
 
-# How each scheme's scale is laid out: the op takes per-channel scales as [N] and a tensorwise scale as [].
-_SCALE_LAYOUTS = {"fp8_rowwise": "channel", "int8": "channel", "fp8_tensorwise": "tensor", "fp8_blockwise": "block"}
-_WEIGHT_KINDS = {"fp8_rowwise": "fp8", "fp8_blockwise": "fp8", "fp8_tensorwise": "fp8", "int8": "int8"}
+def stored_tensor_name(site: LinearSite, name: str) -> str:
+    """The qualified name of a stored weight's tensor `name`: ("mlp.up.weight", "weight_scale") → "mlp.up.weight_scale"."""
+    return site.weight_name + name.removeprefix("weight")
 
 
-def op_scale_shape(scheme: str, shape: tuple[int, ...], n: int) -> list[int]:
-    """The shape `scheme`'s op takes a stored scale of `shape` in ([N, 1] → [N], [1, 1] → [])."""
-    return {"channel": [n], "tensor": []}.get(_SCALE_LAYOUTS[scheme], list(shape))
-
-
-def _scale_fits(scheme: str, shape: tuple[int, ...], n: int, k: int) -> bool:
-    layout = _SCALE_LAYOUTS[scheme]
-    if layout == "channel":
-        return shape in ((n,), (n, 1))
-    if layout == "tensor":
-        return len(shape) <= 2 and all(size == 1 for size in shape)
-    return len(shape) == 2 and 0 < shape[0] <= n and 0 < shape[1] <= k and n % shape[0] == 0 and k % shape[1] == 0
-
-
-def _shape_rule(kind: str, shape: tuple[int, ...], n: int, k: int) -> str | None:
-    """The scheme a foreign checkpoint's scale shape names (per channel first: [1, 1] for N = 1 is rowwise)."""
-    for scheme in ("int8", "fp8_rowwise", "fp8_tensorwise", "fp8_blockwise"):
-        if _WEIGHT_KINDS[scheme] == kind and _scale_fits(scheme, shape, n, k):
-            return scheme
-    return None
-
-
-def stored_scheme(site: LinearSite, scale: Tensor | None) -> tuple[str | None, str]:
-    """(scheme, note) for a low-precision weight and its scale; scheme None when it cannot run.
-
-    The scheme registered with the weight wins; the scale's shape only checks it."""
-    kind = STORED_DTYPES.get(site.weight.dtype)
-    if kind is None:
-        return None, f"weight dtype {site.weight.dtype} unsupported"
+def stored_scheme(
+    site: LinearSite, find: Callable[[str], Tensor | None] = lambda qualified_name: None
+) -> tuple[str | None, dict[str, Tensor], str]:
+    """(scheme, its tensors other than the weight, note) of a stored weight; scheme None when it cannot run.
+    `find`: a tensor the graph holds under a qualified name, or None (it wins over the module's)."""
+    stored = STORED_WEIGHTS.get(site.weight)
     if site.weight_is_kn:
-        return None, f"stored {site.weight.dtype} weight laid out [K, N]; want [N, K]"
-    if scale is None or scale.dtype != torch.float32:
-        return None, f"stored {site.weight.dtype} weight without a float32 {stored_scale_name(site)}"
-    n, k, shape = site.out_features, site.in_features, tuple(scale.shape)
-    declared = getattr(STORED_WEIGHTS.get(site.weight), "scheme", None)
-    if declared is None:
-        scheme = _shape_rule(kind, shape, n, k)
-        if scheme is None:
-            return None, f"stored weight [{n}, {k}] with a {list(shape)} scale: no scheme matches"
-        return scheme, "stored quantized weights"
-    if _WEIGHT_KINDS[declared] != kind or not _scale_fits(declared, shape, n, k):
-        return None, f"stored as {declared}, but its weight is {site.weight.dtype} [{n}, {k}] with a {list(shape)} scale"
-    return declared, "stored quantized weights"
+        return None, {}, f"stored {site.weight.dtype} weight laid out [K, N]; want [N, K]"
+    scheme = get_scheme(stored.scheme if stored is not None and stored.scheme else FOREIGN_SCHEME)
+    in_graph = {name: find(stored_tensor_name(site, name)) for name in scheme.tensors if name != "weight"}
+    tensors = {**(stored.tensors() if stored is not None else {}), **{n: t for n, t in in_graph.items() if t is not None}}
+    n, k = site.out_features, site.in_features
+    missing = [name for name, dtype in scheme.tensors.items() if name != "weight" and getattr(tensors.get(name), "dtype", None) != dtype]
+    if missing:
+        dtype = str(scheme.tensors[missing[0]]).removeprefix("torch.")
+        return None, {}, f"stored {site.weight.dtype} weight without a {dtype} {stored_tensor_name(site, missing[0])}"
+    options = stored.options if stored is not None and stored.options is not None else scheme.options({})
+    problem = scheme.stored_problem({"weight": site.weight, **tensors}, n, k, options)
+    if problem is not None:
+        shapes = ", ".join(f"{name} {list(t.shape)}" for name, t in tensors.items())
+        return None, {}, f"stored as {scheme.name}, but its weight is {site.weight.dtype} [{n}, {k}] with {shapes}: {problem}"
+    return scheme.name, tensors, "stored quantized weights"
+
+
+def op_tensor(scheme: str, name: str, tensor: Tensor, n: int, k: int, options: object) -> Tensor:
+    """A stored tensor in the shape `scheme`'s op takes it (HF's per-channel [N, 1] scale → [N])."""
+    return tensor.reshape(get_scheme(scheme).op_shape(name, tuple(tensor.shape), n, k, options))

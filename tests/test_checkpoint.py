@@ -423,7 +423,7 @@ def test_loaded_model_reads_scales_where_they_are_when_compiled(tmp_path):
     backend = fxquant.backend(keep_graphs=True)
     with torch.no_grad():
         torch.compile(loaded, backend=backend)(torch.randn(2, 128))
-    assert backend.plans[0].rewritten[0].stored_scale is loaded.up.weight_scale
+    assert backend.plans[0].rewritten[0].stored["weight_scale"] is loaded.up.weight_scale
     torch._dynamo.reset()
     with pytest.raises(Exception, match="layer 'up': its weight was loaded quantized but is now torch.bfloat16"):
         torch.compile(loaded.to(torch.bfloat16), backend="fxquant")(torch.randn(2, 128, dtype=torch.bfloat16))

@@ -48,6 +48,30 @@ def test_transformers_loads_the_checkpoint_with_compressed_tensors(tmp_path, sch
     assert 0 < relative_error(theirs, original) < 0.08
 
 
+@pytest.mark.parametrize("rules, bound", [({"*.gate_proj": "fp8_blockwise"}, 1e-5), ({"*.gate_proj": "fp8_blockwise", "*.down_proj": "int8"}, 2e-2)])
+def test_a_checkpoint_of_mixed_schemes_has_a_group_per_scheme(tmp_path, rules, bound):
+    """Per-layer rules: one group per scheme, targeting its layers by name (a "mixed-precision" format
+    where their formats differ); transformers loads each layer in its own scheme and computes what
+    fxquant does (int8's activation rounding as above)."""
+    config = QuantConfig(rules=rules, weight_block_size=(32, 32))
+    model = tiny_llama()
+    metadata = fxquant.save_quantized(model, tmp_path, config)  # "auto" picks compressed-tensors
+    groups = metadata["quantization_config"]["config_groups"]
+    assert metadata["quantization_config"]["format"] == ("float-quantized" if len(rules) == 1 else "mixed-precision")
+    assert groups["group_1"]["targets"] == ["model.layers.0.mlp.gate_proj", "model.layers.1.mlp.gate_proj"]
+    assert [group["format"] for group in groups.values()] == ["float-quantized"] * 2 + ["int-quantized"] * (len(rules) - 1)
+    compressed_tensors.QuantizationConfig.model_validate(metadata["quantization_config"])
+
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    mlp = loaded.model.layers[1].mlp
+    assert (mlp.gate_proj.weight_scale.shape, mlp.up_proj.weight_scale.shape) == ((4, 2), (128, 1))
+    ids = torch.randint(0, 128, (2, 12))
+    _, ours, _ = rewrite(model, ids, config=config, use_cache=False)
+    with torch.no_grad():
+        theirs = loaded(ids, use_cache=False).logits
+    assert relative_error(theirs, ours.logits) < bound
+
+
 def test_unknown_hf_format_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="unknown hf_format 'vllm'; known: auto, fbgemm_fp8, compressed-tensors, None"):
         fxquant.save_quantized(tiny_llama(), tmp_path, hf_format="vllm")

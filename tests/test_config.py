@@ -32,7 +32,7 @@ def test_unknown_scheme_lists_the_valid_ones():
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"scheme": "int8", "activation_scale_ub": 100.0}, "applies to FP8 schemes"),
+        ({"scheme": "int8", "activation_scale_ub": 100.0}, "applies to fp8_rowwise, fp8_blockwise, fp8_tensorwise, not 'int8'"),
         ({"activation_scale_ub": 0.0}, "must be positive"),
         ({"min_weight_numel": -1}, "must be >= 0"),
         ({"skip": [3]}, "list of glob strings"),
@@ -53,3 +53,17 @@ def test_cache_key_is_stable_and_covers_every_field():
         QuantConfig(check_weight_updates=False).cache_key(),
     }
     assert len(keys) == 5
+
+
+def test_scheme_options_and_rules():
+    """A scheme's options come from scheme_options, else the shared field of that name; rules take part
+    in the cache key and in which shared fields apply."""
+    config = QuantConfig(scheme="fp8_blockwise", scheme_options={"fp8_blockwise": {"weight_block_size": [32, 32]}})
+    assert config.options_for("fp8_blockwise").weight_block_size == (32, 32)
+    assert QuantConfig(scheme="fp8_blockwise", weight_block_size=[64, 64]).options_for("fp8_blockwise").weight_block_size == (64, 64)
+    with pytest.raises(ValueError, match="fp8_rowwise has no option.s. weight_block_size; its options: activation_scale_ub"):
+        QuantConfig(scheme_options={"fp8_rowwise": {"weight_block_size": (32, 32)}})
+    with pytest.raises(ValueError, match="static_activation_amax applies to fp8_tensorwise, not 'int8', 'fp8_rowwise'"):
+        QuantConfig(scheme="int8", rules={"a": "fp8_rowwise"}, static_activation_amax={"a": 1.0})
+    assert QuantConfig(rules={"a": "int8"}).cache_key() != QuantConfig().cache_key()
+    assert QuantConfig(rules={"a": None}).decide("a") == (None, "rules", "a")

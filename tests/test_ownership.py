@@ -24,7 +24,7 @@ def compiled_mlp(backend):
 
 
 def weak_tensors(model) -> list[weakref.ref]:
-    return [weakref.ref(t) for copy in fxquant.quantized_copies(model) for t in (copy.w_q, copy.w_scale)]
+    return [weakref.ref(t) for copy in fxquant.quantized_copies(model) for t in copy.tensors.values()]
 
 
 def reachable(root, kinds: tuple[type, ...]) -> list:
@@ -57,7 +57,7 @@ def test_quantized_weights_are_freed_with_their_model():
 def test_release_frees_a_live_models_copies_and_the_next_compile_quantizes_again():
     model, compiled, x, output = compiled_mlp("fxquant")
     held = fxquant.quantized_copies(model)
-    expected_bytes = sum(t.numel() * t.element_size() for copy in held for t in (copy.w_q, copy.w_scale))
+    expected_bytes = sum(t.numel() * t.element_size() for copy in held for t in copy.tensors.values())
     tensors = weak_tensors(model)
     del held, compiled
     torch._dynamo.reset()

@@ -104,7 +104,7 @@ def test_make_stored_on_a_plain_linear():
     """The entry point in-place quantization uses: a Linear given a stored weight and scale."""
     torch.manual_seed(0)
     linear, x = nn.Linear(64, 32), torch.randn(4, 64)
-    w_q, w_scale = fxquant.ops.LINEAR_SCHEMES["int8"].quantize_weight(linear.weight.detach(), QuantConfig(scheme="int8"))
+    w_q, w_scale = fxquant.SCHEMES["int8"].quantize(linear.weight.detach(), None).values()
     linear.weight = nn.Parameter(w_q, requires_grad=False)
     linear.register_buffer("weight_scale", w_scale)
     make_stored(linear, "int8")

@@ -4,6 +4,3 @@ Importing this package registers every op; a saved graph that holds fxquant ops 
 """
 
 from fxquant.ops import autocast, fp8_blockwise, fp8_rowwise, fp8_tensorwise, int8, linear_common  # noqa: F401  (registers the ops)
-from fxquant.ops.schemes import LINEAR_SCHEMES, LinearScheme
-
-__all__ = ["LINEAR_SCHEMES", "LinearScheme"]

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from fxquant.ops import fp8_blockwise, fp8_rowwise, fp8_tensorwise, int8  # noqa: F401  (define the ops)
 
-# Every linear op: activation first, bias fourth (the layout register_inference_only_autograd reads too).
+# Every built-in linear op: activation first, bias fourth.
 LINEAR_OPS = ("fp8_rowwise_linear", "fp8_blockwise_linear", "fp8_tensorwise_linear", "fp8_tensorwise_static_linear", "int8_linear")
 AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
 CAST_POSITIONS = (0, 3)  # activation, bias

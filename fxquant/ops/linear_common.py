@@ -78,23 +78,26 @@ def _(grad: Tensor, input_shape: list[int], op: str) -> Tensor:
     return grad.new_empty(input_shape)
 
 
-def register_inference_only_autograd(op: torch.library.CustomOpDef, name: str) -> None:
+def register_inference_only_autograd(
+    op: torch.library.CustomOpDef, name: str, activation: str = "x", bias: str = "bias"
+) -> None:
     """Give `op` an autograd formula whose backward raises at run time.
 
     Without one, torch.compile fails at compile time whenever an input requires grad (the usual
     case for inference without no_grad). The error is deferred to an op that runs only if a
-    backward actually happens; it is never a silent zero gradient. `op`'s first input is the
-    activation and its fourth the bias.
+    backward actually happens; it is never a silent zero gradient. `activation` and `bias` name the
+    op's arguments that may need a gradient (found by name in its schema, not by position).
     """
+    arguments = [argument.name for argument in op._opoverload._schema.arguments]
+    positions = [arguments.index(activation), *([arguments.index(bias)] if bias in arguments else [])]
 
     def setup_context(ctx, inputs, output):
-        ctx.x_shape = list(inputs[0].shape)
-        ctx.bias_shape = None if inputs[3] is None else list(inputs[3].shape)
+        ctx.shapes = {i: None if inputs[i] is None else list(inputs[i].shape) for i in positions if i < len(inputs)}
 
     def backward(ctx, grad):
         # The dispatcher drops trailing arguments left at their defaults, so size by needs_input_grad.
         grads = [None] * len(ctx.needs_input_grad)
-        for position, shape in ((0, ctx.x_shape), (3, ctx.bias_shape)):
+        for position, shape in ctx.shapes.items():
             if position < len(grads) and ctx.needs_input_grad[position]:
                 grads[position] = backward_not_supported(grad, shape, name)
         return tuple(grads)

@@ -16,7 +16,7 @@ from torch._dynamo.utils import counters
 
 import fxquant
 from fxquant import QuantConfig
-from fxquant.ops import LINEAR_SCHEMES
+from fxquant import SCHEMES
 from tests.graphs import rewrite
 from tests.models import MLP, Addmm, FunctionalLinear, MatmulOnWeight, relative_error
 
@@ -111,17 +111,19 @@ def test_a_region_turning_autocast_off_applies_eager_rules_inside_it():
 
 
 @pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("scheme", list(LINEAR_SCHEMES))
+@pytest.mark.parametrize("scheme", list(SCHEMES))
 def test_eager_op_under_autocast_is_the_op_on_cast_activation_and_bias(scheme, autocast_dtype):
     torch.manual_seed(0)
     config = QuantConfig(scheme=scheme, weight_block_size=(32, 32),
                          static_activation_amax={"fc": 4.0} if scheme == "fp8_tensorwise" else None)
     x, weight, bias = torch.randn(5, 64), torch.randn(32, 64), torch.randn(32)
-    w_q, w_scale = LINEAR_SCHEMES[scheme].quantize_weight(weight, config)
+    options = config.options_for(scheme)
+    tensors = SCHEMES[scheme].quantize(weight, options)
+    w_q, w_scale = tensors["weight"], tensors["weight_scale"]
 
     def call(x, bias):
-        op, args = LINEAR_SCHEMES[scheme].call(config, "fc", None, x, w_q, w_scale, w_scale, bias)
-        return op(*args)
+        call = SCHEMES[scheme].call("fc", x, tensors, bias, options, values=tensors)
+        return call.op(*call.node_args())
 
     expected = call(x.to(autocast_dtype), bias.to(autocast_dtype))
     with torch.autocast("cpu", autocast_dtype):

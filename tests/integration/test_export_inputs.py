@@ -164,8 +164,8 @@ def test_model_state_named_like_fxquant_buffers_is_kept_beside_them():
     assert torch.equal(program.state_dict["fxquant_fc_weight"], model.fxquant_fc_weight)
     assert torch.equal(program.state_dict["fxquant_fc_scale"], model.fxquant_fc_scale.detach())
     lifted = program.fxquant_plan.rewritten[0].quantized
-    assert program.state_dict[lifted.weight_attr].dtype == torch.float8_e4m3fn
-    assert program.state_dict[lifted.scale_attr].shape == (DIM,)
+    assert program.state_dict[lifted.attrs["weight"]].dtype == torch.float8_e4m3fn
+    assert program.state_dict[lifted.attrs["weight_scale"]].shape == (DIM,)
 
 
 def test_a_program_of_a_model_with_input_arguments_is_checkpointed(tmp_path):

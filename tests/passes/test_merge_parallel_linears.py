@@ -117,7 +117,7 @@ def test_each_weight_is_held_once_across_graphs():
             compiled(torch.randn(tokens, 64))
     first, second = backend.graphs
     stacked = first.fxquant_q_merged_weight
-    q, k, v = (entry.quantized.w_q for entry in backend.plans[0][:3])
+    q, k, v = (entry.quantized.tensors["weight"] for entry in backend.plans[0][:3])
     assert all(w._base is stacked for w in (q, k, v))
     assert [w.data_ptr() - stacked.data_ptr() for w in (q, k, v)] == [0, 64 * 64, 96 * 64]
     assert not hasattr(first, "fxquant_k_weight"), "the members' own buffers are gone"

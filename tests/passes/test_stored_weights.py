@@ -7,7 +7,7 @@ from expecttest import TestCase
 
 import fxquant
 from fxquant import QuantConfig
-from fxquant.ops import LINEAR_SCHEMES
+from fxquant import SCHEMES
 from fxquant.passes.stored_weights import STORED_WEIGHTS, register_stored_weight
 from tests.graphs import rewrite
 from tests.models import MLP
@@ -32,10 +32,11 @@ def stored_copy(model: MLP, config: QuantConfig) -> MLP:
     stored = MLP()
     stored.load_state_dict(model.state_dict())
     for linear in (stored.up, stored.down):
-        w_q, w_scale = LINEAR_SCHEMES[config.scheme].quantize_weight(linear.weight.detach(), config)
+        tensors = SCHEMES[config.scheme].quantize(linear.weight.detach(), config.options_for(config.scheme))
+        w_q, w_scale = tensors["weight"], tensors["weight_scale"]
         linear.weight = torch.nn.Parameter(w_q, requires_grad=False)
         linear.register_buffer("weight_scale", STORED_SCALE_SHAPE[config.scheme](w_scale))
-        register_stored_weight(linear)
+        register_stored_weight(linear, config.scheme)
     return stored
 
 
@@ -64,7 +65,7 @@ class StoredMatmul(torch.nn.Module):
         super().__init__()
         self.w = torch.nn.Parameter(w_q, requires_grad=False)
         self.register_buffer("w_scale", w_scale)
-        register_stored_weight(self, "w")
+        register_stored_weight(self, "int8", "w")
 
     def forward(self, x):
         return x @ self.w.t()
@@ -73,7 +74,7 @@ class StoredMatmul(torch.nn.Module):
 def test_stored_weight_in_a_matmul_with_transpose():
     torch.manual_seed(0)
     weight, x = torch.randn(48, 64), torch.randn(4, 64)
-    w_q, w_scale = LINEAR_SCHEMES["int8"].quantize_weight(weight, QuantConfig(scheme="int8"))
+    w_q, w_scale = SCHEMES["int8"].quantize(weight, None).values()
     with torch.no_grad():
         out = torch.compile(StoredMatmul(w_q, w_scale), backend="fxquant")(x)
     torch.testing.assert_close(out, torch.ops.fxquant.int8_linear(x, w_q, w_scale, None))
