@@ -64,7 +64,7 @@ def main() -> None:
     print(f"fxquant {fxquant.__version__} | torch {torch.__version__} | {device.type} ({gpu}) | {dtype}")
     print(f"Llama-style model: {args.layers} layers, hidden 512, input {tuple(input_ids.shape)}\n")
 
-    schemes = fxquant.SCHEMES if args.scheme == "all" else (args.scheme,)
+    schemes = tuple(fxquant.SCHEMES) if args.scheme == "all" else (args.scheme,)
     print(fxquant.plan(model, input_ids, use_cache=False, config=fxquant.QuantConfig(scheme=schemes[0])), "\n")
 
     with torch.no_grad():
