@@ -12,7 +12,9 @@ holds it, or earlier with `release(model)`:
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
+
+from fxquant.footprint import nbytes
 
 from fxquant.passes.quantize_weights import QuantizedCache, QuantizedCopy
 
@@ -33,9 +35,6 @@ def release(model: nn.Module) -> int:
     released = 0
     for param in model.parameters():
         for copy in COPIES.pop(param, {}).values():
-            released += sum(_bytes(t) for t in copy.tensors.values())
+            released += sum(nbytes(t.dtype, t.shape) for t in copy.tensors.values())
     return released
 
-
-def _bytes(tensor: Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
