@@ -59,8 +59,6 @@ def compile_with_lowering(fn, x, gemm: str | None = None, *more_inputs):
     """
     from torch._inductor.compile_fx import compile_fx
 
-    from fxquant.backend import inductor_decompositions
-
     patches = {"emulate_precision_casts": True, "force_disable_caches": True, "max_autotune_gemm": gemm == "autotune"}
     if gemm in (None, "autotune"):
         os.environ.pop("FXQUANT_GEMM", None)
@@ -68,7 +66,7 @@ def compile_with_lowering(fn, x, gemm: str | None = None, *more_inputs):
         os.environ["FXQUANT_GEMM"] = gemm
 
     def backend(gm, inputs):
-        return compile_fx(gm, inputs, decompositions=inductor_decompositions([x]), config_patches=patches)
+        return compile_fx(gm, inputs, config_patches=patches)  # Inductor's table holds fxquant's decompositions
 
     torch._dynamo.reset()  # one fresh compile per shape; never the recompile limit's eager fallback
     compiled = torch.compile(fn, backend=backend, dynamic=False)

@@ -12,17 +12,17 @@ that run them (fxquant/quantized_copies.py).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import fx
 from torch._dynamo.source import ConstantSource
 from torch._inductor.compile_fx import compile_fx
-from torch._inductor.virtualized import V
 
 from fxquant.config import QuantConfig
 from fxquant.dynamo_params import dynamo_module_tensor
+from fxquant.inductor.compile_settings import compile_settings
+from fxquant.inductor.install import install, lowered_on
 from fxquant.log import logger
 from fxquant.passes import Plan
 from fxquant.passes.quantize_weights import QuantizedWeight
@@ -80,46 +80,14 @@ class Backend:
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence, mode: str | None = None, **_: object) -> Callable:
         placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
         _, quantized = self.rewrite(gm)
-        patches = torch._inductor.list_mode_options(mode) if mode else {}
-        decompositions = inductor_decompositions(example_inputs)
-        cache_tag = torch.compiler.config.cache_key_tag
-        if decompositions is not None:
-            from fxquant.inductor.cache_key import cache_key_tag
-            from fxquant.inductor.settings import fxquant_inductor_settings, linear_tokens
-
-            patches = fxquant_inductor_settings(patches, linear_tokens(gm))
-            cache_tag = cache_key_tag()
-        patches = {**patches, **self.inductor}
-        choices_class = patches.pop("inductor_choices_class", None)
-        choices = choices_class() if choices_class is not None else None
-        if choices is not None:
-            cache_tag = f"{cache_tag}|choices:{choices.uuid()}"
-        with torch.compiler.config.patch(cache_key_tag=cache_tag), _choices_handler(choices):
-            compiled = compile_fx(gm, example_inputs, config_patches=patches, decompositions=decompositions)
+        install()  # Inductor's own table then holds fxquant's decompositions (fxquant/inductor/install.py)
+        mode_patches = torch._inductor.list_mode_options(mode) if mode else {}
+        with compile_settings(gm, mode_patches, self.inductor, lowered=lowered_on(example_inputs)) as patches:
+            compiled = compile_fx(gm, example_inputs, config_patches=patches)
         if not (self.config.check_weight_updates and quantized):
             return compiled
         index_of = {id(node.meta["grapharg"].example): i for i, node in enumerate(placeholders) if "grapharg" in node.meta}
         return RequantizeOnUpdate(compiled, [(index_of[id(q.source)], q) for q in quantized])
-
-
-def _choices_handler(choices: object | None) -> contextlib.AbstractContextManager:
-    """Inductor's heuristics for one compile: its config's `inductor_choices_class` is read once per
-    thread, so a per-graph class is installed as the handler while compiling instead."""
-    return contextlib.nullcontext() if choices is None else V.set_choices_handler(choices)
-
-
-def inductor_decompositions(example_inputs: Sequence) -> dict | None:
-    """Inductor's own table plus fxquant's lowerings, for graphs on CUDA; None (the default) elsewhere.
-
-    On the CPU the ops stay whole and run their reference implementation.
-    """
-    if not any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):
-        return None
-    from torch._inductor.decomposition import select_decomp_table
-
-    from fxquant.inductor.decompositions import fxquant_decompositions
-
-    return {**select_decomp_table(), **fxquant_decompositions()}
 
 
 def _declare_buffers_to_dynamo(gm: fx.GraphModule) -> None:

@@ -2,7 +2,7 @@
 
     program = fxquant.export(model, (x,), config=QuantConfig(scheme="fp8_rowwise"))
     torch.export.save(program, "model.pt2");  program = fxquant.load_program("model.pt2")
-    package = torch._inductor.aoti_compile_and_package(program)          # AOTInductor
+    package = fxquant.aoti_compile_and_package(program)                  # AOTInductor (fxquant/aoti.py)
 
 The same passes as the backend run on the aten-level exported graph. Their quantized tensors (each
 scheme's: weight, scale, ...) become buffers of the program (placeholders with BUFFER input specs, in its state dict),

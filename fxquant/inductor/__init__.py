@@ -1,1 +1,1 @@
-"""How fxquant's ops reach Inductor on the GPU (imported by the backend only for CUDA graphs)."""
+"""How fxquant's ops reach Inductor on the GPU (installed on `import fxquant`: install.py)."""

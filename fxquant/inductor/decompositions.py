@@ -72,7 +72,8 @@ def fp8_tensorwise_static_linear(x: Tensor, w_q: Tensor, output_scale: float, bi
 
 
 def fxquant_decompositions() -> dict[torch._ops.OpOverload, Callable]:
-    """The decompositions the backend adds to Inductor's table for graphs that run on CUDA."""
+    """fxquant's linear ops → their decompositions, on any device (install.py adds them to Inductor's
+    table for CUDA activations only)."""
     ops = torch.ops.fxquant
     return {
         ops.fp8_rowwise_linear.default: fp8_rowwise_linear,

@@ -12,6 +12,11 @@ heuristic picks one (`heuristic_choice`), by the GPU's tuning row (fxquant/induc
 through Inductor's choices handler).
 `FXQUANT_GEMM=triton|fbgemm|scaled_mm|by_rows|splitk` forces a choice (benchmarks compare them
 with it). Off CUDA the op stays a call to its reference implementation.
+
+Each extern choice carries its op overload (fxquant/ops/fp8_rowwise.py), as Inductor's own do: a
+Python wrapper (torch.compile) calls the function itself, `extern_kernels.fxquant_scaled_mm(...)`,
+without a trip through the dispatcher (decode is bound by host time); a C++ wrapper (AOTInductor)
+can call ops only, and calls the overload (a FallbackKernel, through AOTInductor's proxy executor).
 """
 
 from __future__ import annotations
@@ -24,32 +29,46 @@ from torch._inductor import config as inductor_config
 from torch._inductor import ir
 from torch._inductor.lowering import fallback_handler, register_lowering
 from torch._inductor.select_algorithm import ExternKernelChoice, autotune_select_algorithm, realize_inputs
+from torch._inductor.virtualized import V
 
 from fxquant.inductor.choices import tuning
 from fxquant.inductor.tuning import DeviceTuning
 from fxquant.kernels.fp8_rowwise_gemm import fp8_rowwise_gemm_template
 from fxquant.log import log_once
 from fxquant.ops.availability import fbgemm_genai_available
-from fxquant.ops.fp8_rowwise import fbgemm_rowwise_mm, rowwise_mm_by_rows, scaled_mm_rowwise
+from fxquant.ops.fp8_rowwise import fbgemm_rowwise_mm, fp8_rowwise_mm_splitk, rowwise_mm_by_rows, scaled_mm_rowwise
 
 AUTOTUNED = ("triton", "fbgemm", "scaled_mm", "splitk")
 CHOICES = (*AUTOTUNED, "by_rows")
 SMALL_M = 16  # the template's decode configs and the split-K kernel cover M up to here
 
 
-scaled_mm_choice = ExternKernelChoice(scaled_mm_rowwise, name="fxquant_scaled_mm", has_out_variant=False)
-fbgemm_choice = ExternKernelChoice(fbgemm_rowwise_mm, name="fxquant_fbgemm_f8f8bf16_rowwise", has_out_variant=False)
-by_rows_choice = ExternKernelChoice(rowwise_mm_by_rows, name="fxquant_rowwise_mm_by_rows", has_out_variant=False)
+def _gemm_layout(x_q, w_q) -> ir.FixedLayout:
+    """The GEMM's output: bf16 [M, N] on x_q's device."""
+    return ir.FixedLayout(x_q.get_device(), torch.bfloat16, [x_q.get_size()[0], w_q.get_size()[0]])
 
 
-def fp8_rowwise_mm_splitk(x_q, w_q, x_scale, w_scale):
-    """fxquant/kernels/fp8_rowwise_splitk.py's GEMM, imported on first use (triton: GPU machines only)."""
-    from fxquant.kernels.fp8_rowwise_splitk import fp8_rowwise_mm_splitk as splitk
+def _extern_gemm_choice(function, op_overload: torch._ops.OpOverload, name: str) -> ExternKernelChoice:
+    """An extern GEMM choice named `name`: `function` in a Python wrapper, `op_overload` in a C++ wrapper."""
 
-    return splitk(x_q, w_q, x_scale, w_scale)
+    def create(x_q, w_q, x_scale, w_scale):
+        if V.graph.cpp_wrapper:
+            return ir.FallbackKernel.create(op_overload, x_q, w_q, x_scale, w_scale)
+        return ir.ExternKernelAlloc(
+            layout=_gemm_layout(x_q, w_q), inputs=[x_q, w_q, x_scale, w_scale], python_kernel_name=f"extern_kernels.{name}"
+        )
+
+    return ExternKernelChoice(function, name=name, has_out_variant=False, op_overload=op_overload, kernel_creator=create)
 
 
-splitk_choice = ExternKernelChoice(fp8_rowwise_mm_splitk, name="fxquant_fp8_rowwise_mm_splitk", has_out_variant=False)
+scaled_mm_choice = _extern_gemm_choice(scaled_mm_rowwise, torch.ops.fxquant.scaled_mm_rowwise.default, "fxquant_scaled_mm")
+fbgemm_choice = _extern_gemm_choice(
+    fbgemm_rowwise_mm, torch.ops.fxquant.fbgemm_rowwise_mm.default, "fxquant_fbgemm_f8f8bf16_rowwise"
+)
+by_rows_choice = _extern_gemm_choice(rowwise_mm_by_rows, torch.ops.fxquant.fp8_rowwise_mm.default, "fxquant_rowwise_mm_by_rows")
+splitk_choice = _extern_gemm_choice(
+    fp8_rowwise_mm_splitk, torch.ops.fxquant.fp8_rowwise_mm_splitk.default, "fxquant_fp8_rowwise_mm_splitk"
+)
 
 
 def heuristic_choice(m: int | None, n: int | None, *, fbgemm: bool, tuned: DeviceTuning) -> str:
@@ -92,7 +111,7 @@ def tuned_fp8_rowwise_mm(x_q, w_q, x_scale, w_scale):
     inputs = realize_inputs(x_q, w_q, x_scale, w_scale)
     m, k = inputs[0].get_size()
     n = inputs[1].get_size()[0]
-    layout = ir.FixedLayout(inputs[0].get_device(), torch.bfloat16, [m, n])
+    layout = _gemm_layout(inputs[0], inputs[1])
     static_m, static_n, static_k = _static(m), _static(n), _static(k)
     autotune = inductor_config.max_autotune or inductor_config.max_autotune_gemm
     fbgemm = fbgemm_genai_available()

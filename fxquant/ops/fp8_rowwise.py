@@ -7,7 +7,9 @@ The CPU implementation is the reference: exact fp8 products accumulated in float
 GEMM is FBGEMM's `f8f8bf16_rowwise` up to the GPU's `fbgemm_max_rows` (128 on the H100) when
 fbgemm-gpu-genai imports, else
 `torch._scaled_mm`; the GEMM alone is an op too (fp8_rowwise_mm), which the Inductor lowering gives
-a choice of kernels.
+a choice of kernels. Each extern kernel of that choice is an op as well (scaled_mm_rowwise,
+fbgemm_rowwise_mm, fp8_rowwise_mm_splitk; by_rows is fp8_rowwise_mm's CUDA kernel): a compiled
+graph's Python wrapper calls the function, AOTInductor's C++ wrapper the op.
 """
 
 from __future__ import annotations
@@ -112,6 +114,28 @@ fp8_rowwise_mm.register_kernel("cuda")(rowwise_mm_by_rows)
 @fp8_rowwise_mm.register_fake
 def _(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor) -> Tensor:
     return gemm_output("fxquant::fp8_rowwise_mm", x_q, w_q)
+
+
+def fp8_rowwise_mm_splitk(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor) -> Tensor:
+    """fp8_rowwise_mm by fxquant/kernels/fp8_rowwise_splitk.py's kernel, imported on first use (triton: GPU
+    machines only)."""
+    from fxquant.kernels.fp8_rowwise_splitk import fp8_rowwise_mm_splitk as splitk
+
+    return splitk(x_q, w_q, x_scale, w_scale)
+
+
+def _register_extern_gemm_op(function) -> None:
+    """`function` (x_q, w_q, x_scale, w_scale) → bf16 [M, N] as the op fxquant::<its name>, with a fake impl:
+    what AOTInductor's C++ wrapper calls for the lowering's extern choice of that function."""
+    name = f"fxquant::{function.__name__}"
+    torch.library.custom_op(name, function, mutates_args=()).register_fake(
+        lambda x_q, w_q, x_scale, w_scale: gemm_output(name, x_q, w_q)
+    )
+
+
+_register_extern_gemm_op(scaled_mm_rowwise)
+_register_extern_gemm_op(fbgemm_rowwise_mm)
+_register_extern_gemm_op(fp8_rowwise_mm_splitk)
 
 
 @torch.library.custom_op("fxquant::fp8_rowwise_linear", mutates_args=())

@@ -54,7 +54,7 @@ def test_decode_shaped_graphs_reduce_whole_rows_in_every_mode():
 def test_backend_installs_the_choices_while_compiling(monkeypatch):
     seen = []
 
-    def compile_fx(gm, inputs, config_patches, decompositions):
+    def compile_fx(gm, inputs, config_patches):
         seen.append((type(V.choices), torch.compiler.config.cache_key_tag, config_patches))
         return gm.forward
 

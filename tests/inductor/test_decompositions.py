@@ -174,13 +174,13 @@ def test_blockwise_lowering_matches_the_reference_op_on_cpu(block):
     {"scheme": "fp8_tensorwise"},
 ], ids=lambda c: c["scheme"])
 def test_tiny_llama_through_the_cuda_lowering_equals_the_reference_ops(monkeypatch, config):
-    """The whole backend with the decompositions it gives CUDA graphs, run by Inductor's C++ backend
-    on a real model: every quantized linear is lowered (no fxquant *_linear op left in the code),
-    and the logits equal, bit for bit, those of the same rewritten graph run eagerly (fxquant's
-    reference ops): emulate_precision_casts rounds every fused intermediate as eager does."""
-    import importlib
-
+    """The whole backend, with the CPU counted as a device fxquant lowers on (as CUDA is), run by
+    Inductor's C++ backend on a real model: every quantized linear is lowered (no fxquant *_linear op
+    left in the code), and the logits equal, bit for bit, those of the same rewritten graph run
+    eagerly (fxquant's reference ops): emulate_precision_casts rounds every fused intermediate as
+    eager does."""
     import fxquant
+    from fxquant.inductor import install
     from tests.models import tiny_llama
 
     model = tiny_llama().to(torch.bfloat16)
@@ -191,8 +191,7 @@ def test_tiny_llama_through_the_cuda_lowering_equals_the_reference_ops(monkeypat
         reference.rewrite(gm)
         return gm.forward
 
-    backend_module = importlib.import_module("fxquant.backend")  # `fxquant.backend` is the function
-    monkeypatch.setattr(backend_module, "inductor_decompositions", lambda inputs: {**select_decomp_table(), **fxquant_decompositions()})
+    monkeypatch.setattr(install, "LOWERED_DEVICE_TYPES", frozenset({"cuda", "cpu"}))
     backend = fxquant.backend(**config)
     with torch.no_grad():
         expected = torch.compile(model, backend=rewrite_only)(ids, use_cache=False).logits

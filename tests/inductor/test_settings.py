@@ -43,7 +43,7 @@ def test_global_cudagraphs_setting_counts_as_cuda_graphs():
 def test_user_inductor_settings_reach_inductor_last(monkeypatch, how):
     seen = []
 
-    def compile_fx(gm, inputs, config_patches, decompositions):
+    def compile_fx(gm, inputs, config_patches):
         seen.append(config_patches)
         return gm.forward
 

@@ -3,10 +3,12 @@
 The exported program must hold fxquant ops and low-precision buffers only (the rewritten layers'
 float parameters gone from its signature and state dict), compute what the backend computes,
 survive torch.export.save/load bit for bit, and compile with AOTInductor into a package that
-still calls fxquant's ops (no silent fallback to float layers).
+still calls fxquant's ops (no silent fallback to float layers): whole on the CPU, lowered where
+fxquant lowers them (CUDA: tests/kernels/test_cuda_export.py; here the CPU counted as such a device).
 """
 
 import re
+import zipfile
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from expecttest import TestCase
 import fxquant
 from fxquant import QuantConfig
 from tests.graphs import aoti_package_calls, rewrite
+from tests.inductor.test_decompositions import RMSNormLinear
 from tests.models import MLP, relative_error, tiny_llama
 
 CONFIGS = {
@@ -101,6 +104,77 @@ def test_aoti_package_calls_fxquant_ops_and_matches_the_program(tmp_path):
     runner = torch._inductor.aoti_load_package(package)
     with torch.no_grad():
         torch.testing.assert_close(runner(x), program.module()(x), rtol=1e-5, atol=1e-5)
+
+
+def package_source(package: str, suffix: str) -> str:
+    """The text of the package's one file whose name ends with `suffix` ("wrapper.cpp", "kernel.cpp")."""
+    with zipfile.ZipFile(package) as archive:
+        (name,) = [name for name in archive.namelist() if name.endswith(suffix)]
+        return archive.read(name).decode()
+
+
+@pytest.mark.parametrize("entry", ["fxquant", "torch"])
+def test_fp8_package_on_the_cpu_calls_fxquants_ops_whole(tmp_path, entry):
+    """On the CPU fxquant's decompositions decline: the package calls the linear ops themselves."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 64)
+    program = fxquant.export(MLP(), (x,))
+    compile_package = fxquant.aoti_compile_and_package if entry == "fxquant" else torch._inductor.aoti_compile_and_package
+    package = compile_package(program, package_path=str(tmp_path / "mlp.pt2"))
+    assert aoti_package_calls(package) == ["fxquant::fp8_rowwise_linear"] * 2
+    with torch.no_grad():
+        torch.testing.assert_close(torch._inductor.aoti_load_package(package)(x), program.module()(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(torch.__version__ < "2.13", reason="torch 2.11's C++ backend does not emulate the bf16 rounding")
+def test_package_fuses_the_quantization_where_fxquant_lowers(tmp_path, monkeypatch):
+    """With the CPU counted as a device fxquant lowers on (as CUDA is), fxquant.aoti_compile_and_package
+    makes one C++ kernel of the RMSNorm and the activation quantization, calls the GEMM op alone (on the
+    CPU its reference), and computes what the program computes, bit for bit (fxquant's settings)."""
+    from fxquant.inductor import install
+
+    monkeypatch.setattr(install, "LOWERED_DEVICE_TYPES", frozenset({"cuda", "cpu"}))
+    torch.manual_seed(0)
+    model, x = RMSNormLinear().to(torch.bfloat16), torch.randn(8, 256, dtype=torch.bfloat16)
+    program = fxquant.export(model, (x,))
+    package = fxquant.aoti_compile_and_package(
+        program, package_path=str(tmp_path / "rmsnorm.pt2"), inductor_configs={"force_disable_caches": True}
+    )
+    assert aoti_package_calls(package) == ["fxquant::fp8_rowwise_mm"]
+    (kernel,) = package_source(package, "kernel.cpp").split('extern "C"')[1:]
+    assert "std::sqrt" in kernel and "maximum" in kernel and "Float8_e4m3fn" in kernel, kernel
+    with torch.no_grad():
+        assert torch.equal(torch._inductor.aoti_load_package(package)(x), program.module()(x))
+
+
+@pytest.mark.parametrize("lowered", [False, True], ids=["cpu", "lowered"])
+def test_fxquant_aoti_applies_the_backends_settings_and_the_users_last(monkeypatch, lowered):
+    """The settings the backend compiles a CUDA graph with (a decode-shaped one here: 8 tokens), its
+    cache tag and its choices handler while compiling; the user's configs win. A program fxquant does
+    not lower gets the user's alone."""
+    from torch._inductor.virtualized import V
+
+    from fxquant.inductor import install
+    from fxquant.inductor.choices import WholeRowReductions
+
+    if lowered:
+        monkeypatch.setattr(install, "LOWERED_DEVICE_TYPES", frozenset({"cuda", "cpu"}))
+    seen = []
+
+    def aoti_compile_and_package(program, package_path, inductor_configs):
+        seen.append((inductor_configs, type(V.choices), torch.compiler.config.cache_key_tag))
+        return package_path
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", aoti_compile_and_package)
+    program = fxquant.export(MLP(), (torch.randn(8, 64),))
+    assert fxquant.aoti_compile_and_package(program, "mlp.pt2", {"split_reductions": True}) == "mlp.pt2"
+    (configs, choices, tag), = seen
+    if lowered:
+        assert configs["emulate_precision_casts"] is True and configs["split_reductions"] is True
+        assert "inductor_choices_class" not in configs and choices is WholeRowReductions
+        assert "|fxquant:" in tag and tag.endswith(f"|choices:{WholeRowReductions().uuid()}")
+    else:
+        assert configs == {"split_reductions": True} and choices is not WholeRowReductions and "fxquant" not in tag
 
 
 def test_tiny_llama_exports_with_a_dynamic_sequence_length(tmp_path):

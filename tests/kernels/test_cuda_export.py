@@ -1,18 +1,24 @@
-"""Export, AOTInductor and checkpoints on CUDA (gpu marker): the package runs fxquant's CUDA ops and
-matches the exported program; stored FP8 weights, registered by hand or loaded from a checkpoint
-onto the GPU, run as they are."""
+"""Export, AOTInductor and checkpoints on CUDA (gpu marker): the package runs the kernels the backend
+generates (the activation quantization fused into its producer, the GEMM fxquant's template or an
+extern kernel called by its op) and matches the exported program; stored FP8 weights, registered by
+hand or loaded from a checkpoint onto the GPU, run as they are."""
 
 import functools
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
+from torch._inductor.async_compile import AsyncCompile
 
 import fxquant
 from fxquant import QuantConfig
+from fxquant.ops.availability import fbgemm_genai_available
 from tests.graphs import aoti_package_calls
+from tests.inductor.test_decompositions import RMSNormLinear
+from tests.integration.test_export import package_source
 from tests.models import MLP, relative_error
 
 pytestmark = pytest.mark.gpu
@@ -105,35 +111,143 @@ runner(x)
     ).returncode
 
 
+def compile_configs() -> dict:
+    """The configs of the first way the probe found to run a package (none where none runs)."""
+    variant, _ = aoti_variant_on_cuda()
+    return dict(AOTI_VARIANTS[variant][0]) if variant else {}
+
+
+def run_package_as_probed(program, package: str, x: torch.Tensor, directory) -> torch.Tensor | None:
+    """The package's output for x, run the first way the probe found (None where none runs: torch
+    2.11.0+cu130 segfaults loading any CUDA package on the lent H100/H200)."""
+    variant, outcomes = aoti_variant_on_cuda()
+    print(f"AOTInductor on CUDA: {outcomes}")
+    if variant is None:
+        return None
+    configs, where = AOTI_VARIANTS[variant]
+    state = {**program.state_dict, **program.constants} if configs else None
+    if where == "fresh process":
+        code, actual = run_package(package, (x,), directory, state)
+        assert code == 0, f"fxquant's package exits {code} where a plain one runs"
+        return actual
+    runner = torch._inductor.aoti_load_package(package)
+    if state is not None:
+        runner.load_constants(state, check_full_update=True)
+    with torch.no_grad():
+        return runner(x)
+
+
+# fp8_rowwise_mm's choices (fxquant/inductor/fp8_rowwise_mm.py, FXQUANT_GEMM) → the op a package calls for
+# each (None: the template, a kernel of the package).
+GEMM_OPS = {"triton": None, "fbgemm": "fxquant::fbgemm_rowwise_mm", "scaled_mm": "fxquant::scaled_mm_rowwise",
+            "by_rows": "fxquant::fp8_rowwise_mm", "splitk": "fxquant::fp8_rowwise_mm_splitk"}
+
+
 @pytest.mark.parametrize("scheme", ["fp8_rowwise", "int8"])
 def test_aoti_package_on_cuda(tmp_path, scheme):
-    variant, outcomes = aoti_variant_on_cuda()
-    if variant is None:
-        pytest.skip(f"AOTInductor cannot run a plain nn.Linear package on CUDA with torch {torch.__version__} ({outcomes})")
-    print(f"AOTInductor on CUDA: {outcomes}")
+    """torch's own aoti_compile_and_package after `import fxquant`: fp8_rowwise is lowered (the package
+    calls GEMM ops at most), int8 has no lowering and is called whole."""
     torch.manual_seed(0)
     model = MLP(dim=256, hidden=512).cuda().to(torch.bfloat16)
     x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
     program = fxquant.export(model, (x,), config=QuantConfig(scheme=scheme))
-    configs, where = AOTI_VARIANTS[variant]
     # a copy: aoti_compile_and_package adds its own keys to the dict it is given
-    package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "mlp.pt2"), inductor_configs=dict(configs))
+    package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "mlp.pt2"), inductor_configs=compile_configs())
     calls = aoti_package_calls(package)
-    assert calls == [f"fxquant::{scheme}_linear"] * 2, f"the package does not call fxquant's ops: {calls}"
-    state = {**program.state_dict, **program.constants} if configs else None
-    if where == "fresh process":
-        code, actual = run_package(package, (x,), tmp_path, state)
-        assert code == 0, f"fxquant's package exits {code} where a plain one runs"
+    if scheme == "int8":
+        assert calls == ["fxquant::int8_linear"] * 2, f"the package does not call fxquant's ops: {calls}"
     else:
-        runner = torch._inductor.aoti_load_package(package)
-        if state is not None:
-            runner.load_constants(state, check_full_update=True)
-        with torch.no_grad():
-            actual = runner(x)
+        assert set(calls) <= set(GEMM_OPS.values()), f"the package calls more than fxquant's GEMMs: {calls}"
+    actual = run_package_as_probed(program, package, x, tmp_path)
+    if actual is None:
+        pytest.skip(f"AOTInductor cannot run a plain nn.Linear package on CUDA with torch {torch.__version__}")
     with torch.no_grad():
         expected = program.module()(x)
         assert relative_error(actual, expected) < 1e-2
         assert 0 < relative_error(expected, model(x)) < 0.08
+
+
+@pytest.fixture
+def triton_sources(monkeypatch) -> dict[str, str]:
+    """Each Triton kernel's source by name, as Inductor compiles it while the test runs (a package holds
+    the kernels' binaries and their launches by name, in its wrapper .cpp)."""
+    sources = {}
+    compile_triton = AsyncCompile.triton
+
+    def record(self, kernel_name, source_code, *args, **kwargs):
+        sources[kernel_name] = source_code
+        return compile_triton(self, kernel_name, source_code, *args, **kwargs)
+
+    monkeypatch.setattr(AsyncCompile, "triton", record)
+    return sources
+
+
+def package_kernels(package: str, sources: dict[str, str]) -> dict[str, str]:
+    """name → source of each Triton kernel the package's wrapper launches."""
+    launched = set(re.findall(r"\btriton_\w+", package_source(package, "wrapper.cpp")))
+    return {name: source for name, source in sources.items() if name in launched}
+
+
+def check_package_is_fused(package: str, sources: dict[str, str], gemm: str | None) -> None:
+    """One Inductor kernel computes the RMSNorm, the row amax and the e4m3 cast; fp8_rowwise_linear
+    is not called; the GEMM is `gemm`'s (None: any of fxquant's), the template kernel or an op call."""
+    calls = aoti_package_calls(package)
+    kernels = package_kernels(package, sources)
+    inductors = [source for name, source in kernels.items() if not name.startswith("triton_tem_")]
+    assert "fxquant::fp8_rowwise_linear" not in calls, f"the linear op is called whole: {calls}"
+    assert len(inductors) == 1, f"want one kernel (RMSNorm + quantization), got {list(kernels)}"
+    assert all(part in inductors[0] for part in ("rsqrt", "max2", "float8")), f"not fused:\n{inductors[0]}"
+    template = [name for name in kernels if name.startswith("triton_tem_")]
+    if gemm is None:
+        assert (template and not calls) or (not template and len(calls) == 1 and calls[0] in GEMM_OPS.values()), (
+            f"the GEMM is neither fxquant's template nor one of its ops: {list(kernels)}, {calls}"
+        )
+    elif GEMM_OPS[gemm] is None:
+        assert template and not calls, f"want the template GEMM: {list(kernels)}, {calls}"
+    else:
+        assert calls == [GEMM_OPS[gemm]] and not template, f"want {GEMM_OPS[gemm]}: {list(kernels)}, {calls}"
+
+
+def export_rmsnorm_linear() -> tuple:
+    """An RMSNorm → linear model (bf16, 8 tokens) exported by fxquant, and its input."""
+    torch.manual_seed(0)
+    model = RMSNormLinear().cuda().to(torch.bfloat16)
+    x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
+    return fxquant.export(model, (x,)), x
+
+
+@pytest.mark.parametrize("gemm", [None, *GEMM_OPS], ids=lambda gemm: gemm or "heuristic")
+def test_fxquant_aoti_package_runs_the_fused_kernels(tmp_path, monkeypatch, triton_sources, gemm):
+    if gemm is None:
+        monkeypatch.delenv("FXQUANT_GEMM", raising=False)
+    elif gemm == "fbgemm" and not fbgemm_genai_available():
+        pytest.skip("fbgemm-gpu-genai is not installed")
+    else:
+        monkeypatch.setenv("FXQUANT_GEMM", gemm)
+    program, x = export_rmsnorm_linear()
+    package = fxquant.aoti_compile_and_package(
+        program, package_path=str(tmp_path / "rmsnorm.pt2"), inductor_configs={"force_disable_caches": True, **compile_configs()}
+    )
+    check_package_is_fused(package, triton_sources, gemm)
+    actual = run_package_as_probed(program, package, x, tmp_path)
+    if actual is not None:
+        with torch.no_grad():
+            # fxquant's settings: the reference's rounding; as test_quantization_fuses_into_rmsnorm_on_gpu
+            assert relative_error(actual, program.module()(x)) < 5e-3
+
+
+def test_plain_aoti_package_after_import_fxquant_runs_the_fused_kernels(tmp_path, monkeypatch, triton_sources):
+    monkeypatch.delenv("FXQUANT_GEMM", raising=False)
+    program, x = export_rmsnorm_linear()
+    package = torch._inductor.aoti_compile_and_package(
+        program, package_path=str(tmp_path / "rmsnorm.pt2"), inductor_configs={"force_disable_caches": True, **compile_configs()}
+    )
+    check_package_is_fused(package, triton_sources, None)
+    actual = run_package_as_probed(program, package, x, tmp_path)
+    if actual is not None:
+        with torch.no_grad():
+            # Inductor's defaults quantize the unrounded RMSNorm output: a few codes from the reference's
+            assert relative_error(actual, program.module()(x)) < 4e-2
 
 
 def test_stored_fp8_weights_on_cuda():
