@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from fxquant.config import QuantConfig
-from fxquant.passes.find_linears import LinearSite
+from fxquant.passes.find_sites import GemmSite
 from fxquant.passes.plan_linears import Plan, PlannedLinear, decide
 from fxquant.passes.stored_weights import STORED_WEIGHTS, is_stored, stored_scheme
 from fxquant.scheme import get_scheme
@@ -43,9 +43,9 @@ def is_checkpoint_layer(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
-def _site(name: str, weight: Tensor, kind: str, weight_is_kn: bool) -> LinearSite:
+def _site(name: str, weight: Tensor, op: str, weight_is_kn: bool) -> GemmSite:
     """`weight` as the one-node graph `F.linear(x, weight)`, `addmm(b, x, weight)` or `x @ weight` (by
-    `kind`), x of the weight's dtype and device, so that the plan pass's `skip_reason` judges it."""
+    `op`), x of the weight's dtype and device, so that the plan pass's `skip_reason` judges it."""
     graph = fx.Graph()
     x = graph.placeholder("x")
     in_features = weight.shape[0] if weight_is_kn else weight.shape[-1]
@@ -53,12 +53,12 @@ def _site(name: str, weight: Tensor, kind: str, weight_is_kn: bool) -> LinearSit
     bias = graph.placeholder("bias")
     w = graph.get_attr("weight")
     calls = {"linear": (F.linear, (x, w)), "addmm": (torch.addmm, (bias, x, w)), "matmul": (torch.matmul, (x, w))}
-    node = graph.call_function(*calls[kind])
-    return LinearSite(node, kind, name, weight, weight_is_kn=weight_is_kn, view_node=None)
+    node = graph.call_function(*calls[op])
+    return GemmSite(node, "linear", op, name, weight, weight_is_kn=weight_is_kn, view_node=None)
 
 
-def layer_site(name: str, module: nn.Module) -> LinearSite:
-    """A checkpoint layer as a LinearSite: a Conv1D's float weight is [K, N], its stored one [N, K]."""
+def layer_site(name: str, module: nn.Module) -> GemmSite:
+    """A checkpoint layer as a GemmSite: a Conv1D's float weight is [K, N], its stored one [N, K]."""
     weight = module.weight
     conv1d = is_conv1d(module)
     kn = conv1d and not is_stored(weight)
@@ -92,7 +92,7 @@ def layer_shape(module: nn.Module) -> list[int]:
     return [module.nf, module.nx] if is_conv1d(module) else [module.out_features, module.in_features]
 
 
-def _traced_module_type(site: LinearSite) -> type | None:
+def _traced_module_type(site: GemmSite) -> type | None:
     """The class of the module whose forward ran `site` in a traced graph (a class, or its qualified
     name under torch.export, whose module the model's existence has imported)."""
     stack = site.node.meta.get("nn_module_stack") or {}
@@ -105,7 +105,7 @@ def _traced_module_type(site: LinearSite) -> type | None:
     return module_type if isinstance(module_type, type) else None
 
 
-def traced_storage(layer: str, site: LinearSite) -> bool:
+def traced_storage(layer: str, site: GemmSite) -> bool:
     """For a layer of a traced graph: True for a Conv1D, False for an nn.Linear (its quantized weight's
     file layout); a ValueError naming the layer and parameter when a checkpoint cannot store it."""
     module_type, conv1d = _traced_module_type(site), conv1d_type()
@@ -120,7 +120,7 @@ def traced_storage(layer: str, site: LinearSite) -> bool:
     )
 
 
-def _stored_disagreement(name: str, site: LinearSite, scheme: str, config: QuantConfig) -> str | None:
+def _stored_disagreement(name: str, site: GemmSite, scheme: str, config: QuantConfig) -> str | None:
     """Why a stored layer does not fit the checkpoint `config` describes, or None."""
     decision = config.decide(name)
     if decision.scheme is None:

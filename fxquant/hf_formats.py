@@ -30,7 +30,7 @@ def _schemes(plan: Plan, config: QuantConfig, layout: str) -> dict[str, list[str
     """{scheme: its quantized layers} (the config's scheme for a plan without any); NoHFLayout for a
     quantized Conv1D (transformers' fbgemm_fp8 and compressed-tensors convert nn.Linear only: it would
     be read back as float garbage)."""
-    conv1d = [entry.layer for entry in plan.rewritten if entry.site.kind == "addmm"]
+    conv1d = [entry.layer for entry in plan.rewritten if entry.site.op == "addmm"]
     if conv1d:
         raise NoHFLayout(f"fxquant: {layout} converts nn.Linear only, not the quantized Conv1D {conv1d[0]!r}")
     schemes: dict[str, list[str]] = {}

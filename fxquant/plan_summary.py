@@ -23,6 +23,7 @@ class PlannedLayer:
     note: str
     merged_with: tuple[str, ...]
     rule: str | None  # the QuantConfig.rules glob that decided the layer, if one did
+    kind: str = "linear"  # the GEMM site kind: "linear", "batched" or "grouped"
 
 
 class PlanSummary(Plan):
@@ -30,7 +31,7 @@ class PlanSummary(Plan):
 
     def __init__(self, plan: Plan):
         super().__init__(
-            PlannedLayer(e.layer, e.site.kind, e.shape, e.scheme, e.note, e.merged_with, e.rule) for e in plan
+            PlannedLayer(e.layer, e.site.op, e.shape, e.scheme, e.note, e.merged_with, e.rule, e.site.kind) for e in plan
         )
         self.table = str(plan)
 

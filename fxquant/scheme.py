@@ -84,8 +84,9 @@ class Scheme:
     merge_dims: ClassVar[Mapping[str, int]] = MappingProxyType({})
 
     def quantize(self, weight: Tensor, options) -> dict[str, Tensor]:
-        """The named tensors of a float weight [N, K], "weight" first, in the op's layout. It must also
-        run on the meta device (`layout` calls it there), or the scheme overrides `layout`."""
+        """The named tensors of a float weight [N, K] ([E, N, K]: experts, for a scheme with batched or
+        grouped forms), "weight" first, in the op's layout. It must also run on the meta device (`layout`
+        calls it there), or the scheme overrides `layout`."""
         raise NotImplementedError
 
     def call(self, layer: str, x: object, tensors: Mapping[str, object], bias: object, options,
@@ -93,6 +94,26 @@ class Scheme:
         """The op node for `layer` on activation `x`, `tensors` (graph nodes or tensors, by name) and
         `bias`; `values` are the tensors themselves where fxquant quantized them (None: stored weights)."""
         raise NotImplementedError
+
+    def call_batched(self, layer: str, x: object, tensors: Mapping[str, object], expert_ids: object, options,
+                     values: Mapping[str, Tensor] | None = None) -> SchemeCall:
+        """A batched site's op node: row s of x [S, K] times expert `expert_ids[s]` ([S] int) of the
+        [E, N, K] weight, → [S, N]. Schemes that do not override it have no batched form."""
+        raise NotImplementedError
+
+    def call_grouped(self, layer: str, x: object, tensors: Mapping[str, object], offsets: object, options,
+                     values: Mapping[str, Tensor] | None = None) -> SchemeCall:
+        """A grouped site's op node: the rows of x [S, K] in expert g's group (ending at `offsets[g]`, an
+        int32 [E] cumulative count) times expert g of the [E, N, K] weight, → [S, N] (rows past the last
+        group: zero). Schemes that do not override it have no grouped form."""
+        raise NotImplementedError
+
+    def site_kinds(self) -> frozenset[str]:
+        """The GEMM site kinds the scheme runs: "linear", and "batched" / "grouped" where it overrides
+        `call_batched` / `call_grouped` (its `quantize` then takes [E, N, K] weights too)."""
+        overridden = {kind for kind in ("batched", "grouped")
+                      if getattr(type(self), f"call_{kind}") is not getattr(Scheme, f"call_{kind}")}
+        return frozenset({"linear", *overridden})
 
     def unsupported(self, layer: str, n: int, k: int, options) -> str | None:
         """Why the scheme cannot quantize `layer`'s [N, K] weight, or None."""

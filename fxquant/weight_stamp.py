@@ -53,17 +53,16 @@ def _storage(weight: Tensor) -> tuple:
 
 
 def spread_sample(weight: Tensor, count: int = SAMPLES) -> Tensor:
-    """A 1-D view of up to `count` elements of the 2-D `weight`, at fixed positions spread over its
-    rows and columns.
+    """A 1-D view of up to `count` elements of `weight` (2-D, or 3-D expert weights), at fixed positions
+    spread over its rows and columns.
 
-    Laid out densely (row- or column-major: every parameter in practice), the weight's storage is
-    read every `step` elements, `step` coprime with its size: each sample in another column (or
-    row) and the samples spread evenly over the rows. Otherwise, one sample per row and column on a
-    diagonal line across the weight (as many as its shorter side allows).
+    Laid out densely (contiguous, or with its last two dims swapped: every parameter in practice), the
+    weight's storage is read every `step` elements, `step` coprime with its size: each sample in
+    another column (or row) and the samples spread evenly over the rows. Otherwise, one sample per
+    index of every dim on a diagonal line across the weight (as many as its shortest side allows).
     """
     weight = weight.detach()
-    rows, cols = weight.shape
-    if weight.is_contiguous() or weight.t().is_contiguous():
+    if weight.is_contiguous() or weight.transpose(-2, -1).is_contiguous():
         numel = weight.numel()
         n = min(count, numel)
         step = numel // n
@@ -71,10 +70,10 @@ def spread_sample(weight: Tensor, count: int = SAMPLES) -> Tensor:
             step -= 1
         start = (numel - (n - 1) * step) // 2
         return weight.as_strided((n,), (step,), weight.storage_offset() + start)
-    n = min(count, rows, cols)
-    row_step, col_step = rows // n, cols // n
-    start = weight.storage_offset() + row_step // 2 * weight.stride(0) + col_step // 2 * weight.stride(1)
-    return weight.as_strided((n,), (row_step * weight.stride(0) + col_step * weight.stride(1),), start)
+    n = min(count, *weight.shape)
+    steps = [size // n for size in weight.shape]
+    start = weight.storage_offset() + sum(step // 2 * stride for step, stride in zip(steps, weight.stride()))
+    return weight.as_strided((n,), (sum(step * stride for step, stride in zip(steps, weight.stride())),), start)
 
 
 class SampledValues:

@@ -14,19 +14,19 @@ Invariants every pass keeps:
 - every rewrite is counted in `torch._dynamo.utils.counters["fxquant"]`.
 """
 
-from fxquant.passes.find_linears import LinearSite, WeightLookup, find_linears
+from fxquant.passes.find_sites import GemmSite, WeightLookup, find_sites
 from fxquant.passes.merge_parallel_linears import merge_parallel_linears, plan_merges
 from fxquant.passes.plan_linears import Plan, PlannedLinear, plan_linears
 from fxquant.passes.quantize_weights import QuantizedWeight, quantize_weights
 from fxquant.passes.rewrite_linears import rewrite_linears
 
 __all__ = [
-    "LinearSite",
+    "GemmSite",
     "Plan",
     "PlannedLinear",
     "QuantizedWeight",
     "WeightLookup",
-    "find_linears",
+    "find_sites",
     "merge_parallel_linears",
     "plan_linears",
     "plan_merges",

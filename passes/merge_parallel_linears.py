@@ -8,7 +8,8 @@ Llama's q/k/v and gate/up projections, merged as vLLM's QKVParallelLinear and
 MergedColumnParallelLinear do by hand: the activation is quantized once, and one GEMM streams all
 the weights where a small one alone (k, v: N = 1024) leaves most of the GPU idle at decode.
 Two steps: `plan_merges` decides from the plan alone (so `fxquant.plan` shows it), before any
-weight is quantized; `merge_parallel_linears` carries it out on the rewritten graph. Members read
+weight is quantized; `merge_parallel_linears` carries it out on the rewritten graph. Members are
+linear sites (expert weights come fused as transformers stores them, gate_up_proj), read
 one activation node with one scheme and the same options, have no bias, use a scheme whose tensors
 stack along N (its `merge_dims`: scales per channel or per N-block, not one per tensor; the plan's
 shape rule already made every N a whole number of blocks), and are quantized by fxquant from a
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor, fx
 from torch._dynamo.utils import counters
 
-from fxquant.passes.find_linears import fake_value
+from fxquant.passes.find_sites import fake_value
 from fxquant.passes.plan_linears import Plan, PlannedLinear
 from fxquant.passes.quantize_weights import buffer_suffix
 from fxquant.passes.rewrite_linears import buffer_node
@@ -41,6 +42,7 @@ def plan_merges(plan: Plan) -> None:
     for entry in plan.rewritten:
         if (
             entry.stored is None
+            and entry.site.kind == "linear"
             and get_scheme(entry.scheme).merge_dims
             and entry.site.bias is None
             and uses[id(entry.site.weight)] == 1

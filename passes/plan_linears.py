@@ -1,9 +1,11 @@
-"""Plan: decide, for every linear layer found, its scheme or the reason it stays as it is.
+"""Plan: decide, for every GEMM site found (linear layers, expert weights), its scheme or the reason it
+stays as it is.
 
 Changes nothing in the graph. A float layer's scheme is the config's word on it (the first
 matching QuantConfig.rules glob, else the skip list, else `scheme`), checked by the scheme's shape
-rule, then replaced by the scheme's fallback where the device cannot run it; a stored layer's is
-the one it was stored with. The plan prints as a table (layer, op, N x K, scheme, note): every
+rule and its site kinds (a scheme without a batched or grouped form leaves expert weights as they
+are), then replaced by the scheme's fallback where the device cannot run it; a stored layer's is
+the one it was stored with. The plan prints as a table (layer, op, [E x] N x K, scheme, note): every
 rejection has a reason string ("skipped by skip list (lm_head)", "K=40 not divisible by 16") and a
 row a rule decided names it ("rule '*.down_proj'").
 A layer whose dtypes eager would reject (outside autocast) is an error naming it, as eager's is.
@@ -23,7 +25,7 @@ from torch._dynamo.utils import counters
 
 from fxquant.config import QuantConfig
 from fxquant.ops.linear_common import FLOAT_DTYPES
-from fxquant.passes.find_linears import LinearSite, WeightLookup, fake_value, find_linears
+from fxquant.passes.find_sites import GemmSite, WeightLookup, fake_value, find_sites
 from fxquant.passes.stored_weights import STORED_WEIGHTS, is_stored, stored_scheme, stored_tensor_name
 from fxquant.scheme import SchemeCall, get_scheme
 
@@ -36,7 +38,7 @@ class PlannedLinear:
     """One linear layer and what fxquant does with it (scheme None: left unchanged)."""
 
     layer: str
-    site: LinearSite = field(repr=False)
+    site: GemmSite = field(repr=False)
     scheme: str | None
     note: str = ""
     options: object = None  # the scheme's Options this layer runs with
@@ -50,7 +52,9 @@ class PlannedLinear:
 
     @property
     def shape(self) -> str:
-        return f"{self.site.out_features} x {self.site.in_features}"
+        """"N x K", or "E x N x K" for expert weights."""
+        experts = "" if self.site.experts is None else f"{self.site.experts} x "
+        return f"{experts}{self.site.out_features} x {self.site.in_features}"
 
 
 class Plan(list):
@@ -65,13 +69,23 @@ class Plan(list):
         return [entry for entry in self if entry.scheme is None]
 
     def __str__(self) -> str:
-        header = ("layer", "op", "N x K", "scheme", "note")
-        rows = [header] + [(e.layer, e.site.kind, e.shape, e.scheme or "-", e.note) for e in self]
-        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-        lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
-        lines.insert(1, "  ".join("-" * width for width in widths))
-        lines.append(f"{len(self.rewritten)} of {len(self)} linear layers quantized")
-        return "\n".join(lines)
+        return format_plan([(e.layer, e.site.op, e.shape, e.scheme, e.note, e.site.kind) for e in self])
+
+
+def format_plan(rows: list[tuple[str, str, str, str | None, str, str]]) -> str:
+    """The plan table of (layer, op, shape, scheme or None, note, site kind) rows, and its count line."""
+    experts = [row for row in rows if row[5] != "linear"]
+    header = ("layer", "op", "(E x) N x K" if experts else "N x K", "scheme", "note")
+    cells = [header] + [(layer, op, shape, scheme or "-", note) for layer, op, shape, scheme, note, _ in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    linears = [row for row in rows if row[5] == "linear"]
+    count = f"{sum(row[3] is not None for row in linears)} of {len(linears)} linear layers"
+    if experts:
+        count += f" and {sum(row[3] is not None for row in experts)} of {len(experts)} expert weights"
+    lines.append(f"{count} quantized")
+    return "\n".join(lines)
 
 
 def _module_path(stack_path: str) -> str:
@@ -82,7 +96,7 @@ def _module_path(stack_path: str) -> str:
     return path.replace("._modules.", ".").strip(".")
 
 
-def layer_name(site: LinearSite) -> str:
+def layer_name(site: GemmSite) -> str:
     """The module path of the nn.Linear that ran `site` ("layers.0.mlp.up_proj"), or for a bare
     parameter used in a matmul, the parameter's own path ("blocks.0.w")."""
     stack = site.node.meta.get("nn_module_stack") or {}
@@ -104,7 +118,7 @@ def _is_linear_type(module_type: type | str) -> bool:
     return isinstance(module_type, type) and issubclass(module_type, torch.nn.Linear)
 
 
-def skip_reason(layer: str, site: LinearSite, config: QuantConfig, scheme: str) -> str | None:
+def skip_reason(layer: str, site: GemmSite, config: QuantConfig, scheme: str) -> str | None:
     """Why `site` cannot be quantized with `scheme` under `config`, or None when it can."""
     if site.weight.dtype not in FLOAT_DTYPES:
         return f"weight dtype {site.weight.dtype} unsupported"
@@ -120,10 +134,17 @@ def skip_reason(layer: str, site: LinearSite, config: QuantConfig, scheme: str) 
         return "empty weight"
     if site.weight.numel() < config.min_weight_numel:
         return f"{site.weight.numel()} weights < min_weight_numel={config.min_weight_numel}"
-    return get_scheme(scheme).unsupported(layer, n, k, config.options_for(scheme))
+    return kind_unsupported(site, scheme) or get_scheme(scheme).unsupported(layer, n, k, config.options_for(scheme))
 
 
-def decide(layer: str, site: LinearSite, config: QuantConfig) -> PlannedLinear:
+def kind_unsupported(site: GemmSite, scheme: str) -> str | None:
+    """Why `scheme` cannot run a site of this kind (it has no batched or grouped form), or None."""
+    if site.kind in get_scheme(scheme).site_kinds():
+        return None
+    return f"{scheme} has no {site.kind} form for expert weights"
+
+
+def decide(layer: str, site: GemmSite, config: QuantConfig) -> PlannedLinear:
     """The plan entry of a float layer: its rule, skip entry or the config's scheme, or why it stays as it is."""
     decision = config.decide(layer)
     rule = decision.pattern if decision.source == "rules" else None
@@ -157,7 +178,7 @@ def autocast_enabled(regions: tuple[tuple[str, bool], ...], device_type: str) ->
     return torch.is_autocast_enabled(device_type)
 
 
-def check_eager_dtypes(layer: str, site: LinearSite, autocast: bool) -> None:
+def check_eager_dtypes(layer: str, site: GemmSite, autocast: bool) -> None:
     """Eager's dtype rule for a layer fxquant rewrites: outside autocast, its activation, weight and
     bias share one dtype (eager raises otherwise; the op would silently run in the activation's)."""
     if autocast:
@@ -179,16 +200,21 @@ def with_fallback(entry: PlannedLinear, device: torch.device, config: QuantConfi
         return entry
     scheme, reason = fallback
     note = "; ".join(filter(None, [entry.note, f"{entry.scheme} -> {scheme}: {reason}"]))
+    cannot = kind_unsupported(entry.site, scheme)
+    if cannot is not None:
+        return dataclasses.replace(entry, scheme=None, note=f"{note}; {cannot}", options=None)
     return dataclasses.replace(entry, scheme=scheme, note=note, options=config.options_for(scheme))
 
 
 def plan_linears(gm: fx.GraphModule, lookup: WeightLookup, config: QuantConfig) -> Plan:
-    """Find every linear layer in `gm` and decide its scheme or why it is skipped."""
+    """Find every GEMM site in `gm` and decide its scheme or why it is skipped."""
     plan = Plan()
     named_nodes = {found[0]: node for node in gm.graph.nodes if (found := lookup(node)) is not None}
     regions = autocast_regions(gm)
-    for site in find_linears(gm, lookup):
+    for site in find_sites(gm, lookup):
         layer = layer_name(site)
+        if is_stored(site.weight) and site.kind != "linear":
+            raise ValueError(f"fxquant: '{layer}': expert weights stored as {site.weight.dtype} are not read yet; load them in a float dtype")
         if is_stored(site.weight):
             entry = _plan_stored(layer, site, named_nodes, lookup, config)
         elif site.weight in STORED_WEIGHTS:
@@ -207,7 +233,7 @@ def plan_linears(gm: fx.GraphModule, lookup: WeightLookup, config: QuantConfig) 
 
 
 def _plan_stored(
-    layer: str, site: LinearSite, named_nodes: dict[str, fx.Node], lookup: WeightLookup, config: QuantConfig
+    layer: str, site: GemmSite, named_nodes: dict[str, fx.Node], lookup: WeightLookup, config: QuantConfig
 ) -> PlannedLinear:
     """A layer whose weight is already quantized: its scheme and tensors are the stored ones, not the
     config's; each option the config leaves unset (None) is the one registered with the weight."""

@@ -2,6 +2,7 @@
 
 For every rewritten layer, registers one buffer per tensor of its scheme on the GraphModule,
     fxquant_<layer>_weight   [N, K] e4m3 / int8 / ...     fxquant_<layer>_scale   ("weight_scale")   ...
+(expert weights: [E, N, K] and the scheme's per-expert tensors)
 and records them on the plan entry. A parameter shared by several layers (tied weights) is
 quantized once. The graphs Dynamo compiles for one model share each copy through a QuantizedCache;
 a cached copy whose parameter changed since it was made (fxquant/weight_stamp.py) is re-quantized
@@ -18,7 +19,7 @@ from torch import Tensor, fx
 from torch._dynamo.utils import counters
 from torch.utils.weak import WeakIdKeyDictionary
 
-from fxquant.passes.find_linears import LinearSite
+from fxquant.passes.find_sites import GemmSite
 from fxquant.passes.plan_linears import Plan, PlannedLinear
 from fxquant.scheme import get_scheme
 from fxquant.weight_stamp import WeightStamp
@@ -44,7 +45,7 @@ class QuantizedWeight:
 
     scheme: str
     options: object  # the scheme's Options it was quantized (and is called) with
-    weight_is_kn: bool  # the parameter is stored [K, N]; its quantized copy is [N, K]
+    weight_is_kn: bool  # the parameter is stored [K, N] ([E, K, N]); its quantized copy is [N, K] ([E, N, K])
     attrs: dict[str, str]  # the scheme's tensor name → the buffer holding it
     copy: QuantizedCopy
     cache: QuantizedCache | None
@@ -93,9 +94,10 @@ def cache_key(scheme: str, weight_is_kn: bool, options: object) -> tuple:
 
 
 def quantize_parameter(layer: str, weight: Tensor, weight_is_kn: bool, scheme: str, options: object) -> dict[str, Tensor]:
-    """The scheme's tensors for `weight` ("weight" [N, K] first); NaN or Inf in it is an error naming the layer."""
+    """The scheme's tensors for `weight` ("weight" [N, K] or [E, N, K] first); NaN or Inf in it is an error
+    naming the layer."""
     with torch.no_grad():
-        w = weight.detach().t() if weight_is_kn else weight.detach()
+        w = weight.detach().transpose(-2, -1) if weight_is_kn else weight.detach()
         finite = torch.isfinite(w)
         if not bool(finite.all()):
             bad = int((~finite).sum())
@@ -119,7 +121,7 @@ def _buffer_prefix(gm: fx.GraphModule, layer: str) -> str:
     return candidate
 
 
-def _current_copy(layer: str, site: LinearSite, entry: PlannedLinear, cache: QuantizedCache | None) -> QuantizedCopy:
+def _current_copy(layer: str, site: GemmSite, entry: PlannedLinear, cache: QuantizedCache | None) -> QuantizedCopy:
     """The cached copy of the site's weight, re-quantized in place if the weight changed since it was
     made (a copy whose tensors graphs fold is replaced instead); a new one if there is none."""
     key = cache_key(entry.scheme, site.weight_is_kn, entry.options)

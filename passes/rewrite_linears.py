@@ -1,9 +1,11 @@
-"""Rewrite: each planned linear becomes one fused quantize-activation + low-precision GEMM op.
+"""Rewrite: each planned GEMM site becomes one fused quantize-activation + low-precision GEMM op.
 
     y = linear(x, W, b)            →  y = fxquant.fp8_rowwise_linear(x, fxquant_<layer>_weight, fxquant_<layer>_scale, b, ub)
     t = W.t(); y = x @ t           →  y = fxquant.int8_linear(x, fxquant_<layer>_weight, fxquant_<layer>_scale, None)
     y = linear(x, W)   (static)    →  y = fxquant.fp8_tensorwise_static_linear(x, fxquant_<layer>_weight, 3.1e-05, None, 0.0123)
-The weight's transpose, if nothing else uses it, goes with the matmul. The new node keeps the old
+    y = bmm(W[ids], x.unsqueeze(-1))  →  y = fxquant.fp8_rowwise_batched_mm(x.unsqueeze(-1).squeeze(2), W_q, s, ids, ub).unsqueeze(2)
+    y = _grouped_mm(x, W.transpose(-2, -1), offs=o)  →  y = fxquant.fp8_rowwise_grouped_mm(x, W_q, s, o, ub)
+The weight's transpose and gather, if nothing else uses them, go with the matmul. The new node keeps the old
 node's meta; the weight placeholder stays (Dynamo still passes it).
 """
 
@@ -14,11 +16,11 @@ from torch import fx
 from torch._dynamo.utils import counters
 from torch._subclasses.fake_tensor import FakeTensor
 
-from fxquant.passes.find_linears import fake_value
+from fxquant.passes.find_sites import fake_value
 from fxquant.passes.plan_linears import Plan, PlannedLinear
 from fxquant.passes.quantize_weights import buffer_suffix
 from fxquant.passes.stored_weights import op_tensor
-from fxquant.scheme import get_scheme
+from fxquant.scheme import SchemeCall, get_scheme
 
 
 def buffer_node(gm: fx.GraphModule, attr: str, like: fx.Node) -> fx.Node:
@@ -48,8 +50,27 @@ def _stored_tensor(gm: fx.GraphModule, entry: PlannedLinear, name: str, like: fx
     return node
 
 
+def _aten_node(graph: fx.Graph, op: torch._ops.OpOverload, args: tuple, like: fx.Node) -> fx.Node:
+    """`op(*args)` on fake values, carrying its fake value the way `like` does."""
+    node = graph.call_function(op, args)
+    fake_args = [fake_value(a) if isinstance(a, fx.Node) else a for a in args]
+    node.meta["val" if "val" in like.meta else "example_value"] = op(*fake_args)
+    return node
+
+
+def _scheme_call(entry: PlannedLinear, x: fx.Node, tensors: dict, values: dict | None) -> SchemeCall:
+    """The scheme's op node for the entry's site kind."""
+    scheme, site = get_scheme(entry.scheme), entry.site
+    if site.kind == "batched":
+        return scheme.call_batched(entry.layer, x, tensors, site.expert_ids, entry.options, values)
+    if site.kind == "grouped":
+        return scheme.call_grouped(entry.layer, x, tensors, site.offsets, entry.options, values)
+    return scheme.call(entry.layer, x, tensors, site.bias, entry.options, values)
+
+
 def rewrite_linears(gm: fx.GraphModule, plan: Plan) -> None:
-    """Replace every planned linear node with its scheme's op (needs quantize_weights first)."""
+    """Replace every planned site's node with its scheme's op (needs quantize_weights first). A batched
+    site's bmm on [S, 1, K] or [S, K, 1] rows becomes the op on [S, K] (a squeeze before, an unsqueeze after)."""
     graph = gm.graph
     for entry in plan.rewritten:
         site, quantized = entry.site, entry.quantized
@@ -61,17 +82,27 @@ def rewrite_linears(gm: fx.GraphModule, plan: Plan) -> None:
             else:
                 tensors = {name: buffer_node(gm, attr, site.activation) for name, attr in quantized.attrs.items()}
                 values = quantized.tensors
-            call = get_scheme(entry.scheme).call(entry.layer, site.activation, tensors, site.bias, entry.options, values)
+            x = site.activation
+            unit_dim = site.unit_dim
+            if unit_dim is not None:
+                x = _aten_node(graph, torch.ops.aten.squeeze.dim, (x, unit_dim), site.activation)
+            call = _scheme_call(entry, x, tensors, values)
             fused = graph.call_function(call.op, call.node_args())
+            fused.meta.update(site.node.meta)
+            output = fused
+            if unit_dim is not None:
+                fused.meta["val" if "val" in site.node.meta else "example_value"] = fake_value(site.node).squeeze(unit_dim)
+                output = _aten_node(graph, torch.ops.aten.unsqueeze.default, (fused, unit_dim), site.node)
+                output.meta.update({k: v for k, v in site.node.meta.items() if k not in output.meta})
         for node in tensors.values():
             if not node.users and node.op == "get_attr":  # a tensor folded into a constant argument
                 graph.erase_node(node)
-        fused.meta.update(site.node.meta)
         entry.fused, entry.call = fused, call
-        site.node.replace_all_uses_with(fused)
+        site.node.replace_all_uses_with(output)
         graph.erase_node(site.node)
-        if site.view_node is not None and not site.view_node.users:
-            graph.erase_node(site.view_node)
-        counters["fxquant"][f"{entry.scheme}_linear"] += 1
+        for view in (site.view_node, site.gather_node):  # the weight's transpose and gather, if nothing else uses them
+            if view is not None and not view.users:
+                graph.erase_node(view)
+        counters["fxquant"][f"{entry.scheme}_{site.kind}"] += 1
     graph.lint()
     gm.recompile()

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from fxquant.passes.find_linears import LinearSite
+from fxquant.passes.find_sites import GemmSite
 from fxquant.scheme import get_scheme
 
 # What a weight stored without a declared scheme is: HF transformers' fbgemm_fp8 layout.
@@ -69,13 +69,13 @@ def is_stored(weight: Tensor) -> bool:
     return weight.dtype not in PLAIN_FLOATS and (weight in STORED_WEIGHTS or weight.dtype == FOREIGN_DTYPE)
 
 
-def stored_tensor_name(site: LinearSite, name: str) -> str:
+def stored_tensor_name(site: GemmSite, name: str) -> str:
     """The qualified name of a stored weight's tensor `name`: ("mlp.up.weight", "weight_scale") → "mlp.up.weight_scale"."""
     return site.weight_name + name.removeprefix("weight")
 
 
 def stored_scheme(
-    site: LinearSite, find: Callable[[str], Tensor | None] = lambda qualified_name: None
+    site: GemmSite, find: Callable[[str], Tensor | None] = lambda qualified_name: None
 ) -> tuple[str | None, dict[str, Tensor], str]:
     """(scheme, its tensors other than the weight, note) of a stored weight; scheme None when it cannot run.
     `find`: a tensor the graph holds under a qualified name, or None (it wins over the module's)."""

@@ -40,7 +40,7 @@ from torch import fx
 from torch._inductor import config as inductor_config
 
 from fxquant.inductor.choices import WholeRowReductions
-from fxquant.passes.find_linears import fake_value
+from fxquant.passes.find_sites import fake_value
 
 DECODE_TOKENS = 16
 DIVISION_ROUNDING = "eager_numerics.division_rounding"  # torch 2.11 and 2.13 (2.10: emulate_divison_rounding)

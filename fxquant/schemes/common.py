@@ -44,6 +44,12 @@ class ScaledWeight(Scheme):
         args = {"x": x, "w_q": tensors["weight"], "w_scale": tensors["weight_scale"], "bias": bias, **constants}
         return SchemeCall(op, args, {"weight": "w_q", "weight_scale": "w_scale"})
 
+    @staticmethod
+    def expert_call(op: torch._ops.OpOverload, x, tensors, **operands) -> SchemeCall:
+        """The call of an expert op `(x, w_q, w_scale, <expert_ids or offsets>, **constants)`."""
+        args = {"x": x, "w_q": tensors["weight"], "w_scale": tensors["weight_scale"], **operands}
+        return SchemeCall(op, args, {"weight": "w_q", "weight_scale": "w_scale"})
+
 
 def check_scale_ub(ub: float | None) -> float | None:
     """activation_scale_ub: None or a positive number, as a float."""

@@ -1,6 +1,8 @@
 """fp8_rowwise: e4m3 weights with one scale per output channel, e4m3 activations with one dynamic
 scale per token (`torch.ops.fxquant.fp8_rowwise_linear`, fxquant/ops/fp8_rowwise.py; its CUDA
-lowering: fxquant/inductor/). Stored as HF transformers' fbgemm_fp8 layout."""
+lowering: fxquant/inductor/). Expert weights [E, N, K] get one scale per expert and output channel,
+run by the batched and grouped ops (fxquant/ops/fp8_rowwise_experts.py). Stored as HF
+transformers' fbgemm_fp8 layout."""
 
 from __future__ import annotations
 
@@ -22,6 +24,14 @@ class Fp8Rowwise(PerChannelScale, Fp8Scheme):
     def call(self, layer, x, tensors, bias, options, values=None):
         op = torch.ops.fxquant.fp8_rowwise_linear.default
         return self.linear_call(op, x, tensors, bias, scale_ub=options.activation_scale_ub)
+
+    def call_batched(self, layer, x, tensors, expert_ids, options, values=None):
+        op = torch.ops.fxquant.fp8_rowwise_batched_mm.default
+        return self.expert_call(op, x, tensors, expert_ids=expert_ids, scale_ub=options.activation_scale_ub)
+
+    def call_grouped(self, layer, x, tensors, offsets, options, values=None):
+        op = torch.ops.fxquant.fp8_rowwise_grouped_mm.default
+        return self.expert_call(op, x, tensors, offsets=offsets, scale_ub=options.activation_scale_ub)
 
     def cache_key(self, options):
         return ()  # the weight's quantization does not depend on the activation bound

@@ -1,9 +1,9 @@
-"""Pattern matching (passes/find_linears.py) on aten-level graphs, and what must not match."""
+"""Pattern matching (passes/find_sites.py) on aten-level graphs, and what must not match."""
 
 import torch
 import torch.nn as nn
 
-from fxquant.passes import find_linears
+from fxquant.passes import find_sites
 from tests.models import MLP, Addmm, MatmulOnWeight
 
 
@@ -17,11 +17,11 @@ def exported_sites(model, *args):
         name = names.get(node.name) if node.op == "placeholder" else None
         return None if name is None else (name, params[name])
 
-    return find_linears(program.graph_module, lookup)
+    return find_sites(program.graph_module, lookup)
 
 
 def test_aten_linear_mm_addmm_and_kn_matmul_are_found():
-    assert [(s.kind, s.weight_name) for s in exported_sites(MLP(), torch.randn(2, 64))] == [
+    assert [(s.op, s.weight_name) for s in exported_sites(MLP(), torch.randn(2, 64))] == [
         ("linear", "up.weight"), ("linear", "down.weight"), ("linear", "lm_head.weight")
     ]
     sites = exported_sites(MatmulOnWeight(), torch.randn(3, 64))
@@ -49,3 +49,41 @@ class NotLinear(nn.Module):
 
 def test_non_linear_matmuls_are_not_matched():
     assert exported_sites(NotLinear(), torch.randn(4, 64)) == []
+
+
+class KeywordMatmuls(nn.Module):
+    """The linear spellings with keyword arguments, and transposes spelled as permute / swapaxes / .mT."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(32, 64))
+
+    def forward(self, x):
+        return (
+            torch.matmul(input=x, other=self.w.t())
+            + torch.nn.functional.linear(input=x, weight=self.w)
+            + x @ self.w.permute(1, 0)
+            + x @ torch.swapaxes(self.w, 0, 1)
+            + x @ self.w.mT
+        )
+
+
+def test_keyword_arguments_and_every_transpose_spelling_are_read():
+    for sites in (exported_sites(KeywordMatmuls(), torch.randn(4, 64)), dynamo_sites(KeywordMatmuls(), torch.randn(4, 64))):
+        assert [(s.kind, s.weight_name, s.weight_is_kn, s.out_features, s.in_features) for s in sites] == [
+            ("linear", "w", False, 32, 64)
+        ] * 5
+
+
+def dynamo_sites(model, *args):
+    """Sites found in the graph Dynamo captures (torch-level spellings)."""
+    from fxquant.dynamo_params import dynamo_module_tensor
+
+    found = []
+
+    def capture(gm, example_inputs, **_):
+        found.extend(find_sites(gm, dynamo_module_tensor))
+        return gm.forward
+
+    torch.compile(model, backend=capture, fullgraph=True)(*args)
+    return found

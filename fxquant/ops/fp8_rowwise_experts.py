@@ -1,0 +1,80 @@
+"""fp8_rowwise on expert weights: the batched and grouped forms of fxquant::fp8_rowwise_linear.
+
+    fp8_rowwise_batched_mm(x [S, K], w_q [E, N, K], w_scale [E, N], expert_ids [S])  → y [S, N]
+        y[s] = x_q[s] · w_q[expert_ids[s]] * x_scale[s] * w_scale[expert_ids[s]]
+    fp8_rowwise_grouped_mm(x [S, K], w_q [E, N, K], w_scale [E, N], offsets [E] int32) → y [S, N]
+        the rows of group g, offsets[g-1] <= s < offsets[g], times expert g; rows past offsets[-1] are 0
+
+x is quantized per row (token) as the dense op does (fxquant/ops/fp8_rowwise.py). One implementation
+for every device: exact e4m3 products accumulated in float32, the scales applied after the sum, in
+x's dtype. These are the reference ops of the site kinds (passes/find_sites.py); kernels for them
+are issue 18's (MoE).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fxquant.ops.fp8_common import FP8_DTYPE
+from fxquant.ops.fp8_rowwise import quantize_fp8_rowwise
+from fxquant.ops.linear_common import FLOAT_DTYPES, register_inference_only_autograd
+
+
+def check_expert_inputs(op: str, x: Tensor, w_q: Tensor, w_scale: Tensor, rows: Tensor, rows_name: str) -> None:
+    """Shape and dtype checks shared by the fake and the real implementations."""
+    torch._check(x.dtype in FLOAT_DTYPES, lambda: f"{op}: activation dtype {x.dtype} unsupported; want {FLOAT_DTYPES}")
+    torch._check(x.dim() == 2, lambda: f"{op}: activation must be 2-D [S, K], got {tuple(x.shape)}")
+    torch._check(w_q.dim() == 3 and w_q.dtype == FP8_DTYPE, lambda: f"{op}: weight must be {FP8_DTYPE} [E, N, K], got {w_q.dtype} {tuple(w_q.shape)}")
+    torch._check(x.shape[1] == w_q.shape[2], lambda: f"{op}: activation has K={x.shape[1]} but the weight is [E, N, K={w_q.shape[2]}]")
+    torch._check(
+        w_scale.dtype == torch.float32 and tuple(w_scale.shape) == tuple(w_q.shape[:2]),
+        lambda: f"{op}: weight scale must be float32 {list(w_q.shape[:2])}, got {w_scale.dtype} {list(w_scale.shape)}",
+    )
+    torch._check(rows.dim() == 1 and not rows.is_floating_point(), lambda: f"{op}: {rows_name} must be a 1-D integer tensor")
+
+
+def _expert_output(x: Tensor, w_q: Tensor) -> Tensor:
+    return x.new_empty((x.shape[0], w_q.shape[1]))
+
+
+@torch.library.custom_op("fxquant::fp8_rowwise_batched_mm", mutates_args=())
+def fp8_rowwise_batched_mm(x: Tensor, w_q: Tensor, w_scale: Tensor, expert_ids: Tensor, scale_ub: float | None = None) -> Tensor:
+    """Row s of x times expert expert_ids[s], FP8 rowwise (reference implementation, any device)."""
+    check_expert_inputs("fxquant::fp8_rowwise_batched_mm", x, w_q, w_scale, expert_ids, "expert_ids")
+    x_q, x_scale = quantize_fp8_rowwise(x, scale_ub)
+    acc = torch.bmm(w_q[expert_ids].float(), x_q.float().unsqueeze(-1)).squeeze(-1)  # exact products, float32 sums
+    return (acc * x_scale.unsqueeze(-1) * w_scale[expert_ids]).to(x.dtype)
+
+
+@fp8_rowwise_batched_mm.register_fake
+def _(x: Tensor, w_q: Tensor, w_scale: Tensor, expert_ids: Tensor, scale_ub: float | None = None) -> Tensor:
+    check_expert_inputs("fxquant::fp8_rowwise_batched_mm", x, w_q, w_scale, expert_ids, "expert_ids")
+    return _expert_output(x, w_q)
+
+
+@torch.library.custom_op("fxquant::fp8_rowwise_grouped_mm", mutates_args=())
+def fp8_rowwise_grouped_mm(x: Tensor, w_q: Tensor, w_scale: Tensor, offsets: Tensor, scale_ub: float | None = None) -> Tensor:
+    """The rows of each expert's group times that expert, FP8 rowwise (reference implementation, any device)."""
+    check_expert_inputs("fxquant::fp8_rowwise_grouped_mm", x, w_q, w_scale, offsets, "offsets")
+    x_q, x_scale = quantize_fp8_rowwise(x, scale_ub)
+    acc = x.new_zeros((x.shape[0], w_q.shape[1]), dtype=torch.float32)
+    row_scale = torch.zeros_like(acc)
+    start = 0
+    for expert, end in enumerate(offsets.tolist()):
+        end = min(end, x.shape[0])
+        if end > start:
+            acc[start:end] = x_q[start:end].float() @ w_q[expert].float().t()
+            row_scale[start:end] = w_scale[expert]
+        start = max(start, end)
+    return (acc * x_scale.unsqueeze(-1) * row_scale).to(x.dtype)
+
+
+@fp8_rowwise_grouped_mm.register_fake
+def _(x: Tensor, w_q: Tensor, w_scale: Tensor, offsets: Tensor, scale_ub: float | None = None) -> Tensor:
+    check_expert_inputs("fxquant::fp8_rowwise_grouped_mm", x, w_q, w_scale, offsets, "offsets")
+    return _expert_output(x, w_q)
+
+
+register_inference_only_autograd(fp8_rowwise_batched_mm, "fxquant::fp8_rowwise_batched_mm")
+register_inference_only_autograd(fp8_rowwise_grouped_mm, "fxquant::fp8_rowwise_grouped_mm")
