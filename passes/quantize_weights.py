@@ -123,12 +123,15 @@ def _buffer_prefix(gm: fx.GraphModule, layer: str) -> str:
 
 def _current_copy(layer: str, site: GemmSite, entry: PlannedLinear, cache: QuantizedCache | None) -> QuantizedCopy:
     """The cached copy of the site's weight, re-quantized in place if the weight changed since it was
-    made (a copy whose tensors graphs fold is replaced instead); a new one if there is none."""
+    made (a copy whose tensors graphs fold, or that lies on another device than the weight now does,
+    as after `model.cuda()`, is replaced instead: the graphs compiled for the old device keep theirs);
+    a new one if there is none."""
     key = cache_key(entry.scheme, site.weight_is_kn, entry.options)
     per_param = cache.setdefault(site.weight, {}) if cache is not None else {}
     copy = per_param.get(key)
     stale = copy is not None and not copy.stamp.matches(site.weight)
-    if stale and not get_scheme(entry.scheme).folds_tensors(entry.options):
+    moved = copy is not None and copy.tensors["weight"].device != site.weight.device
+    if stale and not moved and not get_scheme(entry.scheme).folds_tensors(entry.options):
         _requantize(copy, layer, site.weight, site.weight_is_kn, entry.scheme, entry.options)
     elif copy is None or stale:
         tensors = quantize_parameter(layer, site.weight, site.weight_is_kn, entry.scheme, entry.options)

@@ -56,3 +56,30 @@ def test_a_nan_weight_in_a_skipped_layer_is_left_alone():
         model.lm_head.weight[0, 0] = float("nan")
     out = torch.compile(model, backend="fxquant")(torch.randn(2, 64))
     assert torch.isnan(out).any() and not torch.isnan(out[:, 1:]).any()
+
+
+def test_a_copy_on_another_device_is_replaced_not_requantized_into():
+    """After `model.cuda()` a parameter keeps its identity but its cached copy lies on the old device:
+    the new graph gets a new copy on the weight's device, the old graph keeps the old copy (pinned on
+    the device test tests/kernels/test_cuda_experts.py, which compiles on the CPU, then on CUDA)."""
+    from fxquant.passes.quantize_weights import QuantizedCache, QuantizedCopy, cache_key
+    from fxquant.weight_stamp import WeightStamp
+
+    model = MLP()
+    cache = QuantizedCache()
+    elsewhere = {"weight": torch.empty(128, 64, dtype=torch.float8_e4m3fn, device="meta"),
+                 "weight_scale": torch.empty(128, device="meta")}
+    old = QuantizedCopy(elsewhere, WeightStamp(torch.zeros(1)))
+    cache[model.up.weight] = {cache_key("fp8_rowwise", False, fxquant.QuantConfig().options_for("fp8_rowwise")): old}
+    with torch.no_grad():
+        torch.compile(model, backend=lambda gm, inputs: (quantize_and_rewrite(gm, cache), gm.forward)[1])(torch.randn(2, 64))
+    new = next(iter(cache[model.up.weight].values()))
+    assert new is not old and new.tensors["weight"].device.type == "cpu"
+    assert old.tensors["weight"].device.type == "meta", "the old copy was written into"
+
+
+def quantize_and_rewrite(gm, cache):
+    from fxquant.dynamo_params import dynamo_module_tensor
+    from fxquant.pipeline import quantize_graph
+
+    return quantize_graph(gm, dynamo_module_tensor, fxquant.QuantConfig(), cache)
