@@ -37,5 +37,24 @@ def test_qwen3_moe_experts_compile_on_cuda_and_match_the_cpu_reference(implement
     assert rows["model.layers.1.mlp.experts.gate_up_proj"].scheme == "fp8_rowwise"
     assert rows["model.layers.1.mlp.experts.down_proj"].shape == "8 x 128 x 64"
     print(backend.plans[0])
-    assert relative_error(actual, cpu) < 0.02, "CUDA and the CPU reference ops differ beyond bf16 rounding"
+    # The same quantized model compiled for the CPU (reference ops) and for CUDA: bf16 kernels that round
+    # differently (attention, RMSNorm) flip some FP8 activation codes, 2.7-3.0 % apart on the H200.
+    assert relative_error(actual, cpu) < 0.05
     assert 0 < relative_error(actual, expected) < 0.08
+
+
+@pytest.mark.parametrize("kind", ["batched", "grouped"])
+def test_expert_ops_on_cuda_equal_the_cpu_reference(kind):
+    """The ops on the same inputs: float32 sums in another order, then bf16: one bf16 rounding apart."""
+    from fxquant.ops.fp8_rowwise import quantize_fp8_rowwise
+
+    torch.manual_seed(0)
+    x = torch.randn(40, 256, dtype=torch.bfloat16)
+    w_q, w_scale = quantize_fp8_rowwise(torch.randn(8, 128, 256))
+    if kind == "batched":
+        op, rows = torch.ops.fxquant.fp8_rowwise_batched_mm, torch.randint(0, 8, (40,))
+    else:
+        op, rows = torch.ops.fxquant.fp8_rowwise_grouped_mm, torch.tensor([5, 5, 12, 20, 21, 30, 38, 38], dtype=torch.int32)
+    expected = op(x, w_q, w_scale, rows)
+    actual = op(x.cuda(), w_q.cuda(), w_scale.cuda(), rows.cuda()).cpu()
+    torch.testing.assert_close(actual, expected, rtol=2**-8, atol=1e-3)
