@@ -19,7 +19,7 @@ from torch._inductor.decomposition import select_decomp_table
 from triton.testing import do_bench_cudagraph
 
 import fxquant  # noqa: F401  (registers the ops)
-from fxquant.inductor.decompositions import fxquant_decompositions
+from fxquant.inductor.install import scheme_decompositions
 from fxquant.inductor.settings import DIVISION_ROUNDING, fxquant_inductor_settings
 from fxquant.ops.fp8_rowwise import quantize_fp8_rowwise
 
@@ -27,7 +27,7 @@ CASES = [(1, 4096), (16, 4096), (1000, 4096), (4096, 4096), (1000, 14336)]  # (M
 
 
 def compiled(fn, rounding: bool):
-    table = {**select_decomp_table(), **fxquant_decompositions()}
+    table = {**select_decomp_table(), **scheme_decompositions()}
     patches = {**fxquant_inductor_settings({}), DIVISION_ROUNDING: rounding}
     return torch.compile(fn, backend=lambda gm, inputs: compile_fx(gm, inputs, decompositions=table, config_patches=patches))
 

@@ -18,6 +18,7 @@ run (want 0: no recompile per token).
     python benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead --peers bf16 fxquant --decode
     python benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead --peers bf16 fxquant fxquant-per-layer   # the merge pass
     python benchmarks/e2e_llama.py --layers 8 --modes default --peers bf16 fxquant-blockwise       # fp8_blockwise in a model
+    python benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead --peers bf16 fxquant-inplace  # quantize_: memory held
     python benchmarks/e2e_llama.py --peers bf16 fxquant torchao --shapes 1x1 16x1   # a slow peer, split by shapes
     python benchmarks/e2e_llama.py --modes default --peers bf16 fxquant fxquant:split_reductions=True --shapes 1x1 16x1
                                                    # fxquant's Inductor settings against one of Inductor's own
@@ -83,6 +84,9 @@ def peer_model(peer: str, model: torch.nn.Module) -> tuple[torch.nn.Module, obje
         return model, fxquant.backend(scheme="fp8_rowwise", merge_parallel_linears=False, inductor=inductor)
     if peer == "fxquant-blockwise":  # DeepSeek-V3 style 128 x 128 weight blocks, 1 x 128 activation groups
         return model, fxquant.backend(scheme="fp8_blockwise", inductor=inductor)
+    if peer == "fxquant-inplace":  # fxquant.quantize_ on the model itself (list it last): its float weights are gone
+        fxquant.quantize_(model)
+        return model, fxquant.backend(scheme="fp8_rowwise", inductor=inductor)
     if peer == "torchao":
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
@@ -177,6 +181,8 @@ def run_peer(peer: str, mode: str, model, device, vocab: int, repeats: int, prof
             result["recompiles_over_8_lengths"] = counters["stats"]["unique_graphs"] - graphs_before
     result["graphs"] = counters["stats"]["unique_graphs"]
     result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    # held: the model's weights, the quantized ones and the graphs' buffers, once the runs are over
+    result["held_gib"] = torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else None
     return result
 
 
@@ -248,12 +254,12 @@ def ratio_cells(results: list[dict], key: str) -> tuple[int, list[str]]:
 def print_table(results: list[dict]) -> None:
     width, cells = ratio_cells(results, "ms")
     print(f"{'mode':<16}{'peer':<{width}}" + "".join(f"{s + ' ms':>12}{'x':>7}" for s in results[0]["shapes"])
-          + f"{'1st call s':>11}{'peak GiB':>9}{'recomp':>7}")
+          + f"{'1st call s':>11}{'peak GiB':>9}{'held GiB':>9}{'recomp':>7}")
     for r, row in zip(results, cells):
         first = sum(v["first_call_s"] for v in r["shapes"].values())
-        peak = f"{r['peak_gib']:>9.1f}" if r["peak_gib"] is not None else f"{'-':>9}"
+        peak, held = (f"{r[key]:>9.2f}" if r.get(key) is not None else f"{'-':>9}" for key in ("peak_gib", "held_gib"))
         recompiles = r["recompiles_over_8_lengths"]
-        print(f"{r['mode']:<16}{r['peer']:<{width}}{row}{first:>11.1f}{peak}{'-' if recompiles is None else recompiles:>7}")
+        print(f"{r['mode']:<16}{r['peer']:<{width}}{row}{first:>11.1f}{peak}{held}{'-' if recompiles is None else recompiles:>7}")
 
 
 def print_back_to_back(results: list[dict]) -> None:
@@ -279,6 +285,8 @@ def main() -> None:
                         help="skip the 8 extra sequence lengths (recompile count), to fit a slow peer in a call")
     parser.add_argument("--json")
     args = parser.parse_args()
+    if "fxquant-inplace" in args.peers[:-1] or ("fxquant-inplace" in args.peers and len(args.modes) > 1):
+        parser.error("fxquant-inplace quantizes the model itself: list it last, with one mode")
     global SHAPES, EXTRA_LENGTHS, DECODE_BATCHES, PROMPT_TOKENS, NEW_TOKENS
     if args.tiny:
         SHAPES, EXTRA_LENGTHS = [(1, 1), (2, 1), (1, 32)], [3, 5, 7]

@@ -16,6 +16,7 @@ from fxquant.explain import plan
 from fxquant.export import export, load_program
 from fxquant.inductor.install import install
 from fxquant.passes import Plan
+from fxquant.quantize_inplace import quantize_
 from fxquant.quantized_copies import quantized_copies, release
 from fxquant.scheme import SCHEMES, Scheme, SchemeCall, register_scheme, unregister_scheme
 
@@ -25,5 +26,5 @@ __version__ = "0.1.0"
 __all__ = [
     "SCHEMES", "Backend", "Calibration", "Plan", "QuantConfig", "Scheme", "SchemeCall", "aoti_compile_and_package",
     "backend", "calibrate", "empty_weights", "export", "load_program", "load_quantized", "memory_footprint", "plan",
-    "quantized_copies", "register_scheme", "release", "save_quantized", "unregister_scheme",
+    "quantize_", "quantized_copies", "register_scheme", "release", "save_quantized", "unregister_scheme",
 ]

@@ -25,6 +25,7 @@ from fxquant.inductor.compile_settings import compile_settings
 from fxquant.inductor.install import install, lowered_on
 from fxquant.log import logger
 from fxquant.passes import Plan
+from fxquant.passes.merge_parallel_linears import hold_stored_in_stacks
 from fxquant.passes.quantize_weights import QuantizedWeight
 from fxquant.pipeline import quantize_graph
 from fxquant.plan_summary import PlanSummary
@@ -79,11 +80,12 @@ class Backend:
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence, mode: str | None = None, **_: object) -> Callable:
         placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
-        _, quantized = self.rewrite(gm)
+        plan, quantized = self.rewrite(gm)
         install()  # Inductor's own table then holds fxquant's decompositions (fxquant/inductor/install.py)
         mode_patches = torch._inductor.list_mode_options(mode) if mode else {}
         with compile_settings(gm, mode_patches, self.inductor, lowered=lowered_on(example_inputs)) as patches:
             compiled = compile_fx(gm, example_inputs, config_patches=patches)
+        hold_stored_in_stacks(plan)
         if not (self.config.check_weight_updates and quantized):
             return compiled
         index_of = {id(node.meta["grapharg"].example): i for i, node in enumerate(placeholders) if "grapharg" in node.meta}

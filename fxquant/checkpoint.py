@@ -65,7 +65,7 @@ def _key(layer: str, attr: str) -> str:
     return f"{layer}.{attr}" if layer else attr
 
 
-def _check_config(config: QuantConfig) -> None:
+def check_storable(config: QuantConfig) -> None:
     """Checkpoints hold tensors, not graphs: a scheme that folds its tensors into constants cannot be saved."""
     for scheme in config.schemes_in_use():
         if get_scheme(scheme).folds_tensors(config.options_for(scheme)):
@@ -86,7 +86,7 @@ def quantize_state(
     of the state dict is kept as is. `progress` wraps the list of layers being quantized (e.g. with tqdm).
     """
     config = config or QuantConfig()
-    _check_config(config)
+    check_storable(config)
     tensors = model.state_dict()
     on_meta = [name for name, t in tensors.items() if t.is_meta]
     if on_meta:
@@ -116,7 +116,7 @@ def program_state(program: ExportedProgram) -> tuple[dict[str, Tensor], Plan, Qu
             "fxquant: save_quantized takes an ExportedProgram made by fxquant.export in this process (the plan "
             "does not survive torch.export.save/load); save the model instead, or the program with torch.export.save"
         )
-    _check_config(config)
+    check_storable(config)
     made = [entry for entry in plan.rewritten if entry.quantized is not None]  # not the stored weights
     lifted = {attr for entry in made for attr in entry.quantized.attrs.values()}
     tensors = {name: t for name, t in program.state_dict.items() if name not in lifted}
@@ -236,7 +236,7 @@ def read_metadata(directory: str | Path) -> tuple[dict, QuantConfig]:
         raise ValueError(f"fxquant: {path}: {problem}")
     try:
         config = QuantConfig.from_options(metadata["config"])
-        _check_config(config)
+        check_storable(config)
     except ValueError as error:
         raise ValueError(f"fxquant: {path}: {str(error).removeprefix('fxquant: ')}") from error
     return metadata, config

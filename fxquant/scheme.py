@@ -18,7 +18,7 @@ layer to one graph node.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import ClassVar
@@ -118,6 +118,13 @@ class Scheme:
     def unsupported(self, layer: str, n: int, k: int, options) -> str | None:
         """Why the scheme cannot quantize `layer`'s [N, K] weight, or None."""
         return None
+
+    def decompositions(self) -> Mapping[torch._ops.OpOverload, Callable]:
+        """Its ops' decompositions for Inductor on CUDA (into aten ops it fuses, e.g. the activation
+        quantization into its producer, and GEMM ops with lowerings of their own): op → function taking
+        the op's arguments. fxquant/inductor/install.py adds them to Inductor's table, declining off
+        CUDA. None: the op runs its own CUDA implementation, an extern call."""
+        return {}
 
     def cache_key(self, options) -> Hashable:
         """What the quantized tensors depend on besides the weight (layers share a copy when equal)."""

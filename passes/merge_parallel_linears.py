@@ -12,16 +12,19 @@ weight is quantized; `merge_parallel_linears` carries it out on the rewritten gr
 linear sites (expert weights come fused as transformers stores them, gate_up_proj), read
 one activation node with one scheme and the same options, have no bias, use a scheme whose tensors
 stack along N (its `merge_dims`: scales per channel or per N-block, not one per tensor; the plan's
-shape rule already made every N a whole number of blocks), and are quantized by fxquant from a
-weight no other layer uses (stored weights arrive as graph inputs and stay as they are). The merged
-node is the first member's SchemeCall on the stacked tensors, by name. Each member's quantized copy
-becomes a view of the stacked buffers, so every weight is held once and a re-quantization writes
-through.
+shape rule already made every N a whole number of blocks), and hold a weight no other layer uses,
+all quantized by fxquant or all stored quantized in their modules (`load_quantized`, `quantize_`).
+The merged node is the first member's SchemeCall on the stacked tensors, by name. Each member's
+quantized copy, or each stored module tensor (its `.data`: the same tensor object and values),
+becomes a view of the stacked buffers (stored ones once the graph is compiled:
+`hold_stored_in_stacks`), so every weight is held once, a re-quantization writes through, and
+another graph of the same model finds them stacked already.
 """
 
 from __future__ import annotations
 
 import operator
+import re
 from collections import Counter
 
 import torch
@@ -32,6 +35,7 @@ from fxquant.passes.find_sites import fake_value
 from fxquant.passes.plan_linears import Plan, PlannedLinear
 from fxquant.passes.quantize_weights import buffer_suffix
 from fxquant.passes.rewrite_linears import buffer_node
+from fxquant.passes.stored_weights import STORED_WEIGHTS, op_tensor
 from fxquant.scheme import get_scheme
 
 
@@ -41,13 +45,14 @@ def plan_merges(plan: Plan) -> None:
     groups: dict[tuple, list[PlannedLinear]] = {}
     for entry in plan.rewritten:
         if (
-            entry.stored is None
+            (entry.stored is None or entry.site.weight in STORED_WEIGHTS)
             and entry.site.kind == "linear"
             and get_scheme(entry.scheme).merge_dims
             and entry.site.bias is None
             and uses[id(entry.site.weight)] == 1
         ):
-            groups.setdefault((entry.site.activation, entry.scheme, entry.options), []).append(entry)
+            key = (entry.site.activation, entry.scheme, entry.options, entry.stored is None)
+            groups.setdefault(key, []).append(entry)
     for members in (group for group in groups.values() if len(group) > 1):
         layers = tuple(member.layer for member in members)
         for member in members:
@@ -70,36 +75,65 @@ def merge_parallel_linears(gm: fx.GraphModule, plan: Plan) -> None:
 
 
 def _stacked(parts: list[Tensor], dim: int) -> Tensor:
-    """The parts concatenated along `dim`: the tensor they were split from when they are its split
-    (stacked for another graph of the same model), else a new one."""
-    base, sizes = parts[0]._base, [part.shape[dim] for part in parts]
-    if (
-        base is not None
-        and sum(sizes) == base.shape[dim]
-        and [p.data_ptr() for p in parts] == [p.data_ptr() for p in base.split(sizes, dim)]
-        and all(p.shape == q.shape for p, q in zip(parts, base.split(sizes, dim)))
-    ):
-        return base
-    return torch.cat(parts, dim)
+    """The parts concatenated along `dim`: a view of their storage where they already lie in it one
+    after another (stacked for another graph of the same model), else a new tensor."""
+    first, offset = parts[0], parts[0].storage_offset()
+    for part in parts:
+        if (dim != 0 or not part.is_contiguous() or part.storage_offset() != offset
+                or part.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()):
+            return torch.cat(parts, dim)
+        offset += part.numel()
+    shape = (sum(part.shape[0] for part in parts), *first.shape[1:])
+    return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), shape)
+
+
+def _member_tensors(member: PlannedLinear) -> dict[str, Tensor]:
+    """A member's tensors in the op's layout: its quantized copy's, or the stored ones its module holds."""
+    if member.stored is None:
+        return member.quantized.tensors
+    stored, site = STORED_WEIGHTS[member.site.weight], member.site
+    n, k = site.out_features, site.in_features
+    others = {name: op_tensor(member.scheme, name, t, n, k, member.options) for name, t in stored.tensors().items()}
+    return {"weight": site.weight.detach(), **others}
+
+
+def hold_stored_in_stacks(plan: Plan) -> None:
+    """Move the module tensors of each merged stored layer into its views of the stacked buffers (their
+    `.data`: same objects and values), so that each is held once. Called once the graph is compiled:
+    the compile reads them as the trace saw them."""
+    for member in plan.rewritten:
+        if member.stacked_views is None:
+            continue
+        stored = STORED_WEIGHTS[member.site.weight]
+        module = stored.module()
+        for name, view in member.stacked_views.items():
+            held = getattr(module, stored.attribute(name))
+            held.data = view.reshape(held.shape)
+        member.stacked_views = None
 
 
 def _merge(gm: fx.GraphModule, members: list[PlannedLinear]) -> None:
     graph = gm.graph
     position = {node: i for i, node in enumerate(graph.nodes)}
     members = sorted(members, key=lambda m: position[m.fused])
-    quantized = [m.quantized for m in members]
+    tensors = [_member_tensors(m) for m in members]
     dims = get_scheme(members[0].scheme).merge_dims
-    prefix = quantized[0].attrs["weight"].removesuffix("_weight") + "_merged"
+    first = members[0]
+    named = first.quantized.attrs["weight"].removesuffix("_weight") if first.stored is None else "fxquant_" + re.sub(r"\W", "_", first.layer)
+    prefix = named + "_merged"
     stacked = {}
     for name, dim in dims.items():
-        stacked[name] = _stacked([q.tensors[name] for q in quantized], dim)
+        stacked[name] = _stacked([t[name] for t in tensors], dim)
         gm.register_buffer(prefix + buffer_suffix(name), stacked[name])
-    views = {name: stacked[name].split([q.tensors[name].shape[dim] for q in quantized], dim) for name, dim in dims.items()}
-    for i, q in enumerate(quantized):
-        q.hold_in({name: views[name][i] for name in dims})
-    widths = [q.tensors["weight"].shape[dims["weight"]] for q in quantized]
+    views = {name: stacked[name].split([t[name].shape[dim] for t in tensors], dim) for name, dim in dims.items()}
+    widths = [t["weight"].shape[dims["weight"]] for t in tensors]
+    for i, member in enumerate(members):
+        held = {name: views[name][i] for name in dims}
+        if member.stored is None:
+            member.quantized.hold_in(held)
+        else:
+            member.stacked_views = held
 
-    first = members[0]
     x = first.call.args[first.call.activation]
     with graph.inserting_before(first.fused):
         call = first.call.with_tensors({name: buffer_node(gm, prefix + buffer_suffix(name), x) for name in dims})
@@ -114,9 +148,10 @@ def _merge(gm: fx.GraphModule, members: list[PlannedLinear]) -> None:
         old.replace_all_uses_with(output)
         graph.erase_node(old)
         for buffer in buffers:
-            if isinstance(buffer, fx.Node) and not buffer.users:
-                graph.erase_node(buffer)
-                delattr(gm, buffer.target)
+            if isinstance(buffer, fx.Node) and not buffer.users and buffer.op != "placeholder":
+                graph.erase_node(buffer)  # a buffer of gm, or the reshape of a stored tensor
+                if buffer.op == "get_attr":
+                    delattr(gm, buffer.target)
         member.fused, member.call = merged, call
     counters["fxquant"]["merged_linears"] += len(members)
 

@@ -49,6 +49,9 @@ class PlannedLinear:
     merged_with: tuple[str, ...] = ()  # the layers it runs one GEMM with, itself included (plan_merges)
     fused: fx.Node | None = field(default=None, repr=False)  # the op node rewrite_linears (or merge) made
     call: SchemeCall | None = field(default=None, repr=False)  # how `fused` was built, by name
+    # stored weights merged: the views of the stacked buffers their module tensors move into once the
+    # graph is compiled (merge_parallel_linears.hold_stored_in_stacks)
+    stacked_views: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def shape(self) -> str:

@@ -18,12 +18,17 @@ from fxquant import QuantConfig, Scheme, SchemeCall, empty_weights, load_quantiz
 NAME = "toy_int8_zp"
 
 
-@torch.library.custom_op("fxquant_toy::int8_zp_linear", mutates_args=())
-def int8_zp_linear(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                   bias: torch.Tensor | None = None) -> torch.Tensor:
+def dequantized_linear(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ ((w_q - zero_point) * scale).T + bias, the weight dequantized per row."""
     weight = (w_q.float() - zero_point.float()[:, None]) * scale[:, None]
     return F.linear(x, weight.to(x.dtype), bias)
+
+
+@torch.library.custom_op("fxquant_toy::int8_zp_linear", mutates_args=())
+def int8_zp_linear(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    return dequantized_linear(x, w_q, scale, zero_point, bias)
 
 
 @int8_zp_linear.register_fake
@@ -58,6 +63,9 @@ class ToyInt8ZeroPoint(Scheme):
         zero_point = (low - torch.round(w_min / scale)).clamp(low, high).to(torch.int32)
         codes = (torch.round(w * (1.0 / scale[:, None])) + zero_point[:, None]).clamp(low, high)
         return {"weight": codes.to(torch.int8), "weight_scale": scale, "weight_zero_point": zero_point}
+
+    def decompositions(self):  # on CUDA Inductor fuses the dequantization into the GEMM's operand load
+        return {torch.ops.fxquant_toy.int8_zp_linear.default: dequantized_linear}
 
     def call(self, layer, x, tensors, bias, options, values=None):
         return SchemeCall(
@@ -180,3 +188,16 @@ def test_export_and_checkpoint_save_load(tmp_path):
     assert [e.note for e in backend.plans[0].rewritten] == ["stored quantized weights"] * 3
     save_quantized(loaded, tmp_path / "again", toy_config())
     assert (tmp_path / "again" / "model.safetensors").read_bytes() == (tmp_path / "model" / "model.safetensors").read_bytes()
+
+
+def test_its_decomposition_joins_inductors_table_at_the_next_compile():
+    """Registered after `import fxquant` installed the built-ins' decompositions: the backend installs
+    the toy's before it compiles; off CUDA it declines, so the op runs whole."""
+    from torch._inductor.decomposition import select_decomp_table
+
+    model = nn.Sequential(nn.Linear(64, 64))
+    with torch.no_grad():
+        torch.compile(model, backend=fxquant.backend(QuantConfig(scheme=NAME)))(torch.randn(2, 64))
+    decomposition = select_decomp_table()[torch.ops.fxquant_toy.int8_zp_linear.default]
+    w_q, scale, zero_point = torch.zeros(64, 64, dtype=torch.int8), torch.ones(64), torch.zeros(64, dtype=torch.int32)
+    assert decomposition(torch.randn(2, 64), w_q, scale, zero_point) is NotImplemented

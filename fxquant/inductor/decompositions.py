@@ -18,8 +18,6 @@ the reference's, so numerics match the CPU reference and FBGEMM's quantizer.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
@@ -69,15 +67,3 @@ def fp8_tensorwise_static_linear(x: Tensor, w_q: Tensor, output_scale: float, bi
     """fxquant::fp8_tensorwise_static_linear: a pointwise cast (fused into x's producer), a _scaled_mm."""
     x_q = saturate_to_fp8(x.reshape(-1, x.shape[-1]), x_scale)
     return _tensorwise_gemm(x, x_q, w_q, x.new_full((), output_scale, dtype=torch.float32), bias)
-
-
-def fxquant_decompositions() -> dict[torch._ops.OpOverload, Callable]:
-    """fxquant's linear ops → their decompositions, on any device (install.py adds them to Inductor's
-    table for CUDA activations only)."""
-    ops = torch.ops.fxquant
-    return {
-        ops.fp8_rowwise_linear.default: fp8_rowwise_linear,
-        ops.fp8_blockwise_linear.default: fp8_blockwise_linear,
-        ops.fp8_tensorwise_linear.default: fp8_tensorwise_linear,
-        ops.fp8_tensorwise_static_linear.default: fp8_tensorwise_static_linear,
-    }

@@ -6,7 +6,8 @@
     torch.compile(program.module())                       plain Inductor
 
 In each, Inductor's decomposition table (`torch._inductor.decomposition.decompositions`) opens
-fxquant's linear ops up on CUDA (fxquant/inductor/decompositions.py: the activation quantization
+the registered schemes' ops up on CUDA (each scheme's `decompositions`; the FP8 schemes' are in
+fxquant/inductor/decompositions.py: the activation quantization
 fuses into its producer, the rowwise GEMM becomes fxquant::fp8_rowwise_mm), and Inductor's lowerings
 hold fp8_rowwise_mm's choice of kernels (fxquant/inductor/fp8_rowwise_mm.py). Elsewhere each
 decomposition returns NotImplemented, which AOTAutograd's tracer takes as "keep the op whole"
@@ -29,7 +30,8 @@ import torch
 from torch._inductor import decomposition as inductor_decomposition
 from torch._inductor.lowering import constrain_to_fx_strides, make_fallback
 
-from fxquant.inductor.decompositions import fxquant_decompositions  # registers fp8_rowwise_mm's lowering
+from fxquant.inductor import fp8_rowwise_mm  # noqa: F401  (registers fp8_rowwise_mm's lowering)
+from fxquant.scheme import SCHEMES
 
 LOWERED_DEVICE_TYPES = frozenset({"cuda"})
 
@@ -49,11 +51,17 @@ def _where_lowered(decomposition: Callable) -> Callable:
     return decompose
 
 
+def scheme_decompositions() -> dict[torch._ops.OpOverload, Callable]:
+    """The decompositions of every registered scheme's ops (Scheme.decompositions), on any device."""
+    return {op: fn for scheme in SCHEMES.values() for op, fn in scheme.decompositions().items()}
+
+
 def install() -> None:
-    """Add fxquant's decompositions to Inductor's table, each with a fallback lowering for where it
-    declines (fp8_rowwise_mm's lowering is registered on import); a second call changes nothing."""
+    """Add the registered schemes' decompositions to Inductor's table, each with a fallback lowering
+    for where it declines (fp8_rowwise_mm's lowering is registered on import); a second call changes
+    nothing, and a scheme registered since adds its own (the backend installs before each compile)."""
     table = inductor_decomposition.decompositions
-    missing = {op: fn for op, fn in fxquant_decompositions().items() if op not in table}
+    missing = {op: fn for op, fn in scheme_decompositions().items() if op not in table}
     for op, decomposition in missing.items():
         inductor_decomposition.register_decomposition(op)(_where_lowered(decomposition))
         # The op left whole is called as Inductor's implicit fallback would call it, with the traced

@@ -47,6 +47,11 @@ class Fp8Blockwise(Fp8Scheme):
         op = torch.ops.fxquant.fp8_blockwise_linear.default
         return self.linear_call(op, x, tensors, bias, scale_ub=options.activation_scale_ub)
 
+    def decompositions(self):
+        from fxquant.inductor import decompositions
+
+        return {torch.ops.fxquant.fp8_blockwise_linear.default: decompositions.fp8_blockwise_linear}
+
     def cache_key(self, options):
         return options.weight_block_size
 

@@ -33,6 +33,11 @@ class Fp8Rowwise(PerChannelScale, Fp8Scheme):
         op = torch.ops.fxquant.fp8_rowwise_grouped_mm.default
         return self.expert_call(op, x, tensors, offsets=offsets, scale_ub=options.activation_scale_ub)
 
+    def decompositions(self):
+        from fxquant.inductor import decompositions
+
+        return {torch.ops.fxquant.fp8_rowwise_linear.default: decompositions.fp8_rowwise_linear}
+
     def cache_key(self, options):
         return ()  # the weight's quantization does not depend on the activation bound
 

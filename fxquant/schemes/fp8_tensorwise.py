@@ -55,6 +55,12 @@ class Fp8Tensorwise(Fp8Scheme):
             "x": x, "w_q": tensors["weight"], "output_scale": output_scale, "bias": bias, "x_scale": x_scale},
             {"weight": "w_q"})
 
+    def decompositions(self):
+        from fxquant.inductor import decompositions
+
+        return {ops.fp8_tensorwise_linear.default: decompositions.fp8_tensorwise_linear,
+                ops.fp8_tensorwise_static_linear.default: decompositions.fp8_tensorwise_static_linear}
+
     def folds_tensors(self, options):
         return options.static_activation_amax is not None
 

@@ -13,7 +13,7 @@ from torch._inductor.compile_fx import compile_fx
 from torch._inductor.decomposition import select_decomp_table
 from torch._inductor.utils import run_and_get_code
 
-from fxquant.inductor.decompositions import fxquant_decompositions
+from fxquant.inductor.install import scheme_decompositions
 from fxquant.inductor.settings import fxquant_inductor_settings
 from fxquant.ops.availability import fbgemm_genai_available
 from fxquant.ops.fp8_rowwise import quantize_fp8_rowwise
@@ -39,7 +39,7 @@ class RMSNormLinear(torch.nn.Module):
 
 
 def compile_with_lowering(fn):
-    table = {**select_decomp_table(), **fxquant_decompositions()}
+    table = {**select_decomp_table(), **scheme_decompositions()}
     patches = fxquant_inductor_settings({})  # the backend's, default mode
     return torch.compile(fn, backend=lambda gm, inputs: compile_fx(gm, inputs, decompositions=table, config_patches=patches))
 

@@ -9,10 +9,10 @@ from torch._inductor import lowering
 from torch._inductor.decomposition import select_decomp_table
 
 from fxquant.inductor import install
-from fxquant.inductor.decompositions import fxquant_decompositions
+from fxquant.inductor.install import scheme_decompositions
 from fxquant.ops.fp8_rowwise import quantize_fp8_rowwise
 
-OPS = list(fxquant_decompositions())
+OPS = list(scheme_decompositions())
 
 
 def test_import_installed_and_a_second_install_changes_nothing():
