@@ -29,6 +29,15 @@ def nbytes(dtype: torch.dtype, shape: Iterable[int]) -> int:
     return math.prod(shape) * dtype.itemsize
 
 
+def readable(count: int) -> str:
+    """Bytes in binary units: 1536 → "1.5 KiB"."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count} B" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """torch.float8_e4m3fn → "float8_e4m3fn"."""
     return str(dtype).removeprefix("torch.")

@@ -24,6 +24,8 @@ class PlannedLayer:
     merged_with: tuple[str, ...]
     rule: str | None  # the QuantConfig.rules glob that decided the layer, if one did
     kind: str = "linear"  # the GEMM site kind: "linear", "batched" or "grouped"
+    bytes_before: int = 0  # the weight as the model holds it
+    bytes_after: int = 0  # the weight as fxquant runs it
 
 
 class PlanSummary(Plan):
@@ -31,7 +33,9 @@ class PlanSummary(Plan):
 
     def __init__(self, plan: Plan):
         super().__init__(
-            PlannedLayer(e.layer, e.site.op, e.shape, e.scheme, e.note, e.merged_with, e.rule, e.site.kind) for e in plan
+            PlannedLayer(e.layer, e.site.op, e.shape, e.scheme, e.note, e.merged_with, e.rule, e.site.kind,
+                         e.bytes_before, e.bytes_after)
+            for e in plan
         )
         self.table = str(plan)
 

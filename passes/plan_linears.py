@@ -24,6 +24,7 @@ from torch import fx
 from torch._dynamo.utils import counters
 
 from fxquant.config import QuantConfig
+from fxquant.footprint import nbytes, readable
 from fxquant.ops.linear_common import FLOAT_DTYPES
 from fxquant.passes.find_sites import GemmSite, WeightLookup, fake_value, find_sites
 from fxquant.passes.stored_weights import STORED_WEIGHTS, is_stored, stored_scheme, stored_tensor_name
@@ -54,6 +55,25 @@ class PlannedLinear:
     stacked_views: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
+    def bytes_before(self) -> int:
+        """Bytes of the weight as the model holds it (a stored layer's: as stored)."""
+        if self.stored is not None:
+            return self.bytes_after
+        return nbytes(self.site.weight.dtype, self.site.weight.shape)
+
+    @property
+    def bytes_after(self) -> int:
+        """Bytes of the weight as fxquant runs it: its scheme's tensors (the float weight where skipped)."""
+        site = self.site
+        if self.scheme is None:
+            return nbytes(site.weight.dtype, site.weight.shape)
+        if self.stored is not None:
+            values = [fake_value(t) if isinstance(t, fx.Node) else t for t in self.stored.values()]
+            return sum(nbytes(t.dtype, t.shape) for t in [site.weight, *values])
+        meta = torch.empty((*site.weight.shape[:-2], site.out_features, site.in_features), device="meta")
+        return sum(nbytes(t.dtype, t.shape) for t in get_scheme(self.scheme).quantize(meta, self.options).values())
+
+    @property
     def shape(self) -> str:
         """"N x K", or "E x N x K" for expert weights."""
         experts = "" if self.site.experts is None else f"{self.site.experts} x "
@@ -72,17 +92,25 @@ class Plan(list):
         return [entry for entry in self if entry.scheme is None]
 
     def __str__(self) -> str:
-        return format_plan([(e.layer, e.site.op, e.shape, e.scheme, e.note, e.site.kind) for e in self])
+        return format_plan([(e.layer, e.site.op, e.shape, e.scheme, e.note, e.site.kind, e.bytes_before, e.bytes_after)
+                            for e in self])
 
 
-def format_plan(rows: list[tuple[str, str, str, str | None, str, str]]) -> str:
-    """The plan table of (layer, op, shape, scheme or None, note, site kind) rows, and its count line."""
+def format_plan(rows: list[tuple[str, str, str, str | None, str, str, int, int]]) -> str:
+    """The plan table of (layer, op, shape, scheme or None, note, site kind, bytes before, bytes after)
+    rows, its total of weight bytes and its count line."""
     experts = [row for row in rows if row[5] != "linear"]
-    header = ("layer", "op", "(E x) N x K" if experts else "N x K", "scheme", "note")
-    cells = [header] + [(layer, op, shape, scheme or "-", note) for layer, op, shape, scheme, note, _ in rows]
+    header = ("layer", "op", "(E x) N x K" if experts else "N x K", "scheme", "bytes", "note")
+    cells = [header] + [
+        (layer, op, shape, scheme or "-", readable(before) if before == after else f"{readable(before)} -> {readable(after)}", note)
+        for layer, op, shape, scheme, note, _, before, after in rows
+    ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * width for width in widths))
+    before, after = sum(row[6] for row in rows), sum(row[7] for row in rows)
+    if rows:
+        lines.append(f"weights of these layers: {readable(before)} -> {readable(after)} ({after / max(before, 1):.2f}x)")
     linears = [row for row in rows if row[5] == "linear"]
     count = f"{sum(row[3] is not None for row in linears)} of {len(linears)} linear layers"
     if experts:

@@ -185,7 +185,9 @@ def test_export_and_checkpoint_save_load(tmp_path):
         torch.testing.assert_close(eager, expected)
         backend = fxquant.backend(toy_config())
         assert torch.equal(torch.compile(loaded, backend=backend)(x), eager)
-    assert [e.note for e in backend.plans[0].rewritten] == ["stored quantized weights"] * 3
+    # stored as loaded, and the stored gate and up still run as one GEMM on their stacked tensors
+    assert [e.note for e in backend.plans[0].rewritten] == [
+        "stored quantized weights; one GEMM with up", "stored quantized weights; one GEMM with gate", "stored quantized weights"]
     save_quantized(loaded, tmp_path / "again", toy_config())
     assert (tmp_path / "again" / "model.safetensors").read_bytes() == (tmp_path / "model" / "model.safetensors").read_bytes()
 

@@ -33,13 +33,14 @@ class PlanTest(TestCase):
         config = QuantConfig(skip=["gate"], min_weight_numel=1024)
         plan = fxquant.plan(Gated(), torch.randn(3, 64), config=config)
         self.assertExpectedInline(str(plan), """\
-layer   op      N x K    scheme       note
-------  ------  -------  -----------  -----------------------------------
-proj    linear  64 x 64  fp8_rowwise
-gate    linear  64 x 64  -            skipped by skip list (gate)
-odd     linear  40 x 64  -            N=40 not divisible by 16
-narrow  linear  32 x 40  -            K=40 not divisible by 16
-tiny    linear  16 x 32  -            512 weights < min_weight_numel=1024
+layer   op      N x K    scheme       bytes                note
+------  ------  -------  -----------  -------------------  -----------------------------------
+proj    linear  64 x 64  fp8_rowwise  16.0 KiB -> 4.2 KiB
+gate    linear  64 x 64  -            16.0 KiB             skipped by skip list (gate)
+odd     linear  40 x 64  -            10.0 KiB             N=40 not divisible by 16
+narrow  linear  32 x 40  -            5.0 KiB              K=40 not divisible by 16
+tiny    linear  16 x 32  -            2.0 KiB              512 weights < min_weight_numel=1024
+weights of these layers: 49.0 KiB -> 37.2 KiB (0.76x)
 1 of 5 linear layers quantized""")
 
     def test_glob_patterns_match_module_paths(self):
@@ -65,7 +66,7 @@ tiny    linear  16 x 32  -            512 weights < min_weight_numel=1024
     def test_backend_logs_the_plan(self):
         with self.assertLogs("fxquant", level=logging.INFO) as logs:
             torch.compile(MLP(), backend=fxquant.backend(scheme="int8"))(torch.randn(2, 64))
-        self.assertIn("lm_head  linear  32 x 64   -       skipped by skip list (lm_head)", "\n".join(logs.output))
+        self.assertIn("lm_head  linear  32 x 64   -       8.0 KiB              skipped by skip list (lm_head)", "\n".join(logs.output))
 
 
 def test_fp8_on_a_gpu_without_fp8_falls_back_to_int8_logged(monkeypatch, caplog):
