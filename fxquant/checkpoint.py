@@ -1,14 +1,16 @@
 """Quantized checkpoints as safetensors (never pickle), in fxquant's layout, which for fp8_rowwise
 is also HF transformers' `fbgemm_fp8` layout.
 
-A checkpoint is a directory:
+A checkpoint is a directory (docs/design.md, "Checkpoint layout"):
     model.safetensors   the model's state dict, where each quantized nn.Linear holds its scheme's
-                        tensors: `<layer>.weight` (e4m3 or int8, [N, K]) and, for the built-ins,
-                        `<layer>.weight_scale` (float32: [N, 1] per channel, [N/bn, K/bk] per
-                        block, [] per tensor); a plugin's `<layer>.weight_<...>` as it declares
+      (or shards +      tensors: `<layer>.weight` (e4m3 or int8, [N, K]) and, for the built-ins,
+       index)           `<layer>.weight_scale` (float32: [N, 1] per channel, [N/bn, K/bk] per
+                        block, [] per tensor); a plugin's `<layer>.weight_<...>` as it declares;
+                        more than `max_shard_size` bytes: shards as transformers' save_pretrained
+                        writes them (fxquant/shards.py)
     fxquant.json        format version, QuantConfig, plan (each layer's scheme: the declaration
                         load_quantized registers, never guessed), each tensor's dtype and shape, tied
-                        names, bytes before/after, the weights file's SHA-256, the files the
+                        names, bytes before/after (per layer too), each weights file's SHA-256, the files the
                         save wrote, and the quantization_config of config.json
     config.json         HF models only: the model's config plus a quantization_config that
                         transformers understands: {"quant_method": "fbgemm_fp8", ...} for
@@ -211,6 +213,7 @@ def save_quantized(
     hf_format: str | None = "auto",
     overwrite: bool = False,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    extra_files: Iterable[str | Path] = (),
 ) -> dict:
     """Write a checkpoint of `model`, quantized, into `directory` (see the module docstring); the
     model is not modified. A program made by `fxquant.export` is written with the weights and the
@@ -219,6 +222,7 @@ def save_quantized(
     "fbgemm_fp8", "compressed-tensors", "auto" (the first of these that describes the scheme and
     every quantized layer) or None (no config.json). `max_shard_size` (bytes, or "5GB", "500MB")
     splits the weights into shards as transformers' save_pretrained does, its default included.
+    `extra_files` are copied in (the command line's tokenizer files, README, ...).
     Returns what fxquant.json holds, including the bytes of the float state dict before and of the
     stored tensors after quantization, in total and per layer.
 
@@ -248,5 +252,5 @@ def save_quantized(
     return write_checkpoint(
         Path(os.path.abspath(directory)), pieces, config=config, plan=plan_rows(plan, layer_bytes(plan, state, stored)),
         tied=tied, before=before, quantization_config=quantization_config, hf_config=hf_config, overwrite=overwrite,
-        max_shard_size=max_shard_size,
+        max_shard_size=max_shard_size, extra_files=[Path(path) for path in extra_files],
     )

@@ -70,18 +70,20 @@ def read_weights_headers(directory: Path, metadata: dict) -> tuple[Header, dict[
     table = metadata["tensors"]
     if len(metadata["sha256"]) > 1:
         _check_index(directory, table)
-    merged: Header = {}
+    headers: dict[str, Header] = {}
     file_of: dict[str, str] = {}
     for file in metadata["sha256"]:
         path = directory / file
         if not path.is_file():
             raise ValueError(f"fxquant: {path}: missing ({METADATA_FILE} lists it)")
-        header = read_header(path)
-        for name in header:
+        headers[file] = read_header(path)
+        for name in headers[file]:
             if name in file_of:
                 raise ValueError(f"fxquant: tensor '{name}' is in both {directory / file_of[name]} and {path}; which one is the checkpoint's?")
             file_of[name] = file
-        _check_table(path, header, {name: entry for name, entry in table.items() if entry["file"] == file})
+    merged: Header = {}
+    for file, header in headers.items():
+        _check_table(directory / file, header, {name: entry for name, entry in table.items() if entry["file"] == file})
         merged.update(header)
     return merged, file_of
 
