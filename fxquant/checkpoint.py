@@ -52,7 +52,7 @@ from fxquant.hf_formats import check_hf_format, hf_quantization_config
 from fxquant.passes.plan_linears import Plan, PlannedLinear
 from fxquant.passes.quantize_weights import quantize_parameter
 from fxquant.scheme import get_scheme
-from fxquant.shards import DEFAULT_MAX_SHARD_SIZE, WEIGHTS_FILE, parse_size
+from fxquant.shards import DEFAULT_MAX_SHARD_SIZE, WEIGHTS_FILE, parse_size  # noqa: F401  (WEIGHTS_FILE: its name here, as before)
 
 Progress = Callable[[list[PlannedLinear]], Iterable[PlannedLinear]]
 
@@ -63,7 +63,7 @@ def quantize_state(
     """The tensors of `model`'s quantized checkpoint, and the plan that chose its layers.
 
     Each quantized layer's `weight` becomes its low-precision copy and the layer gains its scheme's
-    other tensors (`weight_scale`, ...), in the file's layout (fxquant/checkpoint_layers.py), right
+    other tensors (`weight_scale`, ...), in the file's layout (fxquant/checkpoint_layers.py), listed
     after its weight; a layer already stored quantized (a model from `load_quantized`) is written as
     stored, bit for bit; every other tensor of the state dict is kept as is, in its order.
     `progress` wraps the list of layers being quantized (e.g. with tqdm).
@@ -92,9 +92,8 @@ def quantize_state(
 
 
 def ordered_state(state: dict[str, object], replaced: dict[str, dict[str, object]]) -> dict[str, object]:
-    """A checkpoint's tensors in file order: the state dict's, each quantized weight replaced by its
-    layer's tensors (weight first); shared by save_quantized and the streaming quantizer, so that both
-    lay out the same files."""
+    """A checkpoint's tensors: the state dict's, each quantized weight replaced by its layer's tensors
+    (weight first); shared by save_quantized and the streaming quantizer."""
     ordered: dict[str, object] = {}
     inserted = {name for tensors in replaced.values() for name in tensors}
     for name, value in state.items():

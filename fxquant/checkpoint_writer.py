@@ -5,7 +5,8 @@ their headers are laid out first (fxquant/shards.py, fxquant/safetensors_file.py
 
 `save_quantized` gives one piece per tensor it holds already; `fxquant quantize` gives one piece per
 input tensor, which reads it and quantizes it (fxquant/streaming_quantize.py). Both write the same
-bytes for the same tensors: the layout depends on names, dtypes, shapes and order only.
+bytes for the same tensors: the layout depends on names, dtypes and shapes only (tensors in natural
+order of their names: "layers.2" before "layers.10", a layer's weight and scale side by side).
 
 Workers are threads: reading a tensor, quantizing it (torch releases the GIL in its kernels) and
 `os.pwrite` run in parallel, and the tensors stay in one process instead of crossing pipes.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -47,6 +49,12 @@ class WrittenWeights:
     index: str | None
 
 
+def natural_order(name: str) -> tuple:
+    """Names in the order a reader expects: numbers as numbers ("layers.2" before "layers.10"), so that
+    the files depend on the tensors alone, not on the order a model or a program lists them in."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
+
+
 def file_sha256(path: Path) -> str:
     """The SHA-256 of a file, read in 16 MiB chunks."""
     digest = hashlib.sha256()
@@ -77,6 +85,7 @@ def write_weights(
     declared = {name: spec for piece in pieces for name, spec in piece.layout.items()}
     if len(declared) != sum(len(piece.layout) for piece in pieces):
         raise RuntimeError("fxquant: two pieces declare the same tensor")
+    declared = {name: declared[name] for name in sorted(declared, key=natural_order)}
     shards = split_into_shards({name: nbytes(*spec) for name, spec in declared.items()}, max_shard_size)
     names = shard_names(len(shards))
     file_of = {name: file for file, shard in zip(names, shards) for name in shard}
