@@ -95,6 +95,8 @@ def _pair(first: type, second: object, description: str) -> Where:
 
 SHA256 = Where(lambda value: isinstance(value, str) and re.fullmatch("[0-9a-f]{64}", value) is not None,
                "the weights file's SHA-256 (64 hexadecimal digits); re-save the checkpoint to record it")
+FILE_NAME = Where(lambda value: isinstance(value, str) and value.endswith(".safetensors") and "/" not in value
+                  and value not in (".", ".."), "a .safetensors file name in the checkpoint directory")
 
 # Each QuantConfig field's JSON type (absent: the default); QuantConfig checks the values.
 CONFIG = {
@@ -111,13 +113,29 @@ CONFIG = {
     "scheme_options?": [_pair(str, list, "a [scheme, [[option, value], ...]] pair")],
 }
 
-METADATA = {
+BYTES = {"before": int, "after": int}
+
+METADATA = {  # format 2
+    "format_version": int,
+    "config": CONFIG,
+    "plan": [{"layer": str, "shape": _sizes(2, 1), "scheme": (str, None), "note": str, "bytes?": BYTES}],
+    "tensors": MapOf({"dtype": str, "shape": _sizes(None, 0), "file": FILE_NAME}),
+    "tied": MapOf(str),
+    "bytes": BYTES,
+    "sha256": Where(lambda value: isinstance(value, dict) and all(
+        FILE_NAME.test(name) and SHA256.test(digest) for name, digest in value.items()),
+        "a map from each weights file to its SHA-256 (64 hexadecimal digits); re-save the checkpoint to record it"),
+    "files": [str],
+    "quantization_config?": MapOf((str, int, float, bool, None, list, dict)),
+}
+
+METADATA_V1 = {  # one model.safetensors; still read
     "format_version": int,
     "config": CONFIG,
     "plan": [{"layer": str, "shape": _sizes(2, 1), "scheme": (str, None), "note": str}],
     "tensors": MapOf({"dtype": str, "shape": _sizes(None, 0)}),
     "tied": MapOf(str),
-    "bytes": {"before": int, "after": int},
+    "bytes": BYTES,
     "sha256": SHA256,
     "files?": [str],
     "quantization_config?": MapOf((str, int, float, bool, None, list, dict)),

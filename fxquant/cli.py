@@ -12,6 +12,7 @@ Models are read offline (local_files_only), as the class config.json's `architec
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pickle
 import sys
@@ -32,6 +33,8 @@ from fxquant.checkpoint import (
     save_quantized,
 )
 from fxquant.cli_paths import check_input_dir, check_output_dir
+from fxquant.shards import DEFAULT_MAX_SHARD_SIZE, INDEX_FILE, parse_size
+from fxquant.streaming_quantize import NotStreamable, extra_files, streaming_plan, write_streamed
 from fxquant.config import QuantConfig
 from fxquant.footprint import dtype_name, nbytes
 from fxquant.hf_formats import HF_FORMATS, NO_ACTIVATION_SCALE_UB, NoHFLayout, hf_quantization_config
@@ -87,31 +90,64 @@ def _reader_notes(metadata: dict) -> list[str]:
     return notes
 
 
-def quantize(args: argparse.Namespace) -> None:
-    from tqdm import tqdm  # a dependency of transformers
+def _progress_bar(total: int, args: argparse.Namespace, unit: str = "B"):
+    """A progress bar (in bytes, or layers) on stderr; off with --quiet or when stderr is not a terminal."""
+    from tqdm import tqdm
 
+    return tqdm(total=total, desc="quantizing", unit=unit, unit_scale=unit == "B", unit_divisor=1024,
+                disable=args.quiet or not sys.stderr.isatty(), file=sys.stderr)
+
+
+def _quantize_whole(args: argparse.Namespace, dir_in: Path, dir_out: Path, cls: type, hf_config, config: QuantConfig) -> dict:
+    """The model loaded whole by transformers, then saved: for inputs streaming cannot read by name."""
+    inputs = tensor_names(dir_in)  # reads the weight files' headers: a damaged file is named here
+    model = load_model(dir_in, cls, hf_config)
+    with _progress_bar(len(plan_modules(model, config).rewritten), args, unit="layer") as bar:
+        def progress(layers):
+            for layer in layers:
+                yield layer
+                bar.update(1)
+
+        metadata = save_quantized(
+            model, dir_out, config, progress=progress, hf_format=args.hf_format, overwrite=args.overwrite,
+            max_shard_size=args.max_shard_size, extra_files=extra_files(dir_in),
+        )
+    check_output_holds_input(inputs, dir_in, dir_out, model, metadata["tensors"], metadata["tied"])
+    return metadata
+
+
+def quantize(args: argparse.Namespace) -> None:
     dir_in, dir_out = Path(args.dir_in), Path(args.dir_out)
     config = _quant_config(args)
     try:  # a layout that cannot describe the scheme is refused before anything is read
         hf_quantization_config(args.hf_format, Plan(), config)
     except NoHFLayout as error:
         raise ValueError(f"fxquant: --hf-format {args.hf_format}: {str(error).removeprefix('fxquant: ')}; use --hf-format auto") from error
+    parse_size(args.max_shard_size)
+    if args.workers < 1:
+        raise ValueError(f"fxquant: --workers must be at least 1, got {args.workers}")
     check_output_dir(dir_in, dir_out, args.overwrite)  # before anything is read
     check_not_quantized(dir_in)
     hf_config = read_config(dir_in)
     cls, note = model_class(hf_config)
     if note:
         print(f"note: {note}")
-    inputs = tensor_names(dir_in)  # reads the weight files' headers: a damaged file is named here
-    model = load_model(dir_in, cls, hf_config)
-    metadata = save_quantized(
-        model, dir_out, config, progress=lambda layers: tqdm(layers, desc="quantizing", unit="layer"),
-        hf_format=args.hf_format, overwrite=args.overwrite,
-    )
-    check_output_holds_input(inputs, dir_in, dir_out, model, metadata["tensors"], metadata["tied"])
+    try:
+        streaming = streaming_plan(dir_in, cls, hf_config, config)
+    except NotStreamable as why:
+        print(f"note: {dir_in} is loaded whole, not streamed: {why}")
+        metadata = _quantize_whole(args, dir_in, dir_out, cls, hf_config, config)
+    else:
+        with _progress_bar(streaming.input_bytes, args) as bar:
+            metadata = write_streamed(
+                streaming, dir_out, hf_config, cls.__name__, args.hf_format, overwrite=args.overwrite,
+                max_shard_size=args.max_shard_size, workers=args.workers, advance=bar.update,
+            )
     quantized = sum(entry["scheme"] is not None for entry in metadata["plan"])
     print(f"{dir_out}: {cls.__name__}, {config.scheme}, {quantized} of {len(metadata['plan'])} linear layers quantized")
     print(_bytes_line(metadata["bytes"]["before"], metadata["bytes"]["after"]))
+    shards = len(metadata["sha256"])
+    print(f"weights: {shards} file{'s' * (shards > 1)}{f' and {INDEX_FILE}' if shards > 1 else ''}")
     written = (metadata.get("quantization_config") or {}).get("quant_method")
     if written:
         print(f"{HF_CONFIG_FILE}: quantization_config {written}, for transformers and vLLM")
@@ -155,22 +191,56 @@ def _metadata_lines(metadata: dict, path: Path) -> tuple[list[str], int]:
         raise ValueError(f"fxquant: {path}: malformed ({error})") from error
 
 
+def _weights_files(directory: Path, metadata: dict | None) -> list[str]:
+    """The weights files of a checkpoint directory: fxquant.json's, else the index's, else model.safetensors."""
+    if metadata is not None:
+        return list(metadata["sha256"])
+    index = directory / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"fxquant: {index}: no weight_map")
+        return sorted(set(weight_map.values()))
+    return [WEIGHTS_FILE]
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.rjust(width) if cell[:1].isdigit() and i else cell.ljust(width)
+                        for i, (cell, width) in enumerate(zip(row, widths))).rstrip())
+
+
+def _layer_rows(metadata: dict) -> list[tuple[str, ...]]:
+    """inspect's per-layer table: layer, scheme, bytes before and after (fxquant.json's plan)."""
+    rows = [("layer", "scheme", "bytes before", "bytes after", "")]
+    for entry in metadata["plan"]:
+        before, after = entry["bytes"]["before"], entry["bytes"]["after"]
+        rows.append((entry["layer"], entry["scheme"] or "-", f"{before:,}", f"{after:,}", f"{after / before:.2f}x" if before else ""))
+    return rows
+
+
 def inspect(args: argparse.Namespace) -> None:
     path = Path(args.path)
     if not path.exists():
         raise ValueError(f"fxquant: {path}: no such file or directory")
-    weights, directory = (path / WEIGHTS_FILE, path) if path.is_dir() else (path, path.parent)
-    header = read_header(weights)
+    directory = path if path.is_dir() else path.parent
     metadata = read_metadata(directory)[0] if (directory / METADATA_FILE).is_file() else None
-
-    rows = [("tensor", "dtype", "shape")] + [
-        (name, dtype_name(dtype), "x".join(map(str, shape)) or "scalar") for name, (dtype, shape) in header.items()
+    files = _weights_files(directory, metadata) if path.is_dir() else [path.name]
+    headers = {file: read_header(directory / file) for file in files}
+    header = {name: spec for part in headers.values() for name, spec in part.items()}
+    sharded = len(files) > 1
+    rows = [("tensor", "dtype", "shape", *(["file"] if sharded else []))] + [
+        (name, dtype_name(dtype), "x".join(map(str, shape)) or "scalar", *([file] if sharded else []))
+        for file, part in headers.items() for name, (dtype, shape) in part.items()
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    _table(rows)
     print()
-    print(f"checkpoint: {weights}")
+    if metadata is not None and path.is_dir() and all("bytes" in entry for entry in metadata["plan"]):
+        _table(_layer_rows(metadata))
+        print()
+    print(f"checkpoint: {directory / files[0]}" if not sharded else f"checkpoint: {directory} ({len(files)} shards, {INDEX_FILE})")
+    whole = path.is_dir() or metadata is None or files == list(metadata["sha256"])  # else one shard of several
     lines, before = ([f"scheme: unknown (no {METADATA_FILE})"], None) if metadata is None else _metadata_lines(metadata, directory / METADATA_FILE)
     for line in lines:
         print(line)
@@ -178,10 +248,10 @@ def inspect(args: argparse.Namespace) -> None:
     scales = sum(name.endswith(".weight_scale") or name == "weight_scale" for name in header)
     print(f"tensors: {len(header)} ({', '.join(f'{n} {d}' for d, n in dtypes.most_common())}); {scales} weight_scale")
     after = sum(nbytes(dtype, shape) for dtype, shape in header.values())
-    if before:
+    if before and whole:
         print(_bytes_line(before, after))
     else:
-        print(f"bytes: {after:,} stored (size before quantization unknown)")
+        print(f"bytes: {after:,} stored{' (size before quantization unknown)' if whole else f' in {path.name}'}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -197,10 +267,13 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     command = commands.add_parser(
         "quantize", parents=[options], help="quantize an HF model directory into a safetensors checkpoint",
-        description="Load an HF model directory (offline) as the class its config.json names, quantize its nn.Linear "
-        f"layers and write {WEIGHTS_FILE} and {METADATA_FILE}, plus an HF {HF_CONFIG_FILE} whose quantization_config "
-        "is HF's fbgemm_fp8 (fp8_rowwise) or llm-compressor's compressed-tensors (fp8_rowwise, fp8_blockwise, int8). "
-        "DIR_OUT must not be, hold or lie inside DIR_IN, nor share a file with it.",
+        description="Quantize the nn.Linear layers of an HF model directory (offline; the class its config.json names, "
+        "built on the meta device) tensor by tensor: each weight is read from the safetensors files, quantized and "
+        f"written, so memory holds a few tensors, never the model. Writes {WEIGHTS_FILE} (or shards and {INDEX_FILE}), "
+        f"{METADATA_FILE}, an HF {HF_CONFIG_FILE} whose quantization_config is HF's fbgemm_fp8 (fp8_rowwise) or "
+        "llm-compressor's compressed-tensors (fp8_rowwise, fp8_blockwise, int8), and copies of the input's other "
+        "files (tokenizer, generation config, ...). An input whose files transformers renames on loading, or in "
+        "pickle files, is loaded whole instead. DIR_OUT must not be, hold or lie inside DIR_IN, nor share a file with it.",
     )
     command.add_argument("dir_in")
     command.add_argument("dir_out")
@@ -212,6 +285,15 @@ def _parser() -> argparse.ArgumentParser:
     command.add_argument(
         "--overwrite", action="store_true", help="replace DIR_OUT even if it is not empty and not an fxquant checkpoint"
     )
+    command.add_argument(
+        "--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, metavar="SIZE",
+        help=f"largest weights file, bytes or e.g. 5GB, 500MB (default {DEFAULT_MAX_SHARD_SIZE}, as transformers' save_pretrained)",
+    )
+    command.add_argument(
+        "--workers", type=int, default=1, metavar="N",
+        help="tensors read, quantized and written at once, by threads (default 1); memory holds about N tensors",
+    )
+    command.add_argument("--quiet", action="store_true", help="no progress bar (there is none when stderr is not a terminal)")
     command.set_defaults(run=quantize)
     command = commands.add_parser(
         "plan", parents=[options], help="the plan table of an HF model directory",

@@ -18,7 +18,7 @@ import logging
 import torch
 from torch import nn
 
-from fxquant.checkpoint import check_storable
+from fxquant.checkpoint_metadata import check_config
 from fxquant.checkpoint_layers import file_tensors, plan_modules
 from fxquant.config import QuantConfig
 from fxquant.log import logger
@@ -42,7 +42,7 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None) -> Plan:
     scheme whose tensors a graph folds (static fp8_tensorwise).
     """
     config = config or QuantConfig()
-    check_storable(config)
+    check_config(config)
     on_meta = [name for name, p in model.named_parameters() if p.is_meta]
     if on_meta:
         raise ValueError(f"fxquant: cannot quantize weights on the meta device ({', '.join(on_meta[:5])}); load them first")

@@ -2,6 +2,7 @@
 bad input refused with the model untouched, and HF transformers' fbgemm_fp8 layout read back
 with transformers' own classes."""
 
+import hashlib
 import json
 import os
 
@@ -81,18 +82,23 @@ def test_fxquant_json(tmp_path):
     returned = save_quantized(model, tmp_path, config)
     metadata = json.loads((tmp_path / "fxquant.json").read_text())
     assert metadata == json.loads(json.dumps(returned))
-    assert metadata["format_version"] == 1
+    assert metadata["format_version"] == 2
     assert QuantConfig(**metadata["config"]) == config
     assert metadata["plan"] == [
-        {"layer": "up", "shape": [256, 128], "scheme": "fp8_rowwise", "note": ""},
-        {"layer": "down", "shape": [128, 256], "scheme": "fp8_rowwise", "note": ""},
-        {"layer": "lm_head", "shape": [32, 128], "scheme": None, "note": "skipped by skip list (lm_head)"},
+        {"layer": "up", "shape": [256, 128], "scheme": "fp8_rowwise", "note": "",
+         "bytes": {"before": 256 * 128 * 4, "after": 256 * 128 + 256 * 4}},
+        {"layer": "down", "shape": [128, 256], "scheme": "fp8_rowwise", "note": "",
+         "bytes": {"before": 256 * 128 * 4, "after": 256 * 128 + 128 * 4}},
+        {"layer": "lm_head", "shape": [32, 128], "scheme": None, "note": "skipped by skip list (lm_head)",
+         "bytes": {"before": 32 * 128 * 4, "after": 32 * 128 * 4}},
     ]
     header = read_header(tmp_path / "model.safetensors")
     assert metadata["tensors"] == {
-        name: {"dtype": dtype_name(dtype), "shape": list(shape)} for name, (dtype, shape) in header.items()
+        name: {"dtype": dtype_name(dtype), "shape": list(shape), "file": "model.safetensors"} for name, (dtype, shape) in header.items()
     }
-    assert metadata["tensors"]["up.weight_scale"] == {"dtype": "float32", "shape": [256, 1]}
+    assert metadata["tensors"]["up.weight_scale"] == {"dtype": "float32", "shape": [256, 1], "file": "model.safetensors"}
+    assert metadata["sha256"] == {"model.safetensors": hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()}
+    assert metadata["files"] == ["model.safetensors", "fxquant.json"]
     assert metadata["tied"] == {}
     # fp32 up and down weights become e4m3 plus a float32 scale per row; the rest stays.
     quantized_bytes = 2 * 256 * 128 * (4 - 1) - (256 + 128) * 4

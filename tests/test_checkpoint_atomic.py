@@ -201,13 +201,15 @@ def fail_writing_json(monkeypatch):
 
 
 def fail_writing_weights(monkeypatch):
-    import fxquant.checkpoint
+    from fxquant.safetensors_file import FileLayout
 
-    def save_half(tensors, path, metadata):
-        Path(path).write_bytes(b"half a file")
+    write = FileLayout.write
+
+    def write_half(self, file, name, tensor):
+        write(self, file, name, tensor)
         raise OSError("disk full")
 
-    monkeypatch.setattr(fxquant.checkpoint, "save_file", save_half)
+    monkeypatch.setattr(FileLayout, "write", write_half)
 
 
 def fail_syncing(monkeypatch):

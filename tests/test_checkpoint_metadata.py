@@ -53,8 +53,9 @@ def rewrite(directory, edit_tensors, edit_metadata_too=None) -> None:
     save_file(tensors, path, metadata={"format": "pt"})
 
     def follow(metadata):
-        metadata["tensors"] = {n: {"dtype": dtype_name(t.dtype), "shape": list(t.shape)} for n, t in tensors.items()}
-        metadata["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        metadata["tensors"] = {n: {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "file": "model.safetensors"}
+                               for n, t in tensors.items()}
+        metadata["sha256"] = {"model.safetensors": hashlib.sha256(path.read_bytes()).hexdigest()}
         if edit_metadata_too:
             edit_metadata_too(metadata)
 
@@ -74,8 +75,10 @@ def refused(directory, model, match) -> None:
 @pytest.mark.parametrize("value", [None, "", "abc", "0" * 63, "A" * 64, 12, ["0" * 64]])
 def test_missing_or_malformed_sha256_is_refused(tmp_path, value):
     save_quantized(mlp(), tmp_path)
+    edit_metadata(tmp_path, lambda m: m.update(sha256={"model.safetensors": value}))
+    refused(tmp_path, mlp(seed=1), r"fxquant: .*fxquant\.json: sha256 is .*, expected a map from each weights file to its SHA-256")
     edit_metadata(tmp_path, lambda m: m.update(sha256=value))
-    refused(tmp_path, mlp(seed=1), r"fxquant: .*fxquant\.json: sha256 is .*, expected the weights file's SHA-256")
+    refused(tmp_path, mlp(seed=1), r"fxquant: .*fxquant\.json: sha256 is .*, expected a map from each weights file to its SHA-256")
 
 
 def test_deleted_sha256_is_refused_even_without_verification(tmp_path):
@@ -124,7 +127,7 @@ MALFORMED = {
     "bytes missing": (lambda m: m.pop("bytes"), r"the file lacks 'bytes'"),
     "bytes after a string": (lambda m: m["bytes"].update(after="1 MB"), r"bytes\.after is '1 MB', expected an integer"),
     "format_version a string": (lambda m: m.update(format_version="1"), r"format_version '1' unsupported"),
-    "format_version 2": (lambda m: m.update(format_version=2), r"format_version 2 unsupported \(this fxquant reads 1\)"),
+    "format_version 3": (lambda m: m.update(format_version=3), r"format_version 3 unsupported \(this fxquant reads 1 and 2\)"),
     "an empty map": (lambda m: m.clear(), r"format_version None unsupported"),
     "files a string": (lambda m: m.update(files="model.safetensors"), r"files is 'model\.safetensors', expected a list"),
     "plan lists a layer twice": (lambda m: m["plan"].append(dict(m["plan"][0])), r"the plan lists layer 'up' twice"),

@@ -43,7 +43,7 @@ def test_quantize_then_inspect_tiny_llama(llama_dir, tmp_path):
     out = tmp_path / "fp8"
     result = fxquant("quantize", llama_dir, out, "--scheme", "fp8_rowwise")
     assert "fp8_rowwise, 14 of 15 linear layers quantized" in result.stdout
-    assert "quantizing: 100%" in result.stderr  # the per-layer progress bar
+    assert result.stderr == ""  # no progress bar: stderr is not a terminal
     metadata = json.loads((out / "fxquant.json").read_text())
     before, after = metadata["bytes"]["before"], metadata["bytes"]["after"]
     assert after < before and f"bytes: {before:,} before, {after:,} after" in result.stdout
@@ -107,3 +107,23 @@ def test_errors_name_the_file(tmp_path, capsys):
     assert capsys.readouterr().err.startswith(f"fxquant inspect: error: {broken} is not a readable safetensors file")
     assert main(["quantize", str(tmp_path / "missing"), str(tmp_path / "out")]) == 1
     assert "fxquant quantize: error:" in capsys.readouterr().err
+
+
+def test_inspect_shows_bytes_per_layer_of_a_sharded_checkpoint(llama_dir, tmp_path, capsys):
+    out = tmp_path / "fp8"
+    assert main(["quantize", str(llama_dir), str(out), "--max-shard-size", "60KB"]) == 0
+    metadata = json.loads((out / "fxquant.json").read_text())
+    shards = len(metadata["sha256"])
+    assert shards > 1 and f"weights: {shards} files and model.safetensors.index.json" in capsys.readouterr().out
+    assert main(["inspect", str(out)]) == 0
+    report = capsys.readouterr().out
+    assert f"checkpoint: {out} ({shards} shards, model.safetensors.index.json)" in report
+    # q_proj: fp32 64 x 64 (16,384 bytes) → e4m3 (4,096) and a float32 scale per row (256)
+    assert re.search(r"model\.layers\.0\.self_attn\.q_proj +fp8_rowwise +16,384 +4,352 +0\.27x\n", report)
+    assert re.search(r"lm_head +- +32,768 +32,768 +1\.00x\n", report)
+    before, after = metadata["bytes"]["before"], metadata["bytes"]["after"]
+    assert f"bytes: {before:,} before, {after:,} after" in report
+    assert re.search(r"model\.norm\.weight +float32 +64 +model-0000\d-of-0000\d\.safetensors\n", report)
+    one = sorted(metadata["sha256"])[0]
+    assert main(["inspect", str(out / one)]) == 0
+    assert re.search(rf"bytes: [\d,]+ stored in {one}\n", capsys.readouterr().out)

@@ -120,7 +120,7 @@ def test_quantizing_a_snapshot_into_a_new_directory_leaves_the_blobs_as_they_wer
         assert "out: LlamaForCausalLM, fp8_rowwise, 14 of 15 linear layers quantized" in capsys.readouterr().out
         assert digests(hub_cache / "blobs") == blobs, "a blob changed"
         written = sorted((hub_cache / "out").iterdir())
-        assert [path.name for path in written] == ["config.json", "fxquant.json", "model.safetensors"]
+        assert [path.name for path in written] == ["config.json", "fxquant.json", "generation_config.json", "model.safetensors"]
         assert not any(path.is_symlink() for path in written)
 
 
@@ -133,7 +133,7 @@ def test_a_non_empty_directory_that_is_no_checkpoint_is_replaced_only_with_overw
     assert (output / "notes.txt").read_text() == "mine"
 
     assert main(["quantize", str(saved_llama), str(output), "--overwrite"]) == 0, capsys.readouterr().err
-    assert sorted(path.name for path in output.iterdir()) == ["config.json", "fxquant.json", "model.safetensors"]
+    assert sorted(path.name for path in output.iterdir()) == ["config.json", "fxquant.json", "generation_config.json", "model.safetensors"]
 
 
 def test_an_output_that_is_a_symlink_is_refused_and_its_target_kept(saved_llama, tmp_path, capsys):

@@ -171,7 +171,7 @@ def test_export_and_checkpoint_save_load(tmp_path):
     assert "down.weight" not in program.state_dict
 
     metadata = save_quantized(model, tmp_path / "model", toy_config())
-    assert metadata["tensors"]["down.weight_zero_point"] == {"dtype": "int32", "shape": [64]}
+    assert metadata["tensors"]["down.weight_zero_point"] == {"dtype": "int32", "shape": [64], "file": "model.safetensors"}
     assert "config.json" not in metadata["files"]  # no HF layout describes the toy scheme
     save_quantized(program, tmp_path / "program")
     assert (tmp_path / "program" / "model.safetensors").read_bytes() == (tmp_path / "model" / "model.safetensors").read_bytes()
