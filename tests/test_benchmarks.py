@@ -82,3 +82,19 @@ def test_weight_check_cost_on_a_narrow_model(tmp_path):
     assert [(r["mode"], r["check_weight_updates"]) for r in results] == [("default", False), ("default", True)]
     assert all(r["weights_watched"] == 7 and list(r["shapes"]) == ["1x1", "16x1"] for r in results), "q k v o gate up down"
     assert results[0]["check_alone_us"] is None and results[1]["check_alone_us"] > 0
+
+
+@pytest.mark.slow
+def test_streaming_quantize_benchmark_on_a_small_config(tmp_path):
+    """The >RAM benchmark's script end to end on a config small enough for a test: it writes the input,
+    quantizes it with `fxquant quantize`, prints its RESULTS line and removes both directories."""
+    directory = tmp_path / "streaming"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "streaming_quantize.py"), "--dir", str(directory), "--hidden", "256",
+         "--intermediate", "512", "--layers", "2", "--vocab", "1024", "--in-shard-size", "1MB", "--out-shard-size", "1MB"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "LlamaForCausalLM, fp8_rowwise, 14 of 15 linear layers quantized" in done.stdout
+    assert "| fxquant quantize, Llama 2 layers hidden 256" in done.stdout and "peak RSS" in done.stdout
+    assert not directory.exists()
