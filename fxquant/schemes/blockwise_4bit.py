@@ -56,6 +56,18 @@ class Blockwise4bit(Scheme):
                 "weight_nested_absmax": (torch.float32, (-(-n * blocks // NESTED_BLOCKSIZE),)),
                 "weight_offset": (torch.float32, ())}
 
+    def op_shape(self, name, shape, n, k, options):
+        """File and op shapes are one. A stored layer's K is read from its weight, which holds K / 2
+        bytes a row: a shape fits [N, K] or, so read, [N, 2 K]."""
+        fits = any(self.layout(n, size, options)[name][1] == shape for size in (k, 2 * k) if size % options.blocksize == 0)
+        return shape if fits else None
+
+    def stored_problem(self, tensors, n, k, options):
+        weight = tensors.get("weight")
+        if weight is not None and weight.dim() == 2:
+            k = 2 * weight.shape[1]  # the packed weight's K / 2 bytes a row
+        return super().stored_problem(tensors, n, k, options)
+
     def unsupported(self, layer, n, k, options):
         if k % options.blocksize:
             return f"K={k} not divisible by the 4-bit blocksize {options.blocksize}"
