@@ -6,9 +6,10 @@ bytes and dequantized in registers, never written out.
 
 At decode the GEMM streams the weight once and does almost no math, so what counts is bytes (a
 quarter of bf16's) and loads in flight: each program takes a BLOCK_N slice of outputs and a K_PER_SPLIT
-slice of K (split-K), so that N = 4096 gives enough programs for an H100/H200's 132 SMs. The
-dequantized tile is rounded to the compute dtype (x's) as the reference does (float32 products, then
-the cast), multiplied on tensor cores with float32 accumulation; split partials go to a float32
+slice of K (split-K), so that N = 4096 gives enough programs for an H100/H200's 132 SMs. A tile's
+bytes become codes in registers (tl.join of the high and low nibbles), are looked up in the 16-value
+table and scaled by one absmax per blocksize-long block of the tile; the dequantized tile is rounded
+to the compute dtype (x's) as the reference does (float32 products, then the cast), multiplied on tensor cores with float32 accumulation; split partials go to a float32
 workspace [SPLIT_K, M, N] summed in a fixed order (deterministic). Larger M dequantizes once and
 runs cuBLAS (fxquant/ops/blockwise_4bit.py chooses by M).
 """
@@ -38,13 +39,15 @@ def fits(rows: int) -> bool:
 def _gemm_4bit_kernel(
     x_ptr, w_ptr, absmax_q_ptr, nested_ptr, offset_ptr, code_ptr, dynamic_map_ptr, out_ptr,
     M, N, K, stride_xm,
-    K_PER_SPLIT: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    K_PER_SPLIT: tl.constexpr, BLOCKSIZE: tl.constexpr, GROUPS: tl.constexpr, NESTED: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rj = tl.arange(0, BLOCK_K // 2)  # the tile's bytes along K
+    rg = tl.arange(0, GROUPS)  # the tile's absmax blocks (GROUPS = BLOCK_K / BLOCKSIZE, or 1)
     mask_m = rm < M
     mask_n = rn < N
     offset = tl.load(offset_ptr)
@@ -52,21 +55,25 @@ def _gemm_4bit_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for step in range(0, K_PER_SPLIT, BLOCK_K):
-        rk = pid_k * K_PER_SPLIT + step + tl.arange(0, BLOCK_K)
-        in_k = rk < K
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mask_m[:, None] & in_k[None, :], other=0.0)
-        # W^T tile [BLOCK_K, BLOCK_N]: byte k // 2 of row n; the even k in the high nibble
-        mask_w = in_k[:, None] & mask_n[None, :]
-        byte = tl.load(w_ptr + rn[None, :] * (K // 2) + (rk // 2)[:, None], mask=mask_w, other=0).to(tl.int32)
-        nibble = (byte >> (((rk + 1) % 2) * 4)[:, None]) & 0xF
-        block = rn[None, :] * blocks_per_row + (rk // BLOCKSIZE)[:, None]
-        absmax_q = tl.load(absmax_q_ptr + block, mask=mask_w, other=0).to(tl.int32)
-        absmax = tl.load(dynamic_map_ptr + absmax_q) * tl.load(nested_ptr + block // NESTED, mask=mask_w, other=0.0) + offset
-        w = (tl.load(code_ptr + nibble) * absmax).to(x.dtype)
+        k0 = pid_k * K_PER_SPLIT + step
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mask_m[:, None] & (rk < K)[None, :], other=0.0)
+        # W tile [BLOCK_N, BLOCK_K] from [BLOCK_N, BLOCK_K / 2] bytes, the even k in the high nibble
+        byte_k = k0 // 2 + rj
+        byte = tl.load(w_ptr + rn[:, None] * (K // 2) + byte_k[None, :],
+                       mask=mask_n[:, None] & (byte_k < K // 2)[None, :], other=0).to(tl.int32)
+        values = tl.load(code_ptr + tl.reshape(tl.join(byte >> 4, byte & 0xF), (BLOCK_N, BLOCK_K)))
+        group_k = k0 + rg * (BLOCK_K // GROUPS)
+        block = rn[:, None] * blocks_per_row + (group_k // BLOCKSIZE)[None, :]
+        mask_g = mask_n[:, None] & (group_k < K)[None, :]
+        absmax_q = tl.load(absmax_q_ptr + block, mask=mask_g, other=0).to(tl.int32)
+        absmax = tl.load(dynamic_map_ptr + absmax_q) * tl.load(nested_ptr + block // NESTED, mask=mask_g, other=0.0) + offset
+        scaled = tl.reshape(values, (BLOCK_N, GROUPS, BLOCK_K // GROUPS)) * absmax[:, :, None]
+        w = tl.reshape(scaled, (BLOCK_N, BLOCK_K)).to(x.dtype)  # float32 products, then the compute dtype
         if IEEE:
-            acc = tl.dot(x, w, acc, input_precision="ieee")
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
         else:
-            acc = tl.dot(x, w, acc)
+            acc = tl.dot(x, tl.trans(w), acc)
 
     out_ptrs = out_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :]
     tl.store(out_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
@@ -99,7 +106,7 @@ def gemm_4bit(x: torch.Tensor, w_q: torch.Tensor, absmax_q: torch.Tensor, nested
     partial = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
     _gemm_4bit_kernel[(triton.cdiv(n, BLOCK_N), splits)](
         x, w_q, absmax_q, nested_absmax, offset, code, dynamic_map, partial, m, n, k, x.stride(0),
-        K_PER_SPLIT=k_per_split, BLOCKSIZE=blocksize, NESTED=NESTED_BLOCKSIZE, IEEE=x.dtype == torch.float32,
+        K_PER_SPLIT=k_per_split, BLOCKSIZE=blocksize, GROUPS=max(1, BLOCK_K // blocksize), NESTED=NESTED_BLOCKSIZE, IEEE=x.dtype == torch.float32,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
     )
     return (partial[0] if splits == 1 else partial.sum(dim=0)).to(x.dtype)
