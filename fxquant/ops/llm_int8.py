@@ -11,7 +11,9 @@ The weight's quantization is bitsandbytes' (`int8_vectorwise_quant(W.half())`: i
 bit). The activation is quantized from float32 where bitsandbytes first casts it to float16, so
 outputs agree with bnb.matmul to float16 rounding of the activation (tests/ops/test_llm_int8.py).
 The outlier product runs dense over all K with the other columns zeroed: static shapes, so the op
-is captured by CUDA graphs, where bitsandbytes gathers the columns on the host's count.
+is captured by CUDA graphs, where bitsandbytes gathers the columns on the host's count. On CUDA the
+scheme decomposes the op into these aten ops, so Inductor fuses the outlier split into the
+activation's quantization and both into the kernels that produce x.
 """
 
 from __future__ import annotations
@@ -49,10 +51,9 @@ def check_llm_int8_inputs(x: Tensor, w_q: Tensor, w_absmax: Tensor, bias: Tensor
     torch._check(threshold >= 0, lambda: f"fxquant::llm_int8_linear: threshold must be >= 0, got {threshold}")
 
 
-@torch.library.custom_op("fxquant::llm_int8_linear", mutates_args=())
-def llm_int8_linear(x: Tensor, w_q: Tensor, w_absmax: Tensor, bias: Tensor | None = None, threshold: float = 6.0) -> Tensor:
-    """y = int8 GEMM of the non-outlier columns + the outlier columns in x's dtype, + bias."""
-    check_llm_int8_inputs(x, w_q, w_absmax, bias, threshold)
+def llm_int8_linear_aten(x: Tensor, w_q: Tensor, w_absmax: Tensor, bias: Tensor | None = None, threshold: float = 6.0) -> Tensor:
+    """The op in aten ops: also its CUDA decomposition (the scheme's `decompositions`), where Inductor
+    fuses the outlier split, the row max and the rounding into the kernels that produce x."""
     rows = x.reshape(-1, x.shape[-1])
     x_q, rowmax, columns = split_outliers(rows, threshold)
     y = int_mm(x_q, w_q.t()).float() * (rowmax.unsqueeze(-1) * w_absmax.unsqueeze(0)) * INV_SCALE_SQUARED
@@ -63,6 +64,13 @@ def llm_int8_linear(x: Tensor, w_q: Tensor, w_absmax: Tensor, bias: Tensor | Non
         weight = (w_q.float() * (w_absmax / INT8_MAX).unsqueeze(-1)).to(x.dtype)
         y = y + rows.masked_fill(~columns, 0) @ weight.t()
     return y.reshape(*x.shape[:-1], w_q.shape[0])
+
+
+@torch.library.custom_op("fxquant::llm_int8_linear", mutates_args=())
+def llm_int8_linear(x: Tensor, w_q: Tensor, w_absmax: Tensor, bias: Tensor | None = None, threshold: float = 6.0) -> Tensor:
+    """y = int8 GEMM of the non-outlier columns + the outlier columns in x's dtype, + bias."""
+    check_llm_int8_inputs(x, w_q, w_absmax, bias, threshold)
+    return llm_int8_linear_aten(x, w_q, w_absmax, bias, threshold)
 
 
 @llm_int8_linear.register_fake

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fxquant.ops.llm_int8 import quantize_llm_int8_weight
+from fxquant.ops.llm_int8 import llm_int8_linear_aten, quantize_llm_int8_weight
 from fxquant.scheme import Scheme, SchemeCall, register_scheme
 from fxquant.schemes.common import aligned
 
@@ -44,6 +44,9 @@ class LlmInt8(Scheme):
         args = {"x": x, "w_q": tensors["weight"], "w_absmax": tensors["weight_absmax"], "bias": bias,
                 "threshold": options.threshold}
         return SchemeCall(torch.ops.fxquant.llm_int8_linear.default, args, {"weight": "w_q", "weight_absmax": "w_absmax"})
+
+    def decompositions(self):
+        return {torch.ops.fxquant.llm_int8_linear.default: llm_int8_linear_aten}
 
     def cache_key(self, options):
         return ()  # the threshold acts on activations only

@@ -5,7 +5,7 @@ product of x and the weight dequantized from the bytes with bitsandbytes' tables
 order differs (1e-5 of the largest output); float16: the weight (as the reference rounds it) and the
 output rounded to fp16, within 2^-10 of the largest output. Not bfloat16: Triton 3.9's interpreter
 gets a bf16 x bf16 tl.dot wrong (1e10 off on random 16 x 16 tiles, measured), so bf16 runs in the
-GPU test (tests/kernels/test_cuda_4bit.py)."""
+GPU test (tests/kernels/test_cuda_bnb.py)."""
 
 import importlib.util
 import json

@@ -92,3 +92,15 @@ def test_opcheck():
     w_q, w_absmax = quantize_llm_int8_weight(torch.randn(32, 64))
     torch.library.opcheck(llm_int8_linear, (activations_with_outliers(4, 64), w_q, w_absmax, torch.randn(32), 6.0))
     torch.library.opcheck(llm_int8_linear, (torch.randn(2, 3, 64, dtype=torch.bfloat16), w_q, w_absmax, None, 0.0))
+
+
+def test_cuda_decomposition_is_the_op_in_aten_ops():
+    """On CUDA the scheme opens the op up (Inductor fuses the outlier split into the quantization);
+    off CUDA it declines and the op runs whole. The decomposition computes what the op does."""
+    import fxquant
+    from fxquant.ops.llm_int8 import llm_int8_linear_aten
+
+    assert fxquant.SCHEMES["llm_int8"].decompositions() == {llm_int8_linear.default: llm_int8_linear_aten}
+    w_q, w_absmax = quantize_llm_int8_weight(torch.randn(32, 64))
+    x, bias = activations_with_outliers(4, 64), torch.randn(32)
+    assert torch.equal(llm_int8_linear_aten(x, w_q, w_absmax, bias, 6.0), llm_int8_linear(x, w_q, w_absmax, bias, 6.0))

@@ -1,6 +1,7 @@
-"""nf4 / fp4 on the GPU: the op's CUDA implementation (the fused Triton kernel for M <= 16, dequantize
-then cuBLAS above) against the same op on the CPU and a float64 reference, and the scheme under
-torch.compile with CUDA graphs."""
+"""The bitsandbytes family on the GPU. nf4 / fp4: the op's CUDA implementation (the fused Triton
+kernel for M <= 16, dequantize then cuBLAS above) against a float64 reference, and the scheme under
+torch.compile with CUDA graphs. llm_int8: compiled, its CUDA decomposition (the outlier split fused
+by Inductor into the activation's quantization) against the eager op."""
 
 import pytest
 import torch
@@ -47,3 +48,19 @@ def test_reduce_overhead_decode_matches_eager():
             hidden = linear_4bit(x, *arguments(tensors[0], "nf4", 64, "cuda"))
             expected = linear_4bit(torch.nn.functional.silu(hidden), *arguments(tensors[1], "nf4", 64, "cuda"))
         torch.testing.assert_close(y, expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("rows", [1, 16, 300])
+def test_llm_int8_decomposed_matches_the_op(rows):
+    torch.manual_seed(rows)
+    layer = nn.Linear(1024, 512).cuda().bfloat16()
+    model = nn.Sequential(nn.LayerNorm(1024), layer).cuda().bfloat16()
+    x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
+    x[:, 7] *= 40  # an outlier feature
+    backend = fxquant.backend(fxquant.QuantConfig(scheme="llm_int8"), keep_graphs=True)
+    with torch.no_grad():
+        compiled = torch.compile(model, backend=backend)(x)
+        tensors = fxquant.SCHEMES["llm_int8"].quantize(layer.weight, fxquant.SCHEMES["llm_int8"].options({}))
+        eager = torch.ops.fxquant.llm_int8_linear(model[0](x), tensors["weight"], tensors["weight_absmax"], layer.bias, 6.0)
+    scale = eager.float().abs().max().item()
+    assert (compiled.float() - eager.float()).abs().max().item() < 2e-2 * scale
