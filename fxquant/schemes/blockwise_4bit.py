@@ -46,8 +46,9 @@ class Blockwise4bit(Scheme):
     Options = Blockwise4bitOptions
 
     def quantize(self, weight, options):
-        if weight.dim() != 2:
-            raise ValueError(f"fxquant: {self.name} quantizes [N, K] weights, got {list(weight.shape)}")
+        if weight.dim() != 2 or weight.shape[1] % options.blocksize:
+            raise ValueError(f"fxquant: {self.name} quantizes [N, K] weights with K a multiple of the blocksize "
+                             f"{options.blocksize}, got {list(weight.shape)}")
         return quantize_4bit(weight, options.blocksize, self.quant_type)
 
     def layout(self, n, k, options):
