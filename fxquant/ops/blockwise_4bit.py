@@ -11,7 +11,8 @@ Codes, absmax codes, nested absmax and offset are bit-identical to `bitsandbytes
 quantize_4bit(w, blocksize, compress_statistics=True, quant_type)` on the CPU (tests/ops/
 test_blockwise_4bit.py checks it against the package). The op `fxquant::linear_4bit` dequantizes
 (in float32, as bitsandbytes does) and multiplies in the compute dtype; on CUDA small batches run
-a fused dequantize-GEMM Triton kernel (fxquant/kernels/gemm_4bit.py).
+a fused dequantize-GEMM Triton kernel (fxquant/kernels/gemm_4bit.py), larger ones dequantize
+with one Triton kernel (fxquant/kernels/dequantize_4bit.py) and run cuBLAS.
 """
 
 from __future__ import annotations
@@ -211,19 +212,21 @@ def _(x, w_q, absmax_q, nested_absmax, offset, quant_type, blocksize, compute_dt
 
 @linear_4bit.register_kernel("cuda")
 def _(x, w_q, absmax_q, nested_absmax, offset, quant_type, blocksize, compute_dtype=None, bias=None):
-    """Decode-sized batches: the fused dequantize-GEMM kernel; larger: dequantize, then cuBLAS."""
+    """Decode-sized batches: the fused dequantize-GEMM kernel; larger: the weight dequantized by one
+    Triton kernel, then cuBLAS."""
     check_4bit_inputs(x, w_q, absmax_q, nested_absmax, offset, quant_type, blocksize, compute_dtype, bias)
-    from fxquant.kernels import gemm_4bit
+    from fxquant.kernels import dequantize_4bit as dequantize_kernel, gemm_4bit
 
     rows = x.numel() // x.shape[-1]
-    if not gemm_4bit.fits(rows):
-        return linear_4bit_reference(x, w_q, absmax_q, nested_absmax, offset, quant_type, blocksize, compute_dtype, bias)
     dtype = compute_dtype_of(x, compute_dtype)
-    code = _tables(quant_type, w_q.device)[0]
-    y = gemm_4bit.gemm_4bit(x.reshape(rows, -1).to(dtype), w_q, absmax_q, nested_absmax, offset.reshape(1),
-                            code, _dynamic_map(w_q.device), blocksize)
-    if bias is not None:
-        y = y + bias.to(dtype)
+    tables = (_tables(quant_type, w_q.device)[0], _dynamic_map(w_q.device))
+    bias = None if bias is None else bias.to(dtype)
+    if gemm_4bit.fits(rows):
+        y = gemm_4bit.gemm_4bit(x.reshape(rows, -1).to(dtype), w_q, absmax_q, nested_absmax, offset.reshape(1), *tables, blocksize)
+        y = y if bias is None else y + bias
+    else:
+        weight = dequantize_kernel.dequantize_4bit(w_q, absmax_q, nested_absmax, offset.reshape(1), *tables, blocksize, dtype)
+        y = F.linear(x.reshape(rows, -1).to(dtype), weight, bias)
     return y.to(x.dtype).reshape(*x.shape[:-1], w_q.shape[0])
 
 

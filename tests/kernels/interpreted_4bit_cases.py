@@ -1,8 +1,8 @@
-"""Runs fxquant/kernels/gemm_4bit.py on CPU tensors and reports each output against the float64
+"""Runs fxquant/kernels/gemm_4bit.py and dequantize_4bit.py on CPU tensors and reports each output against the float64
 product of x and the weight dequantized here from the bytes with bitsandbytes' tables; meant to run
 under TRITON_INTERPRET=1 (tests/kernels/test_interpreted_gemm_4bit.py):
 
-    TRITON_INTERPRET=1 python -m tests.kernels.interpreted_4bit_cases '[{"m": 1, "n": 128, "k": 1024, ...}]'
+    TRITON_INTERPRET=1 python -m tests.kernels.interpreted_4bit_cases gemm '[{"m": 1, "n": 128, "k": 1024, ...}]'
 """
 
 import json
@@ -24,6 +24,19 @@ def reference_weight(tensors: dict, quant_type: str, blocksize: int) -> torch.Te
     return values.reshape(n, -1)
 
 
+def dequantize(n: int, k: int, quant_type: str, blocksize: int, dtype: str) -> dict:
+    """fxquant/kernels/dequantize_4bit.py against the weight dequantized here, bit for bit."""
+    from fxquant.kernels.dequantize_4bit import dequantize_4bit
+
+    torch.manual_seed(n + k)
+    tensors = quantize_4bit(torch.randn(n, k) * 0.05, blocksize, quant_type)
+    out = dequantize_4bit(tensors["weight"], tensors["weight_absmax"], tensors["weight_nested_absmax"],
+                          tensors["weight_offset"].reshape(1), code_table(quant_type), dynamic_map(), blocksize,
+                          getattr(torch, dtype))
+    expected = reference_weight(tensors, quant_type, blocksize).to(getattr(torch, dtype))
+    return {"shape": list(out.shape), "dtype": str(out.dtype), "equal": torch.equal(out, expected)}
+
+
 def run(m: int, n: int, k: int, quant_type: str, blocksize: int, dtype: str) -> dict:
     from fxquant.kernels.gemm_4bit import gemm_4bit, split_k_for
 
@@ -41,4 +54,5 @@ def run(m: int, n: int, k: int, quant_type: str, blocksize: int, dtype: str) -> 
 
 
 if __name__ == "__main__":
-    print(json.dumps([run(**case) for case in json.loads(sys.argv[1])]))
+    kernel = {"gemm": run, "dequantize": dequantize}[sys.argv[1]]
+    print(json.dumps([kernel(**case) for case in json.loads(sys.argv[2])]))
