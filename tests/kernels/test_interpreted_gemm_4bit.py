@@ -1,8 +1,9 @@
 """The 4-bit kernels on the CPU under Triton's interpreter, in a subprocess (the variable is read
 when a kernel is defined; tests/kernels/interpreted_4bit_cases.py). The dequantize kernel
 (fxquant/kernels/dequantize_4bit.py) equals the reference weight to the bit. The fused
-dequantize-GEMM (fxquant/kernels/gemm_4bit.py) against the float64 product of x and the weight dequantized from the bytes with bitsandbytes' tables. float32 compute: the same products, only the summation
-order differs (1e-5 of the largest output); float16: the weight (as the reference rounds it) and the
+dequantize-GEMM (fxquant/kernels/gemm_4bit.py) against the float64 product of x and the weight
+dequantized from the bytes with bitsandbytes' tables. float32 compute: the same products, only the
+summation order differs (1e-5 of the largest output); float16: the weight (as the reference rounds it) and the
 output rounded to fp16, within 2^-10 of the largest output. Not bfloat16: Triton 3.9's interpreter
 gets a bf16 x bf16 tl.dot wrong (1e10 off on random 16 x 16 tiles, measured), so bf16 runs in the
 GPU test (tests/kernels/test_cuda_bnb.py)."""
