@@ -64,3 +64,15 @@ def test_llm_int8_decomposed_matches_the_op(rows):
         eager = torch.ops.fxquant.llm_int8_linear(model[0](x), tensors["weight"], tensors["weight_absmax"], layer.bias, 6.0)
     scale = eager.float().abs().max().item()
     assert (compiled.float() - eager.float()).abs().max().item() < 2e-2 * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_dequantize_kernel_is_the_reference_to_the_bit(dtype):
+    from fxquant.kernels.dequantize_4bit import dequantize_4bit as dequantize_kernel
+    from fxquant.ops.blockwise_4bit import code_table, dynamic_map
+
+    tensors = quantize_4bit(torch.randn(1000, 4096) * 0.02, 64, "nf4")
+    cuda = arguments(tensors, "nf4", 64, "cuda")
+    out = dequantize_kernel(*cuda[:3], cuda[3].reshape(1), code_table("nf4").cuda(), dynamic_map().cuda(), 64, dtype)
+    expected = dequantize_4bit(*arguments(tensors, "nf4", 64, "cpu")[:4], "nf4", 64).to(dtype)
+    assert torch.equal(out.cpu(), expected)
