@@ -78,8 +78,8 @@ def save_bitsandbytes(model: nn.Module, directory: str | os.PathLike, config: Qu
     """Write an HF model (float weights, a `config`) quantized by `config` (nf4 or fp4, one quant type,
     blocksize and compute dtype for all its quantized layers: transformers' one quantization_config)
     in bitsandbytes' serialized layout into a new `directory` (refused if it exists); returns the
-    quantization_config. Refuses, before writing anything, a plan with another scheme, stored
-    (already quantized) layers and Conv1D layers."""
+    quantization_config. Layers stored as nf4 / fp4 (load_quantized, load_bitsandbytes) are written
+    as they are. Refuses, before writing anything, a plan with another scheme and Conv1D layers."""
     config = config or QuantConfig(scheme="nf4")
     directory = Path(directory)
     if directory.exists():
@@ -92,7 +92,6 @@ def save_bitsandbytes(model: nn.Module, directory: str | os.PathLike, config: Qu
     for entry in quantized:
         module = model.get_submodule(entry.layer)
         problem = (f"scheme {entry.scheme} (bitsandbytes' layout holds nf4 or fp4)" if entry.scheme not in QUANT_TYPES
-                   else "stored quantized already" if entry.stored is not None
                    else "a Conv1D (transformers' bitsandbytes layers are nn.Linear)" if is_conv1d(module)
                    else f"its options {entry.options} differ from another layer's (one quantization_config)" if len(kinds) > 1
                    else None)
@@ -109,14 +108,21 @@ def save_bitsandbytes(model: nn.Module, directory: str | os.PathLike, config: Qu
             continue
         seen.add(tensor.data_ptr())
         state[name] = tensor
+    model_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     with torch.no_grad():
         for entry in quantized:
-            weight = model.get_submodule(entry.layer).weight
-            tensors = get_scheme(quant_type).quantize(weight.detach(), options)
+            module = model.get_submodule(entry.layer)
+            if entry.stored is None:
+                tensors, dtype = get_scheme(quant_type).quantize(module.weight.detach(), options), module.weight.dtype
+            else:  # stored nf4 / fp4 (load_quantized, load_bitsandbytes): its bytes as they are
+                tensors, dtype = {"weight": module.weight.detach(), **entry.stored}, model_dtype
+                for name in [name for name in state if name.startswith(f"{entry.layer}.weight_")]:
+                    del state[name]
             del state[f"{entry.layer}.weight"]
-            state.update(bnb_tensors(entry.layer, tensors, quant_type, options.blocksize, tuple(weight.shape), weight.dtype))
+            shape = (module.out_features, module.in_features)
+            state.update(bnb_tensors(entry.layer, tensors, quant_type, options.blocksize, shape, dtype))
     skipped = [entry.layer for entry in plan if entry.scheme is None]
-    quantization_config = _quantization_config(quant_type, options, skipped, next(model.parameters()).dtype)
+    quantization_config = _quantization_config(quant_type, options, skipped, model_dtype)
     hf_config = {**model.config.to_dict(), "quantization_config": quantization_config}
 
     directory.parent.mkdir(parents=True, exist_ok=True)

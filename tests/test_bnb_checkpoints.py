@@ -123,3 +123,27 @@ def test_refusals_name_the_reason(tmp_path):
         target = transformers.LlamaForCausalLM(model.config)
     with pytest.raises(ValueError, match=r"model.layers.0.mlp.up_proj: .* no double quantization"):
         load_bitsandbytes(tmp_path / "out", target)
+
+
+def test_stored_layers_are_written_as_they_are(tmp_path):
+    """fxquant's own nf4 checkpoint, loaded, converts to bitsandbytes' layout with the same bytes;
+    and bitsandbytes' layout read and written again is the same tensors."""
+    from safetensors.torch import load_file
+
+    model = tiny_llama()
+    config = QuantConfig(scheme="nf4")
+    save_bitsandbytes(model, tmp_path / "direct", config)
+    fxquant.save_quantized(model, tmp_path / "fxquant", config)
+    with empty_weights():
+        loaded = transformers.LlamaForCausalLM(model.config)
+    fxquant.load_quantized(tmp_path / "fxquant", loaded)
+    save_bitsandbytes(loaded, tmp_path / "converted", config)
+    with empty_weights():
+        again = transformers.LlamaForCausalLM(model.config)
+    load_bitsandbytes(tmp_path / "direct", again)  # runs with the compute dtype the checkpoint names
+    save_bitsandbytes(again, tmp_path / "again", QuantConfig(scheme="nf4", scheme_options={"nf4": {"compute_dtype": "float32"}}))
+    direct = load_file(tmp_path / "direct" / "model.safetensors")
+    for other in ("converted", "again"):
+        written = load_file(tmp_path / other / "model.safetensors")
+        assert written.keys() == direct.keys(), other
+        assert all(torch.equal(written[name], direct[name]) for name in direct), other
