@@ -59,3 +59,19 @@ def test_blockwise_gemm_is_exact_to_a_bf16_ulp():
     for case, result in zip(cases, interpret("blockwise", cases)):
         assert result["shape"] == [case["m"], case["n"]] and result["dtype"] == "torch.bfloat16", case
         assert result["within"], f"{case}: {result['worst']:.2e} beyond one bf16 ulp"
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("triton") is not None and not _interpreter_loops_to_runtime_bounds(),
+    reason="this triton's interpreter cannot run a loop to a runtime bound (the kernel's K loop); triton >= 3.9 can",
+)
+def test_grouped_gemm_is_exact_to_a_bf16_ulp():
+    # decode (16-row tiles, experts with no rows, a group of one row), groups longer than a tile (64-row
+    # tiles), K and N tails, rows past the last group (left unwritten, not compared), no rows at all
+    cases = [dict(s=5, n=64, k=128, counts=[0, 2, 0, 1, 2]), dict(s=40, n=96, k=160, counts=[17, 0, 23]),
+             dict(s=150, n=128, k=256, counts=[70, 60]), dict(s=12, n=64, k=128, counts=[3, 0, 5, 0]),
+             dict(s=0, n=64, k=128, counts=[0, 0])]
+    for case, result in zip(cases, interpret("grouped", cases)):
+        assert result["full_shape"] == [case["s"], case["n"]] and result["dtype"] == "torch.bfloat16", case
+        assert result["shape"] == [sum(case["counts"]), case["n"]], case
+        assert result["within"], f"{case}: {result['worst']:.2e} beyond one bf16 ulp"
