@@ -76,7 +76,10 @@ def tuned_fp8_rowwise_grouped_gemm(x_q, w_q, x_scale, w_scale, offsets):
     if x_q.get_device().type != "cuda":
         return fallback_handler(OP, add_to_fallback_set=False)(x_q, w_q, x_scale, w_scale, offsets)
     inputs = realize_inputs(x_q, w_q, x_scale, w_scale, offsets)
-    experts, n, k = (int(size) for size in inputs[1].get_size())  # the expert weights' shape is static
+    try:
+        experts, n, k = (int(size) for size in inputs[1].get_size())  # static for parameters and buffers
+    except TypeError:  # a weight of symbolic shape: the op's own CUDA kernel picks by shape at run time
+        return fallback_handler(OP, add_to_fallback_set=False)(*inputs)
     layout = _layout(inputs[0], inputs[1])
     autotune = inductor_config.max_autotune or inductor_config.max_autotune_gemm
     choices = [EXTERN_CHOICES[kernel].bind(inputs, layout) for kernel in wanted_kernels(n, k, autotune=autotune)]
