@@ -19,15 +19,10 @@ import triton.language as tl
 
 
 @triton.jit
-def _grouped_gemm_kernel(
-    a_ptr, w_ptr, a_scale_ptr, w_scale_ptr, offsets_ptr, out_ptr,
-    M, N, K, E, stride_am, stride_we, stride_wn, stride_se, stride_om,
-    E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-
-    # Which group this row tile is in: tiles per group from the offsets, then their running sum.
+def group_row_tile(offsets_ptr, M, E, pid_m, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(group, first row, end of the group's rows) of row tile `pid_m`; group >= E: past the last tile.
+    The tiles per group come from the offsets, then their running sum (also used by
+    fxquant/kernels/fp8_blockwise_grouped_gemm.py)."""
     groups = tl.arange(0, E_POW2)
     in_e = groups < E
     ends = tl.minimum(tl.load(offsets_ptr + groups, mask=in_e, other=0), M)
@@ -35,12 +30,24 @@ def _grouped_gemm_kernel(
     tiles = tl.where(in_e, (tl.maximum(ends - starts, 0) + BLOCK_M - 1) // BLOCK_M, 0)
     tiles_through = tl.cumsum(tiles, 0)
     group = tl.sum((tiles_through <= pid_m).to(tl.int32), 0)
-    if group >= E:
-        return
     this = groups == group
     first_tile = tl.sum(tl.where(this, tiles_through - tiles, 0), 0)
     row_start = tl.sum(tl.where(this, starts, 0), 0) + (pid_m - first_tile) * BLOCK_M
     row_end = tl.sum(tl.where(this, ends, 0), 0)
+    return group, row_start, row_end
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    a_ptr, w_ptr, a_scale_ptr, w_scale_ptr, offsets_ptr, out_ptr,
+    M, N, K, E, stride_am, stride_we, stride_wn, stride_se, stride_om,
+    E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    group, row_start, row_end = group_row_tile(offsets_ptr, M, E, pid_m, E_POW2, BLOCK_M)
+    if group >= E:
+        return
 
     rm = row_start + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -66,6 +66,8 @@ def _(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor, offsets: Tenso
 def scaled_grouped_mm_rowwise(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor, offsets: Tensor) -> Tensor:
     """The grouped GEMM by `torch._scaled_grouped_mm`: w_q [E, N, K] transposed is the column-major
     [E, K, N] it wants, with no copy; offsets int32."""
+    if x_q.shape[0] == 0:  # no rows: nothing to ask of CUTLASS
+        return grouped_gemm_output(x_q, w_q)
     return torch._scaled_grouped_mm(
         x_q.contiguous(), w_q.transpose(-2, -1), x_scale.contiguous(), w_scale.contiguous(),
         offs=offsets.to(torch.int32), out_dtype=torch.bfloat16, use_fast_accum=True,
