@@ -5,7 +5,8 @@ Two parts, each selected with --parts:
                    `logits_to_keep=1`), their experts run by transformers' `grouped_mm` (and `batched_mm`
                    at decode): decode shapes (1, 1) and (16, 1) with mode="reduce-overhead" (CUDA graphs),
                    prefill shapes (1, 2048) and (4, 2048) in the default mode; bf16 and fxquant in the same
-                   run, ms per forward and the speed-up (the timing is benchmarks/e2e_llama.py's run_peer).
+                   run, ms per forward and the speed-up (the timing is benchmarks/e2e_llama.py's run_peer);
+                   `--decode-implementations grouped_mm batched_mm` times both at decode.
                    Qwen3-30B-A3B: hidden 2048, 128 experts, top-8, expert width 768 (--qwen3-layers, 4);
                    Mixtral-8x7B: hidden 4096, 8 experts, top-2, width 14336 (--mixtral-layers, 2).
   kernels          the expert GEMMs alone, on each model's gate_up and down shapes, tokens x top-k rows
@@ -18,7 +19,7 @@ Two parts, each selected with --parts:
                    ratio to the best library kernel alone (`fused/best`: the target is <= 1.1).
 
     python benchmarks/moe.py --parts kernels qwen3 mixtral --json moe.json
-    python benchmarks/moe.py --parts qwen3 --decode-implementations grouped_mm --shapes 1x1 16x1
+    python benchmarks/moe.py --parts qwen3 --decode-implementations batched_mm --shapes 1x1 16x1
     python benchmarks/moe.py --tiny       # CPU smoke test of the script itself
 """
 
@@ -181,7 +182,7 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["kernels", "qwen3", "mixtral"], choices=["kernels", "qwen3", "mixtral"])
     parser.add_argument("--qwen3-layers", type=int, default=4)
     parser.add_argument("--mixtral-layers", type=int, default=2)
-    parser.add_argument("--decode-implementations", nargs="+", default=["grouped_mm", "batched_mm"],
+    parser.add_argument("--decode-implementations", nargs="+", default=["grouped_mm"],
                         choices=["grouped_mm", "batched_mm"], help="experts implementations timed at decode shapes")
     parser.add_argument("--shapes", nargs="+", metavar="BATCHxTOKENS", help="only these of 1x1 16x1 1x2048 4x2048")
     parser.add_argument("--repeats", type=int, default=10)

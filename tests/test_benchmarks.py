@@ -106,7 +106,8 @@ def test_moe_benchmark_on_tiny_configs(tmp_path):
     producer; the CUDA kernels are GPU-only) and a tiny Qwen3-MoE with bf16 and fxquant, per experts implementation."""
     out = tmp_path / "moe.json"
     done = subprocess.run([sys.executable, str(BENCHMARKS / "moe.py"), "--tiny", "--parts", "kernels", "qwen3",
-                           "--qwen3-layers", "1", "--shapes", "1x1", "1x16", "--json", str(out)],
+                           "--qwen3-layers", "1", "--shapes", "1x1", "1x16", "--decode-implementations", "grouped_mm", "batched_mm",
+                           "--json", str(out)],
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
