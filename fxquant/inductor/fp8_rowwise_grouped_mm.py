@@ -17,6 +17,7 @@ the op.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -26,6 +27,7 @@ from torch._inductor.lowering import fallback_handler, register_lowering
 from torch._inductor.select_algorithm import ExternKernelChoice, autotune_select_algorithm, realize_inputs
 from torch._inductor.virtualized import V
 
+from fxquant.log import log_once
 from fxquant.ops.fp8_rowwise_grouped_gemm import KERNELS, available_kernels
 
 OP = torch.ops.fxquant.fp8_rowwise_grouped_gemm.default
@@ -63,6 +65,8 @@ def wanted_kernels(n: int, k: int, *, autotune: bool) -> tuple[str, ...]:
             raise ValueError(f"FXQUANT_GROUPED_GEMM={forced!r}: want one of {tuple(KERNELS)}")
         if forced in available:
             return (forced,)
+        log_once(logging.WARNING, f"fxquant: FXQUANT_GROUPED_GEMM={forced} cannot run an expert weight of N={n}, "
+                 f"K={k} here; that GEMM takes {available[0]}")
     return available if autotune else available[:1]
 
 

@@ -112,3 +112,26 @@ def test_expert_quantization_fuses_into_silu_mul(kind):
     else:  # SiLU·mul with the rows' amax and the experts' counts; the gather by expert with the cast; the gather back
         assert len(generated) == 3 and "float8" in generated[1].lower(), code
     assert relative_error(out, down(gate_up)) < 1e-3
+
+
+def test_kernel_choice_by_shape_and_forced(monkeypatch, caplog):
+    """The library kernels need N and K multiples of 16; FXQUANT_GROUPED_GEMM forces a kernel where it
+    can run (else the first available, with a warning) and names an unknown one."""
+    from fxquant.inductor.fp8_rowwise_grouped_mm import even_offsets, wanted_kernels
+    from fxquant.ops import fp8_rowwise_grouped_gemm
+
+    monkeypatch.setattr(fp8_rowwise_grouped_gemm, "fbgemm_genai_available", lambda: False)
+    monkeypatch.delenv("FXQUANT_GROUPED_GEMM", raising=False)
+    library = ("scaled_grouped_mm",) if hasattr(torch, "_scaled_grouped_mm") else ()
+    assert wanted_kernels(128, 256, autotune=True) == (*library, "triton")
+    assert wanted_kernels(128, 256, autotune=False) == (*library, "triton")[:1]
+    assert wanted_kernels(40, 256, autotune=True) == ("triton",)
+    monkeypatch.setenv("FXQUANT_GROUPED_GEMM", "triton")
+    assert wanted_kernels(128, 256, autotune=True) == ("triton",)
+    monkeypatch.setenv("FXQUANT_GROUPED_GEMM", "fbgemm")
+    assert wanted_kernels(128, 256, autotune=False) == (*library, "triton")[:1]
+    assert "FXQUANT_GROUPED_GEMM=fbgemm cannot run" in caplog.text
+    monkeypatch.setenv("FXQUANT_GROUPED_GEMM", "cutlass")
+    with pytest.raises(ValueError, match="'cutlass'"):
+        wanted_kernels(128, 256, autotune=False)
+    assert even_offsets(100, 8, "cpu").tolist() == [12, 25, 37, 50, 62, 75, 87, 100]
