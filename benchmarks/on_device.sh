@@ -21,12 +21,14 @@
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh aoti-probe  # which step of a plain AOTInductor package dies
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh weight-check  # check_weight_updates' cost per decode step
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh division-rounding  # correctly rounded division's cost
+#     source .whl/ondevice.sh && bash benchmarks/on_device.sh moe [PARTS]  # MoE: expert GEMM kernel table, Qwen3-30B-A3B-
+#                                                  # and Mixtral-8x7B-shaped models, bf16 vs fxquant (PARTS: kernels qwen3 mixtral batched)
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 quiet() { grep -v -E "Warning|warn\(|^  |AUTOTUNE|strides:|dtypes:|SingleProcess|_fbgemm_torch_compat|cannot determine|^\s*$|\[0m|\[33m"; }
 
-case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | torchao | profile | profile-prefill | settings | default-decode | merge | blockwise | nf4 | aoti-probe | weight-check | division-rounding}" in
+case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | torchao | profile | profile-prefill | settings | default-decode | merge | blockwise | nf4 | aoti-probe | weight-check | division-rounding | moe}" in
   tests)
     # Without PATHS: every gpu test, in four pytest processes at once (compiling dominates and the
     # device has 16 cores; one process took more than the 10 minutes), each to its own file.
@@ -35,7 +37,7 @@ case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | tor
       "tests/kernels/test_cuda_fp8_rowwise_gemm.py tests/kernels/test_cuda_export.py"
       "tests/kernels/test_cuda_ops.py tests/kernels/test_cuda_cached_graph.py tests/kernels/test_fp8_rowwise_splitk.py tests/kernels/test_interpreted_triton_kernels.py tests/kernels/test_cuda_experts.py"
       "tests/kernels/test_cuda_decode.py tests/kernels/test_cuda_fp8_schemes.py tests/inductor"
-      "tests/kernels/test_cuda_compiled_quantization.py tests/kernels/test_cuda_op_branches.py tests/kernels/test_cuda_trust.py tests/kernels/test_cuda_bnb.py tests/kernels/test_interpreted_gemm_4bit.py"); fi
+      "tests/kernels/test_cuda_compiled_quantization.py tests/kernels/test_cuda_op_branches.py tests/kernels/test_cuda_trust.py tests/kernels/test_cuda_quantize_inplace.py tests/kernels/test_cuda_bnb.py tests/kernels/test_interpreted_gemm_4bit.py"); fi
     for i in "${!groups[@]}"; do
       # shellcheck disable=SC2086  (a group is a space-separated list of paths)
       timeout "${FXQUANT_TIMEOUT:-560}" python3 -m pytest -q -p no:cacheprovider --tb=short -rsfE --durations=10 \
@@ -122,6 +124,21 @@ case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | tor
     timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/division_rounding.py --json "$OUT/division_rounding.json" \
       >"$OUT/division_rounding.txt" 2>&1
     quiet <"$OUT/division_rounding.txt" | tail -8 ;;
+  moe)
+    # MoE (benchmarks/moe.py), one part per run, each under its own limit so that a slow one keeps the
+    # others' figures. PARTS (default: kernels qwen3, about 5 minutes): kernels (expert GEMM table),
+    # qwen3 (4 layers; grouped_mm at decode and prefill), mixtral (2 layers), batched (qwen3's decode
+    # shapes with transformers' batched_mm experts).
+    shift; [ $# -gt 0 ] || set -- kernels qwen3
+    for part in "$@"; do
+      case "$part" in
+        batched) args=(--parts qwen3 --decode-implementations batched_mm --shapes 1x1 16x1) ;;
+        *) args=(--parts "$part") ;;
+      esac
+      timeout "${FXQUANT_MOE_TIMEOUT:-280}" python3 benchmarks/moe.py "${args[@]}" --json "$OUT/moe_$part.json" \
+        >"$OUT/moe_$part.txt" 2>&1
+      grep -v -E "^\{" "$OUT/moe_$part.txt" | quiet | tail -32
+    done ;;
   aoti-probe)
     { timeout 270 python3 benchmarks/aoti_probe.py; timeout 270 env -u PYTHONPATH python3 benchmarks/aoti_probe.py --no-carried; } \
       >"$OUT/aoti_probe.txt" 2>&1

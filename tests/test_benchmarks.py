@@ -98,3 +98,23 @@ def test_streaming_quantize_benchmark_on_a_small_config(tmp_path):
     assert "LlamaForCausalLM, fp8_rowwise, 14 of 15 linear layers quantized" in done.stdout
     assert "| fxquant quantize, Llama 2 layers hidden 256" in done.stdout and "peak RSS" in done.stdout
     assert not directory.exists()
+
+
+@pytest.mark.slow
+def test_moe_benchmark_on_tiny_configs(tmp_path):
+    """benchmarks/moe.py --tiny: the kernel table (fxquant's compiled expert op, alone and behind its
+    producer; the CUDA kernels are GPU-only) and a tiny Qwen3-MoE with bf16 and fxquant, per experts implementation."""
+    out = tmp_path / "moe.json"
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "moe.py"), "--tiny", "--parts", "kernels", "qwen3",
+                           "--qwen3-layers", "1", "--shapes", "1x1", "1x16", "--decode-implementations", "grouped_mm", "batched_mm",
+                           "--json", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [(row["gemm"], row["tokens"]) for row in report["kernels"]][:2] == [("qwen3.gate_up", 4), ("qwen3.gate_up", 16)]
+    assert all(row["unfused"] > 0 and "fused" in row and row["rows"] == row["tokens"] * 2 for row in report["kernels"])
+    runs = [(r["experts_implementation"], r["mode"], r["peer"], list(r["shapes"])) for r in report["qwen3"]]
+    assert runs == [("grouped_mm", "default", "bf16", ["1x1"]), ("grouped_mm", "default", "fxquant", ["1x1"]),
+                    ("batched_mm", "default", "bf16", ["1x1"]), ("batched_mm", "default", "fxquant", ["1x1"]),
+                    ("grouped_mm", "default", "bf16", ["1x16"]), ("grouped_mm", "default", "fxquant", ["1x16"])]
+    assert all(shape["ms"] > 0 for r in report["qwen3"] for shape in r["shapes"].values())

@@ -8,6 +8,13 @@
       → fxquant::fp8_blockwise_mm(x_q, scale, w_q, w_scale) (+ bias)          (an extern call: cuBLAS or Triton)
     fp8_tensorwise_linear(...)
       → amax of the whole tensor, the cast → _scaled_mm(tensorwise)           (Inductor's GEMM lowering)
+    fp8_rowwise_grouped_mm(x, w_q, w_scale, offsets, ub)                      (MoE experts)
+      → the rowwise quantization, as for a linear                            (reduction + pointwise)
+      → fxquant::fp8_rowwise_grouped_gemm(x_q, w_q, scale, w_scale, offsets)  (fxquant's grouped GEMM lowering)
+      → rows past offsets[-1] set to 0, the cast                              (pointwise, fused into the consumer)
+    fp8_rowwise_batched_mm(x, w_q, w_scale, expert_ids, ub)
+      → the quantization, the rows ordered by expert (sort, counts, running sum: all on the device)
+      → the same grouped GEMM, the results gathered back to their rows
 
 Inductor then fuses the amax reduction and the cast into the kernel that produces x (RMSNorm,
 SiLU·mul, a residual add), so no separate quantization kernel runs. fp8_rowwise_mm lowers to
@@ -21,10 +28,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fxquant.inductor import fp8_rowwise_mm  # noqa: F401  (registers the GEMM's lowering)
+from fxquant.inductor import fp8_rowwise_grouped_mm, fp8_rowwise_mm  # noqa: F401  (register the GEMMs' lowerings)
 from fxquant.ops.fp8_blockwise import block_sizes, quantize_fp8_groupwise
 from fxquant.ops.fp8_common import saturate_to_fp8
 from fxquant.ops.fp8_rowwise import quantize_fp8_rowwise
+from fxquant.ops.fp8_rowwise_experts import batched_mm_of_quantized, grouped_mm_of_quantized
 from fxquant.ops.fp8_tensorwise import quantize_fp8_tensorwise
 from fxquant.ops.linear_common import bf16_gemm_epilogue
 
@@ -35,6 +43,19 @@ def fp8_rowwise_linear(
     """fxquant::fp8_rowwise_linear as aten ops Inductor fuses, and fxquant's GEMM op it tunes."""
     x_q, x_scale = quantize_fp8_rowwise(x.reshape(-1, x.shape[-1]), scale_ub)
     return bf16_gemm_epilogue(torch.ops.fxquant.fp8_rowwise_mm(x_q, w_q, x_scale, w_scale), bias, x)
+
+
+def fp8_rowwise_grouped_mm(x: Tensor, w_q: Tensor, w_scale: Tensor, offsets: Tensor, scale_ub: float | None = None) -> Tensor:
+    """fxquant::fp8_rowwise_grouped_mm: the per-row quantization as aten ops Inductor fuses into x's
+    producer (SiLU·mul, RMSNorm, the gather of the rows by expert), then fxquant's grouped GEMM op."""
+    x_q, x_scale = quantize_fp8_rowwise(x, scale_ub)
+    return grouped_mm_of_quantized(x_q, x_scale, w_q, w_scale, offsets, x.dtype)
+
+
+def fp8_rowwise_batched_mm(x: Tensor, w_q: Tensor, w_scale: Tensor, expert_ids: Tensor, scale_ub: float | None = None) -> Tensor:
+    """fxquant::fp8_rowwise_batched_mm: the quantization Inductor fuses, the rows ordered by expert, the grouped GEMM."""
+    x_q, x_scale = quantize_fp8_rowwise(x, scale_ub)
+    return batched_mm_of_quantized(x_q, x_scale, w_q, w_scale, expert_ids, x.dtype)
 
 
 def fp8_blockwise_linear(

@@ -5,10 +5,13 @@
     fp8_rowwise_grouped_mm(x [S, K], w_q [E, N, K], w_scale [E, N], offsets [E] int32) → y [S, N]
         the rows of group g, offsets[g-1] <= s < offsets[g], times expert g; rows past offsets[-1] are 0
 
-x is quantized per row (token) as the dense op does (fxquant/ops/fp8_rowwise.py). One implementation
-for every device: exact e4m3 products accumulated in float32, the scales applied after the sum, in
-x's dtype. These are the reference ops of the site kinds (passes/find_sites.py); kernels for them
-are issue 18's (MoE).
+x is quantized per row (token) as the dense op does (fxquant/ops/fp8_rowwise.py). The CPU
+implementation is the reference: exact e4m3 products accumulated in float32, the scales applied after
+the sum, in x's dtype. On CUDA both quantize x (FBGEMM's quantizer where it imports) and run an FP8
+grouped GEMM (fxquant::fp8_rowwise_grouped_gemm, fxquant/ops/fp8_rowwise_grouped_gemm.py); the batched
+form first orders its rows by expert, on the device, and puts the results back in row order, so
+neither reads anything back to the host (CUDA graphs). Compiled, Inductor sees the same steps
+(fxquant/inductor/decompositions.py), with the quantization fused into x's producer.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fxquant.ops.availability import fp8_unsupported_reason
 from fxquant.ops.fp8_common import FP8_DTYPE
-from fxquant.ops.fp8_rowwise import quantize_fp8_rowwise
+from fxquant.ops.fp8_rowwise import _quantize_fp8_rowwise_cuda, quantize_fp8_rowwise
+from fxquant.ops.fp8_rowwise_grouped_gemm import fp8_rowwise_grouped_gemm
 from fxquant.ops.linear_common import FLOAT_DTYPES, register_inference_only_autograd
 
 
@@ -34,6 +39,37 @@ def check_expert_inputs(op: str, x: Tensor, w_q: Tensor, w_scale: Tensor, rows: 
     torch._check(rows.dim() == 1 and not rows.is_floating_point(), lambda: f"{op}: {rows_name} must be a 1-D integer tensor")
 
 
+def rows_in_groups(y: Tensor, offsets: Tensor) -> Tensor:
+    """y with its rows past offsets[-1] set to 0 (a grouped GEMM leaves them unspecified)."""
+    rows = torch.arange(y.shape[0], device=y.device).unsqueeze(-1)
+    return torch.where(rows < offsets[-1], y, 0)
+
+
+def grouped_mm_of_quantized(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, offsets: Tensor, dtype) -> Tensor:
+    """fp8_rowwise_grouped_mm once x is quantized: the grouped GEMM, its rows past the groups zeroed, in `dtype`."""
+    y = fp8_rowwise_grouped_gemm(x_q, w_q, x_scale, w_scale, offsets.to(torch.int32))
+    return rows_in_groups(y, offsets).to(dtype)
+
+
+def batched_mm_of_quantized(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, expert_ids: Tensor, dtype) -> Tensor:
+    """fp8_rowwise_batched_mm once x is quantized, as a grouped GEMM: the rows ordered by expert (a stable
+    sort), the groups' running sum counted on the device, and each result gathered back to its row."""
+    rows = expert_ids.shape[0]
+    order = torch.argsort(expert_ids, stable=True)
+    counts = expert_ids.new_zeros(w_q.shape[0], dtype=torch.int32).scatter_add(
+        0, expert_ids.long(), expert_ids.new_ones(rows, dtype=torch.int32))
+    offsets = counts.cumsum(0, dtype=torch.int32)
+    y = fp8_rowwise_grouped_gemm(x_q[order], w_q, x_scale[order], w_scale, offsets)
+    back = torch.zeros_like(order).scatter(0, order, torch.arange(rows, device=order.device))
+    return y[back].to(dtype)
+
+
+def _check_fp8_device(op: str, x: Tensor) -> None:
+    reason = fp8_unsupported_reason(x.device)
+    if reason is not None:
+        raise RuntimeError(f"{op}: {reason}")
+
+
 def _expert_output(x: Tensor, w_q: Tensor) -> Tensor:
     return x.new_empty((x.shape[0], w_q.shape[1]))
 
@@ -45,6 +81,14 @@ def fp8_rowwise_batched_mm(x: Tensor, w_q: Tensor, w_scale: Tensor, expert_ids: 
     x_q, x_scale = quantize_fp8_rowwise(x, scale_ub)
     acc = torch.bmm(w_q[expert_ids].float(), x_q.float().unsqueeze(-1)).squeeze(-1)  # exact products, float32 sums
     return (acc * x_scale.unsqueeze(-1) * w_scale[expert_ids]).to(x.dtype)
+
+
+@fp8_rowwise_batched_mm.register_kernel("cuda")
+def _(x: Tensor, w_q: Tensor, w_scale: Tensor, expert_ids: Tensor, scale_ub: float | None = None) -> Tensor:
+    check_expert_inputs("fxquant::fp8_rowwise_batched_mm", x, w_q, w_scale, expert_ids, "expert_ids")
+    _check_fp8_device("fxquant::fp8_rowwise_batched_mm", x)
+    x_q, x_scale = _quantize_fp8_rowwise_cuda(x, scale_ub)
+    return batched_mm_of_quantized(x_q, x_scale, w_q, w_scale, expert_ids, x.dtype)
 
 
 @fp8_rowwise_batched_mm.register_fake
@@ -68,6 +112,14 @@ def fp8_rowwise_grouped_mm(x: Tensor, w_q: Tensor, w_scale: Tensor, offsets: Ten
             row_scale[start:end] = w_scale[expert]
         start = max(start, end)
     return (acc * x_scale.unsqueeze(-1) * row_scale).to(x.dtype)
+
+
+@fp8_rowwise_grouped_mm.register_kernel("cuda")
+def _(x: Tensor, w_q: Tensor, w_scale: Tensor, offsets: Tensor, scale_ub: float | None = None) -> Tensor:
+    check_expert_inputs("fxquant::fp8_rowwise_grouped_mm", x, w_q, w_scale, offsets, "offsets")
+    _check_fp8_device("fxquant::fp8_rowwise_grouped_mm", x)
+    x_q, x_scale = _quantize_fp8_rowwise_cuda(x, scale_ub)
+    return grouped_mm_of_quantized(x_q, x_scale, w_q, w_scale, offsets, x.dtype)
 
 
 @fp8_rowwise_grouped_mm.register_fake

@@ -36,7 +36,11 @@ class Fp8Rowwise(PerChannelScale, Fp8Scheme):
     def decompositions(self):
         from fxquant.inductor import decompositions
 
-        return {torch.ops.fxquant.fp8_rowwise_linear.default: decompositions.fp8_rowwise_linear}
+        return {
+            torch.ops.fxquant.fp8_rowwise_linear.default: decompositions.fp8_rowwise_linear,
+            torch.ops.fxquant.fp8_rowwise_grouped_mm.default: decompositions.fp8_rowwise_grouped_mm,
+            torch.ops.fxquant.fp8_rowwise_batched_mm.default: decompositions.fp8_rowwise_batched_mm,
+        }
 
     def cache_key(self, options):
         return ()  # the weight's quantization does not depend on the activation bound

@@ -43,6 +43,45 @@ def blockwise(m: int, n: int, k: int, block_n: int, block_k: int) -> tuple[torch
     return fp8_blockwise_gemm(x_q, x_scale, w_q, w_scale, block_n, block_k), exact, {}
 
 
+def grouped(s: int, n: int, k: int, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The grouped GEMM on `counts` rows per expert (their sum may be below s: the rows past it are not
+    compared, as the kernel leaves them unwritten)."""
+    from fxquant.kernels.fp8_rowwise_grouped_gemm import fp8_rowwise_grouped_gemm_triton
+
+    x_q, x_scale = quantize_fp8_rowwise(torch.randn(s, k) * 2)
+    w_q, w_scale = quantize_fp8_rowwise(torch.randn(len(counts), n, k) / k**0.5)
+    offsets = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    exact = torch.zeros(s, n, dtype=torch.float64)
+    start = 0
+    for expert, end in enumerate(offsets.tolist()):
+        rows = slice(start, end)
+        exact[rows] = (x_q[rows].double() @ w_q[expert].double().t()) * x_scale[rows].double()[:, None] * w_scale[expert].double()
+        start = end
+    out = fp8_rowwise_grouped_gemm_triton(x_q, w_q, x_scale, w_scale, offsets)
+    return out[:start], exact[:start], {"full_shape": list(out.shape)}
+
+
+def blockwise_grouped(s: int, n: int, k: int, block_n: int, block_k: int, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The blockwise grouped GEMM on `counts` rows per expert (rows past their sum are not compared)."""
+    from fxquant.kernels.fp8_blockwise_grouped_gemm import fp8_blockwise_grouped_gemm
+
+    x_q, x_scale = quantize_fp8_groupwise(torch.randn(s, k) * 2, block_k)
+    quantized = [quantize_fp8_blockwise_weight(torch.randn(n, k) / k**0.5, (block_n, block_k)) for _ in counts]
+    w_q, w_scale = torch.stack([q for q, _ in quantized]), torch.stack([scale for _, scale in quantized])
+    offsets = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    exact = torch.zeros(s, n, dtype=torch.float64)
+    start = 0
+    for expert, end in enumerate(offsets.tolist()):
+        w_scale_rows = w_scale[expert].double().repeat_interleave(block_n, dim=0)  # [N, K / block_k]
+        for kb, first in enumerate(range(0, k, block_k)):
+            cols = slice(first, first + block_k)
+            block = x_q[start:end, cols].double() @ w_q[expert, :, cols].double().t()
+            exact[start:end] += block * x_scale.double()[start:end, kb, None] * w_scale_rows[None, :, kb]
+        start = end
+    out = fp8_blockwise_grouped_gemm(x_q, x_scale, w_q, w_scale, offsets)
+    return out[:start], exact[:start], {"full_shape": list(out.shape)}
+
+
 def report(out: torch.Tensor, exact: torch.Tensor, extra: dict) -> dict:
     """Shape, dtype and whether every output is within one bf16 ulp of exact (plus a floor of 2^-20
     of the largest output, for sums that cancel)."""
@@ -54,7 +93,7 @@ def report(out: torch.Tensor, exact: torch.Tensor, extra: dict) -> dict:
 
 
 if __name__ == "__main__":
-    kernel = {"split_k": split_k, "blockwise": blockwise}[sys.argv[1]]
+    kernel = {"split_k": split_k, "blockwise": blockwise, "grouped": grouped, "blockwise_grouped": blockwise_grouped}[sys.argv[1]]
     results = []
     for case in json.loads(sys.argv[2]):
         torch.manual_seed(0)

@@ -270,11 +270,12 @@ def test_stored_fp8_weights_on_cuda():
     assert relative_error(actual, expected) < 1e-3
 
 
-@pytest.mark.parametrize("scheme", ["fp8_rowwise", "int8"])
-def test_checkpoint_loads_onto_the_gpu_and_compiles(tmp_path, scheme):
-    """A tiny Llama checkpoint loaded with device="cuda" into a model made under empty_weights():
-    the stored tensors land on the GPU as they are, and the compiled model computes what compiling
-    the float model gives (same weights, same quantization)."""
+@pytest.mark.parametrize("scheme, max_shard_size", [("fp8_rowwise", "5GB"), ("int8", "5GB"), ("fp8_rowwise", "20KB")],
+                         ids=["fp8_rowwise", "int8", "fp8_rowwise in shards"])
+def test_checkpoint_loads_onto_the_gpu_and_compiles(tmp_path, scheme, max_shard_size):
+    """A tiny Llama checkpoint (one file, or shards and their index) loaded with device="cuda" into a
+    model made under empty_weights(): the stored tensors land on the GPU as they are, and the
+    compiled model computes what compiling the float model gives (same weights, same quantization)."""
     from transformers import LlamaForCausalLM
 
     from tests.models import tiny_llama_config
@@ -284,7 +285,8 @@ def test_checkpoint_loads_onto_the_gpu_and_compiles(tmp_path, scheme):
     torch.manual_seed(0)
     model = LlamaForCausalLM._from_config(tiny_llama_config(), dtype=torch.bfloat16).eval()
     config = QuantConfig(scheme=scheme)
-    fxquant.save_quantized(model, tmp_path, config)
+    fxquant.save_quantized(model, tmp_path, config, max_shard_size=max_shard_size)
+    assert (tmp_path / "model.safetensors.index.json").exists() == (max_shard_size == "20KB")
     with fxquant.empty_weights():
         loaded = LlamaForCausalLM(model.config)
     fxquant.load_quantized(tmp_path, loaded, device="cuda").cuda()  # .cuda(): the buffers empty_weights kept

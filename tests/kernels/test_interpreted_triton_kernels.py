@@ -59,3 +59,35 @@ def test_blockwise_gemm_is_exact_to_a_bf16_ulp():
     for case, result in zip(cases, interpret("blockwise", cases)):
         assert result["shape"] == [case["m"], case["n"]] and result["dtype"] == "torch.bfloat16", case
         assert result["within"], f"{case}: {result['worst']:.2e} beyond one bf16 ulp"
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("triton") is not None and not _interpreter_loops_to_runtime_bounds(),
+    reason="this triton's interpreter cannot run a loop to a runtime bound (the kernel's K loop); triton >= 3.9 can",
+)
+def test_grouped_gemm_is_exact_to_a_bf16_ulp():
+    # decode (16-row tiles, experts with no rows, a group of one row), groups longer than a tile (64-row
+    # tiles), K and N tails, rows past the last group (left unwritten, not compared), no rows at all
+    cases = [dict(s=5, n=64, k=128, counts=[0, 2, 0, 1, 2]), dict(s=40, n=96, k=160, counts=[17, 0, 23]),
+             dict(s=150, n=128, k=256, counts=[70, 60]), dict(s=12, n=64, k=128, counts=[3, 0, 5, 0]),
+             dict(s=0, n=64, k=128, counts=[0, 0])]
+    for case, result in zip(cases, interpret("grouped", cases)):
+        assert result["full_shape"] == [case["s"], case["n"]] and result["dtype"] == "torch.bfloat16", case
+        assert result["shape"] == [sum(case["counts"]), case["n"]], case
+        assert result["within"], f"{case}: {result['worst']:.2e} beyond one bf16 ulp"
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("triton") is not None and not _interpreter_loops_to_runtime_bounds(),
+    reason="this triton's interpreter cannot run a loop to a runtime bound (the kernel's K loop); triton >= 3.9 can",
+)
+def test_blockwise_grouped_gemm_is_exact_to_a_bf16_ulp():
+    # 128 x 128 blocks at decode (an expert with no rows) and with groups longer than a tile; 64 x 32
+    # blocks with N not a multiple of BLOCK_N; rows past the last group (not compared)
+    cases = [dict(s=6, n=256, k=256, block_n=128, block_k=128, counts=[2, 0, 3, 1]),
+             dict(s=90, n=128, k=256, block_n=128, block_k=128, counts=[70, 20]),
+             dict(s=30, n=192, k=128, block_n=64, block_k=32, counts=[9, 0, 19])]
+    for case, result in zip(cases, interpret("blockwise_grouped", cases)):
+        assert result["full_shape"] == [case["s"], case["n"]] and result["dtype"] == "torch.bfloat16", case
+        assert result["shape"] == [sum(case["counts"]), case["n"]], case
+        assert result["within"], f"{case}: {result['worst']:.2e} beyond one bf16 ulp"

@@ -1,0 +1,95 @@
+"""Inductor lowering of fxquant::fp8_rowwise_grouped_gemm (MoE experts): a choice of grouped GEMMs.
+
+Choices (CUDA; fxquant/ops/fp8_rowwise_grouped_gemm.py):
+    scaled_grouped_mm   `torch._scaled_grouped_mm`, where torch has it and N, K are multiples of 16
+    fbgemm              FBGEMM's `f8f8bf16_rowwise_grouped_stacked`, where fbgemm-gpu-genai imports (same shapes)
+    triton              fxquant's Triton kernel (fxquant/kernels/fp8_rowwise_grouped_gemm.py), any shape
+Under max-autotune Inductor times every choice on offsets that spread the rows evenly over the experts
+and keeps the fastest. Otherwise the first available in the order above (not yet measured against
+each other per shape: benchmarks/moe.py's kernel table is the measure). `FXQUANT_GROUPED_GEMM=
+scaled_grouped_mm|fbgemm|triton` forces one where it can run. Off CUDA the op stays a call to its
+reference implementation.
+
+Each choice is an extern kernel carrying its op overload, as fp8_rowwise_mm's are
+(fxquant/inductor/fp8_rowwise_mm.py): the Python wrapper calls the function, AOTInductor's C++ wrapper
+the op.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch._inductor import config as inductor_config
+from torch._inductor import ir
+from torch._inductor.lowering import fallback_handler, register_lowering
+from torch._inductor.select_algorithm import ExternKernelChoice, autotune_select_algorithm, realize_inputs
+from torch._inductor.virtualized import V
+
+from fxquant.log import log_once
+from fxquant.ops.fp8_rowwise_grouped_gemm import KERNELS, available_kernels
+
+OP = torch.ops.fxquant.fp8_rowwise_grouped_gemm.default
+OFFSETS_INPUT = 4
+
+
+def _layout(x_q, w_q) -> ir.FixedLayout:
+    """The GEMM's output: bf16 [S, N] on x_q's device."""
+    return ir.FixedLayout(x_q.get_device(), torch.bfloat16, [x_q.get_size()[0], w_q.get_size()[1]])
+
+
+def _extern_choice(kernel: str) -> ExternKernelChoice:
+    function = KERNELS[kernel]
+    op_overload = getattr(torch.ops.fxquant, function.__name__).default
+    name = f"fxquant_grouped_{kernel}"
+
+    def create(*inputs):
+        if V.graph.cpp_wrapper:
+            return ir.FallbackKernel.create(op_overload, *inputs)
+        return ir.ExternKernelAlloc(layout=_layout(inputs[0], inputs[1]), inputs=list(inputs),
+                                    python_kernel_name=f"extern_kernels.{name}")
+
+    return ExternKernelChoice(function, name=name, has_out_variant=False, op_overload=op_overload, kernel_creator=create)
+
+
+EXTERN_CHOICES = {kernel: _extern_choice(kernel) for kernel in KERNELS}
+
+
+def wanted_kernels(n: int, k: int, *, autotune: bool) -> tuple[str, ...]:
+    """The kernels to offer for an N x K expert weight: all that run under max-autotune, else one."""
+    available = available_kernels(n, k)
+    forced = os.environ.get("FXQUANT_GROUPED_GEMM")
+    if forced:
+        if forced not in KERNELS:
+            raise ValueError(f"FXQUANT_GROUPED_GEMM={forced!r}: want one of {tuple(KERNELS)}")
+        if forced in available:
+            return (forced,)
+        log_once(logging.WARNING, f"fxquant: FXQUANT_GROUPED_GEMM={forced} cannot run an expert weight of N={n}, "
+                 f"K={k} here; that GEMM takes {available[0]}")
+    return available if autotune else available[:1]
+
+
+def even_offsets(rows: int, experts: int, device) -> torch.Tensor:
+    """Cumulative rows per expert with `rows` spread evenly (what autotuning times the choices on)."""
+    return (torch.arange(1, experts + 1, dtype=torch.int64) * rows // experts).to(torch.int32).to(device)
+
+
+@register_lowering(OP, type_promotion_kind=None)
+def tuned_fp8_rowwise_grouped_gemm(x_q, w_q, x_scale, w_scale, offsets):
+    if x_q.get_device().type != "cuda":
+        return fallback_handler(OP, add_to_fallback_set=False)(x_q, w_q, x_scale, w_scale, offsets)
+    inputs = realize_inputs(x_q, w_q, x_scale, w_scale, offsets)
+    try:
+        experts, n, k = (int(size) for size in inputs[1].get_size())  # static for parameters and buffers
+    except TypeError:  # a weight of symbolic shape: the op's own CUDA kernel picks by shape at run time
+        return fallback_handler(OP, add_to_fallback_set=False)(*inputs)
+    layout = _layout(inputs[0], inputs[1])
+    autotune = inductor_config.max_autotune or inductor_config.max_autotune_gemm
+    choices = [EXTERN_CHOICES[kernel].bind(inputs, layout) for kernel in wanted_kernels(n, k, autotune=autotune)]
+    sizevars = V.graph.sizevars
+    hint = getattr(sizevars, "optimization_hint", None) or sizevars.size_hint  # torch 2.13 / torch 2.11
+    rows = hint(inputs[0].get_size()[0], fallback=experts * 16)
+    gen = {OFFSETS_INPUT: lambda buffer: even_offsets(rows, experts, buffer.get_device())}
+    selected = autotune_select_algorithm("fxquant_fp8_rowwise_grouped_gemm", choices, inputs, layout, input_gen_fns=gen)
+    return selected[0] if isinstance(selected, tuple) else selected  # torch 2.13 returns (node, choice)

@@ -1,0 +1,113 @@
+"""fxquant's FP8 rowwise grouped GEMM (MoE experts): each expert's group of rows times that expert.
+
+    out[s, :] = (A[s, :] @ W[g].T) * A_SCALE[s] * W_SCALE[g, :]    for OFFSETS[g-1] <= s < OFFSETS[g]
+    e4m3 in, fp32 accumulate, bf16 out; rows past OFFSETS[-1] are not written
+
+A program owns one BLOCK_M x BLOCK_N tile of one group. The tiles of each group are counted on the
+device, from OFFSETS (non-decreasing, as a cumulative sum of tokens per expert is), so nothing is read
+back to the host and the kernel can be captured in a CUDA graph: the grid has an upper bound of row
+tiles, cdiv(S, BLOCK_M) + E (each group adds at most one partial tile), and the programs past the
+groups' last tile return at once. W is read K-major as the scheme stores it ([E, N, K]); the scales
+are applied in the epilogue.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def group_row_tile(offsets_ptr, M, E, pid_m, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(group, first row, end of the group's rows) of row tile `pid_m`; group >= E: past the last tile.
+    The tiles per group come from the offsets, then their running sum (also used by
+    fxquant/kernels/fp8_blockwise_grouped_gemm.py)."""
+    groups = tl.arange(0, E_POW2)
+    in_e = groups < E
+    ends = tl.minimum(tl.load(offsets_ptr + groups, mask=in_e, other=0), M)
+    starts = tl.minimum(tl.load(offsets_ptr + groups - 1, mask=in_e & (groups > 0), other=0), M)
+    tiles = tl.where(in_e, (tl.maximum(ends - starts, 0) + BLOCK_M - 1) // BLOCK_M, 0)
+    tiles_through = tl.cumsum(tiles, 0)
+    group = tl.sum((tiles_through <= pid_m).to(tl.int32), 0)
+    this = groups == group
+    first_tile = tl.sum(tl.where(this, tiles_through - tiles, 0), 0)
+    row_start = tl.sum(tl.where(this, starts, 0), 0) + (pid_m - first_tile) * BLOCK_M
+    row_end = tl.sum(tl.where(this, ends, 0), 0)
+    return group, row_start, row_end
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    a_ptr, w_ptr, a_scale_ptr, w_scale_ptr, offsets_ptr, out_ptr,
+    M, N, K, E, stride_am, stride_we, stride_wn, stride_se, stride_om,
+    E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    group, row_start, row_end = group_row_tile(offsets_ptr, M, E, pid_m, E_POW2, BLOCK_M)
+    if group >= E:
+        return
+
+    rm = row_start + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    in_m = rm < row_end
+    a_rows = tl.where(in_m, rm, row_start)  # rows past the group read its first row: computed, never stored
+    w_rows = rn % N
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + rk[None, :]
+    w_ptrs = w_ptr + group.to(tl.int64) * stride_we + w_rows[None, :] * stride_wn + rk[:, None]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=rk[None, :] < k_left, other=0.0)
+            w = tl.load(w_ptrs, mask=rk[:, None] < k_left, other=0.0)
+        acc = tl.dot(a, w, acc)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+
+    a_scale = tl.load(a_scale_ptr + a_rows)
+    w_scale = tl.load(w_scale_ptr + group * stride_se + w_rows)
+    acc = acc * a_scale[:, None] * w_scale[None, :]
+    out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=in_m[:, None] & (rn[None, :] < N))
+
+
+def grouped_config(rows: int, experts: int) -> dict:
+    """Tile sizes by the rows per expert on average: 16-row tiles where experts see few tokens (decode,
+    MoE with many experts), wider ones as the groups grow."""
+    per_expert = rows / max(experts, 1)
+    if per_expert <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
+    if per_expert <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)
+
+
+def fp8_rowwise_grouped_gemm_triton(
+    x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
+    """x_q [S, K] e4m3, w_q [E, N, K] e4m3, x_scale [S], w_scale [E, N] float32, offsets [E] integer
+    (non-decreasing) → bf16 [S, N]; rows past offsets[-1] are left unwritten."""
+    s, k = x_q.shape
+    e, n, _ = w_q.shape
+    out = torch.empty((s, n), dtype=torch.bfloat16, device=x_q.device)
+    if s == 0 or n == 0:
+        return out
+    if k == 0:  # empty sums
+        return out.zero_()
+    x_q, w_q, x_scale, w_scale = x_q.contiguous(), w_q.contiguous(), x_scale.contiguous(), w_scale.contiguous()
+    config = grouped_config(s, e)
+    block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    grid = (triton.cdiv(s, block_m) + e, triton.cdiv(n, block_n))
+    _grouped_gemm_kernel[grid](
+        x_q, w_q, x_scale, w_scale, offsets.contiguous(), out,
+        s, n, k, e, x_q.stride(0), w_q.stride(0), w_q.stride(1), w_scale.stride(0), out.stride(0),
+        E_POW2=triton.next_power_of_2(e), EVEN_K=k % block_k == 0, **config,
+    )
+    return out
