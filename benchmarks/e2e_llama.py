@@ -20,6 +20,7 @@ run (want 0: no recompile per token).
     python benchmarks/e2e_llama.py --layers 8 --modes default --peers bf16 fxquant-blockwise       # fp8_blockwise in a model
     python benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead --peers bf16 fxquant-inplace  # quantize_: memory held
     python benchmarks/e2e_llama.py --peers bf16 fxquant torchao --shapes 1x1 16x1   # a slow peer, split by shapes
+    python benchmarks/e2e_llama.py --modes reduce-overhead --peers bf16 fxquant-nf4 torchao-int4 --shapes 1x1 16x1  # 4-bit
     python benchmarks/e2e_llama.py --modes default --peers bf16 fxquant fxquant:split_reductions=True --shapes 1x1 16x1
                                                    # fxquant's Inductor settings against one of Inductor's own
     python benchmarks/e2e_llama.py --tiny [--decode]     # CPU smoke test of the script itself
@@ -87,6 +88,15 @@ def peer_model(peer: str, model: torch.nn.Module) -> tuple[torch.nn.Module, obje
     if peer == "fxquant-inplace":  # fxquant.quantize_ on the model itself (list it last): its float weights are gone
         fxquant.quantize_(model)
         return model, fxquant.backend(scheme="fp8_rowwise", inductor=inductor)
+    if peer in ("fxquant-nf4", "fxquant-fp4", "fxquant-llm_int8"):  # the bitsandbytes family
+        return model, fxquant.backend(scheme=peer.removeprefix("fxquant-"), inductor=inductor)
+    if peer == "torchao-int4":  # torchao's int4 weight-only, groups of 128 (the nf4 stage's peer)
+        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+        quantized = copy.deepcopy(model)
+        quantize_(quantized, Int4WeightOnlyConfig(group_size=128),
+                  filter_fn=lambda module, fqn: isinstance(module, torch.nn.Linear) and fqn != "lm_head")
+        return quantized, "inductor"
     if peer == "torchao":
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 

@@ -17,6 +17,7 @@
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh default-decode  # bf16 vs fxquant without CUDA graphs, both orders
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh merge       # fxquant with and without the merge pass
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh blockwise   # fp8_blockwise in the Llama forward
+#     source .whl/ondevice.sh && bash benchmarks/on_device.sh nf4 [PEERS] # decode 1x1 16x1: bf16, nf4, torchao int4 weight-only
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh aoti-probe  # which step of a plain AOTInductor package dies
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh weight-check  # check_weight_updates' cost per decode step
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh division-rounding  # correctly rounded division's cost
@@ -27,7 +28,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 quiet() { grep -v -E "Warning|warn\(|^  |AUTOTUNE|strides:|dtypes:|SingleProcess|_fbgemm_torch_compat|cannot determine|^\s*$|\[0m|\[33m"; }
 
-case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | torchao | profile | profile-prefill | settings | default-decode | merge | blockwise | aoti-probe | weight-check | division-rounding | moe}" in
+case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | torchao | profile | profile-prefill | settings | default-decode | merge | blockwise | nf4 | aoti-probe | weight-check | division-rounding | moe}" in
   tests)
     # Without PATHS: every gpu test, in four pytest processes at once (compiling dominates and the
     # device has 16 cores; one process took more than the 10 minutes), each to its own file.
@@ -36,7 +37,7 @@ case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | tor
       "tests/kernels/test_cuda_fp8_rowwise_gemm.py tests/kernels/test_cuda_export.py"
       "tests/kernels/test_cuda_ops.py tests/kernels/test_cuda_cached_graph.py tests/kernels/test_fp8_rowwise_splitk.py tests/kernels/test_interpreted_triton_kernels.py tests/kernels/test_cuda_experts.py"
       "tests/kernels/test_cuda_decode.py tests/kernels/test_cuda_fp8_schemes.py tests/inductor"
-      "tests/kernels/test_cuda_compiled_quantization.py tests/kernels/test_cuda_op_branches.py tests/kernels/test_cuda_trust.py tests/kernels/test_cuda_quantize_inplace.py"); fi
+      "tests/kernels/test_cuda_compiled_quantization.py tests/kernels/test_cuda_op_branches.py tests/kernels/test_cuda_trust.py tests/kernels/test_cuda_quantize_inplace.py tests/kernels/test_cuda_bnb.py tests/kernels/test_interpreted_gemm_4bit.py"); fi
     for i in "${!groups[@]}"; do
       # shellcheck disable=SC2086  (a group is a space-separated list of paths)
       timeout "${FXQUANT_TIMEOUT:-560}" python3 -m pytest -q -p no:cacheprovider --tb=short -rsfE --durations=10 \
@@ -76,6 +77,12 @@ case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | tor
     timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead --peers bf16 fxquant-blockwise \
       --repeats 10 --json "$OUT/e2e_blockwise.json" >"$OUT/e2e_blockwise.txt" 2>&1
     quiet <"$OUT/e2e_blockwise.txt" | tail -8 ;;
+  nf4)
+    # torchao's int4 last: its compile is the slow one, and each peer's JSON line is printed as it ends
+    shift; peers=("${@}"); [ ${#peers[@]} -gt 0 ] || peers=(bf16 fxquant-nf4 torchao-int4)
+    timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead --peers "${peers[@]}" \
+      --shapes 1x1 16x1 --no-recompile-check --repeats 10 --json "$OUT/e2e_nf4.json" >"$OUT/e2e_nf4.txt" 2>&1
+    quiet <"$OUT/e2e_nf4.txt" | tail -8 ;;
   profile)
     timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/profile_decode.py --layers 8 --json "$OUT/profile.json" >"$OUT/profile.txt" 2>&1
     grep -E "^==|^  " "$OUT/profile.txt" | cut -c1-150 ;;

@@ -8,6 +8,7 @@
 from fxquant import ops, schemes  # noqa: F401  (registers torch.ops.fxquant.* and the built-in schemes)
 from fxquant.aoti import aoti_compile_and_package
 from fxquant.backend import Backend, backend
+from fxquant.bnb_checkpoints import load_bitsandbytes, save_bitsandbytes
 from fxquant.calibrate import Calibration, calibrate
 from fxquant.checkpoint import load_quantized, memory_footprint, save_quantized
 from fxquant.config import QuantConfig
@@ -25,6 +26,7 @@ install()  # fxquant's decompositions in Inductor's own table: every compile of 
 __version__ = "0.1.0"
 __all__ = [
     "SCHEMES", "Backend", "Calibration", "Plan", "QuantConfig", "Scheme", "SchemeCall", "aoti_compile_and_package",
-    "backend", "calibrate", "empty_weights", "export", "load_program", "load_quantized", "memory_footprint", "plan",
-    "quantize_", "quantized_copies", "register_scheme", "release", "save_quantized", "unregister_scheme",
+    "backend", "calibrate", "empty_weights", "export", "load_bitsandbytes", "load_program", "load_quantized",
+    "memory_footprint", "plan", "quantize_", "quantized_copies", "register_scheme", "release", "save_bitsandbytes",
+    "save_quantized", "unregister_scheme",
 ]

@@ -10,7 +10,9 @@ transformers' Conv1D), so `isinstance(module, nn.Linear)`, the state dict's keys
 module's attributes stay. The weight is held [N, K], as the op takes it, for Conv1D too. While
 Dynamo or torch.export traces, the forward is a plain `F.linear`, which fxquant's backend and
 `fxquant.export` rewrite into the same op (their plan lists the layer, and the compile's config
-may set its own activation_scale_ub); other backends cannot run a low-precision F.linear.
+may set its own activation_scale_ub); other backends cannot run a low-precision F.linear. A weight
+whose codes are packed along K (nf4, fp4: [N, K / 2] bytes) cannot be an F.linear operand: traced,
+it runs its scheme's op as eagerly, which every backend compiles (the plan does not list it).
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ class StoredLayer:
     bias: Tensor | None
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.compiler.is_exporting():
+        packed = self.weight.shape[-1] != x.shape[-1]  # codes packed along K (nf4, fp4): traced as their op
+        if torch.compiler.is_exporting() and not packed:
             return F.linear(x, self.weight, self.bias)
-        if torch.compiler.is_compiling():  # Dynamo gives F.linear the weight's dtype; what follows needs x's
+        if torch.compiler.is_compiling() and not packed:  # Dynamo gives F.linear the weight's dtype; what follows needs x's
             return F.linear(x, self.weight, self.bias).to(x.dtype)
         stored = STORED_WEIGHTS.get(self.weight)
         if stored is None or stored.scheme is None:

@@ -25,8 +25,8 @@ def test_unknown_option_lists_the_known_ones():
 
 
 def test_unknown_scheme_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="unknown scheme .fp4.; valid schemes: fp8_rowwise, fp8_blockwise, fp8_tensorwise, int8"):
-        QuantConfig(scheme="fp4")
+    with pytest.raises(ValueError, match="unknown scheme .fp3.; valid schemes: fp8_rowwise, fp8_blockwise, fp8_tensorwise, int8, nf4, fp4, llm_int8"):
+        QuantConfig(scheme="fp3")
 
 
 @pytest.mark.parametrize(

@@ -15,12 +15,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fxquant.ops import fp8_blockwise, fp8_rowwise, fp8_tensorwise, int8  # noqa: F401  (define the ops)
+from fxquant.ops import blockwise_4bit, fp8_blockwise, fp8_rowwise, fp8_tensorwise, int8, llm_int8  # noqa: F401  (define the ops)
 
-# Every built-in linear op: activation first, bias fourth.
-LINEAR_OPS = ("fp8_rowwise_linear", "fp8_blockwise_linear", "fp8_tensorwise_linear", "fp8_tensorwise_static_linear", "int8_linear")
+# Every built-in linear op: its activation is the argument "x", its bias "bias".
+LINEAR_OPS = ("fp8_rowwise_linear", "fp8_blockwise_linear", "fp8_tensorwise_linear", "fp8_tensorwise_static_linear", "int8_linear",
+              "linear_4bit", "llm_int8_linear")
 AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
-CAST_POSITIONS = (0, 3)  # activation, bias
+CAST_ARGUMENTS = ("x", "bias")
 
 _library = torch.library.Library("fxquant", "IMPL")
 
@@ -36,10 +37,11 @@ def _autocast_cast(value: object, device_type: str, dtype: torch.dtype) -> objec
 
 def _autocast_kernel(op: torch._ops.OpOverload, device_type: str):
     excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, AUTOCAST_KEYS[device_type]))
+    positions = [i for i, argument in enumerate(op._schema.arguments) if argument.name in CAST_ARGUMENTS]
 
     def kernel(*args):
         dtype = torch.get_autocast_dtype(device_type)
-        cast = [_autocast_cast(a, device_type, dtype) if i in CAST_POSITIONS else a for i, a in enumerate(args)]
+        cast = [_autocast_cast(a, device_type, dtype) if i in positions else a for i, a in enumerate(args)]
         with torch._C._ExcludeDispatchKeyGuard(excluded):
             return op(*cast)
 

@@ -1,0 +1,59 @@
+"""The 4-bit kernels on the CPU under Triton's interpreter, in a subprocess (the variable is read
+when a kernel is defined; tests/kernels/interpreted_4bit_cases.py). The dequantize kernel
+(fxquant/kernels/dequantize_4bit.py) equals the reference weight to the bit. The fused
+dequantize-GEMM (fxquant/kernels/gemm_4bit.py) against the float64 product of x and the weight
+dequantized from the bytes with bitsandbytes' tables. float32 compute: the same products, only the
+summation order differs (1e-5 of the largest output); float16: the weight (as the reference rounds it) and the
+output rounded to fp16, within 2^-10 of the largest output. Not bfloat16: Triton 3.9's interpreter
+gets a bf16 x bf16 tl.dot wrong (1e10 off on random 16 x 16 tiles, measured), so bf16 runs in the
+GPU test (tests/kernels/test_cuda_bnb.py)."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="the triton package is not installed")
+REPOSITORY = pathlib.Path(__file__).parents[2]
+
+
+def interpret(kernel: str, cases: list[dict]) -> list[dict]:
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.kernels.interpreted_4bit_cases", kernel, json.dumps(cases)],
+        env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=REPOSITORY, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def test_fused_4bit_gemm_matches_the_float64_reference():
+    # decode rows 1 and 16, row counts between; N not a multiple of BLOCK_N; K cut into 1 or 2
+    # slices (1408: 768 + a short 640); block sizes 64, 128 and 32; NF4 and FP4
+    cases = [
+        dict(m=1, n=128, k=1024, quant_type="nf4", blocksize=64, dtype="float32"),
+        dict(m=16, n=96, k=512, quant_type="fp4", blocksize=128, dtype="float32"),
+        dict(m=5, n=64, k=1408, quant_type="nf4", blocksize=32, dtype="float32"),
+        dict(m=3, n=200, k=256, quant_type="nf4", blocksize=64, dtype="float16"),
+        dict(m=16, n=64, k=1024, quant_type="fp4", blocksize=64, dtype="float16"),
+    ]
+    results = interpret("gemm", cases)
+    assert [r["splits"] for r in results] == [2, 1, 2, 1, 2]
+    for case, result in zip(cases, results):
+        assert result["shape"] == [case["m"], case["n"]] and result["dtype"] == f"torch.{case['dtype']}", case
+        bound = 1e-5 if case["dtype"] == "float32" else 2.0**-10
+        assert result["worst"] < bound, f"{case}: {result['worst']:.2e} of the largest output"
+
+
+def test_dequantize_kernel_is_the_reference_to_the_bit():
+    # float32 and float16 (numpy rounds to nearest, as the GPU does; the interpreter truncates to
+    # bfloat16, so bf16 runs in the GPU test); a K tail; block sizes 64, 32 and 512 (one per tile)
+    cases = [dict(n=40, k=1024, quant_type="nf4", blocksize=64, dtype="float32"),
+             dict(n=64, k=320, quant_type="fp4", blocksize=32, dtype="float16"),
+             dict(n=33, k=1024, quant_type="nf4", blocksize=512, dtype="float32")]
+    for case, result in zip(cases, interpret("dequantize", cases)):
+        assert result["shape"] == [case["n"], case["k"]] and result["dtype"] == f"torch.{case['dtype']}", case
+        assert result["equal"], case

@@ -1,0 +1,149 @@
+"""bitsandbytes' 4-bit checkpoint layout (fxquant/bnb_checkpoints.py) both ways, on a tiny Llama:
+fxquant writes it and transformers loads it with bitsandbytes (on the CPU), and what transformers
+quantized with BitsAndBytesConfig(load_in_4bit=True) on the CPU runs in fxquant as stored nf4 / fp4
+with the same bytes and outputs. transformers' bitsandbytes loading needs accelerate; those tests
+skip without it, the others compare with bitsandbytes' QuantState directly."""
+
+import json
+
+import pytest
+import torch
+
+import fxquant
+from fxquant import QuantConfig, empty_weights, load_bitsandbytes, save_bitsandbytes
+from tests.models import tiny_llama
+
+bnb = pytest.importorskip("bitsandbytes")
+transformers = pytest.importorskip("transformers")
+IDS = torch.tensor([[1, 5, 9, 2, 77, 3]])
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def reference_path(model):
+    """bitsandbytes' Linear4bit on the dequantize-then-matmul path in its compute dtype: on a CPU with
+    AVX512-BF16 it otherwise repacks the weight for a kernel that computes in bfloat16 whatever the
+    compute dtype (bitsandbytes/backends/cpu/ops.py), which is not the arithmetic under test."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def fxquant_4bit(model, config):
+    """The model with fxquant's own layers: a copy quantized in place."""
+    import copy
+
+    quantized = copy.deepcopy(model)
+    fxquant.quantize_(quantized, config)
+    return quantized
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_written_layout_is_bitsandbytes_quant_state(tmp_path, quant_type):
+    model = tiny_llama()
+    quantization_config = save_bitsandbytes(model, tmp_path / "out", QuantConfig(scheme=quant_type))
+    assert quantization_config["bnb_4bit_quant_type"] == quant_type and quantization_config["load_in_4bit"]
+    assert quantization_config["llm_int8_skip_modules"] == ["lm_head"]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"] == quantization_config
+
+    from safetensors.torch import load_file
+
+    stored = load_file(tmp_path / "out" / "model.safetensors")
+    layer = "model.layers.1.mlp.down_proj"
+    state = {key.removeprefix(f"{layer}.weight."): t for key, t in stored.items() if key.startswith(f"{layer}.weight.")}
+    quant_state = bnb.functional.QuantState.from_dict(state, device="cpu")
+    weight = model.get_submodule(layer).weight.detach()
+    packed, expected = bnb.functional.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type=quant_type)
+    assert torch.equal(stored[f"{layer}.weight"], packed)
+    assert quant_state == expected  # bitsandbytes' own comparison: absmax, code, nested state, offset, shape
+    assert torch.equal(bnb.functional.dequantize_4bit(packed, quant_state), bnb.functional.dequantize_4bit(packed, expected))
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_transformers_loads_what_fxquant_wrote(tmp_path, quant_type):
+    pytest.importorskip("accelerate")
+    model = tiny_llama()
+    config = QuantConfig(scheme=quant_type)
+    save_bitsandbytes(model, tmp_path / "out", config)
+    loaded = reference_path(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval())
+    assert type(loaded.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    # the same dequantized float32 weights; only the GEMMs' summation order differs
+    torch.testing.assert_close(logits(loaded), logits(fxquant_4bit(model, config)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_fxquant_runs_what_transformers_quantized(tmp_path, quant_type):
+    pytest.importorskip("accelerate")
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "float")
+    bnb_config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                                 bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=bnb_config).eval()
+    reference_path(theirs)
+    theirs.save_pretrained(tmp_path / "bnb")
+
+    with empty_weights():
+        ours = transformers.LlamaForCausalLM(model.config)
+    load_bitsandbytes(tmp_path / "bnb", ours)
+    up = ours.model.layers[0].mlp.up_proj
+    assert up.weight.dtype == torch.uint8 and up.weight.shape == (128, 32) and "stored " + quant_type in repr(up)
+    # bitsandbytes quantized the same float32 weights on the CPU: fxquant's own quantization, to the bit
+    expected = fxquant.SCHEMES[quant_type].quantize(model.model.layers[0].mlp.up_proj.weight.detach(),
+                                                    fxquant.SCHEMES[quant_type].options({}))
+    assert torch.equal(up.weight, expected["weight"]) and torch.equal(up.weight_absmax, expected["weight_absmax"])
+    assert torch.equal(up.weight_offset, expected["weight_offset"])
+    expected_logits = logits(theirs)
+    torch.testing.assert_close(logits(ours), expected_logits, rtol=1e-4, atol=1e-4)
+    if quant_type == "nf4":  # and compiled (one Inductor compile is enough)
+        torch.testing.assert_close(logits(torch.compile(ours, backend="fxquant")), expected_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_refusals_name_the_reason(tmp_path):
+    model = tiny_llama()
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(FileExistsError, match="exists"):
+        save_bitsandbytes(model, tmp_path / "exists")
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj in bitsandbytes' layout: scheme int8"):
+        save_bitsandbytes(model, tmp_path / "int8", QuantConfig(scheme="int8"))
+    assert not (tmp_path / "int8").exists()
+    with pytest.raises(ValueError, match="options .* differ"):
+        save_bitsandbytes(model, tmp_path / "mixed", QuantConfig(scheme="nf4", rules={"*.mlp.*": "fp4"}))
+
+    save_bitsandbytes(model, tmp_path / "out")
+    from safetensors.torch import load_file, save_file
+
+    stored = load_file(tmp_path / "out" / "model.safetensors")
+    del stored["model.layers.0.mlp.up_proj.weight.nested_absmax"]
+    save_file(stored, tmp_path / "out" / "model.safetensors")
+    with empty_weights():
+        target = transformers.LlamaForCausalLM(model.config)
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.up_proj: .* no double quantization"):
+        load_bitsandbytes(tmp_path / "out", target)
+
+
+def test_stored_layers_are_written_as_they_are(tmp_path):
+    """fxquant's own nf4 checkpoint, loaded, converts to bitsandbytes' layout with the same bytes;
+    and bitsandbytes' layout read and written again is the same tensors."""
+    from safetensors.torch import load_file
+
+    model = tiny_llama()
+    config = QuantConfig(scheme="nf4")
+    save_bitsandbytes(model, tmp_path / "direct", config)
+    fxquant.save_quantized(model, tmp_path / "fxquant", config)
+    with empty_weights():
+        loaded = transformers.LlamaForCausalLM(model.config)
+    fxquant.load_quantized(tmp_path / "fxquant", loaded)
+    save_bitsandbytes(loaded, tmp_path / "converted", config)
+    with empty_weights():
+        again = transformers.LlamaForCausalLM(model.config)
+    load_bitsandbytes(tmp_path / "direct", again)  # runs with the compute dtype the checkpoint names
+    save_bitsandbytes(again, tmp_path / "again", QuantConfig(scheme="nf4", scheme_options={"nf4": {"compute_dtype": "float32"}}))
+    direct = load_file(tmp_path / "direct" / "model.safetensors")
+    for other in ("converted", "again"):
+        written = load_file(tmp_path / other / "model.safetensors")
+        assert written.keys() == direct.keys(), other
+        assert all(torch.equal(written[name], direct[name]) for name in direct), other
