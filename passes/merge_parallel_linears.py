@@ -37,6 +37,7 @@ from fxquant.passes.quantize_weights import buffer_suffix
 from fxquant.passes.rewrite_linears import buffer_node
 from fxquant.passes.stored_weights import STORED_WEIGHTS, op_tensor
 from fxquant.scheme import get_scheme
+from fxquant.tensor_parallel import is_dtensor
 
 
 def plan_merges(plan: Plan) -> None:
@@ -50,6 +51,7 @@ def plan_merges(plan: Plan) -> None:
             and get_scheme(entry.scheme).merge_dims
             and entry.site.bias is None
             and uses[id(entry.site.weight)] == 1
+            and not is_dtensor(entry.site.weight)  # tensor parallel: not merged yet (docs/design.md)
         ):
             key = (entry.site.activation, entry.scheme, entry.options, entry.stored is None)
             groups.setdefault(key, []).append(entry)

@@ -19,9 +19,10 @@ from torch import Tensor, fx
 from torch._dynamo.utils import counters
 from torch.utils.weak import WeakIdKeyDictionary
 
-from fxquant.passes.find_sites import GemmSite
+from fxquant.passes.find_sites import GemmSite, fake_value
 from fxquant.passes.plan_linears import Plan, PlannedLinear
 from fxquant.scheme import get_scheme
+from fxquant.tensor_parallel import is_dtensor, local, quantize_sharded
 from fxquant.weight_stamp import WeightStamp
 
 
@@ -105,7 +106,10 @@ def quantize_parameter(layer: str, weight: Tensor, weight_is_kn: bool, scheme: s
                 f"fxquant: layer '{layer}': weight {tuple(weight.shape)} holds {bad} NaN/Inf value(s); "
                 "cannot quantize it. Fix the weight or add the layer to options['skip']."
             )
-        return {name: tensor.contiguous() for name, tensor in get_scheme(scheme).quantize(w, options).items()}
+        plugin = get_scheme(scheme)
+        if is_dtensor(w):  # tensor parallel: each rank holds its slice of the whole weight's tensors
+            return quantize_sharded(w, plugin, lambda whole: plugin.quantize(whole, options))
+        return {name: tensor.contiguous() for name, tensor in plugin.quantize(w, options).items()}
 
 
 def buffer_suffix(name: str) -> str:
@@ -152,8 +156,9 @@ def quantize_weights(gm: fx.GraphModule, plan: Plan, cache: QuantizedCache | Non
             copy = _current_copy(entry.layer, site, entry, cache)
             prefix = _buffer_prefix(gm, entry.layer)
             attrs = {name: prefix + buffer_suffix(name) for name in copy.tensors}
+            local_parts = is_dtensor(site.weight) and not is_dtensor(fake_value(site.weight_node))  # w.to_local()
             for name, attr in attrs.items():
-                gm.register_buffer(attr, copy.tensors[name])
+                gm.register_buffer(attr, local(copy.tensors[name]) if local_parts else copy.tensors[name])
             quantized = QuantizedWeight(entry.scheme, entry.options, site.weight_is_kn, attrs, copy, cache)
             made[id(site.weight), key] = quantized
         quantized.layers.append(entry.layer)
