@@ -98,3 +98,16 @@ def test_streaming_quantize_benchmark_on_a_small_config(tmp_path):
     assert "LlamaForCausalLM, fp8_rowwise, 14 of 15 linear layers quantized" in done.stdout
     assert "| fxquant quantize, Llama 2 layers hidden 256" in done.stdout and "peak RSS" in done.stdout
     assert not directory.exists()
+
+
+@pytest.mark.slow
+def test_tensor_parallel_benchmark_on_two_cpu_processes(tmp_path):
+    out = tmp_path / "tp.json"
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "tensor_parallel.py"), "--tiny", "--json", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["ranks"] == 2 and [r["peer"] for r in report["results"]] == ["bf16", "fxquant"]
+    assert all(set(r["shapes"]) == {"1x1", "2x16"} and all(v["ms"] > 0 for v in r["shapes"].values())
+               for r in report["results"])
+    assert "back to back:" in done.stdout
