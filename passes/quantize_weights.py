@@ -19,7 +19,7 @@ from torch import Tensor, fx
 from torch._dynamo.utils import counters
 from torch.utils.weak import WeakIdKeyDictionary
 
-from fxquant.passes.find_sites import GemmSite, fake_value
+from fxquant.passes.find_sites import GemmSite
 from fxquant.passes.plan_linears import Plan, PlannedLinear
 from fxquant.scheme import get_scheme
 from fxquant.tensor_parallel import is_dtensor, local, quantize_sharded
@@ -81,7 +81,8 @@ class QuantizedWeight:
 
 def _requantize(copy: QuantizedCopy, layer: str, weight: Tensor, weight_is_kn: bool, scheme: str, options: object) -> None:
     for name, tensor in quantize_parameter(layer, weight, weight_is_kn, scheme, options).items():
-        copy.tensors[name].copy_(tensor)
+        held = copy.tensors[name]  # a DTensor's local part where a merged graph holds it in its stack
+        held.copy_(tensor if is_dtensor(held) else local(tensor))
     copy.stamp = WeightStamp(weight)
     counters["fxquant"]["requantized_weights"] += 1
 
@@ -156,9 +157,8 @@ def quantize_weights(gm: fx.GraphModule, plan: Plan, cache: QuantizedCache | Non
             copy = _current_copy(entry.layer, site, entry, cache)
             prefix = _buffer_prefix(gm, entry.layer)
             attrs = {name: prefix + buffer_suffix(name) for name in copy.tensors}
-            local_parts = is_dtensor(site.weight) and not is_dtensor(fake_value(site.weight_node))  # w.to_local()
             for name, attr in attrs.items():
-                gm.register_buffer(attr, local(copy.tensors[name]) if local_parts else copy.tensors[name])
+                gm.register_buffer(attr, local(copy.tensors[name]) if site.reads_local_part else copy.tensors[name])
             quantized = QuantizedWeight(entry.scheme, entry.options, site.weight_is_kn, attrs, copy, cache)
             made[id(site.weight), key] = quantized
         quantized.layers.append(entry.layer)

@@ -78,8 +78,15 @@ def _cases(rank: int, directory: str) -> dict:
     seen["llama plan"] = str(backend.plans[-1])
     hf = AutoModelForCausalLM.from_pretrained(os.path.join(directory, "llama"), tp_plan="auto").eval()
     backend = fxquant.backend()
-    seen["llama tp_plan"] = _compiled(hf, tokens, backend).logits
-    seen["llama tp_plan plan"] = str(backend.plans[-1])
+    compiled = torch.compile(hf, backend=backend)
+    with torch.no_grad():
+        seen["llama tp_plan"] = compiled(tokens).logits
+        seen["llama tp_plan plan"] = str(backend.plans[-1])
+        # A weight changed after compiling: re-quantized into the merged q/k/v stack's local views.
+        hf.model.layers[0].self_attn.k_proj.weight.mul_(0.5)
+        seen["llama tp_plan changed"] = compiled(tokens).logits
+    seen["requantized"] = torch._dynamo.utils.counters["fxquant"]["requantized_weights"]
+    seen["llama tp_plan recompiled"] = _compiled(hf, tokens, "fxquant").logits
     return seen
 
 
@@ -174,3 +181,14 @@ def test_a_tensor_parallel_llama_computes_what_one_process_does(ranks, path):
         assert "14 of 15 linear layers quantized" in plan
         assert f"row-wise: K {rank * 64}-{rank * 64 + 63} on rank {rank} of 2" in plan  # down_proj, K = 128
     torch.testing.assert_close(ranks[0]["llama"], ranks[0]["llama tp_plan"], rtol=1e-5, atol=1e-5)
+
+
+def test_transformers_tp_layers_merge_and_a_changed_weight_is_requantized_into_the_stack(ranks):
+    """transformers' layers read `w.to_local()`: q/k/v and gate/up run as one GEMM on each rank's
+    stacked local parts, and a weight changed after compiling is re-quantized there (its slice of
+    the whole weight's tensors), as a fresh compile of the changed model computes."""
+    for seen in ranks:
+        assert "column-wise: N 0-31 on rank 0 of 2; one GEMM with k_proj, v_proj" in ranks[0]["llama tp_plan plan"]
+        assert seen["requantized"] >= 1
+        assert not torch.equal(seen["llama tp_plan changed"], seen["llama tp_plan"])
+        torch.testing.assert_close(seen["llama tp_plan changed"], seen["llama tp_plan recompiled"], rtol=0, atol=0)
