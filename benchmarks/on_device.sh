@@ -23,12 +23,13 @@
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh division-rounding  # correctly rounded division's cost
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh moe [PARTS]  # MoE: expert GEMM kernel table, Qwen3-30B-A3B-
 #                                                  # and Mixtral-8x7B-shaped models, bf16 vs fxquant (PARTS: kernels qwen3 mixtral batched)
+#     source .whl/ondevice.sh && bash benchmarks/on_device.sh tp [LAYERS]  # two GPUs (nvidia-h200-x2): the TP test, bf16 TP vs fxquant TP
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 quiet() { grep -v -E "Warning|warn\(|^  |AUTOTUNE|strides:|dtypes:|SingleProcess|_fbgemm_torch_compat|cannot determine|^\s*$|\[0m|\[33m"; }
 
-case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | torchao | profile | profile-prefill | settings | default-decode | merge | blockwise | nf4 | aoti-probe | weight-check | division-rounding | moe}" in
+case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | torchao | profile | profile-prefill | settings | default-decode | merge | blockwise | nf4 | aoti-probe | weight-check | division-rounding | moe | tp}" in
   tests)
     # Without PATHS: every gpu test, in four pytest processes at once (compiling dominates and the
     # device has 16 cores; one process took more than the 10 minutes), each to its own file.
@@ -119,6 +120,12 @@ case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | tor
     # What check_weight_updates costs per decode step (fxquant/weight_updates.py), on and off, same run.
     timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/weight_check.py --layers 8 --out "$OUT" >"$OUT/weight_check.txt" 2>&1
     quiet <"$OUT/weight_check.txt" | tail -14 ;;
+  tp)
+    timeout "${FXQUANT_TIMEOUT:-560}" python3 -m pytest -q -p no:cacheprovider --tb=short -rsfE tests/kernels/test_cuda_tensor_parallel.py \
+      >"$OUT/tests_tp.txt" 2>&1; grep -E "passed|failed|FAILED|SKIPPED|Error" "$OUT/tests_tp.txt" | tail -5
+    timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/tensor_parallel.py --ranks 2 --layers "${2:-8}" --modes reduce-overhead \
+      --json "$OUT/tp.json" >"$OUT/tp.txt" 2>&1
+    quiet <"$OUT/tp.txt" | tail -8 ;;
   division-rounding)
     # Correctly rounded division in the fused FP8 quantization (item 13's setting), off and on.
     timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/division_rounding.py --json "$OUT/division_rounding.json" \

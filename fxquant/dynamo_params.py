@@ -46,7 +46,11 @@ def _is_buffer(source: object) -> bool:
 
 
 def dynamo_module_tensor(node: fx.Node) -> tuple[str, torch.Tensor] | None:
-    """(qualified name, tensor) for a placeholder holding a module's parameter or buffer, else None."""
+    """(qualified name, tensor) for a placeholder holding a module's parameter or buffer, or for the
+    local part of a DTensor one (`w.to_local()`, as transformers' tensor-parallel layers read their
+    weights), else None."""
+    if node.op == "call_method" and node.target == "to_local" and isinstance(node.args[0], fx.Node):
+        return dynamo_module_tensor(node.args[0])
     if node.op != "placeholder":
         return None
     grapharg = node.meta.get("grapharg")

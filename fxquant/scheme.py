@@ -82,6 +82,10 @@ class Scheme:
     # Each tensor's dim that runs along N (stacking layers that share an input concatenates there);
     # empty: layers are never stacked (e.g. one scale for the whole tensor).
     merge_dims: ClassVar[Mapping[str, int]] = MappingProxyType({})
+    # Tensor parallelism (fxquant/tensor_parallel.py): each tensor's (N dim, K dim), None where it does
+    # not run along that side; a tensor not named, or split the way it has no dim for, is whole on
+    # every rank (one scale for the whole weight).
+    shard_dims: ClassVar[Mapping[str, tuple[int | None, int | None]]] = MappingProxyType({"weight": (0, 1)})
 
     def quantize(self, weight: Tensor, options) -> dict[str, Tensor]:
         """The named tensors of a float weight [N, K] ([E, N, K]: experts, for a scheme with batched or

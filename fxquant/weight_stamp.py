@@ -19,6 +19,8 @@ import weakref
 import torch
 from torch import Tensor
 
+from fxquant.tensor_parallel import local
+
 SAMPLES = 256
 
 
@@ -61,7 +63,7 @@ def spread_sample(weight: Tensor, count: int = SAMPLES) -> Tensor:
     another column (or row) and the samples spread evenly over the rows. Otherwise, one sample per
     index of every dim on a diagonal line across the weight (as many as its shortest side allows).
     """
-    weight = weight.detach()
+    weight = local(weight.detach())  # a DTensor: this rank's part
     if weight.is_contiguous() or weight.transpose(-2, -1).is_contiguous():
         numel = weight.numel()
         n = min(count, numel)

@@ -81,6 +81,13 @@ class GemmSite:
         return 2 if self.node.args[0] in (self.view_node, self.gather_node) else 1
 
     @property
+    def reads_local_part(self) -> bool:
+        """The weight is a DTensor read through `.to_local()` (transformers' tensor-parallel layers):
+        the op takes the local parts of its quantized tensors."""
+        weight_value = fake_value(self.weight_node)
+        return hasattr(self.weight, "placements") and weight_value is not None and not hasattr(weight_value, "placements")
+
+    @property
     def weight_node(self) -> fx.Node:
         """The node that holds the parameter (before any gather or transpose)."""
         if self.gather_node is not None:

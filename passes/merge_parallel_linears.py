@@ -37,6 +37,7 @@ from fxquant.passes.quantize_weights import buffer_suffix
 from fxquant.passes.rewrite_linears import buffer_node
 from fxquant.passes.stored_weights import STORED_WEIGHTS, op_tensor
 from fxquant.scheme import get_scheme
+from fxquant.tensor_parallel import is_dtensor, local
 
 
 def plan_merges(plan: Plan) -> None:
@@ -50,6 +51,7 @@ def plan_merges(plan: Plan) -> None:
             and get_scheme(entry.scheme).merge_dims
             and entry.site.bias is None
             and uses[id(entry.site.weight)] == 1
+            and (not is_dtensor(entry.site.weight) or entry.site.reads_local_part)  # DTensor ops: not yet
         ):
             key = (entry.site.activation, entry.scheme, entry.options, entry.stored is None)
             groups.setdefault(key, []).append(entry)
@@ -90,7 +92,7 @@ def _stacked(parts: list[Tensor], dim: int) -> Tensor:
 def _member_tensors(member: PlannedLinear) -> dict[str, Tensor]:
     """A member's tensors in the op's layout: its quantized copy's, or the stored ones its module holds."""
     if member.stored is None:
-        return member.quantized.tensors
+        return {name: local(t) for name, t in member.quantized.tensors.items()}  # DTensors: read by .to_local()
     stored, site = STORED_WEIGHTS[member.site.weight], member.site
     n, k = site.out_features, site.in_features
     others = {name: op_tensor(member.scheme, name, t, n, k, member.options) for name, t in stored.tensors().items()}

@@ -29,6 +29,7 @@ from fxquant.ops.linear_common import FLOAT_DTYPES
 from fxquant.passes.find_sites import GemmSite, WeightLookup, fake_value, find_sites
 from fxquant.passes.stored_weights import STORED_WEIGHTS, is_stored, stored_scheme, stored_tensor_name
 from fxquant.scheme import SchemeCall, get_scheme
+from fxquant.tensor_parallel import is_dtensor, shard_note, shard_problem
 
 if TYPE_CHECKING:
     from fxquant.passes.quantize_weights import QuantizedWeight
@@ -165,7 +166,9 @@ def skip_reason(layer: str, site: GemmSite, config: QuantConfig, scheme: str) ->
         return "empty weight"
     if site.weight.numel() < config.min_weight_numel:
         return f"{site.weight.numel()} weights < min_weight_numel={config.min_weight_numel}"
-    return kind_unsupported(site, scheme) or get_scheme(scheme).unsupported(layer, n, k, config.options_for(scheme))
+    options = config.options_for(scheme)
+    return (kind_unsupported(site, scheme) or get_scheme(scheme).unsupported(layer, n, k, options)
+            or (shard_problem(site.weight, site.weight_is_kn, layer, get_scheme(scheme), options) if is_dtensor(site.weight) else None))
 
 
 def kind_unsupported(site: GemmSite, scheme: str) -> str | None:
@@ -258,6 +261,8 @@ def plan_linears(gm: fx.GraphModule, lookup: WeightLookup, config: QuantConfig) 
             if entry.scheme is not None:
                 check_eager_dtypes(layer, site, autocast_enabled(regions[site.node], site.weight.device.type))
                 entry = with_fallback(entry, site.weight.device, config)
+        if is_dtensor(site.weight):
+            entry = dataclasses.replace(entry, note="; ".join(filter(None, [entry.note, shard_note(site.weight, site.weight_is_kn)])))
         counters["fxquant"]["skipped"] += entry.scheme is None
         plan.append(entry)
     return plan

@@ -22,6 +22,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from fxquant.passes.find_sites import GemmSite
 from fxquant.passes.plan_linears import Plan, PlannedLinear
 from fxquant.scheme import get_scheme
+from fxquant.tensor_parallel import is_dtensor, local, quantize_sharded
 from fxquant.weight_stamp import WeightStamp
 
 
@@ -80,7 +81,8 @@ class QuantizedWeight:
 
 def _requantize(copy: QuantizedCopy, layer: str, weight: Tensor, weight_is_kn: bool, scheme: str, options: object) -> None:
     for name, tensor in quantize_parameter(layer, weight, weight_is_kn, scheme, options).items():
-        copy.tensors[name].copy_(tensor)
+        held = copy.tensors[name]  # a DTensor's local part where a merged graph holds it in its stack
+        held.copy_(tensor if is_dtensor(held) else local(tensor))
     copy.stamp = WeightStamp(weight)
     counters["fxquant"]["requantized_weights"] += 1
 
@@ -105,7 +107,10 @@ def quantize_parameter(layer: str, weight: Tensor, weight_is_kn: bool, scheme: s
                 f"fxquant: layer '{layer}': weight {tuple(weight.shape)} holds {bad} NaN/Inf value(s); "
                 "cannot quantize it. Fix the weight or add the layer to options['skip']."
             )
-        return {name: tensor.contiguous() for name, tensor in get_scheme(scheme).quantize(w, options).items()}
+        plugin = get_scheme(scheme)
+        if is_dtensor(w):  # tensor parallel: each rank holds its slice of the whole weight's tensors
+            return quantize_sharded(w, plugin, lambda whole: plugin.quantize(whole, options))
+        return {name: tensor.contiguous() for name, tensor in plugin.quantize(w, options).items()}
 
 
 def buffer_suffix(name: str) -> str:
@@ -153,7 +158,7 @@ def quantize_weights(gm: fx.GraphModule, plan: Plan, cache: QuantizedCache | Non
             prefix = _buffer_prefix(gm, entry.layer)
             attrs = {name: prefix + buffer_suffix(name) for name in copy.tensors}
             for name, attr in attrs.items():
-                gm.register_buffer(attr, copy.tensors[name])
+                gm.register_buffer(attr, local(copy.tensors[name]) if site.reads_local_part else copy.tensors[name])
             quantized = QuantizedWeight(entry.scheme, entry.options, site.weight_is_kn, attrs, copy, cache)
             made[id(site.weight), key] = quantized
         quantized.layers.append(entry.layer)

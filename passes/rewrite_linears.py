@@ -21,6 +21,7 @@ from fxquant.passes.plan_linears import Plan, PlannedLinear
 from fxquant.passes.quantize_weights import buffer_suffix
 from fxquant.passes.stored_weights import op_tensor
 from fxquant.scheme import SchemeCall, get_scheme
+from fxquant.tensor_parallel import is_dtensor, register_op_sharding
 
 
 def buffer_node(gm: fx.GraphModule, attr: str, like: fx.Node) -> fx.Node:
@@ -87,6 +88,8 @@ def rewrite_linears(gm: fx.GraphModule, plan: Plan) -> None:
             if unit_dim is not None:
                 x = _aten_node(graph, torch.ops.aten.squeeze.dim, (x, unit_dim), site.activation)
             call = _scheme_call(entry, x, tensors, values)
+            if is_dtensor(site.weight):
+                register_op_sharding(call)
             fused = graph.call_function(call.op, call.node_args())
             fused.meta.update(site.node.meta)
             output = fused

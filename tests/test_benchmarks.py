@@ -118,3 +118,13 @@ def test_moe_benchmark_on_tiny_configs(tmp_path):
                     ("batched_mm", "default", "bf16", ["1x1"]), ("batched_mm", "default", "fxquant", ["1x1"]),
                     ("grouped_mm", "default", "bf16", ["1x16"]), ("grouped_mm", "default", "fxquant", ["1x16"])]
     assert all(shape["ms"] > 0 for r in report["qwen3"] for shape in r["shapes"].values())
+def test_tensor_parallel_benchmark_on_two_cpu_processes(tmp_path):
+    out = tmp_path / "tp.json"
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "tensor_parallel.py"), "--tiny", "--json", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["ranks"] == 2 and [r["peer"] for r in report["results"]] == ["bf16", "fxquant"]
+    assert all(set(r["shapes"]) == {"1x1", "2x16"} and all(v["ms"] > 0 for v in r["shapes"].values())
+               for r in report["results"])
+    assert "back to back:" in done.stdout

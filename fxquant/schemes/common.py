@@ -87,6 +87,7 @@ class PerChannelScale:
     """weight_scale per output channel: [N] for the op, [N, 1] in files (HF's FbgemmFp8Linear layout)."""
 
     merge_dims = {"weight": 0, "weight_scale": 0}
+    shard_dims = {"weight": (0, 1), "weight_scale": (0, None)}
 
     def file_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
         return (*shape, 1) if name == "weight_scale" and len(shape) == 1 else shape

@@ -32,6 +32,7 @@ class Fp8Blockwise(Fp8Scheme):
     name = "fp8_blockwise"
     Options = Fp8BlockwiseOptions
     merge_dims = {"weight": 0, "weight_scale": 0}  # the plan's shape rule makes every N whole blocks
+    shard_dims = {"weight": (0, 1), "weight_scale": (0, 1)}  # a shard of whole blocks: the plan checks it
 
     def quantize_pair(self, weight, options):
         return quantize_fp8_blockwise_weight(weight, options.weight_block_size)
