@@ -84,8 +84,9 @@ class Scheme:
     merge_dims: ClassVar[Mapping[str, int]] = MappingProxyType({})
     # Tensor parallelism (fxquant/tensor_parallel.py): each tensor's (N dim, K dim), None where it does
     # not run along that side; a tensor not named, or split the way it has no dim for, is whole on
-    # every rank (one scale for the whole weight).
-    shard_dims: ClassVar[Mapping[str, tuple[int | None, int | None]]] = MappingProxyType({"weight": (0, 1)})
+    # every rank (one scale for the whole weight). Empty: the scheme does not say, and a split
+    # weight is skipped with that reason (e.g. blocks of a flattened weight split neither way).
+    shard_dims: ClassVar[Mapping[str, tuple[int | None, int | None]]] = MappingProxyType({})
 
     def quantize(self, weight: Tensor, options) -> dict[str, Tensor]:
         """The named tensors of a float weight [N, K] ([E, N, K]: experts, for a scheme with batched or

@@ -71,6 +71,8 @@ def shard_problem(weight: Tensor, weight_is_kn: bool, layer: str, scheme: Scheme
     side = split_side(weight, weight_is_kn)
     if side is None:
         return None
+    if not scheme.shard_dims:
+        return f"{scheme.name} does not say how its tensors split (shard_dims)"
     n, k = weight.shape[-1], weight.shape[-2]
     if not weight_is_kn:
         n, k = k, n

@@ -37,6 +37,7 @@ class Fp8TensorwiseOptions:
 class Fp8Tensorwise(Fp8Scheme):
     name = "fp8_tensorwise"
     Options = Fp8TensorwiseOptions
+    shard_dims = {"weight": (0, 1)}  # the scale is the whole weight's, on every rank
 
     def quantize_pair(self, weight, options):
         return quantize_fp8_tensorwise(weight)

@@ -32,6 +32,7 @@ class LlmInt8(Scheme):
     tensors = {"weight": torch.int8, "weight_absmax": torch.float32}  # weight_absmax: each row's max |W| (bnb's SCB)
     Options = LlmInt8Options
     merge_dims = {"weight": 0, "weight_absmax": 0}
+    shard_dims = {"weight": (0, 1), "weight_absmax": (0, None)}  # outlier columns split with K, as the sums do
 
     def quantize(self, weight, options):
         w_q, absmax = quantize_llm_int8_weight(weight)

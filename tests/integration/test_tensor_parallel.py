@@ -62,6 +62,14 @@ def _cases(rank: int, directory: str) -> dict:
         _compiled(blocks, x, blockwise)
         seen[name] = str(blockwise.plans[-1])
 
+    # A scheme that does not declare how its tensors split (nf4's absmax runs over flattened rows).
+    torch.manual_seed(0)
+    nf4 = torch.nn.Sequential(torch.nn.Linear(256, 512, bias=False), torch.nn.Linear(512, 256, bias=False))
+    parallelize_module(nf4, mesh, {"0": ColwiseParallel(), "1": RowwiseParallel()})
+    nf4_backend = fxquant.backend(fxquant.QuantConfig(scheme="nf4"))
+    _compiled(nf4, x, nf4_backend)
+    seen["nf4 plan"] = str(nf4_backend.plans[-1])
+
     # A tiny Llama: parallelize_module as torchtitan does, and transformers' own tp_plan="auto".
     model = tiny_llama()
     tokens = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
@@ -160,13 +168,15 @@ def test_the_plan_says_which_part_each_rank_holds(ranks):
     assert "2 of 2 linear layers quantized" in ranks[0]["mlp plan"]
 
 
-def test_blockwise_shards_need_whole_blocks(ranks):
+def test_blockwise_shards_need_whole_blocks_and_a_scheme_must_say_how_it_splits(ranks):
     for seen in ranks:
         assert "2 of 2 linear layers quantized" in seen["wide blockwise plan"]  # shards 256 x 256
         plan = seen["narrow blockwise plan"]
         assert "column-wise shard 64 x 256: N=64 not a multiple of the 128-wide weight block" in plan
         assert "row-wise shard 256 x 64: K=64 not a multiple of the 128-wide weight block" in plan
         assert "0 of 2 linear layers quantized" in plan
+        assert "nf4 does not say how its tensors split (shard_dims)" in seen["nf4 plan"]
+        assert "0 of 2 linear layers quantized" in seen["nf4 plan"]
 
 
 @pytest.mark.parametrize("path", ["llama", "llama tp_plan"], ids=["parallelize_module", "transformers tp_plan"])
