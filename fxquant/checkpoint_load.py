@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
+from fxquant.checkpoint_experts import ExpertJoin, ExpertTensor, file_layout
 from fxquant.checkpoint_layers import is_checkpoint_layer, is_conv1d, layer_shape, stored_layout
 from fxquant.checkpoint_metadata import HF_CONFIG_FILE, METADATA_FILE, read_header, read_metadata, tensor_key
 from fxquant.checkpoint_writer import file_sha256
@@ -88,15 +89,43 @@ def read_weights_headers(directory: Path, metadata: dict) -> tuple[Header, dict[
     return merged, file_of
 
 
+def _expert_joins(directory: Path, model: nn.Module, metadata: dict, config: QuantConfig,
+                  device: str | torch.device) -> list[ExpertJoin]:
+    """The expert weights the plan stores one tensor per expert (fxquant/checkpoint_experts.py), each to
+    be gathered into the op's [E, N, K] tensors on `device`; a model without that [E, N, K] parameter
+    is an error naming it."""
+    joins = []
+    parameters = dict(model.named_parameters())
+    for entry in metadata["plan"]:
+        if entry["scheme"] is None or "experts" not in entry:
+            continue
+        layer, shape = entry["layer"], (entry["experts"], *entry["shape"])
+        held = parameters.get(layer)
+        if held is None or tuple(held.shape) != shape:
+            found = "no such parameter" if held is None else f"{list(held.shape)}"
+            raise ValueError(f"fxquant: {directory}: expert weight '{layer}' was quantized from an E x N x K = "
+                             f"{' x '.join(map(str, shape))} parameter, but the model's is {found}; is it a checkpoint "
+                             "for another architecture?")
+        expert = ExpertTensor(layer, shape, tuple(entry["expert_names"]))
+        joins.append(ExpertJoin(expert, entry["scheme"], config.options_for(entry["scheme"]), device))
+    return joins
+
+
 def _expected_tensors(
-    directory: Path, model: nn.Module, metadata: dict, config: QuantConfig
+    directory: Path, model: nn.Module, metadata: dict, config: QuantConfig, joins: list[ExpertJoin] = ()
 ) -> tuple[dict[str, tuple[torch.dtype, tuple]], set[str]]:
-    """What a checkpoint for `model` must hold, {name: (dtype, shape)}, and the names of the quantized tensors."""
+    """What a checkpoint for `model` must hold, {name: (dtype, shape)}, and the names of the quantized
+    tensors; an expert weight of `joins` as its per-expert tensors."""
     expected = {name: (t.dtype, tuple(t.shape)) for name, t in model.state_dict().items()}
     quantized = set()
+    for join in joins:
+        del expected[join.expert.name]
+        layout = file_layout(join.expert, join.scheme, join.options)
+        expected.update(layout)
+        quantized.update(layout)
     modules = dict(model.named_modules())
     for entry in metadata["plan"]:
-        if entry["scheme"] is None:
+        if entry["scheme"] is None or "experts" in entry:
             continue
         layer = entry["layer"]
         module = modules.get(layer)
@@ -155,11 +184,11 @@ def _check_tensors(directory: Path, where: Callable[[str], Path], header: Header
             )
 
 
-def _check_no_meta_left(model: nn.Module, expected: Mapping[str, object]) -> None:
+def _check_no_meta_left(model: nn.Module, expected: Mapping[str, object], joined: set[str]) -> None:
     left = [
         name
         for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-        if t.is_meta and name not in expected
+        if t.is_meta and name not in expected and name not in joined
     ]
     if left:
         raise ValueError(
@@ -218,16 +247,18 @@ def load_quantized(
     header, file_of = read_weights_headers(directory, metadata)
     tied = metadata["tied"]
     _check_ties(directory / METADATA_FILE, tied, model)
-    expected, quantized = _expected_tensors(directory, model, metadata, config)
+    joins = _expert_joins(directory, model, metadata, config, device)
+    expected, quantized = _expected_tensors(directory, model, metadata, config, joins)
     as_loaded = {name: conversions.get(name, spec) for name, spec in header.items()}
     _check_tensors(directory, lambda name: directory / file_of[name], as_loaded, tied, expected, quantized)
-    _check_no_meta_left(model, expected)
+    _check_no_meta_left(model, expected, {join.expert.name for join in joins})
     for file, digest in metadata["sha256"].items():
         if verify_checksum and digest is not None and digest != file_sha256(directory / file):
             raise ValueError(f"fxquant: {directory / file}: SHA-256 differs from the one recorded in {METADATA_FILE}; the file was changed or corrupted")
     users: dict[str, list[str]] = {}
     for name in expected:
         users.setdefault(tied.get(name, name), []).append(name)
+    join_of = {name: join for join in joins for name in join.places}
     for file in metadata["sha256"]:
         with safe_open(directory / file, framework="pt", device=str(device)) as tensors:
             for stored in [name for name in header if file_of[name] == file]:
@@ -235,10 +266,15 @@ def load_quantized(
                 if stored in conversions:  # exact: a wider float, a reshape
                     dtype, shape = conversions[stored]
                     value = value.to(dtype).reshape(shape)
+                if stored in join_of:  # one expert's part of an [E, N, K] expert weight
+                    join_of[stored].put(stored, value)
+                    continue
                 made: dict[int, Tensor] = {}  # the names tied to it share one Parameter
                 for name in users[stored]:
                     _assign(model, name, value, name in quantized, made)
+    for join in joins:  # held as the expert ops take them, registered as stored
+        join.assign(model)
     for entry in metadata["plan"]:
-        if entry["scheme"] is not None:  # eager calls and torch.compile(backend="fxquant") run them as stored
+        if entry["scheme"] is not None and "experts" not in entry:  # eager calls and torch.compile(backend="fxquant") run them as stored
             make_stored(model.get_submodule(entry["layer"]), entry["scheme"], config.options_for(entry["scheme"]))
     return model

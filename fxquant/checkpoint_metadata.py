@@ -115,7 +115,13 @@ def metadata_problem(metadata: object) -> str | None:
         if scheme is not None and scheme not in SCHEMES:
             return f"layer '{layer}' has unknown scheme {scheme!r}"
         names = SCHEMES[scheme].tensors if scheme is not None else ()
-        absent = [tensor_key(layer, attr) for attr in names if tensor_key(layer, attr) not in {*table, *tied}]
+        if ("experts" in entry) != ("expert_names" in entry):
+            return f"layer '{layer}' has {'experts' if 'experts' in entry else 'expert_names'} without the other"
+        if "experts" in entry:  # stored one tensor per expert and part (fxquant/checkpoint_experts.py)
+            keys = [f"{part.format(e=e)}.{attr}" for attr in names for e in range(entry["experts"]) for part in entry["expert_names"]]
+        else:
+            keys = [tensor_key(layer, attr) for attr in names]
+        absent = [key for key in keys if key not in {*table, *tied}]
         if scheme is not None and absent:
             return f"the plan quantizes layer '{layer}' ({scheme}), but the tensor table has no '{absent[0]}'"
     for alias, target in tied.items():
