@@ -245,6 +245,10 @@ def load_quantized(
     else:
         metadata, config = read_metadata(directory)
     header, file_of = read_weights_headers(directory, metadata)
+    renamed = metadata.get("renamed", {})  # fxquant's name → the file's (a foreign checkpoint's weight_scale_inv)
+    to_fxquant = {file_name: name for name, file_name in renamed.items()}
+    header = {to_fxquant.get(name, name): spec for name, spec in header.items()}
+    file_of = {to_fxquant.get(name, name): file for name, file in file_of.items()}
     tied = metadata["tied"]
     _check_ties(directory / METADATA_FILE, tied, model)
     joins = _expert_joins(directory, model, metadata, config, device)
@@ -262,7 +266,7 @@ def load_quantized(
     for file in metadata["sha256"]:
         with safe_open(directory / file, framework="pt", device=str(device)) as tensors:
             for stored in [name for name in header if file_of[name] == file]:
-                value = tensors.get_tensor(stored)
+                value = tensors.get_tensor(renamed.get(stored, stored))
                 if stored in conversions:  # exact: a wider float, a reshape
                     dtype, shape = conversions[stored]
                     value = value.to(dtype).reshape(shape)
