@@ -124,9 +124,10 @@ def plan_rows(plan: Plan, layer_bytes: dict[str, tuple[int, int]]) -> list[dict]
         before, after = layer_bytes[e.layer]
         rows.append({"layer": e.layer, "shape": [e.site.out_features, e.site.in_features], "scheme": e.scheme,
                      "note": e.note, "bytes": {"before": before, "after": after}})
-        expert = getattr(e, "expert", None)
-        if expert is not None and e.scheme is not None:  # stored per expert: the names, "{e}" for the expert
-            rows[-1].update(experts=expert.shape[0], expert_names=list(expert.parts))
+        if e.site.kind != "linear":  # an expert weight: E; stored per expert, each part's name, "{e}" for the expert
+            rows[-1]["experts"] = e.site.experts
+            if e.scheme is not None and getattr(e, "expert", None) is not None:
+                rows[-1]["expert_names"] = list(e.expert.parts)
     return rows
 
 

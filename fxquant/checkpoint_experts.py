@@ -88,6 +88,27 @@ def _converters(model: nn.Module) -> list[tuple[list[str], str]]:
     return found
 
 
+def renamed_by_transformers(model: nn.Module, names) -> dict[str, str]:
+    """{checkpoint name: the model's name for it} by transformers' renamings for `model` (its conversion
+    mapping's WeightRenaming entries: Mixtral's `block_sparse_moe` → `mlp`); names it keeps map to themselves."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+        from transformers.modeling_utils import PreTrainedModel
+    except ImportError:
+        return {name: name for name in names}
+    if not isinstance(model, PreTrainedModel):
+        return {name: name for name in names}
+    renamings = [t for t in get_model_conversion_mapping(model, add_legacy=False) if type(t) is WeightRenaming]
+    renamed = {}
+    for name in names:
+        new = name
+        for renaming in renamings:
+            new, _ = renaming.rename_source_key(new)
+        renamed[name] = new
+    return renamed
+
+
 def expert_tensors(model: nn.Module) -> dict[str, ExpertTensor]:
     """{parameter name: ExpertTensor} for every 3-D parameter transformers' mapping stacks from per-expert tensors."""
     converters = _converters(model)

@@ -97,7 +97,7 @@ def _expert_joins(directory: Path, model: nn.Module, metadata: dict, config: Qua
     joins = []
     parameters = dict(model.named_parameters())
     for entry in metadata["plan"]:
-        if entry["scheme"] is None or "experts" not in entry:
+        if entry["scheme"] is None or "expert_names" not in entry:
             continue
         layer, shape = entry["layer"], (entry["experts"], *entry["shape"])
         held = parameters.get(layer)
@@ -125,7 +125,7 @@ def _expected_tensors(
         quantized.update(layout)
     modules = dict(model.named_modules())
     for entry in metadata["plan"]:
-        if entry["scheme"] is None or "experts" in entry:
+        if entry["scheme"] is None or "expert_names" in entry:
             continue
         layer = entry["layer"]
         module = modules.get(layer)
@@ -279,6 +279,6 @@ def load_quantized(
     for join in joins:  # held as the expert ops take them, registered as stored
         join.assign(model)
     for entry in metadata["plan"]:
-        if entry["scheme"] is not None and "experts" not in entry:  # eager calls and torch.compile(backend="fxquant") run them as stored
+        if entry["scheme"] is not None and "expert_names" not in entry:  # eager calls and torch.compile(backend="fxquant") run them as stored
             make_stored(model.get_submodule(entry["layer"]), entry["scheme"], config.options_for(entry["scheme"]))
     return model

@@ -115,9 +115,11 @@ def metadata_problem(metadata: object) -> str | None:
         if scheme is not None and scheme not in SCHEMES:
             return f"layer '{layer}' has unknown scheme {scheme!r}"
         names = SCHEMES[scheme].tensors if scheme is not None else ()
-        if ("experts" in entry) != ("expert_names" in entry):
-            return f"layer '{layer}' has {'experts' if 'experts' in entry else 'expert_names'} without the other"
-        if "experts" in entry:  # stored one tensor per expert and part (fxquant/checkpoint_experts.py)
+        if "expert_names" in entry and "experts" not in entry:
+            return f"layer '{layer}' has expert_names without experts"
+        if scheme is not None and "experts" in entry and "expert_names" not in entry:
+            return f"layer '{layer}' is a quantized expert weight without expert_names"
+        if scheme is not None and "experts" in entry:  # stored one tensor per expert and part (fxquant/checkpoint_experts.py)
             keys = [f"{part.format(e=e)}.{attr}" for attr in names for e in range(entry["experts"]) for part in entry["expert_names"]]
         else:
             keys = [tensor_key(layer, attr) for attr in names]

@@ -116,6 +116,16 @@ def _quantize_whole(args: argparse.Namespace, dir_in: Path, dir_out: Path, cls: 
     return metadata
 
 
+def _quantized_count(plan: list[dict]) -> str:
+    """"6 of 8 linear layers" (and "4 of 4 expert weights" for a MoE model)."""
+    experts = [entry for entry in plan if "experts" in entry]
+    linears = [entry for entry in plan if "experts" not in entry]
+    count = f"{sum(entry['scheme'] is not None for entry in linears)} of {len(linears)} linear layers"
+    if experts:
+        count += f" and {sum(entry['scheme'] is not None for entry in experts)} of {len(experts)} expert weights"
+    return count
+
+
 def quantize(args: argparse.Namespace) -> None:
     dir_in, dir_out = Path(args.dir_in), Path(args.dir_out)
     config = _quant_config(args)
@@ -143,8 +153,7 @@ def quantize(args: argparse.Namespace) -> None:
                 streaming, dir_out, hf_config, cls.__name__, args.hf_format, overwrite=args.overwrite,
                 max_shard_size=args.max_shard_size, workers=args.workers, advance=bar.update,
             )
-    quantized = sum(entry["scheme"] is not None for entry in metadata["plan"])
-    print(f"{dir_out}: {cls.__name__}, {config.scheme}, {quantized} of {len(metadata['plan'])} linear layers quantized")
+    print(f"{dir_out}: {cls.__name__}, {config.scheme}, {_quantized_count(metadata['plan'])} quantized")
     print(_bytes_line(metadata["bytes"]["before"], metadata["bytes"]["after"]))
     shards = len(metadata["sha256"])
     print(f"weights: {shards} file{'s' * (shards > 1)}{f' and {INDEX_FILE}' if shards > 1 else ''}")
