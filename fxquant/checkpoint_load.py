@@ -5,6 +5,7 @@ file open at a time."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -19,7 +20,7 @@ from fxquant.checkpoint_metadata import HF_CONFIG_FILE, METADATA_FILE, read_head
 from fxquant.checkpoint_writer import file_sha256
 from fxquant.config import QuantConfig
 from fxquant.footprint import dtype_name
-from fxquant.foreign_checkpoints import read_foreign
+from fxquant.foreign_checkpoints import Conversion, converted, read_foreign
 from fxquant.shards import INDEX_FILE
 from fxquant.stored_layers import make_stored
 
@@ -28,6 +29,14 @@ Header = dict[str, tuple[torch.dtype, tuple[int, ...]]]
 # A float tensor left unquantized may be stored in another of these: it is loaded as stored (a
 # bf16 model's checkpoint into a model built in fp32), never cast; FP8 is only a quantized weight.
 PLAIN_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def layer_options(entry: dict, config: QuantConfig) -> object:
+    """A plan row's scheme options: the config's, with the row's own where it has them (a foreign
+    checkpoint's layer stored in finer blocks than the others)."""
+    options = config.options_for(entry["scheme"])
+    own = {name: tuple(value) if isinstance(value, list) else value for name, value in entry.get("options", {}).items()}
+    return dataclasses.replace(options, **own) if own else options
 
 
 def _check_table(path: Path, header: Header, table: dict) -> None:
@@ -136,7 +145,7 @@ def _expected_tensors(
                 f"fxquant: {directory / held if held else directory}: tensor '{tensor_key(layer, 'weight')}' was quantized from an N x K = {n} x {k} "
                 f"nn.Linear or Conv1D, but the model's '{layer}' is {module!r}; is it a checkpoint for another architecture?"
             )
-        options = config.options_for(entry["scheme"])
+        options = layer_options(entry, config)
         for attr, dtype_shape in stored_layout(entry["scheme"], *entry["shape"], options, is_conv1d(module)).items():
             expected[tensor_key(layer, attr)] = dtype_shape
             quantized.add(tensor_key(layer, attr))
@@ -239,7 +248,7 @@ def load_quantized(
     model (its tied names).
     """
     directory = Path(directory)
-    conversions: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    conversions: dict[str, Conversion] = {}
     if not (directory / METADATA_FILE).is_file() and (directory / HF_CONFIG_FILE).is_file():
         metadata, config, conversions = read_foreign(directory, model)
     else:
@@ -253,7 +262,7 @@ def load_quantized(
     _check_ties(directory / METADATA_FILE, tied, model)
     joins = _expert_joins(directory, model, metadata, config, device)
     expected, quantized = _expected_tensors(directory, model, metadata, config, joins)
-    as_loaded = {name: conversions.get(name, spec) for name, spec in header.items()}
+    as_loaded = {name: conversions[name][:2] if name in conversions else spec for name, spec in header.items()}
     _check_tensors(directory, lambda name: directory / file_of[name], as_loaded, tied, expected, quantized)
     _check_no_meta_left(model, expected, {join.expert.name for join in joins})
     for file, digest in metadata["sha256"].items():
@@ -267,9 +276,8 @@ def load_quantized(
         with safe_open(directory / file, framework="pt", device=str(device)) as tensors:
             for stored in [name for name in header if file_of[name] == file]:
                 value = tensors.get_tensor(renamed.get(stored, stored))
-                if stored in conversions:  # exact: a wider float, a reshape
-                    dtype, shape = conversions[stored]
-                    value = value.to(dtype).reshape(shape)
+                if stored in conversions:  # exact: a wider float, a reshape, block scales repeated onto finer blocks
+                    value = converted(value, conversions[stored])
                 if stored in join_of:  # one expert's part of an [E, N, K] expert weight
                     join_of[stored].put(stored, value)
                     continue
@@ -280,5 +288,5 @@ def load_quantized(
         join.assign(model)
     for entry in metadata["plan"]:
         if entry["scheme"] is not None and "expert_names" not in entry:  # eager calls and torch.compile(backend="fxquant") run them as stored
-            make_stored(model.get_submodule(entry["layer"]), entry["scheme"], config.options_for(entry["scheme"]))
+            make_stored(model.get_submodule(entry["layer"]), entry["scheme"], layer_options(entry, config))
     return model

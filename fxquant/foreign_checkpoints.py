@@ -21,7 +21,9 @@ widths, other strategies and formats, quantized KV caches, sparsity, transforms.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import re
 from pathlib import Path
 
@@ -37,6 +39,18 @@ from fxquant.scheme import get_scheme
 from fxquant.shards import INDEX_FILE, WEIGHTS_FILE
 
 SCALE_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+# How a stored tensor becomes what the op takes, exactly: (dtype, shape, rows): widened to dtype, each row
+# repeated `rows` times (a block scale onto finer blocks) and cut to the shape's rows, reshaped.
+Conversion = tuple  # (torch.dtype, tuple[int, ...]) or (torch.dtype, tuple[int, ...], int)
+
+
+def converted(value: torch.Tensor, conversion: Conversion) -> torch.Tensor:
+    dtype, shape, *rows = conversion
+    value = value.to(dtype)
+    if rows:
+        value = value.repeat_interleave(rows[0], dim=0)[: shape[0]]
+    return value.reshape(shape)
 
 
 class Unsupported(ValueError):
@@ -245,6 +259,21 @@ def _tied(model: nn.Module, stored: set[str], quantized: set[str]) -> dict[str, 
     return tied
 
 
+def renamed_key(layer: str, file_names: dict[str, str]) -> str:
+    """The file's name of a layer's weight_scale (finegrained_fp8: weight_scale_inv)."""
+    return tensor_key(layer, file_names.get("weight_scale", "weight_scale"))
+
+
+def _finer_blocks(stored: tuple | None, n: int, k: int, options) -> tuple[tuple[int, int], int] | None:
+    """For a float32 block scale stored [ceil(N / bn), K / bk] (DeepSeek's last block of rows partial), the
+    finer block (g, bk), g = gcd(N, bn) a multiple of 16, that runs it exactly, and how often each scale
+    row repeats onto it; None where there is none."""
+    block_n, block_k = options.weight_block_size
+    finer = math.gcd(n, block_n)
+    fits = stored is not None and stored == (torch.float32, (-(-n // block_n), k // block_k)) and k % block_k == 0
+    return ((finer, block_k), block_n // finer) if fits and finer % 16 == 0 else None
+
+
 def _same_but_unit_dims(shape: tuple[int, ...], other: tuple[int, ...]) -> bool:
     """The same sizes once dims of size 1 are dropped ([N] and [N, 1], [1] and []): a reshape keeps each value's place."""
     return [d for d in shape if d != 1] == [d for d in other if d != 1]
@@ -292,6 +321,14 @@ def read_foreign(directory: Path, model: nn.Module) -> tuple[dict, QuantConfig, 
             continue
         plugin, scheme_options = get_scheme(scheme), config.options_for(scheme)
         problem = plugin.unsupported(name, n, k, scheme_options)
+        finer = _finer_blocks(header.get(renamed_key(name, file_names)), n, k, scheme_options) if problem and expert is None \
+            and method == "fp8" else None
+        if finer is not None:  # DeepSeek's partial last block of rows: each scale row repeated onto blocks of a divisor of N
+            block, repeat = finer
+            scheme_options = dataclasses.replace(scheme_options, weight_block_size=block)
+            plan[-1]["options"] = {"weight_block_size": list(block)}
+            conversions[tensor_key(name, "weight_scale")] = (torch.float32, (n // block[0], k // block[1]), repeat)
+            problem = None
         if problem:
             raise ValueError(f"fxquant: {path}: layer '{name}' [{n}, {k}]: {problem} ({scheme}, from quantization_config: "
                              "fxquant runs whole blocks only)")
@@ -310,7 +347,7 @@ def read_foreign(directory: Path, model: nn.Module) -> tuple[dict, QuantConfig, 
             stored, (dtype, file_shape) = header.get(renamed.get(key, key)), layout[key]
             per_expert = expert is not None and stored is not None
             n_part = n // len(expert.parts) if per_expert else n
-            if attr != "weight" and stored is not None and stored != (dtype, file_shape) and stored[0] in SCALE_FLOATS \
+            if key not in conversions and attr != "weight" and stored is not None and stored != (dtype, file_shape) and stored[0] in SCALE_FLOATS \
                     and dtype == torch.float32 and plugin.op_shape(attr, stored[1], n_part, k, scheme_options) is not None \
                     and _same_but_unit_dims(stored[1], file_shape):
                 conversions[key] = (dtype, file_shape)

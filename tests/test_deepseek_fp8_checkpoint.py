@@ -23,11 +23,13 @@ EXPERTS = "model.layers.1.mlp.experts"
 
 
 def deepseek_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek's block quantization of w [N, K]: (e4m3 w / s, float32 s [N / 128, K / 128]), s = block amax / 448."""
+    """DeepSeek's block quantization of w [N, K]: (e4m3 w / s, float32 s [ceil(N / 128), K / 128]), s = block
+    amax / 448 (a last block of fewer rows: the amax of those rows)."""
     n, k = w.shape
-    blocks = w.float().reshape(n // 128, 128, k // 128, 128)
+    padded = torch.cat([w.float(), w.new_zeros(-n % 128, k, dtype=torch.float32)])
+    blocks = padded.reshape(-1, 128, k // 128, 128)
     scale = blocks.abs().amax(dim=(1, 3)) / 448.0
-    return (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn).reshape(n, k), scale
+    return (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn).reshape(-1, k)[:n].contiguous(), scale
 
 
 def write_deepseek_checkpoint(model, directory, quantization_config=FP8_CONFIG, drop=()):
@@ -125,7 +127,7 @@ def test_weight_scale_inv_multiplies_as_deepseek_dequantizes(checkpoint):
 def test_the_loaded_model_runs_with_fxquant(checkpoint):
     """The whole model compiled with fxquant against transformers' model on the dequantized weights
     (float weights equal to q * weight_scale_inv): the difference is FP8 activation quantization alone."""
-    float_model, directory, tensors = checkpoint
+    _, directory, tensors = checkpoint
     model = load(directory)
     reference = build(deepseek_v3_config(), dtype=torch.bfloat16)
     with torch.no_grad():
@@ -165,18 +167,33 @@ def test_what_cannot_run_exactly_is_refused_naming_the_field(tmp_path, field, va
         load(tmp_path)
 
 
-def test_a_layer_not_whole_blocks_is_refused_naming_it(tmp_path):
-    """kv_a_proj_with_mqa with N = 128 + 64 (DeepSeek-V3's is 512 + 64): DeepSeek stores its last 128-row
-    block partial (a scale row of its own for 64 rows), which fxquant's whole blocks do not run."""
-    model = build(deepseek_v3_config(kv_rope=64))
-    tensors = {name: t.to(torch.bfloat16).contiguous() for name, t in model.state_dict().items()}
-    layer = "model.layers.0.self_attn.kv_a_proj_with_mqa"
-    weight = model.get_submodule(layer).weight.detach()
-    q, s = deepseek_quantize(torch.cat([weight, weight.new_zeros(64, 256)]))  # the partial block's amax: its 64 rows
-    tensors[f"{layer}.weight"], tensors[f"{layer}.weight_scale_inv"] = q[:192].contiguous(), s
+PARTIAL = "model.layers.0.self_attn.kv_a_proj_with_mqa"  # N = 128 + 64 here (DeepSeek-V3's: 512 + 64)
+
+
+def test_a_partial_last_block_runs_exactly_in_finer_blocks(tmp_path):
+    """N = 192 with 128-row blocks, the last partial (DeepSeek stores a scale row of its own for its 64 rows):
+    read as 64-row blocks (gcd(192, 128)), each 128-row scale repeated on its halves: the same dequantized
+    weight, the same product."""
+    tensors = write_deepseek_checkpoint(build(deepseek_v3_config(kv_rope=64)), tmp_path)
+    q, scale_inv = tensors[f"{PARTIAL}.weight"], tensors[f"{PARTIAL}.weight_scale_inv"]
+    assert scale_inv.shape == (2, 2)
+    layer = load(tmp_path, kv_rope=64).get_submodule(PARTIAL)
+    assert layer.weight_scale.shape == (3, 2)
+    assert torch.equal(layer.weight_scale, scale_inv.repeat_interleave(2, dim=0)[:3])
+    assert STORED_WEIGHTS[layer.weight].options.weight_block_size == (64, 128)
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = layer(x)
+    padded = torch.cat([q.double(), q.new_zeros(64, 256).double()])  # DeepSeek's rule: 128-row blocks, the last cut
+    expected = reference_linear(x, padded, scale_inv)[:, :192]
+    torch.testing.assert_close(y.double(), expected.to(torch.bfloat16).double(), rtol=2**-7, atol=1e-3)
+
+
+def test_a_scale_of_no_block_shape_is_refused_naming_the_layer(tmp_path):
+    tensors = write_deepseek_checkpoint(build(deepseek_v3_config(kv_rope=64)), tmp_path)
+    tensors[f"{PARTIAL}.weight_scale_inv"] = tensors[f"{PARTIAL}.weight_scale_inv"][:1].contiguous()
     save_file(tensors, tmp_path / "model.safetensors")
-    (tmp_path / "config.json").write_text(json.dumps({**model.config.to_dict(), "quantization_config": FP8_CONFIG}))
-    with pytest.raises(ValueError, match=rf"layer '{layer}' \[192, 256\]: N=192 not a multiple of the 128-wide weight block"):
+    with pytest.raises(ValueError, match=rf"layer '{PARTIAL}' \[192, 256\]: N=192 not a multiple of the 128-wide weight block"):
         load(tmp_path, kv_rope=64)
 
 
