@@ -189,3 +189,29 @@ def test_an_edited_expert_count_is_refused(tmp_path):
     with pytest.raises(ValueError, match=rf"the plan quantizes layer '{EXPERTS}.down_proj' \(fp8_rowwise\), but the tensor "
                                          rf"table has no '{EXPERTS}.4.down_proj.weight'"):
         fxquant.load_quantized(tmp_path, model)
+
+
+@pytest.mark.parametrize("config", [ROWWISE, QuantConfig(rules={"*.experts.*": "fp8_blockwise"})], ids=["one scheme", "mixed"])
+def test_without_fxquant_json_the_compressed_tensors_config_alone_gives_the_same_model(tmp_path, config):
+    """Read as a checkpoint others made (llm-compressor's layout): each expert a Linear that config
+    groups target ("Linear", or by name in a mixed checkpoint); the same tensors, schemes and options."""
+    model = build(qwen3_moe_config(width=128, expert_width=128))
+    metadata = fxquant.save_quantized(model, tmp_path, config)
+    if config.rules:
+        groups = metadata["quantization_config"]["config_groups"]
+        assert f"{EXPERTS}.3.up_proj" in groups["group_1"]["targets"] and "model.layers.0.self_attn.q_proj" in groups["group_0"]["targets"]
+    loaded = {}
+    for case in ("fxquant.json", "config.json alone"):
+        if case != "fxquant.json":
+            _without_fxquant_json(tmp_path)
+        with fxquant.empty_weights():
+            loaded[case] = build(qwen3_moe_config(width=128, expert_width=128))
+        fxquant.load_quantized(tmp_path, loaded[case])
+    ours, theirs = loaded.values()
+    for name, tensor in ours.state_dict().items():
+        other = theirs.state_dict()[name]
+        assert tensor.dtype == other.dtype and torch.equal(tensor.view(torch.uint8), other.view(torch.uint8)), name
+    for name in ("gate_up_proj", "down_proj"):
+        stored = [STORED_WEIGHTS[getattr(model.get_submodule(EXPERTS), name)] for model in (ours, theirs)]
+        assert stored[0].scheme == stored[1].scheme == ("fp8_blockwise" if config.rules else "fp8_rowwise")
+        assert stored[0].options == stored[1].options
