@@ -164,13 +164,14 @@ def op_shapes(expert: ExpertTensor, scheme: str, options: object) -> dict[str, t
 
 
 def plan_experts(model: nn.Module, config: QuantConfig) -> Plan:
-    """The plan rows of `model`'s expert weights (one per 3-D tensor, by the config's rules as for a
-    layer); those stored quantized keep their scheme; those without per-expert names stay as they are."""
+    """The plan rows of `model`'s expert weights (one per 3-D tensor transformers' mapping stacks per
+    expert, or held by an `experts` module; by the config's rules as for a layer); those stored quantized
+    keep their scheme; those without per-expert names stay as they are."""
     experts = expert_tensors(model)
     plan = Plan()
     for name, parameter in model.named_parameters():
-        if parameter.dim() != 3:
-            continue
+        if parameter.dim() != 3 or name not in experts and not name.rpartition(".")[0].endswith("experts"):
+            continue  # not an expert weight (ViT's position embeddings are 3-D too)
         site = _expert_site(name, parameter)
         expert = experts.get(name)
         if expert is None:

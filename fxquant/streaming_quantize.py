@@ -9,12 +9,13 @@ the model; the output is bit for bit what `save_quantized(load_model(dir_in))` w
     metadata = write_streamed(plan, dir_out, ...)
 
 The input is streamed when its files hold the model's tensors under the model's own names (ties
-aside), as save_pretrained writes them, or, for a transformers MoE model's fused expert weights, one
+aside) or names transformers' renamings turn into them (read from its conversion mapping: ViT's
+`attention.attention.query`, Mixtral's `block_sparse_moe`), as save_pretrained writes them, or, for a transformers MoE model's fused expert weights, one
 float tensor per expert under the names HF checkpoints use (fxquant/checkpoint_experts.py): each
 expert is then read, quantized and written on its own (the output's per-expert layout), so memory
 holds one expert, not the [E, N, K] tensor; expert weights left unquantized are read whole and
 written fused, as save_quantized writes them. Otherwise transformers' loader is the one that knows what
-to do with it (renamed or fused tensors, a base model's weights under a head's names, pickle files),
+to do with it (other fused tensors, a base model's weights under a head's names, pickle files),
 and the caller loads the model whole: NotStreamable says why.
 """
 

@@ -80,3 +80,18 @@ def test_a_per_expert_input_of_the_wrong_shape_is_named(tmp_path, capsys):
     assert (f"{index[name]}: tensor '{name}' is torch.bfloat16 [64, 128]; model.layers.0.mlp.experts.gate_up_proj "
             "[4, 256, 128] needs float16, bfloat16 or float32 [128, 128] per expert and part") in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_input_transformers_renames_streams_under_the_models_names(tmp_path, capsys):
+    """ViT's files hold `attention.attention.query` where the model has `attention.q_proj`: read through
+    transformers' renamings, streamed, the bytes save_quantized writes for the loaded model."""
+    from tests.test_cli_models import saved as save_pretrained
+    from tests.test_cli_models import tiny_vit_classifier
+
+    torch.manual_seed(0)
+    source = save_pretrained(tiny_vit_classifier().eval(), tmp_path / "in")
+    assert main(["quantize", str(source), str(tmp_path / "streamed")]) == 0
+    assert "loaded whole" not in capsys.readouterr().out
+    config = read_config(source)
+    save_quantized(load_model(source, model_class(config)[0], config), tmp_path / "loaded", QuantConfig())
+    assert weights(tmp_path / "streamed") == weights(tmp_path / "loaded")
