@@ -33,6 +33,7 @@ from fxquant.checkpoint import (
     save_quantized,
 )
 from fxquant.cli_paths import check_input_dir, check_output_dir
+from fxquant.checkpoint_experts import plan_experts
 from fxquant.shards import DEFAULT_MAX_SHARD_SIZE, INDEX_FILE, parse_size
 from fxquant.streaming_quantize import NotStreamable, extra_files, streaming_plan, write_streamed
 from fxquant.config import QuantConfig
@@ -176,7 +177,10 @@ def plan(args: argparse.Namespace) -> None:
         print(f"note: {note}")
     with empty_weights():  # the architecture only: no weights are read
         model = cls(hf_config)
-    print(plan_modules(model, _quant_config(args)))
+    config = _quant_config(args)
+    layers = plan_modules(model, config)
+    layers.extend(plan_experts(model, config))  # a MoE model's expert weights, as checkpoints store them
+    print(layers)
 
 
 def _metadata_lines(metadata: dict, path: Path) -> tuple[list[str], int]:

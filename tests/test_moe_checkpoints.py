@@ -215,3 +215,19 @@ def test_without_fxquant_json_the_compressed_tensors_config_alone_gives_the_same
         stored = [STORED_WEIGHTS[getattr(model.get_submodule(EXPERTS), name)] for model in (ours, theirs)]
         assert stored[0].scheme == stored[1].scheme == ("fp8_blockwise" if config.rules else "fp8_rowwise")
         assert stored[0].options == stored[1].options
+
+
+def test_fbgemm_fp8_cannot_describe_expert_weights(tmp_path):
+    with pytest.raises(ValueError, match=rf"fbgemm_fp8 converts nn.Linear only, not the expert weight '{EXPERTS}.gate_up_proj'"):
+        fxquant.save_quantized(build(qwen3_moe_config()), tmp_path, hf_format="fbgemm_fp8")
+    assert not tmp_path.joinpath("model.safetensors").exists()
+
+
+def test_the_plan_command_lists_the_expert_weights(tmp_path, capsys):
+    from fxquant.cli import main
+
+    build(qwen3_moe_config()).save_pretrained(tmp_path)
+    assert main(["plan", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{EXPERTS}.gate_up_proj  grouped_mm  4 x 64 x 64  fp8_rowwise" in out
+    assert out.rstrip().endswith("4 of 6 linear layers and 2 of 2 expert weights quantized")
