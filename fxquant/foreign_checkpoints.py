@@ -175,36 +175,31 @@ def _group_scheme(group: dict, checkpoint_format: str) -> tuple[str, dict]:
     return scheme, {}
 
 
-def _matches(name: str, module: nn.Module, target: str) -> int | None:
-    """How specifically compressed-tensors' `target` matches a module (0 exact name, 1 regex, 2 class), or None."""
+def _matches(name: str, classes: tuple[str, ...], target: str) -> int | None:
+    """How specifically compressed-tensors' `target` matches a module of `classes` (its class and bases)
+    by name (0 exact name, 1 regex, 2 class), or None."""
     if target == name:
         return 0
     if target.startswith("re:") and re.match(target.removeprefix("re:"), name):
         return 1
-    if any(cls.__name__ == target for cls in type(module).__mro__):
+    if target in classes:
         return 2
     return None
 
 
-def _rank(name: str, module: nn.Module, targets: list[str]) -> int | None:
+def _rank(name: str, classes: tuple[str, ...], targets: list[str]) -> int | None:
     """The most specific match of any of a group's `targets`, or None."""
-    ranks = [rank for target in targets if (rank := _matches(name, module, target)) is not None]
+    ranks = [rank for target in targets if (rank := _matches(name, classes, target)) is not None]
     return min(ranks, default=None)
 
 
-class _PerExpertLinear(nn.Linear):
-    """What an expert's part is in HF's per-expert layout: a Linear (compressed-tensors' targets match its class)."""
-
-    def __init__(self):
-        nn.Module.__init__(self)
-
-
-def _linears_to_match(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
-    """(module name, module, the layer it belongs to) for every nn.Linear and every expert's part."""
-    found = [(name, module, name) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    per_expert = _PerExpertLinear()
+def _linears_to_match(model: nn.Module) -> list[tuple[str, tuple[str, ...], str]]:
+    """(module name, its classes, the layer it belongs to) for every nn.Linear and every expert's part,
+    a Linear in HF's per-expert layout (compressed-tensors' targets match it as one)."""
+    found = [(name, tuple(cls.__name__ for cls in type(module).__mro__), name)
+             for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     for expert in expert_tensors(model).values():
-        found += [(part.format(e=e), per_expert, expert.name) for e in range(expert.shape[0]) for part in expert.parts]
+        found += [(part.format(e=e), ("Linear",), expert.name) for e in range(expert.shape[0]) for part in expert.parts]
     return found
 
 
@@ -218,11 +213,11 @@ def _compressed_tensors_layers(model: nn.Module, quantization_config: dict, path
     ignore = quantization_config.get("ignore") or []
     checkpoint_format = quantization_config.get("format")
     layers, options, seen = {}, {}, {}
-    for name, module, layer in _linears_to_match(model):
+    for name, classes, layer in _linears_to_match(model):
         scheme = None
-        if not any(_matches(name, module, target) is not None for target in ignore):
+        if not any(_matches(name, classes, target) is not None for target in ignore):
             ranked = sorted((rank, group_name) for group_name, group in groups.items()
-                            for rank in [_rank(name, module, group.get("targets") or [])] if rank is not None)
+                            for rank in [_rank(name, classes, group.get("targets") or [])] if rank is not None)
             scheme = _ranked_scheme(name, ranked, groups, checkpoint_format, options, path)
         if seen.setdefault(layer, (name, scheme))[1] != scheme:
             raise ValueError(f"fxquant: {path}: expert '{name}' is {scheme or 'not quantized'}, '{seen[layer][0]}' "
@@ -345,8 +340,7 @@ def read_foreign(directory: Path, model: nn.Module) -> tuple[dict, QuantConfig, 
             if attr in file_names:
                 renamed[key] = key.removesuffix(attr) + file_names[attr]
             stored, (dtype, file_shape) = header.get(renamed.get(key, key)), layout[key]
-            per_expert = expert is not None and stored is not None
-            n_part = n // len(expert.parts) if per_expert else n
+            n_part = n // len(expert.parts) if expert is not None else n  # an expert's part: its share of N
             if key not in conversions and attr != "weight" and stored is not None and stored != (dtype, file_shape) and stored[0] in SCALE_FLOATS \
                     and dtype == torch.float32 and plugin.op_shape(attr, stored[1], n_part, k, scheme_options) is not None \
                     and _same_but_unit_dims(stored[1], file_shape):
