@@ -201,3 +201,29 @@ def test_a_missing_expert_tensor_is_named(tmp_path):
     write_deepseek_checkpoint(build(deepseek_v3_config()), tmp_path, drop=[f"{EXPERTS}.3.down_proj.weight_scale_inv"])
     with pytest.raises(ValueError, match=rf"missing \['{EXPERTS}.3.down_proj.weight_scale'\]"):
         load(tmp_path)
+
+
+def test_transformers_own_finegrained_fp8_loader_reads_the_same_weights(checkpoint, monkeypatch):
+    """transformers' loader of the same directory (on the CPU it dequantizes: e4m3 * weight_scale_inv per
+    block, experts fused by its conversion mapping) holds exactly fxquant's stored values, dequantized:
+    the test's writer is what transformers reads, and fxquant reads the scale as transformers does."""
+    import transformers.quantizers.quantizer_finegrained_fp8 as finegrained
+
+    # transformers asks for accelerate before loading FP8, a package fxquant does not depend on; the CPU
+    # dequantizing path does not use it.
+    monkeypatch.setattr(finegrained, "is_accelerate_available", lambda: True)
+    _, directory, _ = checkpoint
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16)
+    ours = load(directory)
+
+    def dequantized(weight, scale):
+        blocks = scale.repeat_interleave(128, -2).repeat_interleave(128, -1)
+        return (weight.float() * blocks).to(torch.bfloat16)
+
+    for name, module in ours.named_modules():
+        if hasattr(module, "weight_scale"):
+            assert torch.equal(dequantized(module.weight, module.weight_scale), theirs.get_submodule(name).weight), name
+    for name in ("gate_up_proj", "down_proj"):
+        experts = ours.get_submodule(EXPERTS)
+        assert torch.equal(dequantized(getattr(experts, name), getattr(experts, f"{name}_scale")),
+                           getattr(theirs.get_submodule(EXPERTS), name)), name
