@@ -6,7 +6,8 @@ A checkpoint is a directory (docs/design.md, "Checkpoint layout"):
       (or shards +      tensors: `<layer>.weight` (e4m3 or int8, [N, K]) and, for the built-ins,
        index)           `<layer>.weight_scale` (float32: [N, 1] per channel, [N/bn, K/bk] per
                         block, [] per tensor); a plugin's `<layer>.weight_<...>` as it declares;
-                        more than `max_shard_size` bytes: shards as transformers' save_pretrained
+                        a MoE model's expert weights one tensor per expert under HF's names
+                        (fxquant/checkpoint_experts.py); more than `max_shard_size` bytes: shards as transformers' save_pretrained
                         writes them (fxquant/shards.py)
     fxquant.json        format version, QuantConfig, plan (each layer's scheme: the declaration
                         load_quantized registers, never guessed), each tensor's dtype and shape, tied
