@@ -233,11 +233,22 @@ class ExpertJoin:
         part = target.narrow(dim, p * rows, rows)
         part.copy_(value.to(part.dtype).reshape(part.shape))
 
-    def assign(self, model: nn.Module) -> None:
-        """Hold the joined tensors on the experts module, registered as stored with the scheme."""
-        module = model.get_submodule(self.expert.module)
+    def hold(self, module: nn.Module) -> None:
+        """Hold the joined tensors on the experts module: the weight as its parameter, the others as buffers."""
         module._parameters[self.expert.attr] = nn.Parameter(self.tensors["weight"], requires_grad=False)
         for tensor, value in self.tensors.items():
             if tensor != "weight":
                 module.register_buffer(self.expert.stored_attr(tensor), value)
-        register_stored_weight(module, self.scheme, self.expert.attr, self.options)
+
+
+def hold_stored_experts(model: nn.Module, joins: list[ExpertJoin]) -> None:
+    """Put each joined expert weight in place of its float parameter, an experts module's weights
+    together, registered as stored with their scheme and options."""
+    by_module: dict[str, list[ExpertJoin]] = {}
+    for join in joins:
+        by_module.setdefault(join.expert.module, []).append(join)
+    for name, group in by_module.items():
+        module = model.get_submodule(name)
+        for join in group:
+            join.hold(module)
+            register_stored_weight(module, join.scheme, join.expert.attr, join.options)

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from fxquant.checkpoint_experts import ExpertJoin, ExpertTensor, file_layout
+from fxquant.checkpoint_experts import ExpertJoin, ExpertTensor, file_layout, hold_stored_experts
 from fxquant.checkpoint_layers import is_checkpoint_layer, is_conv1d, layer_shape, stored_layout
 from fxquant.checkpoint_metadata import HF_CONFIG_FILE, METADATA_FILE, read_header, read_metadata, tensor_key
 from fxquant.checkpoint_writer import file_sha256
@@ -284,8 +284,7 @@ def load_quantized(
                 made: dict[int, Tensor] = {}  # the names tied to it share one Parameter
                 for name in users[stored]:
                     _assign(model, name, value, name in quantized, made)
-    for join in joins:  # held as the expert ops take them, registered as stored
-        join.assign(model)
+    hold_stored_experts(model, joins)  # as the expert ops take them, registered as stored
     for entry in metadata["plan"]:
         if entry["scheme"] is not None and "expert_names" not in entry:  # eager calls and torch.compile(backend="fxquant") run them as stored
             make_stored(model.get_submodule(entry["layer"]), entry["scheme"], layer_options(entry, config))

@@ -91,11 +91,12 @@ def test_every_fp8_tensor_loads_as_stored_fp8_blockwise(checkpoint):
         assert STORED_WEIGHTS[model.get_submodule(name).weight].scheme == "fp8_blockwise", name
     assert model.lm_head.weight.dtype == torch.bfloat16 and model.model.layers[1].mlp.gate.weight.dtype == torch.bfloat16
     experts = model.get_submodule(EXPERTS)
-    assert experts.gate_up_proj.shape == (4, 256, 256) and experts.gate_up_proj_scale.shape == (4, 2, 2)
-    assert STORED_WEIGHTS[experts.down_proj].scheme == "fp8_blockwise"
+    gate_up, down = experts._parameters["gate_up_proj"], experts._parameters["down_proj"]  # the stored tensors
+    assert gate_up.shape == (4, 256, 256) and experts.gate_up_proj_scale.shape == (4, 2, 2)
+    assert STORED_WEIGHTS[down].scheme == "fp8_blockwise"
     for e in range(4):
         up = tensors[f"{EXPERTS}.{e}.up_proj.weight"]
-        assert torch.equal(experts.gate_up_proj[e, 128:].view(torch.uint8), up.view(torch.uint8))
+        assert torch.equal(gate_up[e, 128:].view(torch.uint8), up.view(torch.uint8))
         assert torch.equal(experts.gate_up_proj_scale[e, 1], tensors[f"{EXPERTS}.{e}.up_proj.weight_scale_inv"][0])
         assert torch.equal(experts.down_proj_scale[e], tensors[f"{EXPERTS}.{e}.down_proj.weight_scale_inv"])
 
@@ -116,7 +117,7 @@ def test_weight_scale_inv_multiplies_as_deepseek_dequantizes(checkpoint):
     experts = model.get_submodule(EXPERTS)
     x = torch.randn(6, 256, dtype=torch.bfloat16)
     offsets = torch.tensor([2, 2, 5, 6], dtype=torch.int32)
-    y = torch.ops.fxquant.fp8_blockwise_grouped_mm(x, experts.gate_up_proj, experts.gate_up_proj_scale, offsets, None)
+    y = torch.ops.fxquant.fp8_blockwise_grouped_mm(x, experts._parameters["gate_up_proj"], experts.gate_up_proj_scale, offsets, None)
     for rows, e in ((slice(0, 2), 0), (slice(2, 5), 2), (slice(5, 6), 3)):
         q = torch.cat([tensors[f"{EXPERTS}.{e}.{part}.weight"] for part in ("gate_proj", "up_proj")])
         scale = torch.cat([tensors[f"{EXPERTS}.{e}.{part}.weight_scale_inv"] for part in ("gate_proj", "up_proj")])
@@ -137,7 +138,7 @@ def test_the_loaded_model_runs_with_fxquant(checkpoint):
         ref_experts = reference.get_submodule(EXPERTS)
         for kind in ("gate_up_proj", "down_proj"):
             ours = model.get_submodule(EXPERTS)
-            weight = getattr(ours, kind).float() * getattr(ours, f"{kind}_scale").repeat_interleave(128, 1).repeat_interleave(128, 2)
+            weight = ours._parameters[kind].float() * getattr(ours, f"{kind}_scale").repeat_interleave(128, 1).repeat_interleave(128, 2)
             getattr(ref_experts, kind).copy_(weight)
         ids = torch.randint(0, 64, (1, 7))
         expected = reference(ids).logits.float()
@@ -225,5 +226,5 @@ def test_transformers_own_finegrained_fp8_loader_reads_the_same_weights(checkpoi
             assert torch.equal(dequantized(module.weight, module.weight_scale), theirs.get_submodule(name).weight), name
     for name in ("gate_up_proj", "down_proj"):
         experts = ours.get_submodule(EXPERTS)
-        assert torch.equal(dequantized(getattr(experts, name), getattr(experts, f"{name}_scale")),
+        assert torch.equal(dequantized(experts._parameters[name], getattr(experts, f"{name}_scale")),
                            getattr(theirs.get_submodule(EXPERTS), name)), name

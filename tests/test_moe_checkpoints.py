@@ -83,13 +83,13 @@ def test_load_quantized_joins_the_experts_into_their_fused_stored_form(tmp_path,
     experts = loaded.get_submodule(EXPERTS)
     original = model.get_submodule(EXPERTS)
     e, n, k = original.gate_up_proj.shape
-    assert experts.gate_up_proj.dtype == torch.float8_e4m3fn and experts.gate_up_proj.shape == (e, n, k)
-    assert not experts.gate_up_proj.requires_grad
-    stored = STORED_WEIGHTS[experts.gate_up_proj]
+    weight = experts._parameters["gate_up_proj"]  # the stored tensor itself (a trace may see it presented as float)
+    assert weight.dtype == torch.float8_e4m3fn and weight.shape == (e, n, k) and not weight.requires_grad
+    stored = STORED_WEIGHTS[weight]
     assert (stored.scheme, stored.weight_name) == (config.scheme, "gate_up_proj")
     for expert in range(e):
         codes, scale = formula(original.gate_up_proj[expert].detach(), config)
-        assert torch.equal(experts.gate_up_proj[expert].view(torch.uint8), codes)
+        assert torch.equal(weight[expert].view(torch.uint8), codes)
         assert torch.equal(experts.gate_up_proj_scale[expert], scale.reshape(experts.gate_up_proj_scale[expert].shape))
     expected_scale = (e, n) if config.scheme == "fp8_rowwise" else (e, n // 128, k // 128)  # the op's layout
     assert tuple(experts.gate_up_proj_scale.shape) == expected_scale
@@ -109,7 +109,7 @@ def test_transformers_loads_the_per_expert_checkpoint(tmp_path, case):
     fxquant.load_quantized(tmp_path, ours)
     ours = ours.get_submodule(EXPERTS)
     for name in ("gate_up_proj", "down_proj"):
-        dequantized = getattr(ours, name).float() * getattr(ours, f"{name}_scale").unsqueeze(-1)
+        dequantized = ours._parameters[name].float() * getattr(ours, f"{name}_scale").unsqueeze(-1)
         assert torch.equal(getattr(theirs, name).detach(), dequantized), f"{name}: transformers loads other values"
 
 
@@ -212,7 +212,7 @@ def test_without_fxquant_json_the_compressed_tensors_config_alone_gives_the_same
         other = theirs.state_dict()[name]
         assert tensor.dtype == other.dtype and torch.equal(tensor.view(torch.uint8), other.view(torch.uint8)), name
     for name in ("gate_up_proj", "down_proj"):
-        stored = [STORED_WEIGHTS[getattr(model.get_submodule(EXPERTS), name)] for model in (ours, theirs)]
+        stored = [STORED_WEIGHTS[model.get_submodule(EXPERTS)._parameters[name]] for model in (ours, theirs)]
         assert stored[0].scheme == stored[1].scheme == ("fp8_blockwise" if config.rules else "fp8_rowwise")
         assert stored[0].options == stored[1].options
 

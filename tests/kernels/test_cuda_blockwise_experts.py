@@ -33,7 +33,7 @@ def test_a_deepseek_v3_fp8_checkpoint_loads_onto_the_gpu(tmp_path):
     with fxquant.empty_weights():
         model = build(deepseek_v3_config(kv_rope=64), dtype=torch.bfloat16)
     fxquant.load_quantized(tmp_path, model, device="cuda")
-    assert model.get_submodule(EXPERTS).gate_up_proj.device.type == "cuda"
+    assert model.get_submodule(EXPERTS)._parameters["gate_up_proj"].device.type == "cuda"
     name = "model.layers.1.self_attn.q_b_proj"
     x = torch.randn(5, 128, dtype=torch.bfloat16)
     with torch.no_grad():
