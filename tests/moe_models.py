@@ -3,9 +3,10 @@ multiples of 128 where fp8_blockwise's 128 x 128 blocks must fit)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-transformers = __import__("pytest").importorskip("transformers")
+transformers = pytest.importorskip("transformers")
 
 
 def qwen3_moe_config(width: int = 64, expert_width: int = 32, experts: int = 4):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fxquant.ops.fp8_blockwise import quantize_fp8_blockwise_weight
-from tests.ops.formula_reference import encode_e4m3, quantize_fp8
+from tests.ops.formula_reference import quantize_fp8
 
 batched = torch.ops.fxquant.fp8_blockwise_batched_mm
 grouped = torch.ops.fxquant.fp8_blockwise_grouped_mm
