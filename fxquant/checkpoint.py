@@ -6,7 +6,8 @@ A checkpoint is a directory (docs/design.md, "Checkpoint layout"):
       (or shards +      tensors: `<layer>.weight` (e4m3 or int8, [N, K]) and, for the built-ins,
        index)           `<layer>.weight_scale` (float32: [N, 1] per channel, [N/bn, K/bk] per
                         block, [] per tensor); a plugin's `<layer>.weight_<...>` as it declares;
-                        more than `max_shard_size` bytes: shards as transformers' save_pretrained
+                        a MoE model's expert weights one tensor per expert under HF's names
+                        (fxquant/checkpoint_experts.py); more than `max_shard_size` bytes: shards as transformers' save_pretrained
                         writes them (fxquant/shards.py)
     fxquant.json        format version, QuantConfig, plan (each layer's scheme: the declaration
                         load_quantized registers, never guessed), each tensor's dtype and shape, tied
@@ -38,6 +39,7 @@ from pathlib import Path
 from torch import Tensor, nn
 from torch.export import ExportedProgram
 
+from fxquant import checkpoint_experts
 from fxquant.checkpoint_dir import check_replaceable, replaced_atomically
 from fxquant.checkpoint_layers import file_tensors, is_conv1d, plan_modules, stored_layout, traced_storage
 from fxquant.checkpoint_load import load_quantized  # noqa: F401  (fxquant.checkpoint.load_quantized, as before)
@@ -77,8 +79,19 @@ def quantize_state(
             f"fxquant: cannot quantize weights on the meta device ({', '.join(on_meta[:5])}); load the model's weights first"
         )
     plan = plan_modules(model, config)
+    plan.extend(checkpoint_experts.plan_experts(model, config))
     replaced: dict[str, dict[str, Tensor]] = {}  # a layer's weight name → the layer's tensors, by name
     for entry in (progress or iter)(plan.rewritten):
+        expert = getattr(entry, "expert", None)
+        if expert is not None:  # one tensor per expert and part (fxquant/checkpoint_experts.py)
+            if entry.stored is not None:  # as loaded: the op's layout, held as buffers the files do not hold
+                tensors = {"weight": entry.site.weight.detach(), **entry.stored}
+                for attr in entry.stored:
+                    del state[tensor_key(expert.module, expert.stored_attr(attr))]
+            else:
+                tensors = quantize_parameter(entry.layer, entry.site.weight, False, entry.scheme, entry.options)
+            replaced[entry.layer] = checkpoint_experts.file_tensors(expert, entry.scheme, tensors)
+            continue
         site, module = entry.site, model.get_submodule(entry.layer)
         if entry.stored is not None:  # as loaded: the op's weight, the other tensors as the file held them
             n, k = site.out_features, site.in_features
@@ -112,6 +125,10 @@ def plan_rows(plan: Plan, layer_bytes: dict[str, tuple[int, int]]) -> list[dict]
         before, after = layer_bytes[e.layer]
         rows.append({"layer": e.layer, "shape": [e.site.out_features, e.site.in_features], "scheme": e.scheme,
                      "note": e.note, "bytes": {"before": before, "after": after}})
+        if e.site.kind != "linear":  # an expert weight: E; stored per expert, each part's name, "{e}" for the expert
+            rows[-1]["experts"] = e.site.experts
+            if e.scheme is not None and getattr(e, "expert", None) is not None:
+                rows[-1]["expert_names"] = list(e.expert.parts)
     return rows
 
 
@@ -121,7 +138,11 @@ def layer_bytes(plan: Plan, state: dict[str, object], stored: dict[str, tuple]) 
     for e in plan:
         weight = e.site.weight_name if e.site.weight_name in state else tensor_key(e.layer, "weight")
         before = nbytes(state[weight].dtype, state[weight].shape) if weight in state else 0
-        names = [tensor_key(e.layer, attr) for attr in get_scheme(e.scheme).tensors] if e.scheme else [weight]
+        expert = getattr(e, "expert", None)
+        if e.scheme and expert is not None:
+            names = [name for attr in get_scheme(e.scheme).tensors for name in expert.file_names(attr)]
+        else:
+            names = [tensor_key(e.layer, attr) for attr in get_scheme(e.scheme).tensors] if e.scheme else [weight]
         after = sum(nbytes(*stored[name]) for name in names if name in stored)
         sizes[e.layer] = (before, after if e.scheme else before)
     return sizes

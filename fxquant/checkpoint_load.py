@@ -5,6 +5,7 @@ file open at a time."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -13,12 +14,13 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
+from fxquant.checkpoint_experts import ExpertJoin, ExpertTensor, file_layout, hold_stored_experts
 from fxquant.checkpoint_layers import is_checkpoint_layer, is_conv1d, layer_shape, stored_layout
 from fxquant.checkpoint_metadata import HF_CONFIG_FILE, METADATA_FILE, read_header, read_metadata, tensor_key
 from fxquant.checkpoint_writer import file_sha256
 from fxquant.config import QuantConfig
 from fxquant.footprint import dtype_name
-from fxquant.foreign_checkpoints import read_foreign
+from fxquant.foreign_checkpoints import Conversion, converted, read_foreign
 from fxquant.shards import INDEX_FILE
 from fxquant.stored_layers import make_stored
 
@@ -27,6 +29,14 @@ Header = dict[str, tuple[torch.dtype, tuple[int, ...]]]
 # A float tensor left unquantized may be stored in another of these: it is loaded as stored (a
 # bf16 model's checkpoint into a model built in fp32), never cast; FP8 is only a quantized weight.
 PLAIN_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def layer_options(entry: dict, config: QuantConfig) -> object:
+    """A plan row's scheme options: the config's, with the row's own where it has them (a foreign
+    checkpoint's layer stored in finer blocks than the others)."""
+    options = config.options_for(entry["scheme"])
+    own = {name: tuple(value) if isinstance(value, list) else value for name, value in entry.get("options", {}).items()}
+    return dataclasses.replace(options, **own) if own else options
 
 
 def _check_table(path: Path, header: Header, table: dict) -> None:
@@ -88,15 +98,43 @@ def read_weights_headers(directory: Path, metadata: dict) -> tuple[Header, dict[
     return merged, file_of
 
 
+def _expert_joins(directory: Path, model: nn.Module, metadata: dict, config: QuantConfig,
+                  device: str | torch.device) -> list[ExpertJoin]:
+    """The expert weights the plan stores one tensor per expert (fxquant/checkpoint_experts.py), each to
+    be gathered into the op's [E, N, K] tensors on `device`; a model without that [E, N, K] parameter
+    is an error naming it."""
+    joins = []
+    parameters = dict(model.named_parameters())
+    for entry in metadata["plan"]:
+        if entry["scheme"] is None or "expert_names" not in entry:
+            continue
+        layer, shape = entry["layer"], (entry["experts"], *entry["shape"])
+        held = parameters.get(layer)
+        if held is None or tuple(held.shape) != shape:
+            found = "no such parameter" if held is None else f"{list(held.shape)}"
+            raise ValueError(f"fxquant: {directory}: expert weight '{layer}' was quantized from an E x N x K = "
+                             f"{' x '.join(map(str, shape))} parameter, but the model's is {found}; is it a checkpoint "
+                             "for another architecture?")
+        expert = ExpertTensor(layer, shape, tuple(entry["expert_names"]))
+        joins.append(ExpertJoin(expert, entry["scheme"], config.options_for(entry["scheme"]), device))
+    return joins
+
+
 def _expected_tensors(
-    directory: Path, model: nn.Module, metadata: dict, config: QuantConfig
+    directory: Path, model: nn.Module, metadata: dict, config: QuantConfig, joins: list[ExpertJoin] = ()
 ) -> tuple[dict[str, tuple[torch.dtype, tuple]], set[str]]:
-    """What a checkpoint for `model` must hold, {name: (dtype, shape)}, and the names of the quantized tensors."""
+    """What a checkpoint for `model` must hold, {name: (dtype, shape)}, and the names of the quantized
+    tensors; an expert weight of `joins` as its per-expert tensors."""
     expected = {name: (t.dtype, tuple(t.shape)) for name, t in model.state_dict().items()}
     quantized = set()
+    for join in joins:
+        del expected[join.expert.name]
+        layout = file_layout(join.expert, join.scheme, join.options)
+        expected.update(layout)
+        quantized.update(layout)
     modules = dict(model.named_modules())
     for entry in metadata["plan"]:
-        if entry["scheme"] is None:
+        if entry["scheme"] is None or "expert_names" in entry:
             continue
         layer = entry["layer"]
         module = modules.get(layer)
@@ -107,7 +145,7 @@ def _expected_tensors(
                 f"fxquant: {directory / held if held else directory}: tensor '{tensor_key(layer, 'weight')}' was quantized from an N x K = {n} x {k} "
                 f"nn.Linear or Conv1D, but the model's '{layer}' is {module!r}; is it a checkpoint for another architecture?"
             )
-        options = config.options_for(entry["scheme"])
+        options = layer_options(entry, config)
         for attr, dtype_shape in stored_layout(entry["scheme"], *entry["shape"], options, is_conv1d(module)).items():
             expected[tensor_key(layer, attr)] = dtype_shape
             quantized.add(tensor_key(layer, attr))
@@ -155,11 +193,11 @@ def _check_tensors(directory: Path, where: Callable[[str], Path], header: Header
             )
 
 
-def _check_no_meta_left(model: nn.Module, expected: Mapping[str, object]) -> None:
+def _check_no_meta_left(model: nn.Module, expected: Mapping[str, object], joined: set[str]) -> None:
     left = [
         name
         for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-        if t.is_meta and name not in expected
+        if t.is_meta and name not in expected and name not in joined
     ]
     if left:
         raise ValueError(
@@ -210,35 +248,44 @@ def load_quantized(
     model (its tied names).
     """
     directory = Path(directory)
-    conversions: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    conversions: dict[str, Conversion] = {}
     if not (directory / METADATA_FILE).is_file() and (directory / HF_CONFIG_FILE).is_file():
         metadata, config, conversions = read_foreign(directory, model)
     else:
         metadata, config = read_metadata(directory)
     header, file_of = read_weights_headers(directory, metadata)
+    renamed = metadata.get("renamed", {})  # fxquant's name → the file's (a foreign checkpoint's weight_scale_inv)
+    to_fxquant = {file_name: name for name, file_name in renamed.items()}
+    header = {to_fxquant.get(name, name): spec for name, spec in header.items()}
+    file_of = {to_fxquant.get(name, name): file for name, file in file_of.items()}
     tied = metadata["tied"]
     _check_ties(directory / METADATA_FILE, tied, model)
-    expected, quantized = _expected_tensors(directory, model, metadata, config)
-    as_loaded = {name: conversions.get(name, spec) for name, spec in header.items()}
+    joins = _expert_joins(directory, model, metadata, config, device)
+    expected, quantized = _expected_tensors(directory, model, metadata, config, joins)
+    as_loaded = {name: conversions[name][:2] if name in conversions else spec for name, spec in header.items()}
     _check_tensors(directory, lambda name: directory / file_of[name], as_loaded, tied, expected, quantized)
-    _check_no_meta_left(model, expected)
+    _check_no_meta_left(model, expected, {join.expert.name for join in joins})
     for file, digest in metadata["sha256"].items():
         if verify_checksum and digest is not None and digest != file_sha256(directory / file):
             raise ValueError(f"fxquant: {directory / file}: SHA-256 differs from the one recorded in {METADATA_FILE}; the file was changed or corrupted")
     users: dict[str, list[str]] = {}
     for name in expected:
         users.setdefault(tied.get(name, name), []).append(name)
+    join_of = {name: join for join in joins for name in join.places}
     for file in metadata["sha256"]:
         with safe_open(directory / file, framework="pt", device=str(device)) as tensors:
             for stored in [name for name in header if file_of[name] == file]:
-                value = tensors.get_tensor(stored)
-                if stored in conversions:  # exact: a wider float, a reshape
-                    dtype, shape = conversions[stored]
-                    value = value.to(dtype).reshape(shape)
+                value = tensors.get_tensor(renamed.get(stored, stored))
+                if stored in conversions:  # exact: a wider float, a reshape, block scales repeated onto finer blocks
+                    value = converted(value, conversions[stored])
+                if stored in join_of:  # one expert's part of an [E, N, K] expert weight
+                    join_of[stored].put(stored, value)
+                    continue
                 made: dict[int, Tensor] = {}  # the names tied to it share one Parameter
                 for name in users[stored]:
                     _assign(model, name, value, name in quantized, made)
+    hold_stored_experts(model, joins)  # as the expert ops take them, registered as stored
     for entry in metadata["plan"]:
-        if entry["scheme"] is not None:  # eager calls and torch.compile(backend="fxquant") run them as stored
-            make_stored(model.get_submodule(entry["layer"]), entry["scheme"], config.options_for(entry["scheme"]))
+        if entry["scheme"] is not None and "expert_names" not in entry:  # eager calls and torch.compile(backend="fxquant") run them as stored
+            make_stored(model.get_submodule(entry["layer"]), entry["scheme"], layer_options(entry, config))
     return model

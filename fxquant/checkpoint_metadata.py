@@ -115,7 +115,15 @@ def metadata_problem(metadata: object) -> str | None:
         if scheme is not None and scheme not in SCHEMES:
             return f"layer '{layer}' has unknown scheme {scheme!r}"
         names = SCHEMES[scheme].tensors if scheme is not None else ()
-        absent = [tensor_key(layer, attr) for attr in names if tensor_key(layer, attr) not in {*table, *tied}]
+        if "expert_names" in entry and "experts" not in entry:
+            return f"layer '{layer}' has expert_names without experts"
+        if scheme is not None and "experts" in entry and "expert_names" not in entry:
+            return f"layer '{layer}' is a quantized expert weight without expert_names"
+        if scheme is not None and "experts" in entry:  # stored one tensor per expert and part (fxquant/checkpoint_experts.py)
+            keys = [f"{part.format(e=e)}.{attr}" for attr in names for e in range(entry["experts"]) for part in entry["expert_names"]]
+        else:
+            keys = [tensor_key(layer, attr) for attr in names]
+        absent = [key for key in keys if key not in {*table, *tied}]
         if scheme is not None and absent:
             return f"the plan quantizes layer '{layer}' ({scheme}), but the tensor table has no '{absent[0]}'"
     for alias, target in tied.items():

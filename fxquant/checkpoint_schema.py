@@ -114,11 +114,16 @@ CONFIG = {
 }
 
 BYTES = {"before": int, "after": int}
+# An expert weight stored one tensor per expert: E, and each part's module name with "{e}" for the expert.
+EXPERTS = Where(lambda value: _is_int(value) and value >= 1, "a positive number of experts")
+EXPERT_NAME = Where(lambda value: isinstance(value, str) and value.count("{e}") == 1 and "{" not in value.replace("{e}", ""),
+                    'a module name with "{e}" for the expert')
 
 METADATA = {  # format 2
     "format_version": int,
     "config": CONFIG,
-    "plan": [{"layer": str, "shape": _sizes(2, 1), "scheme": (str, None), "note": str, "bytes?": BYTES}],
+    "plan": [{"layer": str, "shape": _sizes(2, 1), "scheme": (str, None), "note": str, "bytes?": BYTES,
+              "experts?": EXPERTS, "expert_names?": [EXPERT_NAME]}],
     "tensors": MapOf({"dtype": str, "shape": _sizes(None, 0), "file": FILE_NAME}),
     "tied": MapOf(str),
     "bytes": BYTES,

@@ -33,6 +33,7 @@ from fxquant.checkpoint import (
     save_quantized,
 )
 from fxquant.cli_paths import check_input_dir, check_output_dir
+from fxquant.checkpoint_experts import plan_experts
 from fxquant.shards import DEFAULT_MAX_SHARD_SIZE, INDEX_FILE, parse_size
 from fxquant.streaming_quantize import NotStreamable, extra_files, streaming_plan, write_streamed
 from fxquant.config import QuantConfig
@@ -116,6 +117,16 @@ def _quantize_whole(args: argparse.Namespace, dir_in: Path, dir_out: Path, cls: 
     return metadata
 
 
+def _quantized_count(plan: list[dict]) -> str:
+    """"6 of 8 linear layers" (and "4 of 4 expert weights" for a MoE model)."""
+    experts = [entry for entry in plan if "experts" in entry]
+    linears = [entry for entry in plan if "experts" not in entry]
+    count = f"{sum(entry['scheme'] is not None for entry in linears)} of {len(linears)} linear layers"
+    if experts:
+        count += f" and {sum(entry['scheme'] is not None for entry in experts)} of {len(experts)} expert weights"
+    return count
+
+
 def quantize(args: argparse.Namespace) -> None:
     dir_in, dir_out = Path(args.dir_in), Path(args.dir_out)
     config = _quant_config(args)
@@ -143,8 +154,7 @@ def quantize(args: argparse.Namespace) -> None:
                 streaming, dir_out, hf_config, cls.__name__, args.hf_format, overwrite=args.overwrite,
                 max_shard_size=args.max_shard_size, workers=args.workers, advance=bar.update,
             )
-    quantized = sum(entry["scheme"] is not None for entry in metadata["plan"])
-    print(f"{dir_out}: {cls.__name__}, {config.scheme}, {quantized} of {len(metadata['plan'])} linear layers quantized")
+    print(f"{dir_out}: {cls.__name__}, {config.scheme}, {_quantized_count(metadata['plan'])} quantized")
     print(_bytes_line(metadata["bytes"]["before"], metadata["bytes"]["after"]))
     shards = len(metadata["sha256"])
     print(f"weights: {shards} file{'s' * (shards > 1)}{f' and {INDEX_FILE}' if shards > 1 else ''}")
@@ -167,7 +177,10 @@ def plan(args: argparse.Namespace) -> None:
         print(f"note: {note}")
     with empty_weights():  # the architecture only: no weights are read
         model = cls(hf_config)
-    print(plan_modules(model, _quant_config(args)))
+    config = _quant_config(args)
+    layers = plan_modules(model, config)
+    layers.extend(plan_experts(model, config))  # a MoE model's expert weights, as checkpoints store them
+    print(layers)
 
 
 def _metadata_lines(metadata: dict, path: Path) -> tuple[list[str], int]:

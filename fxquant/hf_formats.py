@@ -35,8 +35,16 @@ def _schemes(plan: Plan, config: QuantConfig, layout: str) -> dict[str, list[str
         raise NoHFLayout(f"fxquant: {layout} converts nn.Linear only, not the quantized Conv1D {conv1d[0]!r}")
     schemes: dict[str, list[str]] = {}
     for entry in plan.rewritten:
-        schemes.setdefault(entry.scheme, []).append(entry.layer)
+        schemes.setdefault(entry.scheme, []).extend(_module_names(entry))
     return schemes or {config.scheme: []}
+
+
+def _module_names(entry) -> list[str]:
+    """The Linear modules HF's layout holds for a plan row: the layer, or each expert's (fxquant/checkpoint_experts.py)."""
+    expert = getattr(entry, "expert", None)
+    if expert is None:
+        return [entry.layer]
+    return [part.format(e=e) for e in range(expert.shape[0]) for part in expert.parts]
 
 
 def fbgemm_fp8_config(plan: Plan, config: QuantConfig) -> dict:
@@ -45,6 +53,9 @@ def fbgemm_fp8_config(plan: Plan, config: QuantConfig) -> dict:
     Every layer left unquantized, for whatever reason, is in modules_to_not_convert, since
     transformers converts every other nn.Linear.
     """
+    experts = [entry.layer for entry in plan.rewritten if entry.site.kind != "linear"]
+    if experts:
+        raise NoHFLayout(f"fxquant: fbgemm_fp8 converts nn.Linear only, not the expert weight {experts[0]!r}")
     schemes = _schemes(plan, config, "fbgemm_fp8")
     other = next((scheme for scheme in schemes if scheme != "fp8_rowwise"), None)
     if other is not None:
@@ -65,7 +76,8 @@ def compressed_tensors_config(plan: Plan, config: QuantConfig) -> dict:
     config with activation_scale_ub is refused rather than described as something it is not. A
     checkpoint of one scheme is one group targeting every Linear; one whose layers mix schemes
     (per-layer rules) is a "mixed-precision" config with one group per scheme, targeting its layers
-    by name, each with its own format.
+    by name, each with its own format. Expert weights are stored one Linear per expert, as HF
+    checkpoints hold them (fxquant/checkpoint_experts.py), and targeted so by name.
     """
     schemes = _schemes(plan, config, "compressed-tensors")
     groups = {}
@@ -79,8 +91,14 @@ def compressed_tensors_config(plan: Plan, config: QuantConfig) -> dict:
         "format": formats.pop() if len(formats) == 1 else "mixed-precision",
         "quantization_status": "compressed",
         "config_groups": groups,
-        "ignore": [entry.layer for entry in plan.skipped],
+        "ignore": [_ignored_module(entry) for entry in plan.skipped],
     }
+
+
+def _ignored_module(entry) -> str:
+    """A skipped row as compressed-tensors' `ignore` names it: its module (a raw parameter's, such as an
+    MoE router's `gate.weight`, is its module's: vLLM runs that module as a Linear)."""
+    return entry.layer.removesuffix(".weight") if entry.site.op == "matmul" else entry.layer
 
 
 HF_FORMATS = {"fbgemm_fp8": fbgemm_fp8_config, "compressed-tensors": compressed_tensors_config}

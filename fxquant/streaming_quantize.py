@@ -9,8 +9,13 @@ the model; the output is bit for bit what `save_quantized(load_model(dir_in))` w
     metadata = write_streamed(plan, dir_out, ...)
 
 The input is streamed when its files hold the model's tensors under the model's own names (ties
-aside), as save_pretrained writes them. Otherwise transformers' loader is the one that knows what
-to do with it (renamed or fused tensors, a base model's weights under a head's names, pickle files),
+aside) or names transformers' renamings turn into them (read from its conversion mapping: ViT's
+`attention.attention.query`, Mixtral's `block_sparse_moe`), as save_pretrained writes them, or, for a transformers MoE model's fused expert weights, one
+float tensor per expert under the names HF checkpoints use (fxquant/checkpoint_experts.py): each
+expert is then read, quantized and written on its own (the output's per-expert layout), so memory
+holds one expert, not the [E, N, K] tensor; expert weights left unquantized are read whole and
+written fused, as save_quantized writes them. Otherwise transformers' loader is the one that knows what
+to do with it (other fused tensors, a base model's weights under a head's names, pickle files),
 and the caller loads the model whole: NotStreamable says why.
 """
 
@@ -24,7 +29,9 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
+from fxquant import checkpoint_experts
 from fxquant.checkpoint import hf_model_config, layer_bytes, ordered_state, plan_rows, write_checkpoint
+from fxquant.checkpoint_experts import ExpertTensor, expert_tensors, plan_experts, renamed_by_transformers
 from fxquant.checkpoint_layers import file_tensors, is_conv1d, plan_modules, stored_layout
 from fxquant.checkpoint_metadata import HF_CONFIG_FILE, METADATA_FILE, check_config, read_header, tensor_key
 from fxquant.checkpoint_writer import Piece
@@ -55,9 +62,15 @@ class StreamingPlan:
     model: nn.Module
     plan: Plan
     config: QuantConfig
-    file_of: dict[str, str]  # input tensor → its file
+    file_of: dict[str, str]  # input tensor (by the model's name for it) → its file
     state: dict[str, tuple[torch.dtype, tuple[int, ...]]]  # the model's state dict names, as the input holds them
     source: dict[str, str]  # state dict name → the input tensor it is read from (a tied name: its twin's)
+    experts: dict[str, ExpertTensor]  # fused expert weights the input holds one tensor per expert and part
+    input_names: dict[str, str]  # the model's name → the input's, where transformers renames it (Mixtral's block_sparse_moe)
+
+    def read(self, name: str) -> Tensor:
+        """The input tensor the model calls `name`."""
+        return read_tensor(self.dir_in / self.file_of[name], self.input_names.get(name, name))
 
     @property
     def input_bytes(self) -> int:
@@ -98,9 +111,14 @@ def streaming_plan(dir_in: Path, cls: type[nn.Module], hf_config: object, config
     """Plan streaming `dir_in` into a `cls` checkpoint; NotStreamable where the input's names are not
     the model's, an error naming the file and tensor where its shapes or dtypes cannot be."""
     check_config(config)
-    file_of = input_files(dir_in)
+    inputs = input_files(dir_in)
     with empty_weights():
         model = cls(hf_config).eval()
+    renamed = renamed_by_transformers(model, inputs)
+    if len(set(renamed.values())) < len(renamed):
+        raise NotStreamable("transformers' renaming makes two of its tensors one")
+    file_of = {renamed[name]: file for name, file in inputs.items()}
+    input_names = {renamed[name]: name for name in inputs if renamed[name] != name}
     state_names = list(model.state_dict())
     identity = _identities(model)
     computed = set(dict(model.named_buffers())) - set(state_names)
@@ -108,9 +126,12 @@ def streaming_plan(dir_in: Path, cls: type[nn.Module], hf_config: object, config
     for name in state_names:
         if name in file_of:
             twins.setdefault(identity[name], name)
-    source = {name: name if name in file_of else twins.get(identity[name]) for name in state_names}
+    experts = {name: expert for name, expert in expert_tensors(model).items()
+               if name not in file_of and all(part in file_of for part in expert.file_names("weight"))}
+    source = {name: name if name in file_of or name in experts else twins.get(identity[name]) for name in state_names}
     missing = sorted(name for name, found in source.items() if found is None)
-    unexpected = sorted(set(file_of) - set(state_names) - computed)
+    per_expert = {part for expert in experts.values() for part in expert.file_names("weight")}
+    unexpected = sorted(set(file_of) - set(state_names) - computed - per_expert)
     if missing or unexpected:
         shown = (missing or unexpected)[:3]
         raise NotStreamable(f"its tensor names are not {cls.__name__}'s ({'missing' if missing else 'unexpected'}: "
@@ -119,19 +140,43 @@ def streaming_plan(dir_in: Path, cls: type[nn.Module], hf_config: object, config
     meta_state = model.state_dict()
     state = {}
     for name in state_names:
-        file = file_of[source[name]]
-        if source[name] not in headers[file]:
-            raise ValueError(f"fxquant: {dir_in / file}: no tensor '{source[name]}' ({INDEX_FILE} puts it there)")
-        dtype, shape = headers[file][source[name]]
+        if name in experts:
+            state[name] = _expert_input(dir_in, experts[name], file_of, headers, input_names)
+            continue
+        file, stored = file_of[source[name]], input_names.get(source[name], source[name])
+        if stored not in headers[file]:
+            raise ValueError(f"fxquant: {dir_in / file}: no tensor '{stored}' ({INDEX_FILE} puts it there)")
+        dtype, shape = headers[file][stored]
         wanted = tuple(meta_state[name].shape)
         if shape != wanted:
-            raise ValueError(f"fxquant: {dir_in / file}: tensor '{source[name]}' is {list(shape)}; {cls.__name__} needs {list(wanted)}")
+            raise ValueError(f"fxquant: {dir_in / file}: tensor '{stored}' is {list(shape)}; {cls.__name__} needs {list(wanted)}")
         if meta_state[name].is_floating_point() and dtype not in INPUT_DTYPES:
-            raise ValueError(f"fxquant: {dir_in / file}: tensor '{source[name]}' is {dtype}; fxquant quantizes float16, "
+            raise ValueError(f"fxquant: {dir_in / file}: tensor '{stored}' is {dtype}; fxquant quantizes float16, "
                              "bfloat16 and float32 models")
         state[name] = (dtype, shape)
     _with_input_dtypes(model, {name: spec[0] for name, spec in state.items()})
-    return StreamingPlan(dir_in, model, plan_modules(model, config), config, file_of, state, source)
+    plan = plan_modules(model, config)
+    plan.extend(plan_experts(model, config))
+    return StreamingPlan(dir_in, model, plan, config, file_of, state, source, experts, input_names)
+
+
+def _expert_input(dir_in: Path, expert: ExpertTensor, file_of: dict[str, str], headers: dict,
+                  input_names: dict[str, str]) -> tuple[torch.dtype, tuple]:
+    """(dtype, [E, N, K]) of an expert weight the input holds per expert: each part's tensor [N / parts, K],
+    all of one float dtype; an error naming the file and tensor otherwise."""
+    rows, k = expert.shape[1] // len(expert.parts), expert.shape[2]
+    dtypes = set()
+    for part in expert.file_names("weight"):
+        name = input_names.get(part, part)
+        dtype, shape = headers[file_of[part]].get(name, (None, None))
+        if shape != (rows, k) or dtype not in INPUT_DTYPES:
+            found = "absent" if shape is None else f"{dtype} {list(shape)}"
+            raise ValueError(f"fxquant: {dir_in / file_of[part]}: tensor '{name}' is {found}; {expert.name} "
+                             f"{list(expert.shape)} needs float16, bfloat16 or float32 [{rows}, {k}] per expert and part")
+        dtypes.add(dtype)
+    if len(dtypes) > 1:
+        raise ValueError(f"fxquant: {dir_in}: the experts of {expert.name} are stored in {sorted(map(str, dtypes))}; want one dtype")
+    return dtypes.pop(), expert.shape
 
 
 def read_tensor(path: Path, name: str) -> Tensor:
@@ -142,12 +187,25 @@ def read_tensor(path: Path, name: str) -> Tensor:
 
 def _pieces(plan: StreamingPlan) -> tuple[list[Piece], dict[str, tuple], dict[str, str]]:
     """The pieces of the output in save_quantized's order, the stored layout {name: (dtype, shape)} and the ties."""
-    def read(name: str) -> Tensor:
-        return read_tensor(plan.dir_in / plan.file_of[plan.source[name]], plan.source[name])
+    def read_expert(expert: ExpertTensor, e: int) -> Tensor:
+        """Expert e's [N, K] weight: its parts (gate, up) read one by one and joined along N."""
+        parts = [expert.file_name(p, e, "weight") for p in range(len(expert.parts))]
+        return torch.cat([plan.read(part) for part in parts])
 
-    replaced, makers = {}, {}
+    def read(name: str) -> Tensor:
+        if name in plan.experts:  # an expert weight left unquantized: written fused, as the model holds it
+            expert = plan.experts[name]
+            return torch.stack([read_expert(expert, e) for e in range(expert.shape[0])])
+        return plan.read(plan.source[name])
+
+    replaced, makers, expert_pieces = {}, {}, {}
     modules = dict(plan.model.named_modules())
     for entry in plan.plan.rewritten:
+        expert = getattr(entry, "expert", None)
+        if expert is not None:  # one piece per expert: read, quantized and written alone
+            replaced[entry.layer] = checkpoint_experts.file_layout(expert, entry.scheme, entry.options)
+            expert_pieces[entry.layer] = [_expert_piece(entry, expert, e, read_expert) for e in range(expert.shape[0])]
+            continue
         weight, conv1d = tensor_key(entry.layer, "weight"), is_conv1d(modules[entry.layer])
         layout = stored_layout(entry.scheme, entry.site.out_features, entry.site.in_features, entry.options, conv1d)
         replaced[weight] = {tensor_key(entry.layer, attr): spec for attr, spec in layout.items()}
@@ -170,12 +228,29 @@ def _pieces(plan: StreamingPlan) -> tuple[list[Piece], dict[str, tuple], dict[st
         if name in tied:
             continue
         size = nbytes(*plan.state[name])
-        if name in replaced:
+        if name in expert_pieces:
+            pieces.extend(expert_pieces[name])
+        elif name in replaced:
             pieces.append(Piece(replaced[name], makers[name], size))
         else:
             pieces.append(Piece({name: plan.state[name]}, lambda name=name: {name: read(name)}, size))
     stored = ordered_state(plan.state, replaced)
     return pieces, stored, tied
+
+
+def _expert_piece(entry, expert: ExpertTensor, e: int, read_expert) -> Piece:
+    """The piece of expert e of a planned expert weight: its per-expert tensors, quantized from its [N, K]
+    weight alone (the schemes with expert forms scale each expert on its own, so they equal the whole
+    tensor's quantization, cut)."""
+    single = ExpertTensor(expert.name, (1, *expert.shape[1:]), tuple(part.replace("{e}", str(e)) for part in expert.parts))
+    layout = checkpoint_experts.file_layout(single, entry.scheme, entry.options)
+
+    def make() -> dict[str, Tensor]:
+        tensors = quantize_parameter(entry.layer, read_expert(expert, e).unsqueeze(0), False, entry.scheme, entry.options)
+        return checkpoint_experts.file_tensors(single, entry.scheme, tensors)
+
+    dtype = entry.site.weight.dtype
+    return Piece(layout, make, nbytes(dtype, expert.shape[1:]))
 
 
 def _float_bytes(plan: StreamingPlan) -> int:

@@ -37,12 +37,13 @@ def quantize_fp8_groupwise(x: Tensor, group_size: int, scale_ub: float | None = 
 
 
 def quantize_fp8_blockwise_weight(w: Tensor, block: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """Quantize w [N, K] in (block_n, block_k) blocks: (w_q [N, K], float32 scale [N / block_n, K / block_k])."""
-    n, k = w.shape
+    """Quantize w [..., N, K] (experts: [E, N, K], each expert on its own) in (block_n, block_k) blocks:
+    (w_q [..., N, K], float32 scale [..., N / block_n, K / block_k])."""
+    *lead, n, k = w.shape
     block_n, block_k = block
-    blocks = w.float().reshape(n // block_n, block_n, k // block_k, block_k)
-    scale = fp8_scale(blocks.abs().amax(dim=(1, 3)))
-    w_q = saturate_to_fp8(blocks, scale[:, None, :, None]).reshape(n, k)
+    blocks = w.float().reshape(*lead, n // block_n, block_n, k // block_k, block_k)
+    scale = fp8_scale(blocks.abs().amax(dim=(-3, -1)))
+    w_q = saturate_to_fp8(blocks, scale[..., :, None, :, None]).reshape(w.shape)
     return w_q, scale
 
 

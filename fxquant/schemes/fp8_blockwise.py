@@ -1,6 +1,8 @@
 """fp8_blockwise (DeepSeek-V3): e4m3 weights with one scale per `weight_block_size` block, e4m3
 activations with one dynamic scale per token per block-K group (`torch.ops.fxquant.fp8_blockwise_linear`,
-fxquant/ops/fp8_blockwise.py; its CUDA lowering: fxquant/inductor/)."""
+fxquant/ops/fp8_blockwise.py; its CUDA lowering: fxquant/inductor/). Expert weights [E, N, K] get one
+scale per expert and block, [E, N / bn, K / bk], run by the batched and grouped ops
+(fxquant/ops/fp8_blockwise_experts.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fxquant.ops import fp8_blockwise_experts  # noqa: F401  (registers the expert ops)
 from fxquant.ops.fp8_blockwise import quantize_fp8_blockwise_weight
 from fxquant.scheme import register_scheme
 from fxquant.schemes.common import GEMM_ALIGNMENT, Fp8Scheme, check_scale_ub, ct_args, no_bound_in_compressed_tensors
@@ -48,6 +51,14 @@ class Fp8Blockwise(Fp8Scheme):
         op = torch.ops.fxquant.fp8_blockwise_linear.default
         return self.linear_call(op, x, tensors, bias, scale_ub=options.activation_scale_ub)
 
+    def call_batched(self, layer, x, tensors, expert_ids, options, values=None):
+        op = torch.ops.fxquant.fp8_blockwise_batched_mm.default
+        return self.expert_call(op, x, tensors, expert_ids=expert_ids, scale_ub=options.activation_scale_ub)
+
+    def call_grouped(self, layer, x, tensors, offsets, options, values=None):
+        op = torch.ops.fxquant.fp8_blockwise_grouped_mm.default
+        return self.expert_call(op, x, tensors, offsets=offsets, scale_ub=options.activation_scale_ub)
+
     def decompositions(self):
         from fxquant.inductor import decompositions
 
@@ -57,10 +68,12 @@ class Fp8Blockwise(Fp8Scheme):
         return options.weight_block_size
 
     def op_shape(self, name, shape, n, k, options):
-        """The op reads the block from the shapes, so a stored scale of any whole block fits."""
+        """The op reads the block from the shapes, so a stored scale of any whole block fits; expert
+        tensors ([E, ...]) fit as each expert's does."""
         if name == "weight":
-            return shape if shape == (n, k) else None
-        fits = len(shape) == 2 and 0 < shape[0] <= n and 0 < shape[1] <= k and n % shape[0] == 0 and k % shape[1] == 0
+            return shape if shape[-2:] == (n, k) and len(shape) in (2, 3) else None
+        blocks = shape[-2:]
+        fits = len(shape) in (2, 3) and 0 < blocks[0] <= n and 0 < blocks[1] <= k and n % blocks[0] == 0 and k % blocks[1] == 0
         return shape if name == "weight_scale" and fits else None
 
     def hf_config(self, layout, options):
