@@ -8,8 +8,9 @@
 The block (bn, bk) is read off the shapes, as the dense op reads it; x is quantized per token per
 bk-wide group of channels, as the dense op does (fxquant/ops/fp8_blockwise.py), and each K-block's
 exact e4m3 products are summed in float32, scaled by that block's activation and weight scales and
-added up block after block, as the dense reference does. One implementation for every device, with
-no host synchronisation: a grouped row finds its expert with `searchsorted` on the offsets (device
+added up block after block, as the dense reference does. The grouped op runs fxquant's blockwise
+grouped Triton kernel on CUDA; otherwise one implementation for every device, with no host
+synchronisation: a grouped row finds its expert with `searchsorted` on the offsets (device
 side), and rows are gathered with their experts' weights `ROWS_PER_GATHER` at a time, so memory stays
 bounded by that many [N, K] float weights.
 """
@@ -86,6 +87,20 @@ def fp8_blockwise_grouped_mm(x: Tensor, w_q: Tensor, w_scale: Tensor, offsets: T
     in_a_group = group < w_q.shape[0]
     acc = _rows_times_experts(x, w_q, w_scale, group.clamp(max=w_q.shape[0] - 1), scale_ub)
     return torch.where(in_a_group.unsqueeze(-1), acc, 0.0).to(x.dtype)
+
+
+@fp8_blockwise_grouped_mm.register_kernel("cuda")
+def _(x: Tensor, w_q: Tensor, w_scale: Tensor, offsets: Tensor, scale_ub: float | None = None) -> Tensor:
+    """On CUDA: the activation quantized per token per block_k group, fxquant's blockwise grouped Triton
+    kernel (fxquant/kernels/fp8_blockwise_grouped_gemm.py), the rows past the last group zeroed; nothing
+    read back to the host."""
+    from fxquant.kernels.fp8_blockwise_grouped_gemm import fp8_blockwise_grouped_gemm
+
+    check_blockwise_expert_inputs("fxquant::fp8_blockwise_grouped_mm", x, w_q, w_scale, offsets, "offsets")
+    x_q, x_scale = quantize_fp8_groupwise(x, w_q.shape[2] // w_scale.shape[2], scale_ub)
+    y = fp8_blockwise_grouped_gemm(x_q, x_scale, w_q, w_scale, offsets)
+    in_a_group = torch.arange(x.shape[0], device=x.device) < offsets[-1]
+    return torch.where(in_a_group.unsqueeze(-1), y, 0.0).to(x.dtype)
 
 
 @fp8_blockwise_grouped_mm.register_fake

@@ -1,5 +1,6 @@
 """fp8_blockwise expert ops and DeepSeek-V3-format checkpoints on CUDA (gpu marker): the ops' CUDA run
-(the reference implementation, on the device, without host synchronisation) equals their CPU run, and a
+(grouped: fxquant's blockwise grouped Triton kernel; batched: the reference implementation on the
+device) equals their CPU run, and a
 finegrained_fp8 checkpoint loads straight onto the GPU and runs its linear layers there."""
 
 import pytest
