@@ -31,14 +31,15 @@ quiet() { grep -v -E "Warning|warn\(|^  |AUTOTUNE|strides:|dtypes:|SingleProcess
 
 case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | torchao | profile | profile-prefill | settings | default-decode | merge | blockwise | nf4 | aoti-probe | weight-check | division-rounding | moe | tp}" in
   tests)
-    # Without PATHS: every gpu test, in four pytest processes at once (compiling dominates and the
+    # Without PATHS: every gpu test, in five pytest processes at once (compiling dominates and the
     # device has 16 cores; one process took more than the 10 minutes), each to its own file.
     shift
     if [ $# -gt 0 ]; then groups=("$*"); else groups=(
       "tests/kernels/test_cuda_fp8_rowwise_gemm.py tests/kernels/test_cuda_export.py"
-      "tests/kernels/test_cuda_ops.py tests/kernels/test_cuda_cached_graph.py tests/kernels/test_fp8_rowwise_splitk.py tests/kernels/test_interpreted_triton_kernels.py tests/kernels/test_cuda_experts.py"
+      "tests/kernels/test_cuda_ops.py tests/kernels/test_cuda_cached_graph.py tests/kernels/test_fp8_rowwise_splitk.py tests/kernels/test_interpreted_triton_kernels.py"
       "tests/kernels/test_cuda_decode.py tests/kernels/test_cuda_fp8_schemes.py tests/inductor"
-      "tests/kernels/test_cuda_compiled_quantization.py tests/kernels/test_cuda_op_branches.py tests/kernels/test_cuda_trust.py tests/kernels/test_cuda_quantize_inplace.py tests/kernels/test_cuda_bnb.py tests/kernels/test_interpreted_gemm_4bit.py"); fi
+      "tests/kernels/test_cuda_compiled_quantization.py tests/kernels/test_cuda_op_branches.py tests/kernels/test_cuda_trust.py tests/kernels/test_cuda_quantize_inplace.py tests/kernels/test_cuda_bnb.py tests/kernels/test_interpreted_gemm_4bit.py"
+      "tests/kernels/test_cuda_experts.py tests/kernels/test_cuda_blockwise_experts.py tests/kernels/test_cuda_tensor_parallel.py"); fi
     for i in "${!groups[@]}"; do
       # shellcheck disable=SC2086  (a group is a space-separated list of paths)
       timeout "${FXQUANT_TIMEOUT:-560}" python3 -m pytest -q -p no:cacheprovider --tb=short -rsfE --durations=10 \
