@@ -272,9 +272,10 @@ def _is_expert_index(index: object, ids: bool) -> bool:
     return integer and value.dim() == (1 if ids else 0)
 
 
-def _gathered(node: object, lookup: WeightLookup, ids: bool = True) -> tuple[tuple, fx.Node] | None:
+def _gathered(node: object, lookup: WeightLookup, ids: bool = True) -> tuple[tuple, fx.Node, fx.Node | None] | None:
     """W[ids] (getitem / aten.index with one index tensor) of a 3-D parameter W, or with `ids` False
-    one expert W[e] (also select(W, 0, e)): ((name, W, conversions), the gather)."""
+    one expert W[e] (also select(W, 0, e)), also of W transposed over its last two dims:
+    ((name, W, conversions, W's node), the gather, the transpose under it or None)."""
     if not (isinstance(node, fx.Node) and node.op == "call_function"):
         return None
     if node.target in SELECT_FUNCTIONS:
@@ -290,8 +291,13 @@ def _gathered(node: object, lookup: WeightLookup, ids: bool = True) -> tuple[tup
         return None
     if not _is_expert_index(selected_index(node), ids):
         return None
-    found = _parameter(node.args[0], lookup, 3)
-    return None if found is None else (found, node)
+    base, conversions = _converted(node.args[0])
+    view = base if isinstance(base, fx.Node) and swaps_last_two_dims(base, 3) else None  # W.mT[ids]: the same experts, transposed
+    found = _parameter(view.args[0] if view is not None else base, lookup, 3)
+    if found is None:
+        return None
+    name, weight, below, parameter = found
+    return (name, weight, (*conversions, *below), parameter), node, view
 
 
 def weight_operand(operand: object, lookup: WeightLookup, ndim: int, gathered: bool = False) -> WeightOperand | None:
@@ -306,7 +312,10 @@ def weight_operand(operand: object, lookup: WeightLookup, ndim: int, gathered: b
     if gathered or ndim == 2:
         found = _gathered(source, lookup, ids=gathered)
         if found is not None:
-            (name, weight, conversions, node), gather = found
+            (name, weight, conversions, node), gather, view_below = found
+            if view is not None and view_below is not None:
+                return None
+            view = view or view_below
             return WeightOperand(name, weight, view is None, view, gather, (*outer, *inner, *conversions), not gathered, node)
         if gathered:
             return None

@@ -296,8 +296,6 @@ def plan_linears(gm: fx.GraphModule, lookup: WeightLookup, config: QuantConfig) 
             if first.scheme is not None:
                 check_eager_dtypes(layer, site, autocast_enabled(regions[site.node], site.weight.device.type))
             continue
-        if is_stored(site.weight) and site.kind != "linear":
-            raise ValueError(f"fxquant: '{layer}': expert weights stored as {site.weight.dtype} are not read yet; load them in a float dtype")
         if is_stored(site.weight):
             entry = _plan_stored(layer, site, named_nodes, lookup, config)
         elif site.weight in STORED_WEIGHTS:

@@ -39,7 +39,10 @@ def _stored_tensor(gm: fx.GraphModule, entry: PlannedLinear, name: str, like: fx
     graph input, or a buffer of `gm` when the graph has no such input."""
     stored, site = entry.stored[name], entry.site
     value = fake_value(stored) if isinstance(stored, fx.Node) else stored
-    reshaped = op_tensor(entry.scheme, name, value, site.out_features, site.in_features, entry.options)
+    if site.experts is not None:  # expert tensors are stored in the op's layout
+        reshaped = value
+    else:
+        reshaped = op_tensor(entry.scheme, name, value, site.out_features, site.in_features, entry.options)
     if not isinstance(stored, fx.Node):
         attr = "fxquant_" + entry.layer.replace(".", "_") + "_stored" + buffer_suffix(name)
         gm.register_buffer(attr, reshaped)
