@@ -32,6 +32,7 @@ from fxquant.checkpoint_layers import file_tensors, plan_modules
 from fxquant.config import QuantConfig
 from fxquant.log import logger
 from fxquant.passes import Plan
+from fxquant.plan_summary import PlanSummary
 from fxquant.passes.find_sites import GemmSite
 from fxquant.passes.plan_linears import PlannedLinear, decide, with_fallback
 from fxquant.passes.quantize_weights import quantize_parameter
@@ -45,9 +46,10 @@ EAGER_NOTE = ("experts_implementation 'eager' runs its loop outside compiled gra
               "set 'batched_mm' or 'grouped_mm' to quantize these experts in place")
 
 
-def quantize_(model: nn.Module, config: QuantConfig | None = None) -> Plan:
+def quantize_(model: nn.Module, config: QuantConfig | None = None) -> PlanSummary:
     """Quantize `model`'s nn.Linear and Conv1D layers in place under `config` (rules, skip list,
-    scheme; the scheme's fallback on each weight's device) and return the plan.
+    scheme; the scheme's fallback on each weight's device) and return the plan (its rows: it holds
+    no weight).
 
     Layers already stored quantized stay as they are. A weight shared by several planned layers of
     one scheme is quantized once and shared; a weight a layer shares with a module that is not a
@@ -68,17 +70,28 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None) -> Plan:
         with_fallback(entry, entry.site.weight.device, config) if entry.scheme is not None and entry.stored is None else entry
         for entry in [*plan_modules(model, config), *plan_experts(model, config)]
     )
+    summary = PlanSummary(plan)
+    pending = _by_module(plan.rewritten)
+    del plan  # its sites hold the float weights: each goes as soon as its module is done
     users = _weight_users(model)
     done: dict[tuple, tuple[nn.Parameter, dict[str, torch.Tensor]]] = {}
-    experts: dict[str, list[PlannedLinear]] = {}
-    for entry in plan.rewritten:
-        if entry.site.kind != "linear":
-            experts.setdefault(entry.layer.rpartition(".")[0], []).append(entry)
-        elif entry.stored is None:
-            _quantize_layer(model, entry, users, done)
-    for module_name, entries in experts.items():
-        _quantize_experts(model.get_submodule(module_name), entries)
-    return plan
+    while pending:
+        entries = pending.pop(0)
+        if entries[0].site.kind != "linear":
+            _quantize_experts(model.get_submodule(entries[0].layer.rpartition(".")[0]), entries)
+        elif entries[0].stored is None:
+            _quantize_layer(model, entries[0], users, done)
+        del entries
+    return summary
+
+
+def _by_module(entries: list[PlannedLinear]) -> list[list[PlannedLinear]]:
+    """The planned entries, each layer alone and an Experts module's weights together, in plan order."""
+    groups: dict[str, list[PlannedLinear]] = {}
+    for entry in entries:
+        key = entry.layer.rpartition(".")[0] if entry.site.kind != "linear" else entry.layer
+        groups.setdefault(key, []).append(entry)
+    return list(groups.values())
 
 
 def _weight_users(model: nn.Module) -> dict[int, list[str]]:

@@ -29,7 +29,12 @@ import functools
 import torch
 from torch import Tensor, fx, nn
 
-from fxquant.passes.stored_weights import PLAIN_FLOATS, register_stored_weight
+from fxquant.passes.stored_weights import PLAIN_FLOATS, STORED_WEIGHTS, register_stored_weight
+
+
+# The experts implementations whose matmuls a trace reaches whole (transformers' `eager` loop runs
+# outside the graphs, where a stored weight cannot run).
+STORED_IMPLEMENTATIONS = ("batched_mm", "grouped_mm")
 
 
 class StoredExperts:
@@ -39,9 +44,15 @@ class StoredExperts:
     fxquant_float_dtypes: dict[str, torch.dtype]
 
     def forward(self, *args, **kwargs):
-        if torch.compiler.is_compiling():
+        if _tracing():
             return super().forward(*args, **kwargs)
         return _run_rewritten(self, *args, **kwargs)
+
+
+def _tracing() -> bool:
+    """Whether Dynamo or torch.export traces this code (not a frame Dynamo left to run eagerly, where
+    torch.compiler.is_compiling() may still say True)."""
+    return torch.compiler.is_dynamo_compiling() or torch.compiler.is_exporting()
 
 
 def _presented(name: str) -> property:
@@ -52,11 +63,12 @@ def _presented(name: str) -> property:
         stored = self._parameters[name]
         if stored is None or stored.dtype in PLAIN_FLOATS:
             return stored
-        if not torch.compiler.is_compiling():
+        implementation = getattr(getattr(self, "config", None), "_experts_implementation", None)
+        if implementation not in STORED_IMPLEMENTATIONS or not _tracing():
             raise RuntimeError(
-                f"fxquant: {type(self).__name__}.{name} is stored {stored.dtype} and runs only in fxquant's graphs; "
-                f"experts_implementation {getattr(self.config, '_experts_implementation', None)!r} read it outside one "
-                "(transformers' 'eager' loop runs outside any graph): use 'batched_mm' or 'grouped_mm'"
+                f"fxquant: {type(self).__name__}.{name} is stored {stored.dtype} and runs only in fxquant's graphs, "
+                f"through experts_implementation 'batched_mm' or 'grouped_mm'; {implementation!r} reads it outside "
+                "them (transformers' 'eager' loop runs outside any graph)"
             )
         presented = stored.to(self.fxquant_float_dtypes[name])
         return presented.transpose(-2, -1) if getattr(self, "is_transposed", False) else presented
@@ -90,13 +102,39 @@ def _call_forward(module: nn.Module, *args, **kwargs):
 
 def _rewrite_and_run(gm: fx.GraphModule, example_inputs, **_) -> object:
     """A Dynamo backend: fxquant's passes on the graph, run op by op. Only the stored weights are
-    rewritten (they keep their scheme whatever the config); any float matmul stays as eager runs it."""
+    rewritten (they keep their scheme whatever the config); any float matmul stays as eager runs it.
+
+    The graph serves every Experts module of its shapes (Dynamo passes their weights as inputs), but
+    the rewrite holds the stored tensors the forward does not read (the scales) as buffers of the
+    first module's: each call binds those of the module whose weight it is given."""
     from fxquant.config import QuantConfig
     from fxquant.dynamo_params import dynamo_module_tensor
     from fxquant.pipeline import quantize_graph
 
-    quantize_graph(gm, dynamo_module_tensor, QuantConfig(skip=("*",)))
-    return gm.forward
+    plan, _ = quantize_graph(gm, dynamo_module_tensor, QuantConfig(skip=("*",)))
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    bindings = [(placeholders.index(entry.site.weight_node), _buffer_names(entry)) for entry in plan.rewritten
+                if entry.stored is not None and entry.site.experts is not None]
+
+    def run(*args):
+        for index, names in bindings:
+            tensors = STORED_WEIGHTS[args[index]].tensors()
+            for name, attr in names.items():
+                gm._buffers[attr] = tensors[name]
+        return gm.forward(*args)
+
+    return run
+
+
+def _buffer_names(entry) -> dict[str, str]:
+    """The scheme's tensor name → the graph's buffer holding it, for a rewritten stored expert site."""
+    names = {}
+    for name in entry.stored:
+        node = entry.call.tensor(name)
+        node = node if node.op == "get_attr" else node.args[0]  # an indexed site's select of the buffer
+        if node.op == "get_attr":
+            names[name] = node.target
+    return names
 
 
 @functools.cache
