@@ -104,7 +104,8 @@ def stored_scheme(
         problem = scheme.stored_problem({"weight": site.weight, **tensors}, n, k, options)
     if problem is not None:
         shapes = ", ".join(f"{name} {list(t.shape)}" for name, t in tensors.items())
-        return None, {}, f"stored as {scheme.name}, but its weight is {site.weight.dtype} [{n}, {k}] with {shapes}: {problem}"
+        shape = list(site.weight.shape) if site.experts is not None else [n, k]
+        return None, {}, f"stored as {scheme.name}, but its weight is {site.weight.dtype} {shape} with {shapes}: {problem}"
     return scheme.name, tensors, "stored quantized weights"
 
 

@@ -281,3 +281,63 @@ def forward(self, L_x_, weight_, bias_, L_gates_):
     getitem_2 = l_gates_[(slice(None, None, None), slice(0, 1, None))]
     mul = fp8_rowwise_linear_default * getitem_2
     """)
+
+
+class StoredExpertsGraphTest(TestCase):
+    def test_stored_experts_are_read_through_their_float_presentation(self):
+        """After fxquant.quantize_, a trace sees each stored expert weight as `W_q.to(float32)`: the site
+        is read on the stored e4m3 weight, whose scale the module holds; the conversion goes with the
+        rewrite, leaving the float model's graph with the stored tensors."""
+        model = MOE_MODELS["qwen3_moe"]("grouped_mm", layers=1)
+        experts = model.model.layers[0].mlp.experts
+        hidden, index, weights = (t[:2] for t in routing())
+        _, expected, _ = rewrite(experts, hidden, index, weights)
+        fxquant.quantize_(model)
+        torch._dynamo.reset()
+        code, output, plan = rewrite(experts, hidden, index, weights)
+        assert [(row.layer, row.scheme, row.note) for row in plan] == [
+            ("gate_up_proj", "fp8_rowwise", "stored quantized weights"), ("down_proj", "fp8_rowwise", "stored quantized weights")]
+        torch.testing.assert_close(output, expected, rtol=0, atol=0)
+        self.assertExpectedInline(code, """\
+def forward(self, L_args_0_, L_args_1_, L_args_2_, gate_up_proj_, down_proj_):
+    sample_weights = l_args_2_.reshape(-1)
+    expert_ids = l_args_1_.reshape(-1)
+    sort = torch.sort(expert_ids)
+    expert_ids_g = sort[0]
+    perm = sort[1]
+    floordiv = perm // 2
+    selected_hidden_states_g = l_args_0_[floordiv]
+    sample_weights_g = sample_weights[perm]
+    histc_input = expert_ids_g.float()
+    tokens_per_expert = torch.histc(histc_input, bins = 8, min = 0, max = 7)
+    offsets = torch.cumsum(tokens_per_expert, dim = 0, dtype = torch.int32)
+    to_1 = selected_hidden_states_g.to(torch.float32)
+    fxquant_gate_up_proj_stored_scale = self.fxquant_gate_up_proj_stored_scale
+    fp8_rowwise_grouped_mm_default = torch.ops.fxquant.fp8_rowwise_grouped_mm.default(to_1, gate_up_proj_, fxquant_gate_up_proj_stored_scale, offsets, None)
+    chunk = fp8_rowwise_grouped_mm_default.chunk(2, dim = -1)
+    gate = chunk[0]
+    up = chunk[1]
+    silu = torch.nn.functional.silu(gate)
+    proj_out = silu * up
+    to_3 = proj_out.to(torch.float32)
+    fxquant_down_proj_stored_scale = self.fxquant_down_proj_stored_scale
+    fp8_rowwise_grouped_mm_default_1 = torch.ops.fxquant.fp8_rowwise_grouped_mm.default(to_3, down_proj_, fxquant_down_proj_stored_scale, offsets, None)
+    unsqueeze = sample_weights_g.unsqueeze(-1)
+    weighted_out = fp8_rowwise_grouped_mm_default_1 * unsqueeze
+    inv_perm = torch.empty_like(perm)
+    arange = torch.arange(4, device = device(type='cpu'))
+    inv_perm[perm] = arange;  setitem = inv_perm
+    weighted_out_1 = weighted_out[inv_perm]
+    view = weighted_out_1.view(2, 2, 64)
+    final_hidden_states = view.sum(dim = 1)
+    to_4 = final_hidden_states.to(torch.float32)
+    return (to_4,)""")
+
+    def test_stored_expert_tensors_that_do_not_fit_are_an_error_naming_them(self):
+        model = MOE_MODELS["qwen3_moe"]("batched_mm", layers=1)
+        fxquant.quantize_(model)
+        experts = model.model.layers[0].mlp.experts
+        experts.down_proj_scale = experts.down_proj_scale[:, :32].clone()
+        problem = r"'down_proj'.*\[8, 64, 32\].*its weight_scale is torch.float32 \[8, 32\], not torch.float32 \[8, 64\]"
+        with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match=problem):
+            rewrite(experts, *(t[:2] for t in routing()))
