@@ -34,6 +34,7 @@ from fxquant.log import logger
 from fxquant.passes import Plan
 from fxquant.plan_summary import PlanSummary
 from fxquant.passes.find_sites import GemmSite
+from fxquant.passes.stored_weights import STORED_WEIGHTS, is_stored
 from fxquant.passes.plan_linears import PlannedLinear, decide, with_fallback
 from fxquant.passes.quantize_weights import quantize_parameter
 from fxquant.scheme import get_scheme
@@ -78,7 +79,9 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None) -> PlanSummar
     while pending:
         entries = pending.pop(0)
         if entries[0].site.kind != "linear":
-            _quantize_experts(model.get_submodule(entries[0].layer.rpartition(".")[0]), entries)
+            fresh = [entry for entry in entries if entry.stored is None]
+            if fresh:
+                _quantize_experts(model.get_submodule(entries[0].layer.rpartition(".")[0]), fresh)
         elif entries[0].stored is None:
             _quantize_layer(model, entries[0], users, done)
         del entries
@@ -140,14 +143,22 @@ def plan_experts(model: nn.Module, config: QuantConfig) -> Plan:
     """One row per 3-D expert weight of every transformers Experts module, by the plan pass's rules."""
     plan = Plan()
     for name, module in model.named_modules():
-        if not _is_experts(module) or isinstance(module, StoredExperts):
+        if not _is_experts(module):
             continue
         implementation = module.config._experts_implementation
         for attr, weight in module.named_parameters(prefix=name, recurse=False):
+            kind = EXPERT_KINDS.get(implementation, "grouped")
+            if isinstance(module, StoredExperts) and is_stored(weight):  # kept as it is
+                stored = STORED_WEIGHTS[weight]
+                site = _expert_site(attr, weight, kind, str(implementation), False)
+                plan.append(PlannedLinear(attr, site, stored.scheme, "stored quantized weights", stored.options, stored=stored.tensors()))
+                continue
             if weight.dim() != 3 or not weight.is_floating_point():
                 continue
-            site = _expert_site(attr, weight, EXPERT_KINDS.get(implementation, "grouped"), str(implementation), module.is_transposed)
-            if implementation not in EXPERT_KINDS:
+            site = _expert_site(attr, weight, kind, str(implementation), module.is_transposed)
+            if isinstance(module, StoredExperts):
+                plan.append(PlannedLinear(attr, site, None, "its module's other expert weights are stored: quantize them in one call"))
+            elif implementation not in EXPERT_KINDS:
                 plan.append(PlannedLinear(attr, site, None, f"experts_implementation {implementation!r} is not read by fxquant"))
             elif implementation == "eager":
                 plan.append(PlannedLinear(attr, site, None, EAGER_NOTE))

@@ -146,3 +146,14 @@ def test_experts_of_the_eager_implementation_stay_float_with_the_reason_and_stor
     stored.config._experts_implementation = "eager"  # its loop would read the e4m3 weight outside any graph
     with torch.no_grad(), pytest.raises(RuntimeError, match="StoredMixtralExperts.gate_up_proj is stored torch.float8_e4m3fn.*'eager'"):
         stored(torch.randint(0, 64, (1, 5)))
+
+
+def test_quantizing_again_keeps_stored_experts_as_they_are():
+    model = MOE_MODELS["qwen3_moe"]("batched_mm", layers=1)
+    fxquant.quantize_(model)
+    experts = model.model.layers[0].mlp.experts
+    weight = experts._parameters["gate_up_proj"]
+    plan = fxquant.quantize_(model)
+    row = {row.layer: row for row in plan}["model.layers.0.mlp.experts.gate_up_proj"]
+    assert (row.scheme, row.note) == ("fp8_rowwise", "stored quantized weights")
+    assert experts._parameters["gate_up_proj"] is weight
