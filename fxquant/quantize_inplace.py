@@ -55,12 +55,12 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None) -> PlanSummar
     Layers already stored quantized stay as they are. A weight shared by several planned layers of
     one scheme is quantized once and shared; a weight a layer shares with a module that is not a
     planned layer (tied embeddings with an unskipped lm_head) is quantized for the layer, and the
-    other module keeps the float weight, so its memory is not freed (logged). GEMM sites that only
-    a trace finds (a matmul on a bare parameter, expert weights) are not modules: they keep their
-    float weight here, and `torch.compile(model, backend="fxquant")` quantizes them at compile
-    time as it does for any model; expert weights of transformers MoE models are quantized here
-    (module docstring). Refuses before changing anything: weights on the meta device, a scheme whose
-    tensors a graph folds (static fp8_tensorwise).
+    other module keeps the float weight, so its memory is not freed (logged). The 3-D expert
+    weights of transformers MoE models are quantized too (module docstring). GEMM sites that only a
+    trace finds (a matmul on a bare parameter) are not modules: they keep their float weight here,
+    and `torch.compile(model, backend="fxquant")` quantizes them at compile time as it does for any
+    model. Refuses before changing anything: weights on the meta device, a scheme whose tensors a
+    graph folds (static fp8_tensorwise).
     """
     config = config or QuantConfig()
     check_config(config)

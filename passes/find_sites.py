@@ -51,7 +51,6 @@ SELECT_FUNCTIONS = {aten.select.int}  # select(W, 0, e)
 CONVERT_FUNCTIONS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout}
 CONVERT_METHODS = {"to", "type", "float", "half", "bfloat16", "double"}
 SITE_KINDS = ("linear", "batched", "grouped", "indexed")
-EXPERT_KINDS = ("batched", "grouped", "indexed")
 
 
 @dataclass
