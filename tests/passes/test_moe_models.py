@@ -341,3 +341,16 @@ def forward(self, L_args_0_, L_args_1_, L_args_2_, gate_up_proj_, down_proj_):
         problem = r"'down_proj'.*\[8, 64, 32\].*its weight_scale is torch.float32 \[8, 32\], not torch.float32 \[8, 64\]"
         with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match=problem):
             rewrite(experts, *(t[:2] for t in routing()))
+
+
+def test_stored_experts_export_with_their_stored_tensors():
+    """torch.export lifts the stored weight and its scale as buffers: the program runs them as stored."""
+    model = MOE_MODELS["qwen3_moe"]("batched_mm", layers=1)
+    fxquant.quantize_(model)
+    experts = model.model.layers[0].mlp.experts
+    inputs = routing()
+    with torch.no_grad():
+        expected = experts(*inputs)
+        program = fxquant.export(experts, inputs)
+        assert program.state_dict["gate_up_proj"].dtype == torch.float8_e4m3fn and "gate_up_proj_scale" in program.state_dict
+        torch.testing.assert_close(program.module()(*inputs), expected, rtol=0, atol=0)
