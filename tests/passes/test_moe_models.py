@@ -311,17 +311,17 @@ def forward(self, L_args_0_, L_args_1_, L_args_2_, gate_up_proj_, down_proj_):
     histc_input = expert_ids_g.float()
     tokens_per_expert = torch.histc(histc_input, bins = 8, min = 0, max = 7)
     offsets = torch.cumsum(tokens_per_expert, dim = 0, dtype = torch.int32)
-    to_1 = selected_hidden_states_g.to(torch.float32)
+    to = selected_hidden_states_g.to(torch.float32)
     fxquant_gate_up_proj_stored_scale = self.fxquant_gate_up_proj_stored_scale
-    fp8_rowwise_grouped_mm_default = torch.ops.fxquant.fp8_rowwise_grouped_mm.default(to_1, gate_up_proj_, fxquant_gate_up_proj_stored_scale, offsets, None)
+    fp8_rowwise_grouped_mm_default = torch.ops.fxquant.fp8_rowwise_grouped_mm.default(to, gate_up_proj_, fxquant_gate_up_proj_stored_scale, offsets, None)
     chunk = fp8_rowwise_grouped_mm_default.chunk(2, dim = -1)
     gate = chunk[0]
     up = chunk[1]
     silu = torch.nn.functional.silu(gate)
     proj_out = silu * up
-    to_3 = proj_out.to(torch.float32)
+    to_1 = proj_out.to(torch.float32)
     fxquant_down_proj_stored_scale = self.fxquant_down_proj_stored_scale
-    fp8_rowwise_grouped_mm_default_1 = torch.ops.fxquant.fp8_rowwise_grouped_mm.default(to_3, down_proj_, fxquant_down_proj_stored_scale, offsets, None)
+    fp8_rowwise_grouped_mm_default_1 = torch.ops.fxquant.fp8_rowwise_grouped_mm.default(to_1, down_proj_, fxquant_down_proj_stored_scale, offsets, None)
     unsqueeze = sample_weights_g.unsqueeze(-1)
     weighted_out = fp8_rowwise_grouped_mm_default_1 * unsqueeze
     inv_perm = torch.empty_like(perm)
@@ -330,8 +330,8 @@ def forward(self, L_args_0_, L_args_1_, L_args_2_, gate_up_proj_, down_proj_):
     weighted_out_1 = weighted_out[inv_perm]
     view = weighted_out_1.view(2, 2, 64)
     final_hidden_states = view.sum(dim = 1)
-    to_4 = final_hidden_states.to(torch.float32)
-    return (to_4,)""")
+    to_2 = final_hidden_states.to(torch.float32)
+    return (to_2,)""")
 
     def test_stored_expert_tensors_that_do_not_fit_are_an_error_naming_them(self):
         model = MOE_MODELS["qwen3_moe"]("batched_mm", layers=1)
@@ -354,3 +354,16 @@ def test_stored_experts_export_with_their_stored_tensors():
         program = fxquant.export(experts, inputs)
         assert program.state_dict["gate_up_proj"].dtype == torch.float8_e4m3fn and "gate_up_proj_scale" in program.state_dict
         torch.testing.assert_close(program.module()(*inputs), expected, rtol=0, atol=0)
+
+
+def test_stored_experts_under_another_backend_are_an_error_not_raw_codes():
+    """The presentation op (fxquant::stored_expert_weight) runs only inside fxquant's rewrite: compiled
+    by another backend, the model stops with the reason instead of multiplying unscaled e4m3 codes.
+    (No opcheck: its real implementation is that error; its fake gives the float shape.)"""
+    model = MOE_MODELS["qwen3_moe"]("batched_mm", layers=1)
+    fxquant.quantize_(model)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="ran outside fxquant's rewrite; compile the model with backend='fxquant'"):
+        torch.compile(model.model.layers[0].mlp.experts, backend="eager")(*routing())
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        presented = torch.ops.fxquant.stored_expert_weight(torch.empty(8, 64, 32, dtype=torch.float8_e4m3fn), torch.bfloat16)
+    assert (presented.dtype, tuple(presented.shape)) == (torch.bfloat16, (8, 64, 32))
