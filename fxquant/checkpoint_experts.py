@@ -29,7 +29,8 @@ from torch import Tensor, fx, nn
 from fxquant.config import QuantConfig
 from fxquant.passes.find_sites import GemmSite
 from fxquant.passes.plan_linears import Plan, PlannedLinear, decide
-from fxquant.passes.stored_weights import STORED_WEIGHTS, is_stored, register_stored_weight
+from fxquant.passes.stored_weights import STORED_WEIGHTS, is_stored
+from fxquant.stored_experts import make_stored_experts
 from fxquant.scheme import get_scheme
 
 NO_EXPERT_NAMES = "expert weights without per-expert names in transformers' conversion mapping: checkpoints store them as they are"
@@ -249,6 +250,7 @@ def hold_stored_experts(model: nn.Module, joins: list[ExpertJoin]) -> None:
         by_module.setdefault(join.expert.module, []).append(join)
     for name, group in by_module.items():
         module = model.get_submodule(name)
+        dtypes = {join.expert.attr: module._parameters[join.expert.attr].dtype for join in group}
         for join in group:
             join.hold(module)
-            register_stored_weight(module, join.scheme, join.expert.attr, join.options)
+        make_stored_experts(module, {join.expert.attr: (dtypes[join.expert.attr], join.scheme, join.options) for join in group})

@@ -12,8 +12,13 @@ Each spelling of a matmul is read into a GemmSite of one of three kinds; with W 
                   _grouped_mm(x, W.transpose(-2, -1), offs=offsets)   or   _grouped_mm(x, V, offs=offsets)
               (no bias, out_dtype None or x's)
               (torch._grouped_mm, F.grouped_mm, aten._grouped_mm, transformers' grouped_mm_fallback)
+    indexed   x [..., K] times expert e of W [E, N, K], e an int or a 0-d integer tensor (a loop over
+              experts, transformers' `eager`): every linear spelling on W[e] (select / index):
+                  linear(x, W[e], b)       matmul(x, W[e].t())       matmul(x, V[e]) with V [E, K, N]
 The weight operand's views are read the same way everywhere: t(), .T, .mT, transpose / swapaxes of
-the last two dims, a permute that swaps them. The graph is not rewritten into this vocabulary: the
+the last two dims, a permute that swaps them; so are conversions of the parameter to a float dtype
+(`W.float()`, `W.to(dtype)`, `W.type(dtype)`: DeepSeek-V3's router; `fxquant::stored_expert_weight`:
+a stored expert weight as its module presents it to a trace). The graph is not rewritten into this vocabulary: the
 sites are a reading of it, so that layers the plan skips stay exactly as traced. Produces GemmSite
 records; it changes nothing.
 """
@@ -42,7 +47,11 @@ BMM_METHODS = {"bmm"}
 GROUPED_FUNCTIONS = {f for f in (getattr(torch, "_grouped_mm", None), getattr(F, "grouped_mm", None)) if f is not None}
 GROUPED_OPS = {"aten::_grouped_mm", "transformers::grouped_mm_fallback"}  # by name: transformers' op may not exist
 GATHER_FUNCTIONS = {operator.getitem, aten.index.Tensor}
-SITE_KINDS = ("linear", "batched", "grouped")
+SELECT_FUNCTIONS = {aten.select.int}  # select(W, 0, e)
+CONVERT_FUNCTIONS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout}
+CONVERT_METHODS = {"to", "type", "float", "half", "bfloat16", "double"}
+CONVERT_OPS = {"fxquant::stored_expert_weight"}  # a stored expert weight as its module presents it (fxquant/stored_experts.py)
+SITE_KINDS = ("linear", "batched", "grouped", "indexed")
 
 
 @dataclass
@@ -54,13 +63,15 @@ class GemmSite:
     """
 
     node: fx.Node
-    kind: str  # "linear", "batched" or "grouped" (SITE_KINDS)
+    kind: str  # "linear", "batched", "grouped" or "indexed" (SITE_KINDS)
     op: str  # the spelling it was read from: "linear", "matmul", "addmm", "bmm", "grouped_mm"
     weight_name: str  # the parameter's qualified name, e.g. "layers.0.mlp.up_proj.weight"
     weight: torch.Tensor  # the parameter itself: [N, K], or [E, N, K] for experts
     weight_is_kn: bool  # True when the parameter is stored with K before N ([K, N], [E, K, N])
     view_node: fx.Node | None  # the transpose between the parameter (or its gather) and the matmul, if any
-    gather_node: fx.Node | None = None  # batched: the parameter indexed by expert ids, W[ids]
+    gather_node: fx.Node | None = None  # batched: the parameter indexed by expert ids, W[ids]; indexed: W[e]
+    convert_nodes: tuple[fx.Node, ...] = ()  # float conversions of the parameter on the way (W.float())
+    parameter_node: fx.Node | None = None  # the node holding the parameter (None: read it from the matmul)
 
     @property
     def activation(self) -> fx.Node:
@@ -89,7 +100,9 @@ class GemmSite:
 
     @property
     def weight_node(self) -> fx.Node:
-        """The node that holds the parameter (before any gather or transpose)."""
+        """The node that holds the parameter (before any conversion, gather or transpose)."""
+        if self.parameter_node is not None:
+            return self.parameter_node
         if self.gather_node is not None:
             return self.gather_node.args[0]
         if self.view_node is not None:
@@ -118,15 +131,28 @@ class GemmSite:
     @property
     def expert_ids(self) -> fx.Node | None:
         """batched: the [S] expert of each row."""
-        if self.gather_node is None:
+        if self.gather_node is None or self.kind != "batched":
             return None
         index = self.gather_node.args[1]
         return index[0] if isinstance(index, (list, tuple)) else index
 
     @property
+    def expert_index(self) -> fx.Node | int | None:
+        """indexed: the expert e of W[e] (an int, a SymInt node or a 0-d integer tensor node)."""
+        if self.kind != "indexed":
+            return None
+        return selected_index(self.gather_node)
+
+    @property
     def experts(self) -> int | None:
-        """E, the number of experts of a batched or grouped site's weight; None for linear."""
+        """E, the number of experts of an expert site's weight; None for linear."""
         return None if self.kind == "linear" else self.weight.shape[0]
+
+    @property
+    def operand_dtype(self) -> torch.dtype:
+        """The weight's dtype as the matmul takes it (after a conversion of the parameter, if any)."""
+        converted = fake_value(self.convert_nodes[0]) if self.convert_nodes else None
+        return self.weight.dtype if converted is None else converted.dtype
 
     @property
     def out_features(self) -> int:
@@ -200,52 +226,119 @@ class WeightOperand:
     is_kn: bool  # the operand is the parameter as stored (K before N); False: a transpose of it
     view_node: fx.Node | None
     gather_node: fx.Node | None
+    convert_nodes: tuple[fx.Node, ...] = ()
+    selected: bool = False  # the operand is one expert W[e] of a 3-D parameter
+    parameter_node: fx.Node | None = None
 
 
-def _parameter(node: object, lookup: WeightLookup, ndim: int) -> tuple[str, torch.Tensor] | None:
+def _converted(node: fx.Node) -> tuple[fx.Node, tuple[fx.Node, ...]]:
+    """(the tensor `node` converts, the conversions) through float-dtype conversions (W.float(),
+    W.to(torch.bfloat16), W.type(torch.float32), aten._to_copy); (node, ()) when it is none."""
+    conversions = []
+    while isinstance(node, fx.Node) and _is_float_conversion(node):
+        conversions.append(node)
+        node = node.args[0]
+    return node, tuple(conversions)
+
+
+def _is_float_conversion(node: fx.Node) -> bool:
+    if not ((node.op == "call_function" and (node.target in CONVERT_FUNCTIONS or _op_name(node.target) in CONVERT_OPS))
+            or (node.op == "call_method" and node.target in CONVERT_METHODS)):
+        return False
+    value, source = fake_value(node), fake_value(node.args[0]) if node.args else None
+    return (value is not None and source is not None and value.is_floating_point()
+            and value.shape == source.shape and value.device == source.device)
+
+
+def _parameter(node: object, lookup: WeightLookup, ndim: int) -> tuple[str, torch.Tensor, tuple[fx.Node, ...], fx.Node] | None:
+    """(name, parameter, the float conversions on the way, its node) of an `ndim`-D parameter, or None."""
     if not isinstance(node, fx.Node):
         return None
-    found = lookup(node)
-    return found if found is not None and found[1].dim() == ndim else None
+    node, conversions = _converted(node)
+    found = lookup(node) if isinstance(node, fx.Node) else None
+    return (*found, conversions, node) if found is not None and found[1].dim() == ndim else None
 
 
-def _gathered(node: object, lookup: WeightLookup) -> tuple[tuple[str, torch.Tensor], fx.Node] | None:
-    """W[ids] (getitem / aten.index with one index tensor) of a 3-D parameter W: (W, the gather)."""
-    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in GATHER_FUNCTIONS):
-        return None
+def selected_index(node: fx.Node) -> object:
+    """e of a selection W[e]: getitem(W, e), select(W, 0, e) or index(W, [e])."""
+    if node.target in SELECT_FUNCTIONS:
+        return node.args[2]
     index = node.args[1]
-    if isinstance(index, (list, tuple)):
-        if len(index) != 1:
-            return None
-        index = index[0]
-    ids = fake_value(index)
-    if ids is None or ids.dim() != 1 or ids.dtype in (torch.bool, torch.uint8) or ids.is_floating_point():
+    return index[0] if isinstance(index, (list, tuple)) else index
+
+
+def _is_expert_index(index: object, ids: bool) -> bool:
+    """`ids`: a 1-D integer tensor (W[ids], a gather); else one expert: an int, a SymInt or a 0-d integer tensor."""
+    if isinstance(index, int) and not isinstance(index, bool):
+        return not ids
+    value = fake_value(index) if isinstance(index, fx.Node) else None
+    if value is None:
+        symbolic = isinstance(index, fx.Node) and isinstance(index.meta.get("val", index.meta.get("example_value")), torch.SymInt)
+        return symbolic and not ids
+    integer = value.dtype not in (torch.bool, torch.uint8) and not value.is_floating_point()
+    return integer and value.dim() == (1 if ids else 0)
+
+
+def _gathered(node: object, lookup: WeightLookup, ids: bool = True) -> tuple[tuple, fx.Node, fx.Node | None] | None:
+    """W[ids] (getitem / aten.index with one index tensor) of a 3-D parameter W, or with `ids` False
+    one expert W[e] (also select(W, 0, e)), also of W transposed over its last two dims:
+    ((name, W, conversions, W's node), the gather, the transpose under it or None)."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function"):
         return None
-    found = _parameter(node.args[0], lookup, 3)
-    return None if found is None else (found, node)
+    if node.target in SELECT_FUNCTIONS:
+        if ids or node.args[1] != 0:
+            return None
+    elif node.target in GATHER_FUNCTIONS:
+        index = node.args[1]
+        if isinstance(index, (list, tuple)):
+            if len(index) != 1:
+                return None
+            index = index[0]
+    else:
+        return None
+    if not _is_expert_index(selected_index(node), ids):
+        return None
+    base, conversions = _converted(node.args[0])
+    view = base if isinstance(base, fx.Node) and swaps_last_two_dims(base, 3) else None  # W.mT[ids]: the same experts, transposed
+    found = _parameter(view.args[0] if view is not None else base, lookup, 3)
+    if found is None:
+        return None
+    name, weight, below, parameter = found
+    return (name, weight, (*conversions, *below), parameter), node, view
 
 
 def weight_operand(operand: object, lookup: WeightLookup, ndim: int, gathered: bool = False) -> WeightOperand | None:
-    """`operand` read as an `ndim`-D parameter (`gathered`: its rows W[ids] of a 3-D parameter),
-    transposed over its last two dims or not; None when it is something else."""
+    """`operand` read as an `ndim`-D parameter (`gathered`: its rows W[ids] of a 3-D parameter; for
+    ndim 2 also one expert W[e] of a 3-D parameter), transposed over its last two dims or not, through
+    float conversions; None when it is something else."""
     if not isinstance(operand, fx.Node):
         return None
+    operand, outer = _converted(operand)
     view = operand if swaps_last_two_dims(operand, ndim) else None
-    source = view.args[0] if view is not None else operand
-    if gathered:
-        found = _gathered(source, lookup)
-        if found is None:
+    source, inner = _converted(view.args[0]) if view is not None else (operand, ())
+    if gathered or ndim == 2:
+        found = _gathered(source, lookup, ids=gathered)
+        if found is not None:
+            (name, weight, conversions, node), gather, view_below = found
+            if view is not None and view_below is not None:
+                return None
+            view = view or view_below
+            return WeightOperand(name, weight, view is None, view, gather, (*outer, *inner, *conversions), not gathered, node)
+        if gathered:
             return None
-        (name, weight), gather = found
-        return WeightOperand(name, weight, view is None, view, gather)
     found = _parameter(source, lookup, ndim)
-    return None if found is None else WeightOperand(*found, view is None, view, None)
+    if found is None:
+        return None
+    name, weight, conversions, node = found
+    return WeightOperand(name, weight, view is None, view, None, (*outer, *inner, *conversions), parameter_node=node)
 
 
 def _site(node: fx.Node, kind: str, op: str, operand: WeightOperand | None) -> GemmSite | None:
     if operand is None:
         return None
-    return GemmSite(node, kind, op, operand.name, operand.weight, operand.is_kn, operand.view_node, operand.gather_node)
+    kind = "indexed" if operand.selected else kind
+    return GemmSite(node, kind, op, operand.name, operand.weight, operand.is_kn, operand.view_node, operand.gather_node,
+                    operand.convert_nodes, operand.parameter_node)
 
 
 def _is_call(node: fx.Node, functions: set, methods: set = frozenset()) -> bool:
@@ -263,10 +356,11 @@ def match_site(node: fx.Node, lookup: WeightLookup) -> GemmSite | None:
     if node.op == "call_function" and node.target in LINEAR_FUNCTIONS:
         weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
         x = node.args[0] if node.args else node.kwargs.get("input")
-        found = _parameter(weight, lookup, 2)
-        if found is None or not isinstance(x, fx.Node):
+        operand = weight_operand(weight, lookup, 2)
+        if operand is None or operand.view_node is not None or not isinstance(x, fx.Node):
             return None
-        return GemmSite(node, "linear", "linear", *found, False, None)
+        operand.is_kn = False  # linear(x, W): W is [N, K]
+        return _site(node, "linear", "linear", operand)
 
     if _is_call(node, MATMUL_FUNCTIONS, MATMUL_METHODS):
         operands = _matmul_operands(node)

@@ -5,7 +5,9 @@ Changes nothing in the graph. A float layer's scheme is the config's word on it 
 matching QuantConfig.rules glob, else the skip list, else `scheme`), checked by the scheme's shape
 rule and its site kinds (a scheme without a batched or grouped form leaves expert weights as they
 are), then replaced by the scheme's fallback where the device cannot run it; a stored layer's is
-the one it was stored with. The plan prints as a table (layer, op, [E x] N x K, scheme, note): every
+the one it was stored with. A router (a linear site whose output picks experts through topk) stays
+as it is unless a rule names it. The indexed sites of one expert weight (W[e] for each expert a
+loop reaches) are one row, decided and quantized once for the whole [E, N, K] parameter. The plan prints as a table (layer, op, [E x] N x K, scheme, note): every
 rejection has a reason string ("skipped by skip list (lm_head)", "K=40 not divisible by 16") and a
 row a rule decided names it ("rule '*.down_proj'").
 A layer whose dtypes eager would reject (outside autocast) is an error naming it, as eager's is.
@@ -49,11 +51,18 @@ class PlannedLinear:
     # weights stored quantized: the scheme's tensors other than "weight" (graph inputs, or the module's buffers)
     stored: dict[str, fx.Node | torch.Tensor] | None = field(default=None, repr=False)
     merged_with: tuple[str, ...] = ()  # the layers it runs one GEMM with, itself included (plan_merges)
+    # indexed sites: the other uses W[e'] of the same expert weight in the graph, rewritten alike
+    more_sites: tuple[GemmSite, ...] = field(default=(), repr=False)
     fused: fx.Node | None = field(default=None, repr=False)  # the op node rewrite_linears (or merge) made
     call: SchemeCall | None = field(default=None, repr=False)  # how `fused` was built, by name
     # stored weights merged: the views of the stacked buffers their module tensors move into once the
     # graph is compiled (merge_parallel_linears.hold_stored_in_stacks)
     stacked_views: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def sites(self) -> tuple[GemmSite, ...]:
+        """Every site the row covers: `site`, and for indexed sites the other experts' uses."""
+        return (self.site, *self.more_sites)
 
     @property
     def bytes_before(self) -> int:
@@ -152,7 +161,7 @@ def _is_linear_type(module_type: type | str) -> bool:
 
 def skip_reason(layer: str, site: GemmSite, config: QuantConfig, scheme: str) -> str | None:
     """Why `site` cannot be quantized with `scheme` under `config`, or None when it can."""
-    if site.weight.dtype not in FLOAT_DTYPES:
+    if site.weight.dtype not in FLOAT_DTYPES or site.operand_dtype not in FLOAT_DTYPES:
         return f"weight dtype {site.weight.dtype} unsupported"
     activation = fake_value(site.activation)
     if activation is None:
@@ -172,10 +181,43 @@ def skip_reason(layer: str, site: GemmSite, config: QuantConfig, scheme: str) ->
 
 
 def kind_unsupported(site: GemmSite, scheme: str) -> str | None:
-    """Why `scheme` cannot run a site of this kind (it has no batched or grouped form), or None."""
-    if site.kind in get_scheme(scheme).site_kinds():
+    """Why `scheme` cannot run a site of this kind, or None. An indexed site W[e] runs the scheme's
+    linear op on its per-expert tensors indexed at e: any scheme with an expert form has them (its
+    `quantize` takes [E, N, K] and stacks its tensors by expert along dim 0)."""
+    kinds = get_scheme(scheme).site_kinds()
+    if site.kind in kinds or (site.kind == "indexed" and kinds & {"batched", "grouped"}):
         return None
+    if site.kind == "indexed":
+        return f"{scheme} has no expert form (batched or grouped) for expert weights"
     return f"{scheme} has no {site.kind} form for expert weights"
+
+
+# How far (in nodes, not through another GEMM) a router's output may be from the topk that picks experts.
+ROUTER_HOPS = 6
+TOPK = {torch.topk, torch.ops.aten.topk.default}
+GEMM_TARGETS = {"linear", "matmul", "mm", "bmm", "addmm", "_grouped_mm", "grouped_mm"}
+
+
+def routes_experts(site: GemmSite) -> bool:
+    """Whether `site` is an MoE router: its output reaches a topk (the experts' choice) within a few
+    nodes, through no other GEMM (Qwen3-MoE, Mixtral: softmax then topk; DeepSeek-V3: sigmoid, a
+    bias, grouped topk; gpt-oss: topk of the logits)."""
+    frontier, seen = [site.node], {site.node}
+    for _ in range(ROUTER_HOPS):
+        frontier = [user for node in frontier for user in node.users if user not in seen]
+        seen.update(frontier)
+        if any(node.target in TOPK or (node.op == "call_method" and node.target == "topk") for node in frontier):
+            return True
+        frontier = [node for node in frontier if _target_name(node) not in GEMM_TARGETS]
+    return False
+
+
+def _target_name(node: fx.Node) -> str:
+    """"linear" for F.linear, aten.linear.default and a "linear" method alike."""
+    return str(getattr(node.target, "__name__", node.target)).split(".")[0]
+
+
+ROUTER_NOTE = "router: its output picks the experts (topk); quantize it with a rule"
 
 
 def decide(layer: str, site: GemmSite, config: QuantConfig) -> PlannedLinear:
@@ -184,6 +226,8 @@ def decide(layer: str, site: GemmSite, config: QuantConfig) -> PlannedLinear:
     rule = decision.pattern if decision.source == "rules" else None
     if decision.scheme is None:
         return PlannedLinear(layer, site, None, decision.note, rule=rule)
+    if rule is None and site.kind == "linear" and routes_experts(site):
+        return PlannedLinear(layer, site, None, ROUTER_NOTE)
     reason = skip_reason(layer, site, config, decision.scheme)
     if reason is not None:
         return PlannedLinear(layer, site, None, "; ".join(filter(None, [decision.note, reason])), rule=rule)
@@ -219,6 +263,7 @@ def check_eager_dtypes(layer: str, site: GemmSite, autocast: bool) -> None:
         return
     operands = {"activation": fake_value(site.activation), "weight": site.weight, "bias": fake_value(site.bias)}
     dtypes = {name: value.dtype for name, value in operands.items() if value is not None}
+    dtypes["weight"] = site.operand_dtype
     if len(set(dtypes.values())) > 1:
         described = ", ".join(f"{name} {str(dtype).removeprefix('torch.')}" for name, dtype in dtypes.items())
         raise ValueError(
@@ -245,10 +290,15 @@ def plan_linears(gm: fx.GraphModule, lookup: WeightLookup, config: QuantConfig) 
     plan = Plan()
     named_nodes = {found[0]: node for node in gm.graph.nodes if (found := lookup(node)) is not None}
     regions = autocast_regions(gm)
+    indexed: dict[tuple[str, bool], PlannedLinear] = {}  # one row per expert weight for its W[e] sites
     for site in find_sites(gm, lookup):
         layer = layer_name(site)
-        if is_stored(site.weight) and site.kind != "linear":
-            raise ValueError(f"fxquant: '{layer}': expert weights stored as {site.weight.dtype} are not read yet; load them in a float dtype")
+        first = indexed.get((site.weight_name, site.weight_is_kn)) if site.kind == "indexed" else None
+        if first is not None:
+            first.more_sites = (*first.more_sites, site)
+            if first.scheme is not None:
+                check_eager_dtypes(layer, site, autocast_enabled(regions[site.node], site.weight.device.type))
+            continue
         if is_stored(site.weight):
             entry = _plan_stored(layer, site, named_nodes, lookup, config)
         elif site.weight in STORED_WEIGHTS:
@@ -265,6 +315,8 @@ def plan_linears(gm: fx.GraphModule, lookup: WeightLookup, config: QuantConfig) 
             entry = dataclasses.replace(entry, note="; ".join(filter(None, [entry.note, shard_note(site.weight, site.weight_is_kn)])))
         counters["fxquant"]["skipped"] += entry.scheme is None
         plan.append(entry)
+        if site.kind == "indexed":
+            indexed[site.weight_name, site.weight_is_kn] = entry
     return plan
 
 

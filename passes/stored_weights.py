@@ -11,6 +11,11 @@ the compile's config leaves an option unset). The only weight stored without a d
 HF transformers' fbgemm_fp8 layout (e4m3 weight, float32 weight_scale [N, 1]): fp8_rowwise. The
 config's rules, skip list and scheme do not apply to such a layer: a low-precision weight cannot
 run unquantized.
+
+Expert weights stored quantized (`fxquant.quantize_` of a transformers MoE) are held [E, N, K] with
+the scheme's other tensors in the op's layout (what `quantize` makes of the [E, N, K] weight, e.g.
+fp8_rowwise's weight_scale [E, N]); their module presents the weight to a trace as a float
+conversion (fxquant/stored_layers.py), which passes/find_sites.py reads through.
 """
 
 from __future__ import annotations
@@ -61,7 +66,9 @@ def register_stored_weight(
     `options` (its Options; None: the defaults). Checkpoint loaders call this."""
     if scheme is not None and options is None:
         options = get_scheme(scheme).options({})
-    STORED_WEIGHTS[getattr(module, weight_name)] = StoredWeight(weakref.ref(module), weight_name, scheme, options)
+    weight = module._parameters.get(weight_name)  # the stored tensor itself, not what a property presents
+    weight = getattr(module, weight_name) if weight is None else weight
+    STORED_WEIGHTS[weight] = StoredWeight(weakref.ref(module), weight_name, scheme, options)
 
 
 def is_stored(weight: Tensor) -> bool:
@@ -91,11 +98,28 @@ def stored_scheme(
         dtype = str(scheme.tensors[missing[0]]).removeprefix("torch.")
         return None, {}, f"stored {site.weight.dtype} weight without a {dtype} {stored_tensor_name(site, missing[0])}"
     options = stored.options if stored is not None and stored.options is not None else scheme.options({})
-    problem = scheme.stored_problem({"weight": site.weight, **tensors}, n, k, options)
+    if site.experts is not None:
+        problem = expert_problem(scheme.name, {"weight": site.weight, **tensors}, options)
+    else:
+        problem = scheme.stored_problem({"weight": site.weight, **tensors}, n, k, options)
     if problem is not None:
         shapes = ", ".join(f"{name} {list(t.shape)}" for name, t in tensors.items())
-        return None, {}, f"stored as {scheme.name}, but its weight is {site.weight.dtype} [{n}, {k}] with {shapes}: {problem}"
+        shape = list(site.weight.shape) if site.experts is not None else [n, k]
+        return None, {}, f"stored as {scheme.name}, but its weight is {site.weight.dtype} {shape} with {shapes}: {problem}"
     return scheme.name, tensors, "stored quantized weights"
+
+
+def expert_problem(scheme: str, tensors: dict[str, Tensor], options: object) -> str | None:
+    """Why expert tensors stored for an [E, N, K] weight (by name) are not what `scheme` makes of one
+    (dtypes and shapes in the op's layout), or None."""
+    weight = tensors["weight"]
+    expected = get_scheme(scheme).quantize(torch.empty(weight.shape, device="meta"), options)
+    for name, want in expected.items():
+        tensor = tensors.get(name)
+        if tensor is None or tensor.dtype != want.dtype or tensor.shape != want.shape:
+            found = "none" if tensor is None else f"{tensor.dtype} {list(tensor.shape)}"
+            return f"its {name} is {found}, not {want.dtype} {list(want.shape)}"
+    return None
 
 
 def op_tensor(scheme: str, name: str, tensor: Tensor, n: int, k: int, options: object) -> Tensor:

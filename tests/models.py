@@ -83,3 +83,73 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected||, in float64."""
     actual, expected = actual.double(), expected.double()
     return ((actual - expected).norm() / expected.norm()).item()
+
+
+# Tiny MoE models of transformers 5: experts as 3-D parameters, run by `experts_implementation`
+# ("eager": a loop over the experts hit; "batched_mm"; "grouped_mm"). 8 experts, top-2, hidden 64.
+MOE_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
+
+
+def _moe(model_class, config, implementation: str, seed: int):
+    config._experts_implementation = implementation
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    with torch.no_grad():  # transformers leaves some MoE parameters zero until loaded (routers' biases): fill them
+        for parameter in model.parameters():
+            if not parameter.any():
+                parameter.normal_(0, 0.02)
+    return model
+
+
+def tiny_qwen3_moe(implementation: str = "batched_mm", layers: int = 2, seed: int = 0):
+    """Qwen3-MoE: experts gate_up_proj [8, 64, 64], down_proj [8, 64, 32]; router `mlp.gate` [8, 64]."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+    )
+    return _moe(Qwen3MoeForCausalLM, config, implementation, seed)
+
+
+def tiny_mixtral(implementation: str = "batched_mm", layers: int = 2, seed: int = 0):
+    """Mixtral: experts gate_up_proj [8, 64, 64], down_proj [8, 64, 32]; router `mlp.gate` [8, 64]."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=32, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=8, num_experts_per_tok=2,
+    )
+    return _moe(MixtralForCausalLM, config, implementation, seed)
+
+
+def tiny_deepseek_v3(implementation: str = "batched_mm", layers: int = 2, seed: int = 0):
+    """DeepSeek-V3: layer 0 dense (first_k_dense_replace=1); later layers 8 routed experts (gate_up_proj
+    [8, 64, 64], down_proj [8, 64, 32]), one shared expert (nn.Linear) and a sigmoid router with a
+    grouped topk (`mlp.gate`, weight [8, 64] used as float32)."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    config = DeepseekV3Config(
+        vocab_size=64, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+        first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16,
+        v_head_dim=16, n_group=2, topk_group=1,
+    )
+    return _moe(DeepseekV3ForCausalLM, config, implementation, seed)
+
+
+def tiny_gpt_oss(implementation: str = "batched_mm", layers: int = 2, seed: int = 0):
+    """gpt-oss: experts stored transposed, gate_up_proj [8, 64 (K), 64 (N)] and down_proj [8, 32, 64], with
+    biases added after the matmul; router `mlp.router` [8, 64] with a bias; attention sinks."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    config = GptOssConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=32, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=8, num_experts_per_tok=2,
+        layer_types=["sliding_attention", "full_attention"] * (layers // 2) + ["sliding_attention"] * (layers % 2),
+        sliding_window=8,
+    )
+    return _moe(GptOssForCausalLM, config, implementation, seed)
+
+
+MOE_MODELS = {"qwen3_moe": tiny_qwen3_moe, "mixtral": tiny_mixtral, "deepseek_v3": tiny_deepseek_v3, "gpt_oss": tiny_gpt_oss}

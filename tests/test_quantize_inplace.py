@@ -1,8 +1,10 @@
-"""`fxquant.quantize_` (fxquant/quantize_inplace.py): a model's linear layers quantized in place. The
-compiled quantized model equals the compiled float model bit for bit (CPU), runs eagerly, holds each
-quantized weight once (merged layers in the compiled graph's stacked buffers), and saves as stored."""
+"""`fxquant.quantize_` (fxquant/quantize_inplace.py): a model's linear layers and MoE expert weights
+quantized in place. The compiled quantized model equals the compiled float model bit for bit (CPU),
+runs eagerly, holds each quantized weight once (merged layers in the compiled graph's stacked
+buffers), and saves as stored."""
 
 import copy
+import weakref
 
 import pytest
 import torch
@@ -10,8 +12,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import fxquant
 from fxquant import QuantConfig
+from fxquant.quantize_inplace import EAGER_NOTE
+from fxquant.stored_experts import StoredExperts
 from fxquant.stored_layers import StoredLayer
-from tests.models import relative_error, tiny_llama
+from tests.models import MOE_MODELS, relative_error, tiny_llama
 
 
 def tiny_gpt2():
@@ -99,3 +103,75 @@ def test_it_refuses_before_changing_anything(config, meta, match):
         fxquant.quantize_(model, config)
     assert {name: (p.dtype, p.device) for name, p in model.named_parameters()} == before
     assert not any(isinstance(m, StoredLayer) for m in model.modules())
+
+
+@pytest.mark.parametrize("model, implementation", [("qwen3_moe", "batched_mm"), ("gpt_oss", "grouped_mm")],
+                         ids=["qwen3-moe batched_mm", "gpt-oss grouped_mm (transposed experts, biases)"])
+def test_moe_experts_are_quantized_in_place_and_compile_to_the_float_models_outputs(model, implementation):
+    """Expert weights become [E, N, K] e4m3 with [E, N] scales (gpt-oss's [E, K, N] too); compiled, the
+    model equals the compiled float model bit for bit (its graph is the float model's with the stored
+    tensors in place of the quantized copies); eagerly, the same ops on the same tensors."""
+    float_model = MOE_MODELS[model](implementation)  # 2 layers: one graph serves both experts modules eagerly
+    quantized = copy.deepcopy(float_model)
+    experts = quantized.model.layers[0].mlp.experts
+    float_weight = weakref.ref(experts.gate_up_proj)
+    plan = fxquant.quantize_(quantized)
+    rows = {row.layer: row for row in plan}
+    assert rows["model.layers.0.mlp.experts.gate_up_proj"].scheme == rows["model.layers.0.mlp.experts.down_proj"].scheme == "fp8_rowwise"
+    assert "4 of 4 expert weights quantized" in str(plan)
+    assert float_weight() is None, "the float expert weight is still held"
+    weight = experts._parameters["gate_up_proj"]
+    assert (weight.dtype, tuple(weight.shape), tuple(experts.gate_up_proj_scale.shape)) == (torch.float8_e4m3fn, (8, 64, 64), (8, 64))
+    assert isinstance(experts, StoredExperts) and not weight.requires_grad
+    tokens = torch.randint(0, 64, (2, 7))
+    expected = compiled_logits(float_model, tokens)
+    backend = fxquant.backend()
+    with torch.no_grad():
+        actual = torch.compile(quantized, backend=backend)(tokens).logits
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    notes = {row.layer: row.note for row in backend.plans[0]}
+    assert notes["model.layers.0.mlp.experts.down_proj"] == "stored quantized weights"
+    with torch.no_grad():
+        assert relative_error(quantized(tokens).logits, expected) < 1e-5
+
+
+def test_experts_of_the_eager_implementation_stay_float_with_the_reason_and_stored_ones_refuse_it():
+    model = MOE_MODELS["mixtral"]("eager", layers=1)
+    plan = fxquant.quantize_(model)
+    row = {row.layer: row for row in plan}["model.layers.0.mlp.experts.gate_up_proj"]
+    assert row.scheme is None and row.note == EAGER_NOTE
+    assert model.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.float32
+    stored = MOE_MODELS["mixtral"]("batched_mm", layers=1)
+    fxquant.quantize_(stored)
+    stored.config._experts_implementation = "eager"  # its loop would read the e4m3 weight outside any graph
+    with torch.no_grad(), pytest.raises(RuntimeError, match="StoredMixtralExperts.gate_up_proj is stored torch.float8_e4m3fn.*'eager'"):
+        stored(torch.randint(0, 64, (1, 5)))
+
+
+def test_quantizing_again_keeps_stored_experts_as_they_are():
+    model = MOE_MODELS["qwen3_moe"]("batched_mm", layers=1)
+    fxquant.quantize_(model)
+    experts = model.model.layers[0].mlp.experts
+    weight = experts._parameters["gate_up_proj"]
+    plan = fxquant.quantize_(model)
+    row = {row.layer: row for row in plan}["model.layers.0.mlp.experts.gate_up_proj"]
+    assert (row.scheme, row.note) == ("fp8_rowwise", "stored quantized weights")
+    assert experts._parameters["gate_up_proj"] is weight
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("implementation", ["batched_mm", "grouped_mm"])
+def test_moe_experts_quantized_in_place_compile_on_cuda_as_the_float_model_does(implementation):
+    """bf16 on the GPU (torch's grouped_mm, fxquant's expert ops and lowerings): the stored model's
+    compiled graph is the float model's with the stored tensors, so the outputs agree (bit for bit
+    where Inductor makes the same choices for both; within FP8's rounding of a few activations else)."""
+    float_model = MOE_MODELS["qwen3_moe"](implementation).to("cuda", torch.bfloat16)
+    quantized = copy.deepcopy(float_model)
+    fxquant.quantize_(quantized)
+    tokens = torch.randint(0, 64, (2, 16), device="cuda")
+    expected = compiled_logits(float_model, tokens)
+    torch._dynamo.reset()
+    actual = compiled_logits(quantized, tokens)
+    assert relative_error(actual, expected) < 1e-2
+    with torch.no_grad():
+        assert relative_error(quantized(tokens).logits, expected) < 5e-2

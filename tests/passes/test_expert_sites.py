@@ -12,6 +12,7 @@ from expecttest import TestCase
 import fxquant
 from fxquant import QuantConfig
 from fxquant.passes import find_sites
+from fxquant.passes.plan_linears import ROUTER_NOTE
 from tests.graphs import rewrite
 from tests.ops.formula_reference import quantize_fp8
 
@@ -186,7 +187,7 @@ def test_qwen3_moe_experts_are_planned_and_run_under_inductor(implementation):
     up = rows["model.layers.0.mlp.experts.gate_up_proj"]
     assert (up.kind, up.shape, up.scheme) == (implementation.removesuffix("_mm"), "8 x 64 x 64", "fp8_rowwise")
     assert rows["model.layers.1.mlp.experts.down_proj"].shape == "8 x 64 x 32"
-    assert rows["model.layers.0.mlp.gate"].note == "N=8 not divisible by 16"
+    assert rows["model.layers.0.mlp.gate"].note == ROUTER_NOTE
     assert str(backend.plans[0]).endswith("8 of 11 linear layers and 4 of 4 expert weights quantized")
     error = ((actual - expected).norm() / expected.norm()).item()
     assert 0 < error < 0.08
