@@ -175,3 +175,18 @@ def test_moe_experts_quantized_in_place_compile_on_cuda_as_the_float_model_does(
     assert relative_error(actual, expected) < 1e-2
     with torch.no_grad():
         assert relative_error(quantized(tokens).logits, expected) < 5e-2
+
+
+def test_a_quantized_moe_model_saves_per_expert_and_loads_back_to_the_same_outputs(tmp_path):
+    """Stored experts (quantize_) are written one tensor per expert and joined back by load_quantized."""
+    from tests.models import tiny_qwen3_moe
+
+    model = tiny_qwen3_moe()
+    fxquant.quantize_(model)
+    fxquant.save_quantized(model, tmp_path / "ckpt")
+    with fxquant.empty_weights():
+        loaded = type(model)(model.config)
+    fxquant.load_quantized(tmp_path / "ckpt", loaded)
+    tokens = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(tokens).logits, model(tokens).logits, rtol=0, atol=0)
