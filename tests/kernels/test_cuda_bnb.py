@@ -67,7 +67,10 @@ def test_llm_int8_decomposed_matches_the_op(rows):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_dequantize_kernel_is_the_reference_to_the_bit(dtype):
+def test_dequantize_kernel_is_the_reference_within_a_rounding(dtype):
+    """The GPU contracts absmax = map[q] * nested + offset into one FMA, the CPU reference rounds twice:
+    the float32 absmax can differ in its last bit, so the weight by up to one rounding of `dtype`
+    (measured on the H200: not bit-exact in any dtype)."""
     from fxquant.kernels.dequantize_4bit import dequantize_4bit as dequantize_kernel
     from fxquant.ops.blockwise_4bit import code_table, dynamic_map
 
@@ -75,4 +78,4 @@ def test_dequantize_kernel_is_the_reference_to_the_bit(dtype):
     cuda = arguments(tensors, "nf4", 64, "cuda")
     out = dequantize_kernel(*cuda[:3], cuda[3].reshape(1), code_table("nf4").cuda(), dynamic_map().cuda(), 64, dtype)
     expected = dequantize_4bit(*arguments(tensors, "nf4", 64, "cpu")[:4], "nf4", 64).to(dtype)
-    assert torch.equal(out.cpu(), expected)
+    torch.testing.assert_close(out.cpu().float(), expected.float(), rtol=2 * torch.finfo(dtype).eps, atol=0)
