@@ -175,9 +175,10 @@ def kind_unsupported(site: GemmSite, scheme: str) -> str | None:
     return f"{scheme} has no {site.kind} form for expert weights"
 
 
-def decide(layer: str, site: GemmSite, config: QuantConfig) -> PlannedLinear:
-    """The plan entry of a float layer: its rule, skip entry or the config's scheme, or why it stays as it is."""
-    decision = config.decide(layer)
+def decide(layer: str, site: GemmSite, config: QuantConfig, device: torch.device | None = None) -> PlannedLinear:
+    """The plan entry of a float layer: its rule, skip entry or the config's scheme, or why it stays as it is;
+    "auto" resolved for `device` (None: for a checkpoint, fxquant/config.py's auto_scheme)."""
+    decision = config.decide(layer, device)
     rule = decision.pattern if decision.source == "rules" else None
     if decision.scheme is None:
         return PlannedLinear(layer, site, None, decision.note, rule=rule)
@@ -254,7 +255,7 @@ def plan_linears(gm: fx.GraphModule, lookup: WeightLookup, config: QuantConfig) 
                 "weights were cast (model.to(dtype)?). Move a loaded model with .to(device) only, or load it again"
             )
         else:
-            entry = decide(layer, site, config)
+            entry = decide(layer, site, config, site.weight.device)
             if entry.scheme is not None:
                 check_eager_dtypes(layer, site, autocast_enabled(regions[site.node], site.weight.device.type))
                 entry = with_fallback(entry, site.weight.device, config)
