@@ -40,7 +40,7 @@ def auto_scheme(device: torch.device | None) -> tuple[str, str]:
             return "int8", reason
         major, minor = torch.cuda.get_device_capability(device)
         return "fp8_rowwise", f"sm_{major}{minor} has FP8 tensor cores"
-    return "int8", f"no FP8 GEMMs on {device.type}; int8 runs Inductor's int8 GEMM"
+    return "int8", f"no FP8 GEMMs on {device.type}"
 
 
 class Decision(NamedTuple):
@@ -55,7 +55,7 @@ class Decision(NamedTuple):
     @property
     def note(self) -> str:
         """The plan's note: "rule '*.down_proj'", "skipped by rule (lm_head)", "skipped by skip list (lm_head)",
-        "auto -> int8: no FP8 GEMMs on cpu; ...", ""."""
+        "auto -> int8: no FP8 GEMMs on cpu", ""."""
         auto = f"auto -> {self.scheme}: {self.auto}" if self.auto else ""
         if self.source == "rules":
             rule = f"rule {self.pattern!r}" if self.scheme else f"skipped by rule ({self.pattern})"

@@ -33,4 +33,4 @@ def _sources_hash() -> str:
 def cache_key_tag() -> str:
     """torch.compiler.config.cache_key_tag extended with fxquant's lowering sources and GEMM choice."""
     fbgemm = "fbgemm" if fbgemm_genai_available() else "no-fbgemm"
-    return f"{torch.compiler.config.cache_key_tag}|fxquant:{_sources_hash()}:{fbgemm}:{os.environ.get('FXQUANT_GEMM', '')}"
+    return f"{torch.compiler.config.cache_key_tag}|fxquant:{_sources_hash()}:{fbgemm}:{os.environ.get('FXQUANT_GEMM', '')}:{os.environ.get('FXQUANT_INT8_GEMM', '')}"
