@@ -37,7 +37,7 @@ case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | tor
       "tests/kernels/test_cuda_fp8_rowwise_gemm.py tests/kernels/test_cuda_export.py"
       "tests/kernels/test_cuda_ops.py tests/kernels/test_cuda_cached_graph.py tests/kernels/test_fp8_rowwise_splitk.py tests/kernels/test_interpreted_triton_kernels.py tests/kernels/test_cuda_experts.py"
       "tests/kernels/test_cuda_decode.py tests/kernels/test_cuda_fp8_schemes.py tests/inductor"
-      "tests/kernels/test_cuda_compiled_quantization.py tests/kernels/test_cuda_op_branches.py tests/kernels/test_cuda_trust.py"); fi
+      "tests/kernels/test_cuda_compiled_quantization.py tests/kernels/test_cuda_op_branches.py tests/kernels/test_cuda_trust.py tests/kernels/test_cuda_int8.py"); fi
     for i in "${!groups[@]}"; do
       # shellcheck disable=SC2086  (a group is a space-separated list of paths)
       timeout "${FXQUANT_TIMEOUT:-560}" python3 -m pytest -q -p no:cacheprovider --tb=short -rsfE --durations=10 \

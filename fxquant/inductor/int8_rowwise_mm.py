@@ -36,6 +36,7 @@ from fxquant.log import log_once
 from fxquant.ops.int8 import SPLITK_MAX_ROWS, int8_rowwise_mm_by_rows, int8_rowwise_mm_splitk, scaled_int_mm
 
 CHOICES = ("triton", "cublas", "splitk", "by_rows")
+LOWERED_DEVICE_TYPES = frozenset({"cuda"})  # elsewhere the op stays a call (tests widen it to run choices on the CPU)
 aten, prims = torch.ops.aten, torch.ops.prims
 
 
@@ -101,7 +102,7 @@ def _cublas_with_pointwise_scales(x_q, w_q, x_scale, w_scale):
 
 @register_lowering(torch.ops.fxquant.int8_rowwise_mm.default, type_promotion_kind=None)
 def tuned_int8_rowwise_mm(x_q, w_q, x_scale, w_scale):
-    if x_q.get_device().type != "cuda":
+    if x_q.get_device().type not in LOWERED_DEVICE_TYPES:
         return fallback_handler(torch.ops.fxquant.int8_rowwise_mm.default, add_to_fallback_set=False)(x_q, w_q, x_scale, w_scale)
     inputs = realize_inputs(x_q, w_q, x_scale, w_scale)
     m, k = inputs[0].get_size()
@@ -112,7 +113,7 @@ def tuned_int8_rowwise_mm(x_q, w_q, x_scale, w_scale):
     if not autotune:
         wanted = heuristic_choice(static_m, static_n, tuned=tuned)
         if wanted == "cublas":
-            return _cublas_with_pointwise_scales(*inputs)
+            return _cublas_with_pointwise_scales(x_q, w_q, x_scale, w_scale)
         wanted = (wanted,)
     else:
         wanted = ("triton", "cublas", "splitk") if static_m is not None else ("triton", "by_rows")
@@ -136,4 +137,5 @@ def tuned_int8_rowwise_mm(x_q, w_q, x_scale, w_scale):
         choices.append(splitk_choice.bind(inputs, layout))
     if "by_rows" in wanted or not choices:
         choices.append(by_rows_choice.bind(inputs, layout))
-    return autotune_select_algorithm("fxquant_int8_rowwise_mm", choices, inputs, layout)
+    selected = autotune_select_algorithm("fxquant_int8_rowwise_mm", choices, inputs, layout)
+    return selected[0] if isinstance(selected, tuple) else selected  # torch >= 2.13: (node, choice)

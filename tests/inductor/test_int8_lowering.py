@@ -51,3 +51,25 @@ def test_a_forced_choice_wins_where_it_fits_and_says_so_elsewhere(monkeypatch, c
     monkeypatch.setenv("FXQUANT_INT8_GEMM", "fbgemm")
     with pytest.raises(ValueError, match="want one of"):
         heuristic_choice(1, 4096, tuned=H100)
+
+
+@pytest.mark.parametrize("gemm, marker", [("cublas", "extern_kernels._int_mm("), ("by_rows", "fxquant_int8_rowwise_mm_by_rows")])
+def test_the_lowerings_library_choices_compile_to_the_references_bits(monkeypatch, gemm, marker):
+    """The cuBLAS choice (Inductor's _int_mm, the scales as pointwise code fused with what follows) and
+    the run-time pick, lowered for CPU tensors (where _int_mm is oneDNN's): the op's bits."""
+    from fxquant.inductor import int8_rowwise_mm
+
+    monkeypatch.setattr(int8_rowwise_mm, "LOWERED_DEVICE_TYPES", frozenset({"cuda", "cpu"}))
+    monkeypatch.setenv("FXQUANT_INT8_GEMM", gemm)
+    torch.manual_seed(0)
+    x_q, x_scale = quantize_int8_rowwise(torch.randn(40, 96))
+    w_q, w_scale = quantize_int8_rowwise(torch.randn(48, 96))
+
+    def gemm_then_bias(x_q, x_scale):
+        return torch.ops.fxquant.int8_rowwise_mm(x_q, w_q, x_scale, w_scale) + 1.0
+
+    compiled = torch.compile(gemm_then_bias, backend="inductor", fullgraph=True, dynamic=gemm == "by_rows")
+    with torch._inductor.config.patch(force_disable_caches=True):  # the choice is an environment variable
+        y, (code,) = run_and_get_code(compiled, x_q, x_scale)
+    assert marker in code, code
+    assert torch.equal(y, gemm_then_bias(x_q, x_scale))
