@@ -183,8 +183,8 @@ def decide(layer: str, site: GemmSite, config: QuantConfig, device: torch.device
     if decision.scheme is None:
         return PlannedLinear(layer, site, None, decision.note, rule=rule)
     reason = skip_reason(layer, site, config, decision.scheme)
-    if reason is not None:
-        return PlannedLinear(layer, site, None, "; ".join(filter(None, [decision.note, reason])), rule=rule)
+    if reason is not None:  # what "auto" chose does not matter to a layer left as it is
+        return PlannedLinear(layer, site, None, "; ".join(filter(None, [decision._replace(auto=None).note, reason])), rule=rule)
     return PlannedLinear(layer, site, decision.scheme, decision.note, config.options_for(decision.scheme), rule=rule)
 
 

@@ -2,7 +2,7 @@
 
 Inductor keys a compiled graph by the graph, its config and torch's own sources. fxquant's
 lowering, Triton templates and extern GEMM wrappers live outside those, `FXQUANT_GEMM` is an
-environment variable and the heuristic's choice depends on whether fbgemm-gpu-genai loads, so
+environment variable (`FXQUANT_INT8_GEMM` for int8) and the heuristic's choice depends on whether fbgemm-gpu-genai loads, so
 without a tag of its own an edited lowering, another forced choice or a machine without FBGEMM
 would reuse code compiled for the old one. The backend compiles CUDA graphs under this tag.
 """
@@ -33,4 +33,4 @@ def _sources_hash() -> str:
 def cache_key_tag() -> str:
     """torch.compiler.config.cache_key_tag extended with fxquant's lowering sources and GEMM choice."""
     fbgemm = "fbgemm" if fbgemm_genai_available() else "no-fbgemm"
-    return f"{torch.compiler.config.cache_key_tag}|fxquant:{_sources_hash()}:{fbgemm}:{os.environ.get('FXQUANT_GEMM', '')}:{os.environ.get('FXQUANT_INT8_GEMM', '')}"
+    return f"{torch.compiler.config.cache_key_tag}|fxquant:{_sources_hash()}:{fbgemm}:{os.environ.get('FXQUANT_INT8_GEMM', '')}:{os.environ.get('FXQUANT_GEMM', '')}"

@@ -93,6 +93,11 @@ H100 = DeviceTuning(
              GemmConfig(16, 64, 128, 6, 4), GemmConfig(16, 128, 128, 5, 4)),
         128: (GemmConfig(64, 64, 128, 5, 4), GemmConfig(64, 128, 128, 4, 4), GemmConfig(32, 64, 256, 4, 4),
               GemmConfig(128, 64, 128, 4, 4)),
+        # Serving batch sizes (decode with 129-512 sequences, chunked prefill): candidates for
+        # max-autotune, to be measured (benchmarks/on_device.sh gemm-serving); wide N tiles, as few
+        # programs per weight read as the SMs allow.
+        512: (GemmConfig(128, 128, 128, 4, 8), GemmConfig(64, 128, 128, 4, 4), GemmConfig(128, 256, 128, 3, 8),
+              GemmConfig(64, 256, 128, 4, 8)),
         2**62: (GemmConfig(128, 128, 128, 4, 8), GemmConfig(128, 256, 128, 3, 8), GemmConfig(64, 256, 128, 4, 4),
                 GemmConfig(256, 128, 128, 3, 8)),
     },

@@ -73,3 +73,18 @@ def test_the_lowerings_library_choices_compile_to_the_references_bits(monkeypatc
         y, (code,) = run_and_get_code(compiled, x_q, x_scale)
     assert marker in code, code
     assert torch.equal(y, gemm_then_bias(x_q, x_scale))
+
+
+def test_serving_batch_sizes_have_their_own_template_bucket():
+    """M from 129 to 512 (decode with hundreds of sequences, chunked prefill): its own autotune candidates."""
+    assert H100.configs_for(129) == H100.configs_for(512) != H100.configs_for(513)
+    assert H100.configs_for(129) != H100.configs_for(128)
+
+
+def test_a_forced_int8_gemm_has_its_own_cache_tag(monkeypatch):
+    from fxquant.inductor.cache_key import cache_key_tag
+
+    monkeypatch.delenv("FXQUANT_INT8_GEMM", raising=False)
+    heuristic = cache_key_tag()
+    monkeypatch.setenv("FXQUANT_INT8_GEMM", "cublas")
+    assert cache_key_tag() != heuristic
