@@ -79,3 +79,13 @@ def test_quantize_in_place_then_save_agree_on_auto(tmp_path):
     assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.float8_e4m3fn
     assert all(e.note.startswith("auto -> fp8_rowwise") for e in plan.rewritten)
     fxquant.save_quantized(model, tmp_path / "ckpt")  # the stored layers agree with the resolved config
+
+
+def test_expert_weights_under_auto_on_the_cpu_stay_as_they_are_with_the_reason():
+    """int8 has no expert form: on the CPU auto leaves expert weights in float (faster there than FP8's
+    reference experts), and the plan says why."""
+    from tests.passes.test_expert_sites import BF16, OFFSETS, K, S, GroupedExperts
+
+    plan = fxquant.plan(GroupedExperts().to(BF16), torch.randn(S, K, dtype=BF16), OFFSETS)
+    (row,) = list(plan)
+    assert row.scheme is None and row.note == "int8 has no grouped form for expert weights"
