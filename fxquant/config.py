@@ -33,7 +33,7 @@ def auto_scheme(device: torch.device | None) -> tuple[str, str]:
     quantize`, `quantize_`), which must not depend on the machine that made it, and whose use is serving
     on GPUs, where FP8 is the format transformers and vLLM load (older GPUs fall back to int8 on load)."""
     if device is None:
-        return "fp8_rowwise", "checkpoints are device-independent, and served on GPUs with FP8"
+        return "fp8_rowwise", "stored weights are device-independent, made for GPUs with FP8"
     if device.type == "cuda":
         reason = fp8_unsupported_reason(device)
         if reason is not None:
