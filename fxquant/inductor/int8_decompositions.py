@@ -8,10 +8,11 @@
             fxquant/inductor/int8_rowwise_mm.py: its Triton template, split-K, or cuBLAS)
 
 Inductor fuses the quantization into the kernel that produces x (a LayerNorm, GELU, residual add)
-and the rescale into one pointwise kernel after the GEMM (into the template's epilogue on CUDA). On the CPU `_int_mm` is oneDNN's int8
-GEMM (VNNI / AMX where the CPU has them), 4x the fp32 GEMM's speed at MiniLM's and the demo's
-shapes on a 2-core AVX512-VNNI EPYC; the eager reference (fxquant/ops/int8.py) spends most of its
-time quantizing, unfused. The quantization is the reference's, so the codes are the same bits.
+and the rescale into one pointwise kernel after the GEMM (on CUDA into the template's epilogue).
+On the CPU `_int_mm` is oneDNN's int8 GEMM (VNNI / AMX where the CPU has them), 4x the fp32 GEMM's
+speed at MiniLM's and the demo's shapes on a 2-core AVX512-VNNI EPYC; the eager reference
+(fxquant/ops/int8.py) spends most of its time quantizing, unfused. The quantization is the
+reference's, so the codes are the same bits.
 """
 
 from __future__ import annotations
