@@ -21,6 +21,8 @@
 #                                                  # then fp8_rowwise at serving batch sizes (32..256, 1)
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh gemm-serving # fp8_rowwise GEMM choices at M = 32..512
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh gemm-int8   # int8 GEMM choices per shape (after an RMSNorm)
+#     source .whl/ondevice.sh && bash benchmarks/on_device.sh serving-settings  # fp8_rowwise at (32..256, 1): decode's
+#                                                  # Inductor settings (realize_opcount_threshold=60) against the default
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh aoti-probe  # which step of a plain AOTInductor package dies
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh weight-check  # check_weight_updates' cost per decode step
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh division-rounding  # correctly rounded division's cost
@@ -29,7 +31,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 quiet() { grep -v -E "Warning|warn\(|^  |AUTOTUNE|strides:|dtypes:|SingleProcess|_fbgemm_torch_compat|cannot determine|^\s*$|\[0m|\[33m"; }
 
-case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | torchao | profile | profile-prefill | settings | default-decode | merge | blockwise | int8 | gemm-serving | gemm-int8 | aoti-probe | weight-check | division-rounding}" in
+case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | torchao | profile | profile-prefill | settings | default-decode | merge | blockwise | int8 | gemm-serving | gemm-int8 | serving-settings | aoti-probe | weight-check | division-rounding}" in
   tests)
     # Without PATHS: every gpu test, in four pytest processes at once (compiling dominates and the
     # device has 16 cores; one process took more than the 10 minutes), each to its own file.
@@ -88,6 +90,11 @@ case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | tor
   gemm-int8)
     timeout "${FXQUANT_TIMEOUT:-560}" python3 -m benchmarks.int8_gemm --m 1 16 128 2048 --json "$OUT/gemm_int8.json" >"$OUT/gemm_int8.txt" 2>&1
     quiet <"$OUT/gemm_int8.txt" | tail -20 ;;
+  serving-settings)
+    timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead \
+      --peers bf16 fxquant fxquant:realize_opcount_threshold=60 --shapes 32x1 64x1 128x1 256x1 --no-recompile-check \
+      --repeats 10 --json "$OUT/e2e_serving_settings.json" >"$OUT/e2e_serving_settings.txt" 2>&1
+    quiet <"$OUT/e2e_serving_settings.txt" | tail -6 ;;
   gemm-serving)
     timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/gemm.py --rowwise-only --m 32 64 128 256 512 --json "$OUT/gemm_serving.json" >"$OUT/gemm_serving.txt" 2>&1
     quiet <"$OUT/gemm_serving.txt" | tail -14 ;;
