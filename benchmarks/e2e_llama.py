@@ -18,6 +18,7 @@ run (want 0: no recompile per token).
     python benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead --peers bf16 fxquant --decode
     python benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead --peers bf16 fxquant fxquant-per-layer   # the merge pass
     python benchmarks/e2e_llama.py --layers 8 --modes default --peers bf16 fxquant-blockwise       # fp8_blockwise in a model
+    python benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead --peers bf16 fxquant-int8    # int8 W8A8 in a model
     python benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead --peers bf16 fxquant-inplace  # quantize_: memory held
     python benchmarks/e2e_llama.py --peers bf16 fxquant torchao --shapes 1x1 16x1   # a slow peer, split by shapes
     python benchmarks/e2e_llama.py --modes reduce-overhead --peers bf16 fxquant-nf4 torchao-int4 --shapes 1x1 16x1  # 4-bit
@@ -83,6 +84,8 @@ def peer_model(peer: str, model: torch.nn.Module) -> tuple[torch.nn.Module, obje
         return model, fxquant.backend(scheme="fp8_rowwise", check_weight_updates=False, inductor=inductor)
     if peer == "fxquant-per-layer":  # q/k/v and gate/up as separate GEMMs, to measure the merge pass
         return model, fxquant.backend(scheme="fp8_rowwise", merge_parallel_linears=False, inductor=inductor)
+    if peer == "fxquant-int8":  # int8 W8A8 (what scheme="auto" runs on GPUs without FP8, and on the CPU)
+        return model, fxquant.backend(scheme="int8", inductor=inductor)
     if peer == "fxquant-blockwise":  # DeepSeek-V3 style 128 x 128 weight blocks, 1 x 128 activation groups
         return model, fxquant.backend(scheme="fp8_blockwise", inductor=inductor)
     if peer == "fxquant-inplace":  # fxquant.quantize_ on the model itself (list it last): its float weights are gone

@@ -18,6 +18,12 @@
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh merge       # fxquant with and without the merge pass
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh blockwise   # fp8_blockwise in the Llama forward
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh nf4 [PEERS] # decode 1x1 16x1: bf16, nf4, torchao int4 weight-only
+#     source .whl/ondevice.sh && bash benchmarks/on_device.sh int8        # int8 in the Llama forward (1x1 16x1 1x2048 4x2048),
+#                                                  # then fp8_rowwise at serving batch sizes (32..256, 1)
+#     source .whl/ondevice.sh && bash benchmarks/on_device.sh gemm-serving # fp8_rowwise GEMM choices at M = 32..512
+#     source .whl/ondevice.sh && bash benchmarks/on_device.sh gemm-int8   # int8 GEMM choices per shape (after an RMSNorm)
+#     source .whl/ondevice.sh && bash benchmarks/on_device.sh serving-settings  # fp8_rowwise at (32..256, 1): decode's
+#                                                  # Inductor settings (realize_opcount_threshold=60) against the default
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh aoti-probe  # which step of a plain AOTInductor package dies
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh weight-check  # check_weight_updates' cost per decode step
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh division-rounding  # correctly rounded division's cost
@@ -29,7 +35,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 quiet() { grep -v -E "Warning|warn\(|^  |AUTOTUNE|strides:|dtypes:|SingleProcess|_fbgemm_torch_compat|cannot determine|^\s*$|\[0m|\[33m"; }
 
-case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | torchao | profile | profile-prefill | settings | default-decode | merge | blockwise | nf4 | aoti-probe | weight-check | division-rounding | moe | tp}" in
+case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | torchao | profile | profile-prefill | settings | default-decode | merge | blockwise | nf4 | int8 | gemm-serving | gemm-int8 | serving-settings | aoti-probe | weight-check | division-rounding | moe | tp}" in
   tests)
     # Without PATHS: every gpu test, in five pytest processes at once (compiling dominates and the
     # device has 16 cores; one process took more than the 10 minutes), each to its own file.
@@ -38,7 +44,7 @@ case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | tor
       "tests/kernels/test_cuda_fp8_rowwise_gemm.py tests/kernels/test_cuda_export.py"
       "tests/kernels/test_cuda_ops.py tests/kernels/test_cuda_cached_graph.py tests/kernels/test_fp8_rowwise_splitk.py tests/kernels/test_interpreted_triton_kernels.py"
       "tests/kernels/test_cuda_decode.py tests/kernels/test_cuda_fp8_schemes.py tests/inductor"
-      "tests/kernels/test_cuda_compiled_quantization.py tests/kernels/test_cuda_op_branches.py tests/kernels/test_cuda_trust.py tests/kernels/test_cuda_quantize_inplace.py tests/kernels/test_cuda_bnb.py tests/kernels/test_interpreted_gemm_4bit.py"
+      "tests/kernels/test_cuda_compiled_quantization.py tests/kernels/test_cuda_op_branches.py tests/kernels/test_cuda_trust.py tests/kernels/test_cuda_quantize_inplace.py tests/kernels/test_cuda_int8.py tests/kernels/test_cuda_bnb.py tests/kernels/test_interpreted_gemm_4bit.py"
       "tests/kernels/test_cuda_experts.py tests/kernels/test_cuda_blockwise_experts.py tests/kernels/test_cuda_tensor_parallel.py"); fi
     for i in "${!groups[@]}"; do
       # shellcheck disable=SC2086  (a group is a space-separated list of paths)
@@ -85,6 +91,24 @@ case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | tor
     timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead --peers "${peers[@]}" \
       --shapes 1x1 16x1 --no-recompile-check --repeats 10 --json "$OUT/e2e_nf4.json" >"$OUT/e2e_nf4.txt" 2>&1
     quiet <"$OUT/e2e_nf4.txt" | tail -8 ;;
+  int8)
+    timeout 330 python3 benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead --peers bf16 fxquant-int8 \
+      --no-recompile-check --repeats 10 --json "$OUT/e2e_int8.json" >"$OUT/e2e_int8.txt" 2>&1
+    quiet <"$OUT/e2e_int8.txt" | tail -6
+    timeout 230 python3 benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead --peers bf16 fxquant \
+      --shapes 32x1 64x1 128x1 256x1 --no-recompile-check --repeats 10 --json "$OUT/e2e_serving.json" >"$OUT/e2e_serving.txt" 2>&1
+    quiet <"$OUT/e2e_serving.txt" | tail -6 ;;
+  gemm-int8)
+    timeout "${FXQUANT_TIMEOUT:-560}" python3 -m benchmarks.int8_gemm --m 1 16 128 2048 --json "$OUT/gemm_int8.json" >"$OUT/gemm_int8.txt" 2>&1
+    quiet <"$OUT/gemm_int8.txt" | tail -20 ;;
+  serving-settings)
+    timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead \
+      --peers bf16 fxquant fxquant:realize_opcount_threshold=60 --shapes 32x1 64x1 128x1 256x1 --no-recompile-check \
+      --repeats 10 --json "$OUT/e2e_serving_settings.json" >"$OUT/e2e_serving_settings.txt" 2>&1
+    quiet <"$OUT/e2e_serving_settings.txt" | tail -6 ;;
+  gemm-serving)
+    timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/gemm.py --rowwise-only --m 32 64 128 256 512 --json "$OUT/gemm_serving.json" >"$OUT/gemm_serving.txt" 2>&1
+    quiet <"$OUT/gemm_serving.txt" | tail -14 ;;
   profile)
     timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/profile_decode.py --layers 8 --json "$OUT/profile.json" >"$OUT/profile.txt" 2>&1
     grep -E "^==|^  " "$OUT/profile.txt" | cut -c1-150 ;;

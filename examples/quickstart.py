@@ -2,8 +2,8 @@
 
 Prints the plan (which layers run quantized, which stay and why), the accuracy against the
 unquantized model, first-call compile time and time per forward against plain torch.compile.
-Runs on a CUDA GPU in bf16 when there is one, else on the CPU in fp32 (where fxquant's ops run
-their reference implementation: correct, not fast).
+Runs on a CUDA GPU in bf16 when there is one, else on the CPU in fp32 (where int8 runs Inductor's
+int8 GEMM and the FP8 schemes their reference implementation: correct, not fast).
 
     python examples/quickstart.py                     # both schemes
     python examples/quickstart.py --scheme int8 --layers 2
@@ -85,8 +85,9 @@ def main() -> None:
     for name, compile_s, seconds, error, top1 in rows:
         print(f"{name:<15} {compile_s:>12.1f} {seconds * 1e3:>11.2f} {baseline / seconds:>10.2f}x {error:>15.4f} {top1:>11.1%}")
     if device.type == "cpu":
-        print("\nOn the CPU, fxquant's ops run their reference implementation (float matmul on dequantized values);\n"
-              "speed-ups need the GPU kernels (FBGEMM / torch._scaled_mm / torch._int_mm).")
+        print("\nOn the CPU, int8 (what scheme 'auto' picks here) runs oneDNN's int8 GEMM through Inductor; the FP8\n"
+              "schemes run their reference implementation (float matmul on dequantized values): their\n"
+              "speed-ups need the GPU kernels (FBGEMM / torch._scaled_mm).")
 
 
 if __name__ == "__main__":

@@ -258,8 +258,9 @@ def save_quantized(
             raise ValueError("fxquant: a program is saved with the config fxquant.export quantized it with; pass config=None")
         quantized, plan, config, before = program_state(model)
         state = {e.site.weight_name: e.site.weight for e in plan}
+        config = config.resolved(next((e.site.weight.device for e in plan), None))  # "auto" as it was planned
     else:
-        config = config or QuantConfig()
+        config = (config or QuantConfig()).resolved()  # "auto" as checkpoints take it (config.auto_scheme)
         quantized, plan = quantize_state(model, config, progress)
         state = model.state_dict()
         before = memory_footprint(state)

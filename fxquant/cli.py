@@ -36,7 +36,7 @@ from fxquant.cli_paths import check_input_dir, check_output_dir
 from fxquant.checkpoint_experts import plan_experts
 from fxquant.shards import DEFAULT_MAX_SHARD_SIZE, INDEX_FILE, parse_size
 from fxquant.streaming_quantize import NotStreamable, extra_files, streaming_plan, write_streamed
-from fxquant.config import QuantConfig
+from fxquant.config import AUTO, QuantConfig, auto_scheme
 from fxquant.footprint import dtype_name, nbytes
 from fxquant.hf_formats import HF_FORMATS, NO_ACTIVATION_SCALE_UB, NoHFLayout, hf_quantization_config
 from fxquant.hf_model import (
@@ -57,8 +57,17 @@ def _skip_globs(values: list[str] | None) -> tuple[str, ...] | None:
 
 
 def _quant_config(args: argparse.Namespace) -> QuantConfig:
+    """The command's QuantConfig, "auto" resolved as checkpoints take it (printed by _auto_line)."""
     options = {"scheme": args.scheme, "skip": _skip_globs(args.skip), "activation_scale_ub": args.activation_scale_ub}
-    return QuantConfig.from_options({key: value for key, value in options.items() if value is not None})
+    return QuantConfig.from_options({key: value for key, value in options.items() if value is not None}).resolved()
+
+
+def _auto_line(args: argparse.Namespace) -> str | None:
+    """What `--scheme auto` (the default) chose for the checkpoint, and why; None for a scheme given by name."""
+    if args.scheme not in (None, AUTO):
+        return None
+    scheme, why = auto_scheme(None)
+    return f"scheme auto: {scheme} ({why}; --scheme int8 for CPU serving or GPUs older than sm_89)"
 
 
 def _layout_problems(config: QuantConfig) -> list[str]:
@@ -154,6 +163,8 @@ def quantize(args: argparse.Namespace) -> None:
                 streaming, dir_out, hf_config, cls.__name__, args.hf_format, overwrite=args.overwrite,
                 max_shard_size=args.max_shard_size, workers=args.workers, advance=bar.update,
             )
+    if _auto_line(args):
+        print(_auto_line(args))
     print(f"{dir_out}: {cls.__name__}, {config.scheme}, {_quantized_count(metadata['plan'])} quantized")
     print(_bytes_line(metadata["bytes"]["before"], metadata["bytes"]["after"]))
     shards = len(metadata["sha256"])
@@ -178,6 +189,8 @@ def plan(args: argparse.Namespace) -> None:
     with empty_weights():  # the architecture only: no weights are read
         model = cls(hf_config)
     config = _quant_config(args)
+    if _auto_line(args):
+        print(_auto_line(args))
     layers = plan_modules(model, config)
     layers.extend(plan_experts(model, config))  # a MoE model's expert weights, as checkpoints store them
     print(layers)
@@ -269,7 +282,8 @@ def inspect(args: argparse.Namespace) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     options = argparse.ArgumentParser(add_help=False)
-    options.add_argument("--scheme", choices=SCHEMES, help="default: fp8_rowwise")
+    options.add_argument("--scheme", choices=[AUTO, *SCHEMES],
+                         help="default: auto, which is fp8_rowwise in a checkpoint (the plan says why)")
     options.add_argument(
         "--skip", action="append", metavar="GLOB[,GLOB...]",
         help="layers left unquantized (fnmatch globs), repeatable; --skip '' quantizes every layer; default: lm_head",

@@ -14,26 +14,53 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import torch
+
+from fxquant.ops.availability import fp8_unsupported_reason
 from fxquant.scheme import SCHEMES, get_scheme
 
 # A rule: (glob over layer names, scheme or None for "leave it unquantized").
 Rule = tuple[str, "str | None"]
 
+# The default scheme: FP8 rowwise where FP8 GEMMs run fast (GPUs of compute capability >= 8.9), int8
+# elsewhere (the CPU, older GPUs); checkpoints, being device-independent, take FP8 (auto_scheme).
+AUTO = "auto"
+AUTO_CHOICES = ("fp8_rowwise", "int8")
+
+
+def auto_scheme(device: torch.device | None) -> tuple[str, str]:
+    """The scheme "auto" means on `device`, and why. None: for a checkpoint (`save_quantized`, `fxquant
+    quantize`, `quantize_`), which must not depend on the machine that made it, and whose use is serving
+    on GPUs, where FP8 is the format transformers and vLLM load (older GPUs fall back to int8 on load)."""
+    if device is None:
+        return "fp8_rowwise", "stored weights are device-independent, made for GPUs with FP8"
+    if device.type == "cuda":
+        reason = fp8_unsupported_reason(device)
+        if reason is not None:
+            return "int8", reason
+        major, minor = torch.cuda.get_device_capability(device)
+        return "fp8_rowwise", f"sm_{major}{minor} has FP8 tensor cores"
+    return "int8", f"no FP8 GEMMs on {device.type}"
+
 
 class Decision(NamedTuple):
     """The config's word on one layer: a scheme (None: unquantized), which field said so ("rules",
-    "skip" or "scheme") and the glob that matched."""
+    "skip" or "scheme"), the glob that matched, and why, where "auto" chose the scheme."""
 
     scheme: str | None
     source: str
     pattern: str | None
+    auto: str | None = None
 
     @property
     def note(self) -> str:
-        """The plan's note: "rule '*.down_proj'", "skipped by rule (lm_head)", "skipped by skip list (lm_head)", ""."""
+        """The plan's note: "rule '*.down_proj'", "skipped by rule (lm_head)", "skipped by skip list (lm_head)",
+        "auto -> int8: no FP8 GEMMs on cpu", ""."""
+        auto = f"auto -> {self.scheme}: {self.auto}" if self.auto else ""
         if self.source == "rules":
-            return f"rule {self.pattern!r}" if self.scheme else f"skipped by rule ({self.pattern})"
-        return f"skipped by skip list ({self.pattern})" if self.source == "skip" else ""
+            rule = f"rule {self.pattern!r}" if self.scheme else f"skipped by rule ({self.pattern})"
+            return "; ".join(filter(None, [rule, auto]))
+        return f"skipped by skip list ({self.pattern})" if self.source == "skip" else auto
 
 
 @dataclass(frozen=True)
@@ -41,7 +68,10 @@ class QuantConfig:
     """How fxquant quantizes a model's linear layers.
 
     Args:
-        scheme: the scheme of every layer no rule decides, one of `fxquant.SCHEMES`: "fp8_rowwise"
+        scheme: the scheme of every layer no rule decides: "auto" (the default: "fp8_rowwise" on GPUs of
+            compute capability >= 8.9, "int8" on the CPU and older GPUs, decided per weight's device when
+            compiling; "fp8_rowwise" in checkpoints and `quantize_`, see `auto_scheme`; the plan notes
+            the choice and why), or one of `fxquant.SCHEMES`: "fp8_rowwise"
             (e4m3 weights per output channel, e4m3 activations per token, dynamic); "fp8_blockwise"
             (DeepSeek-V3: e4m3 weights per `weight_block_size` block, activations per token per
             block-K group, dynamic); "fp8_tensorwise" (one scale per weight and one per activation
@@ -78,7 +108,7 @@ class QuantConfig:
             scheme that declares them; a scheme's entry here wins over them.
     """
 
-    scheme: str = "fp8_rowwise"
+    scheme: str = AUTO
     skip: tuple[str, ...] = ("lm_head",)
     activation_scale_ub: float | None = None
     weight_block_size: tuple[int, int] = (128, 128)
@@ -90,7 +120,7 @@ class QuantConfig:
     scheme_options: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = ()
 
     def __post_init__(self) -> None:
-        get_scheme(self.scheme)
+        _check_scheme(self.scheme)
         skip = (self.skip,) if isinstance(self.skip, str) else tuple(self.skip)
         if not all(isinstance(pattern, str) for pattern in skip):
             raise ValueError(f"fxquant: skip must be a list of glob strings, got {self.skip!r}")
@@ -113,8 +143,17 @@ class QuantConfig:
             raise ValueError(f"fxquant: min_weight_numel must be >= 0, got {self.min_weight_numel}")
 
     def schemes_in_use(self) -> tuple[str, ...]:
-        """`scheme` and the schemes rules name, each once."""
-        return tuple(dict.fromkeys([self.scheme, *(scheme for _, scheme in self.rules if scheme is not None)]))
+        """`scheme` and the schemes rules name, each once ("auto": each scheme it may choose)."""
+        named = [self.scheme, *(scheme for _, scheme in self.rules if scheme is not None)]
+        return tuple(dict.fromkeys(chosen for scheme in named for chosen in (AUTO_CHOICES if scheme == AUTO else (scheme,))))
+
+    def resolved(self, device: torch.device | None = None) -> QuantConfig:
+        """This config with "auto" (its `scheme`, its rules') replaced by the scheme it means on `device`
+        (None: for a checkpoint), as checkpoints record it."""
+        def concrete(scheme):
+            return auto_scheme(device)[0] if scheme == AUTO else scheme
+
+        return dataclasses.replace(self, scheme=concrete(self.scheme), rules=tuple((p, concrete(s)) for p, s in self.rules))
 
     def options_for(self, scheme: str) -> object:
         """`scheme`'s Options: its entry in `scheme_options`, else the field of this config of the same
@@ -124,9 +163,16 @@ class QuantConfig:
         shared = {name: getattr(self, name) for name in known if name in _SHARED_OPTIONS and name not in given}
         return get_scheme(scheme).options({**shared, **given})
 
-    def decide(self, layer: str) -> Decision:
+    def decide(self, layer: str, device: torch.device | None = None) -> Decision:
         """What the config asks for `layer`: the first rule whose glob matches it, else the skip list's
-        first match (no scheme), else `scheme`."""
+        first match (no scheme), else `scheme`; "auto" as it resolves on `device` (None: for a checkpoint)."""
+        decision = self._decide(layer)
+        if decision.scheme != AUTO:
+            return decision
+        scheme, why = auto_scheme(device)
+        return decision._replace(scheme=scheme, auto=why)
+
+    def _decide(self, layer: str) -> Decision:
         for pattern, scheme in self.rules:
             if fnmatch.fnmatchcase(layer, pattern):
                 return Decision(scheme, "rules", pattern)
@@ -156,6 +202,12 @@ _SHARED_OPTIONS = ("activation_scale_ub", "weight_block_size", "static_activatio
 _DEFAULTS = {field.name: field.default for field in dataclasses.fields(QuantConfig)}
 
 
+def _check_scheme(name: str) -> None:
+    """"auto" or a registered scheme; anything else is an error listing them."""
+    if name != AUTO and name not in SCHEMES:
+        raise ValueError(f"fxquant: unknown scheme {name!r}; valid schemes: {', '.join([AUTO, *SCHEMES])}")
+
+
 def _frozen(value: object) -> object:
     """A value as a config holds it, hashable: a mapping as sorted (key, value) pairs, lists as tuples."""
     if isinstance(value, Mapping):
@@ -172,7 +224,7 @@ def _rules(rules: object) -> tuple[Rule, ...]:
         raise ValueError(f"fxquant: rules must map glob strings to schemes (or None), got {rules!r}")
     for _, scheme in pairs:
         if scheme is not None:
-            get_scheme(scheme)
+            _check_scheme(scheme)
     return tuple((pattern, scheme) for pattern, scheme in pairs)
 
 

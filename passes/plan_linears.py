@@ -220,17 +220,18 @@ def _target_name(node: fx.Node) -> str:
 ROUTER_NOTE = "router: its output picks the experts (topk); quantize it with a rule"
 
 
-def decide(layer: str, site: GemmSite, config: QuantConfig) -> PlannedLinear:
-    """The plan entry of a float layer: its rule, skip entry or the config's scheme, or why it stays as it is."""
-    decision = config.decide(layer)
+def decide(layer: str, site: GemmSite, config: QuantConfig, device: torch.device | None = None) -> PlannedLinear:
+    """The plan entry of a float layer: its rule, skip entry or the config's scheme, or why it stays as it is;
+    "auto" resolved for `device` (None: for a checkpoint, fxquant/config.py's auto_scheme)."""
+    decision = config.decide(layer, device)
     rule = decision.pattern if decision.source == "rules" else None
     if decision.scheme is None:
         return PlannedLinear(layer, site, None, decision.note, rule=rule)
     if rule is None and site.kind == "linear" and routes_experts(site):
         return PlannedLinear(layer, site, None, ROUTER_NOTE)
     reason = skip_reason(layer, site, config, decision.scheme)
-    if reason is not None:
-        return PlannedLinear(layer, site, None, "; ".join(filter(None, [decision.note, reason])), rule=rule)
+    if reason is not None:  # what "auto" chose does not matter to a layer left as it is
+        return PlannedLinear(layer, site, None, "; ".join(filter(None, [decision._replace(auto=None).note, reason])), rule=rule)
     return PlannedLinear(layer, site, decision.scheme, decision.note, config.options_for(decision.scheme), rule=rule)
 
 
@@ -307,7 +308,7 @@ def plan_linears(gm: fx.GraphModule, lookup: WeightLookup, config: QuantConfig) 
                 "weights were cast (model.to(dtype)?). Move a loaded model with .to(device) only, or load it again"
             )
         else:
-            entry = decide(layer, site, config)
+            entry = decide(layer, site, config, site.weight.device)
             if entry.scheme is not None:
                 check_eager_dtypes(layer, site, autocast_enabled(regions[site.node], site.weight.device.type))
                 entry = with_fallback(entry, site.weight.device, config)

@@ -26,9 +26,10 @@ def rewrite(model: torch.nn.Module, *args, config: fxquant.QuantConfig | None = 
     """(normalized rewritten graph, its eager output, plan) for `model(*args, **kwargs)`.
 
     The rewritten graph runs eagerly, so its output is the ops' CPU reference applied in the
-    places the passes chose; compare it with the unquantized model's output.
+    places the passes chose; compare it with the unquantized model's output. Without a config the
+    graphs are fp8_rowwise's (what the default, "auto", chooses on FP8 GPUs; on this CPU it would be int8).
     """
-    backend = fxquant.Backend(config, keep_graphs=True)
+    backend = fxquant.Backend(config or fxquant.QuantConfig(scheme="fp8_rowwise"), keep_graphs=True)
 
     def capture(gm, example_inputs, **_):
         backend.rewrite(gm)

@@ -83,7 +83,7 @@ def test_fxquant_json(tmp_path):
     metadata = json.loads((tmp_path / "fxquant.json").read_text())
     assert metadata == json.loads(json.dumps(returned))
     assert metadata["format_version"] == 2
-    assert QuantConfig(**metadata["config"]) == config
+    assert QuantConfig(**metadata["config"]) == config.resolved()  # auto recorded as what checkpoints take
     assert metadata["plan"] == [
         {"layer": "up", "shape": [256, 128], "scheme": "fp8_rowwise", "note": "",
          "bytes": {"before": 256 * 128 * 4, "after": 256 * 128 + 256 * 4}},
@@ -145,7 +145,7 @@ def test_an_unknown_hf_format_is_refused_before_writing(tmp_path):
 
 def test_plan_uses_the_plan_pass_rules():
     model = nn.Sequential(nn.Linear(40, 64), nn.Linear(64, 64), nn.Linear(64, 32))
-    plan = plan_modules(model, QuantConfig(skip=["2"], min_weight_numel=64 * 64))
+    plan = plan_modules(model, QuantConfig(scheme="fp8_rowwise", skip=["2"], min_weight_numel=64 * 64))
     assert [(e.layer, e.scheme, e.note) for e in plan] == [
         ("0", None, f"{40 * 64} weights < min_weight_numel={64 * 64}"),
         ("1", "fp8_rowwise", ""),

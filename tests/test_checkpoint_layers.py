@@ -105,7 +105,8 @@ def test_gpt2_conv1d_layers_round_trip(tmp_path, via_export):
     transposes); the loaded model runs eagerly and compiled, with logits within FP8 tolerance of the
     float model's and equal to the fxquant-compiled float model's."""
     model, ids = tiny_gpt2(), torch.randint(0, 128, (2, 8))  # wte and lm_head tied: both names kept by export
-    source = fxquant.export(model, (ids,), kwargs={"use_cache": False}) if via_export else model
+    fp8 = QuantConfig(scheme="fp8_rowwise")  # what save_quantized takes for auto; a program keeps its own
+    source = fxquant.export(model, (ids,), kwargs={"use_cache": False}, config=fp8) if via_export else model
     metadata = save_quantized(source, tmp_path)
     assert [e["layer"] for e in metadata["plan"] if e["scheme"] == "fp8_rowwise"] == CONV1D_LAYERS
     header = read_header(tmp_path / "model.safetensors")
@@ -119,7 +120,7 @@ def test_gpt2_conv1d_layers_round_trip(tmp_path, via_export):
         eager = loaded(ids, use_cache=False).logits
         compiled = torch.compile(loaded, backend="fxquant")(ids, use_cache=False).logits
         torch._dynamo.reset()
-        compiled_float = torch.compile(model, backend="fxquant")(ids, use_cache=False).logits
+        compiled_float = torch.compile(model, backend=fxquant.backend(fp8))(ids, use_cache=False).logits
         torch._dynamo.reset()
     assert relative_error(eager, reference) < 0.06  # e4m3 weights and activations: a few % on random weights
     torch.testing.assert_close(compiled, compiled_float, rtol=0, atol=0)

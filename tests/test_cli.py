@@ -127,3 +127,15 @@ def test_inspect_shows_bytes_per_layer_of_a_sharded_checkpoint(llama_dir, tmp_pa
     one = sorted(metadata["sha256"])[0]
     assert main(["inspect", str(out / one)]) == 0
     assert re.search(rf"bytes: [\d,]+ stored in {one}\n", capsys.readouterr().out)
+
+
+def test_plan_under_auto_says_what_the_checkpoint_gets_and_why(llama_dir, capsys):
+    assert main(["plan", str(llama_dir)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("scheme auto: fp8_rowwise (stored weights are device-independent, made for GPUs with FP8; "
+                          "--scheme int8 for CPU serving or GPUs older than sm_89)\n")
+    assert "model.layers.0.self_attn.q_proj  linear  64 x 64   fp8_rowwise" in out and "auto" not in out.split("\n", 1)[1]
+    assert main(["plan", str(llama_dir), "--scheme", "auto"]) == 0
+    assert capsys.readouterr().out == out
+    assert main(["plan", str(llama_dir), "--scheme", "int8"]) == 0
+    assert "scheme auto" not in capsys.readouterr().out

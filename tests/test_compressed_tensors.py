@@ -15,7 +15,7 @@ compressed_tensors = pytest.importorskip("compressed_tensors")
 transformers = pytest.importorskip("transformers")
 
 CONFIGS = {
-    "fp8_rowwise": QuantConfig(),
+    "fp8_rowwise": QuantConfig(scheme="fp8_rowwise"),
     "fp8_blockwise": QuantConfig(scheme="fp8_blockwise", weight_block_size=(32, 32)),
     "int8": QuantConfig(scheme="int8"),
 }
@@ -53,7 +53,7 @@ def test_a_checkpoint_of_mixed_schemes_has_a_group_per_scheme(tmp_path, rules, b
     """Per-layer rules: one group per scheme, targeting its layers by name (a "mixed-precision" format
     where their formats differ); transformers loads each layer in its own scheme and computes what
     fxquant does (int8's activation rounding as above)."""
-    config = QuantConfig(rules=rules, weight_block_size=(32, 32))
+    config = QuantConfig(scheme="fp8_rowwise", rules=rules, weight_block_size=(32, 32))
     model = tiny_llama()
     metadata = fxquant.save_quantized(model, tmp_path, config)  # "auto" picks compressed-tensors
     groups = metadata["quantization_config"]["config_groups"]

@@ -5,9 +5,9 @@ import pytest
 from fxquant import QuantConfig
 
 
-def test_defaults_are_fp8_rowwise_skipping_lm_head():
+def test_defaults_are_auto_skipping_lm_head():
     config = QuantConfig()
-    assert config.scheme == "fp8_rowwise"
+    assert config.scheme == "auto"
     assert config.skip == ("lm_head",)
     assert config.activation_scale_ub is None
 
@@ -25,7 +25,7 @@ def test_unknown_option_lists_the_known_ones():
 
 
 def test_unknown_scheme_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="unknown scheme .fp3.; valid schemes: fp8_rowwise, fp8_blockwise, fp8_tensorwise, int8, nf4, fp4, llm_int8"):
+    with pytest.raises(ValueError, match="unknown scheme .fp3.; valid schemes: auto, fp8_rowwise, fp8_blockwise, fp8_tensorwise, int8, nf4, fp4, llm_int8"):
         QuantConfig(scheme="fp3")
 
 
@@ -66,4 +66,4 @@ def test_scheme_options_and_rules():
     with pytest.raises(ValueError, match="static_activation_amax applies to fp8_tensorwise, not 'int8', 'fp8_rowwise'"):
         QuantConfig(scheme="int8", rules={"a": "fp8_rowwise"}, static_activation_amax={"a": 1.0})
     assert QuantConfig(rules={"a": "int8"}).cache_key() != QuantConfig().cache_key()
-    assert QuantConfig(rules={"a": None}).decide("a") == (None, "rules", "a")
+    assert QuantConfig(rules={"a": None}).decide("a") == (None, "rules", "a", None)

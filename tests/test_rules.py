@@ -16,12 +16,13 @@ from fxquant.cli import main
 from tests.models import tiny_llama, tiny_llama_config
 
 RULES = {"*.down_proj": "int8", "*.gate_proj": "fp8_blockwise", "*.k_proj": None, "lm_head": "fp8_tensorwise"}
-CONFIG = QuantConfig(rules=RULES, weight_block_size=(32, 32))
+CONFIG = QuantConfig(scheme="fp8_rowwise", rules=RULES, weight_block_size=(32, 32))  # layers no rule names: FP8 on every device
 
 
 def test_rules_parse_from_a_dict_or_pairs_and_are_checked():
     assert CONFIG.rules == tuple(RULES.items())
-    assert QuantConfig.from_options({"rules": [list(pair) for pair in RULES.items()], "weight_block_size": [32, 32]}) == CONFIG
+    options = {"scheme": "fp8_rowwise", "rules": [list(pair) for pair in RULES.items()], "weight_block_size": [32, 32]}
+    assert QuantConfig.from_options(options) == CONFIG
     with pytest.raises(ValueError, match="unknown scheme 'fp4'"):
         QuantConfig(rules={"*": "fp4"})
     with pytest.raises(ValueError, match="rules must map glob strings"):

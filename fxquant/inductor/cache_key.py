@@ -1,8 +1,8 @@
 """What Inductor's FX graph cache cannot see of fxquant: its lowering code and the GEMM choice.
 
 Inductor keys a compiled graph by the graph, its config and torch's own sources. fxquant's
-lowering, Triton templates and extern GEMM wrappers live outside those, `FXQUANT_GEMM` and
-`FXQUANT_GROUPED_GEMM` are environment variables and the heuristic's choice depends on whether fbgemm-gpu-genai loads, so
+lowering, Triton templates and extern GEMM wrappers live outside those, `FXQUANT_GEMM`,
+`FXQUANT_GROUPED_GEMM` and `FXQUANT_INT8_GEMM` are environment variables and the heuristic's choice depends on whether fbgemm-gpu-genai loads, so
 without a tag of its own an edited lowering, another forced choice or a machine without FBGEMM
 would reuse code compiled for the old one. The backend compiles CUDA graphs under this tag.
 """
@@ -33,5 +33,5 @@ def _sources_hash() -> str:
 def cache_key_tag() -> str:
     """torch.compiler.config.cache_key_tag extended with fxquant's lowering sources and GEMM choice."""
     fbgemm = "fbgemm" if fbgemm_genai_available() else "no-fbgemm"
-    forced = f"{os.environ.get('FXQUANT_GROUPED_GEMM', '')}:{os.environ.get('FXQUANT_GEMM', '')}"
+    forced = ":".join(os.environ.get(name, "") for name in ("FXQUANT_GROUPED_GEMM", "FXQUANT_GEMM", "FXQUANT_INT8_GEMM"))
     return f"{torch.compiler.config.cache_key_tag}|fxquant:{_sources_hash()}:{fbgemm}:{forced}"

@@ -42,11 +42,14 @@ def lowered_on(values: Iterable[object]) -> bool:
 
 
 def _where_lowered(decomposition: Callable) -> Callable:
-    """`decomposition` for an activation on a lowered device; NotImplemented (the op stays whole) elsewhere."""
+    """`decomposition` for an activation on a lowered device; NotImplemented (the op stays whole) elsewhere.
+    A decomposition may name its own devices (`lowered_device_types`, e.g. int8's: the CPU too)."""
 
     @functools.wraps(decomposition)
     def decompose(x, *args, **kwargs):
-        return decomposition(x, *args, **kwargs) if lowered_on((x,)) else NotImplemented
+        devices = getattr(decomposition, "lowered_device_types", None) or LOWERED_DEVICE_TYPES
+        lowered = isinstance(x, torch.Tensor) and x.device.type in devices
+        return decomposition(x, *args, **kwargs) if lowered else NotImplemented
 
     return decompose
 

@@ -7,6 +7,7 @@
     template_configs         the Triton template under max-autotune        configs tried per M bucket
     decode_configs           the template without autotuning, M <= 16      the config per (N, K)
     whole_row_limit          fxquant/inductor/choices.py                   persistent reductions up to this row width
+    int8_cublas_min_rows     int8_rowwise_mm's lowering                    int8: fxquant's template below this M, cuBLAS from it
 
 Where each was measured (benchmarks/RESULTS.md): every row is the H100's (80GB HBM3): the GEMM
 choice, split-K and template configs in the fifth session (benchmarks/gemm.py on Llama-3-8B's
@@ -66,6 +67,7 @@ class DeviceTuning:
     template_configs: Mapping[int, tuple[GemmConfig, ...]]  # M bucket's upper bound → configs, ascending
     decode_configs: tuple[DecodeConfig, ...]  # the first that fits (N, K); the last fits all
     whole_row_limit: int
+    int8_cublas_min_rows: int = 129
 
     def configs_for(self, m: int) -> tuple[GemmConfig, ...]:
         """The template configs of the smallest M bucket that holds m."""
@@ -91,6 +93,11 @@ H100 = DeviceTuning(
              GemmConfig(16, 64, 128, 6, 4), GemmConfig(16, 128, 128, 5, 4)),
         128: (GemmConfig(64, 64, 128, 5, 4), GemmConfig(64, 128, 128, 4, 4), GemmConfig(32, 64, 256, 4, 4),
               GemmConfig(128, 64, 128, 4, 4)),
+        # Serving batch sizes (decode with 129-512 sequences, chunked prefill): candidates for
+        # max-autotune, to be measured (benchmarks/on_device.sh gemm-serving); wide N tiles, as few
+        # programs per weight read as the SMs allow.
+        512: (GemmConfig(128, 128, 128, 4, 8), GemmConfig(64, 128, 128, 4, 4), GemmConfig(128, 256, 128, 3, 8),
+              GemmConfig(64, 256, 128, 4, 8)),
         2**62: (GemmConfig(128, 128, 128, 4, 8), GemmConfig(128, 256, 128, 3, 8), GemmConfig(64, 256, 128, 4, 4),
                 GemmConfig(256, 128, 128, 3, 8)),
     },
@@ -103,6 +110,9 @@ H100 = DeviceTuning(
     ),
     # RMSNorm + quantization rows of 4096 faster persistent; SiLU·mul's 14336 slower (seventh session).
     whole_row_limit=8192,
+    # int8 (not measured yet; a first guess from FP8's FBGEMM bound): the template up to 128 rows,
+    # cuBLAS's _int_mm above (1.12-1.29x over bf16 at M >= 2048 on the H200, alone).
+    int8_cublas_min_rows=129,
 )
 H200 = dataclasses.replace(H100, name="H200")  # not measured apart from the H100 yet (module docstring)
 DEFAULT = dataclasses.replace(H100, name="default")

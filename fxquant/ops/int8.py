@@ -4,6 +4,8 @@
     x_q   = clamp(round(x / scale), -127, 127)
 The GEMM accumulates in int32 (`torch._int_mm`, CPU and CUDA) and the epilogue rescales by the
 token and channel scales. cuBLAS's int8 GEMM needs more than 16 rows; smaller batches are padded.
+`int8_rowwise_mm` is the GEMM with its scales, on quantized operands: what the int8 lowering calls
+(fxquant/inductor/int8_decompositions.py), with kernels to choose from (cuBLAS, fxquant's split-K).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from fxquant.ops.linear_common import (
 INT8_MAX = 127
 INT8_MIN_AMAX = 1e-8  # an all-zero row quantizes to zeros with a finite scale
 CUDA_INT_MM_MIN_ROWS = 17
+SPLITK_MAX_ROWS = 16  # fxquant/kernels/int8_rowwise_splitk.py's one BLOCK_M tile
 
 
 def quantize_int8_rowwise(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -41,6 +44,57 @@ def int_mm(a: Tensor, b: Tensor) -> Tensor:
     if a.is_cuda and rows < CUDA_INT_MM_MIN_ROWS:
         return torch._int_mm(F.pad(a, (0, 0, 0, 32 - rows)), b)[:rows]
     return torch._int_mm(a, b)
+
+
+def scaled_int_mm(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor) -> Tensor:
+    """float32 [M, N] = float(x_q [M, K] @ w_q [N, K].T) * x_scale [M, 1] * w_scale [1, N]: `torch._int_mm`
+    (cuBLAS on CUDA, oneDNN on the CPU), then the scales. The int32 sums are exact, so every kernel
+    that applies the scales in this order gives these bits."""
+    return int_mm(x_q, w_q.t()).float() * x_scale.unsqueeze(1) * w_scale.unsqueeze(0)
+
+
+def int8_rowwise_mm_by_rows(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor) -> Tensor:
+    """int8_rowwise_mm by the kernel for this M, chosen at run time: on CUDA fxquant's split-K kernel up
+    to 16 rows (where cuBLAS's would pad to 32), cuBLAS's `_int_mm` above; elsewhere `_int_mm`. The op's
+    CUDA kernel, and the lowering's choice where M is known only at run time (a dynamic batch)."""
+    if x_q.is_cuda and x_q.shape[0] <= SPLITK_MAX_ROWS:
+        return int8_rowwise_mm_splitk(x_q, w_q, x_scale, w_scale)
+    return scaled_int_mm(x_q, w_q, x_scale, w_scale)
+
+
+def int8_rowwise_mm_splitk(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor) -> Tensor:
+    """int8_rowwise_mm by fxquant/kernels/int8_rowwise_splitk.py's kernel (M <= 16), imported on first use
+    (triton: GPU machines, or its interpreter)."""
+    from fxquant.kernels.int8_rowwise_splitk import int8_rowwise_mm_splitk as splitk
+
+    return splitk(x_q, w_q, x_scale, w_scale)
+
+
+@torch.library.custom_op("fxquant::int8_rowwise_mm", mutates_args=())
+def int8_rowwise_mm(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor) -> Tensor:
+    """float32 [M, N] = float(x_q [M, K] @ w_q [N, K].T) * x_scale [M, 1] * w_scale [1, N], int8 operands.
+
+    The GEMM alone, on operands already quantized: what the CUDA lowering of int8_linear leaves after
+    the quantization is fused away (fxquant/inductor/int8_rowwise_mm.py gives it a choice of kernels).
+    """
+    return scaled_int_mm(x_q, w_q, x_scale, w_scale)
+
+
+int8_rowwise_mm.register_kernel("cuda")(int8_rowwise_mm_by_rows)
+
+
+def _scaled_gemm_output(name: str, x_q: Tensor, w_q: Tensor) -> Tensor:
+    torch._check(x_q.dim() == 2 and x_q.shape[1] == w_q.shape[1], lambda: f"{name}: x_q must be [M, K={w_q.shape[1]}]")
+    return x_q.new_empty((x_q.shape[0], w_q.shape[0]), dtype=torch.float32)
+
+
+int8_rowwise_mm.register_fake(lambda x_q, w_q, x_scale, w_scale: _scaled_gemm_output("fxquant::int8_rowwise_mm", x_q, w_q))
+
+# The lowering's extern choices as ops too: what AOTInductor's C++ wrapper calls.
+for _function in (scaled_int_mm, int8_rowwise_mm_by_rows, int8_rowwise_mm_splitk):
+    torch.library.custom_op(f"fxquant::{_function.__name__}", _function, mutates_args=()).register_fake(
+        lambda x_q, w_q, x_scale, w_scale, name=f"fxquant::{_function.__name__}": _scaled_gemm_output(name, x_q, w_q)
+    )
 
 
 @torch.library.custom_op("fxquant::quantize_int8_per_row", mutates_args=())

@@ -20,6 +20,11 @@ class Int8(PerChannelScale, ScaledWeight):
     def call(self, layer, x, tensors, bias, options, values=None):
         return self.linear_call(torch.ops.fxquant.int8_linear.default, x, tensors, bias)
 
+    def decompositions(self):
+        from fxquant.inductor import int8_decompositions
+
+        return {torch.ops.fxquant.int8_linear.default: int8_decompositions.int8_linear}
+
     def cache_key(self, options):
         return ()
 

@@ -45,10 +45,25 @@ def fp8_rowwise_arguments():
     return torch.randn(4, 64, dtype=torch.bfloat16), w_q, w_scale, None, None
 
 
-@pytest.mark.parametrize("op", OPS, ids=str)
+CPU_LOWERED = {torch.ops.fxquant.int8_linear.default}  # decompositions naming the CPU (lowered_device_types)
+
+
+@pytest.mark.parametrize("op", [op for op in OPS if op not in CPU_LOWERED], ids=str)
 def test_a_decomposition_declines_a_cpu_activation(op):
     """NotImplemented: AOTAutograd keeps the op whole, and on the CPU it runs its reference."""
     assert select_decomp_table()[op](*fp8_rowwise_arguments()) is NotImplemented
+
+
+def test_int8s_decomposition_applies_on_the_cpu_too():
+    """int8 names the CPU among its devices: Inductor's int8 GEMM is its fast path there."""
+    from fxquant.ops.int8 import quantize_int8_rowwise
+
+    torch.manual_seed(0)
+    w_q, w_scale = quantize_int8_rowwise(torch.randn(32, 64))
+    arguments = (torch.randn(4, 64), w_q, w_scale, torch.randn(32))
+    decomposition = select_decomp_table()[torch.ops.fxquant.int8_linear.default]
+    assert decomposition(*arguments) is not NotImplemented
+    torch.testing.assert_close(decomposition(*arguments), torch.ops.fxquant.int8_linear(*arguments), rtol=0, atol=0)
 
 
 def test_a_decomposition_applies_where_fxquant_lowers(monkeypatch):

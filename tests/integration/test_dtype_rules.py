@@ -20,7 +20,7 @@ from fxquant import SCHEMES
 from tests.graphs import rewrite
 from tests.models import MLP, Addmm, FunctionalLinear, MatmulOnWeight, relative_error
 
-ALL_LAYERS = {"skip": []}
+ALL_LAYERS = {"skip": [], "scheme": "fp8_rowwise"}  # the FP8 op's dtype rules (auto is int8 on the CPU)
 # Quantization error against the float model, with bf16 rounding on top under autocast.
 BOUND = 0.08
 

@@ -21,7 +21,7 @@ from tests.inductor.test_decompositions import RMSNormLinear
 from tests.models import MLP, relative_error, tiny_llama
 
 CONFIGS = {
-    "fp8_rowwise": QuantConfig(),
+    "fp8_rowwise": QuantConfig(scheme="fp8_rowwise"),
     "fp8_blockwise": QuantConfig(scheme="fp8_blockwise", weight_block_size=(32, 32)),
     "fp8_tensorwise": QuantConfig(scheme="fp8_tensorwise"),
     "fp8_tensorwise_static": QuantConfig(scheme="fp8_tensorwise", static_activation_amax={"up": 4.0, "down": 2.0}),
@@ -41,7 +41,7 @@ def state_bytes(state: dict) -> int:
 class ExportGraphTest(TestCase):
     def test_exported_mlp_graph_and_signature(self):
         torch.manual_seed(0)
-        program = fxquant.export(MLP(), (torch.randn(2, 64),))
+        program = fxquant.export(MLP(), (torch.randn(2, 64),), config=CONFIGS["fp8_rowwise"])
         self.assertExpectedInline(program_code(program), """\
 def forward(self, p_up_bias, p_lm_head_weight, b_fxquant_up_weight, b_fxquant_up_scale, b_fxquant_down_weight, b_fxquant_down_scale, x):
     fp8_rowwise_linear_default = torch.ops.fxquant.fp8_rowwise_linear.default(x, b_fxquant_up_weight, b_fxquant_up_scale, p_up_bias, None)
@@ -84,7 +84,7 @@ def test_program_matches_the_backend_graph_and_drops_float_weights(name):
 def test_save_and_load_round_trip_bit_exactly(tmp_path):
     torch.manual_seed(0)
     x = torch.randn(3, 64)
-    program = fxquant.export(MLP(), (x,))
+    program = fxquant.export(MLP(), (x,), config=CONFIGS["fp8_rowwise"])
     torch.export.save(program, tmp_path / "mlp.pt2")
     loaded = fxquant.load_program(tmp_path / "mlp.pt2")
     assert loaded.state_dict.keys() == program.state_dict.keys()
@@ -94,13 +94,15 @@ def test_save_and_load_round_trip_bit_exactly(tmp_path):
         assert torch.equal(loaded.module()(x), program.module()(x))
 
 
-def test_aoti_package_calls_fxquant_ops_and_matches_the_program(tmp_path):
+def test_aoti_package_lowers_int8_on_the_cpu_and_matches_the_program(tmp_path):
+    """int8's decomposition applies on the CPU: the package runs Inductor's int8 GEMM, not the op whole."""
     torch.manual_seed(0)
     x = torch.randn(3, 64)
     program = fxquant.export(MLP(), (x,), config=QuantConfig(scheme="int8"))
     package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "mlp_aoti.pt2"))
     calls = aoti_package_calls(package)
-    assert calls == ["fxquant::int8_linear", "fxquant::int8_linear"], f"the package does not call fxquant's ops: {calls}"
+    assert calls == [], f"the package calls fxquant's ops whole: {calls}"
+    assert "_int_mm" in package_source(package, "wrapper.cpp")
     runner = torch._inductor.aoti_load_package(package)
     with torch.no_grad():
         torch.testing.assert_close(runner(x), program.module()(x), rtol=1e-5, atol=1e-5)
@@ -118,7 +120,7 @@ def test_fp8_package_on_the_cpu_calls_fxquants_ops_whole(tmp_path, entry):
     """On the CPU fxquant's decompositions decline: the package calls the linear ops themselves."""
     torch.manual_seed(0)
     x = torch.randn(3, 64)
-    program = fxquant.export(MLP(), (x,))
+    program = fxquant.export(MLP(), (x,), config=CONFIGS["fp8_rowwise"])
     compile_package = fxquant.aoti_compile_and_package if entry == "fxquant" else torch._inductor.aoti_compile_and_package
     package = compile_package(program, package_path=str(tmp_path / "mlp.pt2"))
     assert aoti_package_calls(package) == ["fxquant::fp8_rowwise_linear"] * 2
@@ -136,7 +138,7 @@ def test_package_fuses_the_quantization_where_fxquant_lowers(tmp_path, monkeypat
     monkeypatch.setattr(install, "LOWERED_DEVICE_TYPES", frozenset({"cuda", "cpu"}))
     torch.manual_seed(0)
     model, x = RMSNormLinear().to(torch.bfloat16), torch.randn(8, 256, dtype=torch.bfloat16)
-    program = fxquant.export(model, (x,))
+    program = fxquant.export(model, (x,), config=CONFIGS["fp8_rowwise"])
     package = fxquant.aoti_compile_and_package(
         program, package_path=str(tmp_path / "rmsnorm.pt2"), inductor_configs={"force_disable_caches": True}
     )
@@ -166,7 +168,7 @@ def test_fxquant_aoti_applies_the_backends_settings_and_the_users_last(monkeypat
         return package_path
 
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", aoti_compile_and_package)
-    program = fxquant.export(MLP(), (torch.randn(8, 64),))
+    program = fxquant.export(MLP(), (torch.randn(8, 64),), config=CONFIGS["fp8_rowwise"])
     assert fxquant.aoti_compile_and_package(program, "mlp.pt2", {"split_reductions": True}) == "mlp.pt2"
     (configs, choices, tag), = seen
     if lowered:
@@ -181,7 +183,7 @@ def test_tiny_llama_exports_with_a_dynamic_sequence_length(tmp_path):
     model = tiny_llama()
     ids = torch.randint(0, 128, (2, 16))
     tokens = torch.export.Dim("tokens", min=2, max=128)
-    program = fxquant.export(model, (ids,), kwargs={"use_cache": False}, dynamic_shapes=({1: tokens}, None))
+    program = fxquant.export(model, (ids,), kwargs={"use_cache": False}, dynamic_shapes=({1: tokens}, None), config=CONFIGS["fp8_rowwise"])
     assert len(program.fxquant_plan.rewritten) == 14
     assert [entry.layer for entry in program.fxquant_plan.skipped] == ["lm_head"]
     torch.export.save(program, tmp_path / "llama.pt2")

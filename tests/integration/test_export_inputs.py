@@ -15,6 +15,8 @@ import fxquant
 from fxquant.ops.fp8_rowwise import quantize_fp8_rowwise
 from tests.models import relative_error
 
+FP8 = fxquant.QuantConfig(scheme="fp8_rowwise")  # these programs are checked against the FP8 op (auto: int8 here)
+
 DIM = 32
 
 
@@ -137,7 +139,7 @@ def test_program_runs_equals_the_op_reference_and_survives_save_and_load(case, t
     torch.manual_seed(0)
     model, args, kwargs, n_linears = CASES[case]()
     model.eval()
-    program = fxquant.export(model, args, kwargs)
+    program = fxquant.export(model, args, kwargs, config=FP8)
     assert len(program.fxquant_plan.rewritten) == n_linears, str(program.fxquant_plan)
     assert program.graph_signature.user_inputs == torch.export.export(model, args, kwargs).graph_signature.user_inputs
     ops = [n.target for n in program.graph.nodes if n.op == "call_function"]
@@ -160,7 +162,7 @@ def test_program_runs_equals_the_op_reference_and_survives_save_and_load(case, t
 def test_model_state_named_like_fxquant_buffers_is_kept_beside_them():
     torch.manual_seed(0)
     model = StateNamedLikeFxquantBuffers().eval()
-    program = fxquant.export(model, (x(),))
+    program = fxquant.export(model, (x(),), config=FP8)
     assert torch.equal(program.state_dict["fxquant_fc_weight"], model.fxquant_fc_weight)
     assert torch.equal(program.state_dict["fxquant_fc_scale"], model.fxquant_fc_scale.detach())
     lifted = program.fxquant_plan.rewritten[0].quantized
@@ -171,7 +173,7 @@ def test_model_state_named_like_fxquant_buffers_is_kept_beside_them():
 def test_a_program_of_a_model_with_input_arguments_is_checkpointed(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(linear(), nn.ReLU(), linear()).eval()
-    program = fxquant.export(model, (x(),))
+    program = fxquant.export(model, (x(),), config=FP8)
     fxquant.save_quantized(program, tmp_path / "out")
     from safetensors.torch import load_file
 

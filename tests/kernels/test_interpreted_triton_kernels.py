@@ -48,6 +48,18 @@ def test_split_k_gemm_is_exact_to_a_bf16_ulp():
         assert result["within"], f"M={m} N={n} K={k}: {result['worst']:.2e} beyond one bf16 ulp"
 
 
+def test_int8_split_k_gemm_gives_the_references_bits():
+    # as the FP8 kernel's cases: tails in N and K, K cut into 4, 1, 2, 1 and 8 slices, no tokens, no channels
+    cases = [(1, 512, 4096, 4), (7, 208, 272, 1), (16, 96, 2304, 2), (3, 64, 1000, 1), (2, 64, 8192, 8), (0, 64, 256, 1),
+             (2, 64, 0, 1)]
+    results = interpret("int8_split_k", [dict(m=m, n=n, k=k) for m, n, k, _ in cases])
+    for (m, n, k, splits), result in zip(cases, results):
+        assert result["shape"] == [m, n] and result["dtype"] == "torch.float32", (m, n, k)
+        assert result["splits"] == splits, (m, n, k)
+        assert result["reference_bits"], f"M={m} N={n} K={k}: not fxquant's reference bit for bit"
+        assert result["within"], f"M={m} N={n} K={k}: {result['worst']:.2e} from the float64 formula"
+
+
 @pytest.mark.skipif(
     importlib.util.find_spec("triton") is not None and not _interpreter_loops_to_runtime_bounds(),
     reason="this triton's interpreter cannot run a loop to a runtime bound (the kernel's K loop); triton >= 3.9 can",

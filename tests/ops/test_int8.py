@@ -59,3 +59,25 @@ def test_backward_is_a_clear_error():
     x = torch.randn(4, 64, requires_grad=True)
     with pytest.raises(RuntimeError, match="inference-only"):
         int8_linear(x, w_q, w_scale, None).sum().backward()
+
+
+GEMM_OPS = ["int8_rowwise_mm", "scaled_int_mm", "int8_rowwise_mm_by_rows"]
+
+
+@pytest.mark.parametrize("name", GEMM_OPS)
+def test_the_gemm_ops_are_the_float64_formula_in_float32(name):
+    """int8_rowwise_mm and the lowering's extern choices: exact int32 sums, then x_scale, then w_scale."""
+    torch.manual_seed(0)
+    x_q, x_scale = quantize_int8_rowwise(torch.randn(19, 96))
+    w_q, w_scale = quantize_int8_rowwise(torch.randn(40, 96))
+    y = getattr(torch.ops.fxquant, name)(x_q, w_q, x_scale, w_scale)
+    assert y.dtype == torch.float32 and y.shape == (19, 40)
+    exact = (x_q.double() @ w_q.double().t()) * x_scale.double()[:, None] * w_scale.double()[None, :]
+    torch.testing.assert_close(y.double(), exact, rtol=2**-22, atol=0)  # two float32 roundings
+    torch.library.opcheck(getattr(torch.ops.fxquant, name), (x_q, w_q, x_scale, w_scale))
+
+
+def test_the_gemm_op_takes_no_rows():
+    w_q, w_scale = quantize_int8_rowwise(torch.randn(16, 32))
+    y = torch.ops.fxquant.int8_rowwise_mm(torch.empty(0, 32, dtype=torch.int8), w_q, torch.empty(0), w_scale)
+    assert y.shape == (0, 16)

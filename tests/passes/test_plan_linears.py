@@ -33,13 +33,13 @@ class PlanTest(TestCase):
         config = QuantConfig(skip=["gate"], min_weight_numel=1024)
         plan = fxquant.plan(Gated(), torch.randn(3, 64), config=config)
         self.assertExpectedInline(str(plan), """\
-layer   op      N x K    scheme       bytes                note
-------  ------  -------  -----------  -------------------  -----------------------------------
-proj    linear  64 x 64  fp8_rowwise  16.0 KiB -> 4.2 KiB
-gate    linear  64 x 64  -            16.0 KiB             skipped by skip list (gate)
-odd     linear  40 x 64  -            10.0 KiB             N=40 not divisible by 16
-narrow  linear  32 x 40  -            5.0 KiB              K=40 not divisible by 16
-tiny    linear  16 x 32  -            2.0 KiB              512 weights < min_weight_numel=1024
+layer   op      N x K    scheme  bytes                note
+------  ------  -------  ------  -------------------  -----------------------------------
+proj    linear  64 x 64  int8    16.0 KiB -> 4.2 KiB  auto -> int8: no FP8 GEMMs on cpu
+gate    linear  64 x 64  -       16.0 KiB             skipped by skip list (gate)
+odd     linear  40 x 64  -       10.0 KiB             N=40 not divisible by 16
+narrow  linear  32 x 40  -       5.0 KiB              K=40 not divisible by 16
+tiny    linear  16 x 32  -       2.0 KiB              512 weights < min_weight_numel=1024
 weights of these layers: 49.0 KiB -> 37.2 KiB (0.76x)
 1 of 5 linear layers quantized""")
 
@@ -74,7 +74,7 @@ def test_fp8_on_a_gpu_without_fp8_falls_back_to_int8_logged(monkeypatch, caplog)
     monkeypatch.setattr(fxquant.schemes.common, "fp8_unsupported_reason", lambda device: reason)
     log_once.cache_clear()
     with caplog.at_level(logging.WARNING, logger="fxquant"):
-        plan = fxquant.plan(MLP(), torch.randn(2, 64))
+        plan = fxquant.plan(MLP(), torch.randn(2, 64), config=QuantConfig(scheme="fp8_rowwise"))
     assert [entry.scheme for entry in plan] == ["int8", "int8", None]
     assert plan[0].note == f"fp8_rowwise -> int8: {reason}"
     assert sum("falling back from fp8_rowwise to int8" in r.message for r in caplog.records) == 1, "logged once"

@@ -25,7 +25,7 @@ class Tied(nn.Module):
 
 def test_quantized_buffers_hold_the_reference_quantization():
     model = MLP()
-    backend = fxquant.Backend(keep_graphs=True)
+    backend = fxquant.Backend(fxquant.QuantConfig(scheme="fp8_rowwise"), keep_graphs=True)
     torch.compile(model, backend=lambda gm, inputs: (backend.rewrite(gm), gm.forward)[1])(torch.randn(2, 64))
     gm = backend.graphs[0]
     w_q, w_scale = quantize_fp8_rowwise(model.up.weight.detach())
@@ -82,4 +82,4 @@ def quantize_and_rewrite(gm, cache):
     from fxquant.dynamo_params import dynamo_module_tensor
     from fxquant.pipeline import quantize_graph
 
-    return quantize_graph(gm, dynamo_module_tensor, fxquant.QuantConfig(), cache)
+    return quantize_graph(gm, dynamo_module_tensor, fxquant.QuantConfig(scheme="fp8_rowwise"), cache)

@@ -20,7 +20,7 @@ STORED_SCALE_SHAPE = {
     "int8": lambda scale: scale,
 }
 CONFIGS = {
-    "fp8_rowwise": QuantConfig(),
+    "fp8_rowwise": QuantConfig(scheme="fp8_rowwise"),
     "fp8_blockwise": QuantConfig(scheme="fp8_blockwise", weight_block_size=(32, 32)),
     "fp8_tensorwise": QuantConfig(scheme="fp8_tensorwise"),
     "int8": QuantConfig(scheme="int8"),
@@ -90,7 +90,7 @@ def test_plan_of_a_model_with_stored_weights():
 
 
 def test_stored_weight_without_a_scale_is_an_error_naming_the_layer():
-    stored = stored_copy(MLP(), QuantConfig())
+    stored = stored_copy(MLP(), CONFIGS["fp8_rowwise"])
     del stored.down.weight_scale, STORED_WEIGHTS[stored.down.weight]
     with pytest.raises(Exception, match="layer 'down': stored torch.float8_e4m3fn weight without a float32 down.weight_scale"):
         torch.compile(stored, backend="fxquant")(torch.randn(2, 64))
@@ -99,17 +99,17 @@ def test_stored_weight_without_a_scale_is_an_error_naming_the_layer():
 def test_export_keeps_stored_weights_as_they_are():
     torch.manual_seed(0)
     model, x = MLP(), torch.randn(3, 64)
-    stored = stored_copy(model, QuantConfig())
+    stored = stored_copy(model, CONFIGS["fp8_rowwise"])
     program = fxquant.export(stored, (x,))
     assert program.state_dict["up.weight"].dtype == torch.float8_e4m3fn
     assert not any(name.startswith("fxquant_") for name in program.state_dict)
     with torch.no_grad():
-        assert torch.equal(program.module()(x), fxquant.export(model, (x,)).module()(x))
+        assert torch.equal(program.module()(x), fxquant.export(model, (x,), config=CONFIGS["fp8_rowwise"]).module()(x))
 
 
 class StoredGraphTest(TestCase):
     def test_golden_graph_reads_the_stored_tensors(self):
-        code, _, _ = rewrite(stored_copy(MLP(), QuantConfig()), torch.randn(2, 64))
+        code, _, _ = rewrite(stored_copy(MLP(), CONFIGS["fp8_rowwise"]), torch.randn(2, 64))
         self.assertExpectedInline(code, """\
 def forward(self, up_weight_, up_bias_, L_x_, down_weight_, lm_head_weight_):
     fxquant_up_stored_scale = self.fxquant_up_stored_scale

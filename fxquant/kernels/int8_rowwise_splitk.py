@@ -1,0 +1,94 @@
+"""Split-K int8 rowwise GEMM for decode (M <= 16): more programs than output tiles.
+
+    out[M, N] = float32(A[M, K] @ W[N, K].T) * A_SCALE[M] * W_SCALE[N]      int8 in, int32 accumulate, fp32 out
+
+The int8 twin of fxquant/kernels/fp8_rowwise_splitk.py (same tiles and split rule: at M <= 16 the GEMM
+streams the weight once, and its speed is how many programs keep loads in flight). The partial sums
+are integers, so they are added exactly: each program writes its int32 partial to a workspace
+[SPLIT_K, M, N], and a second kernel adds them and applies the scales, as the reference does
+(`float(acc) * x_scale * w_scale`), so every split gives the reference's bits. With SPLIT_K = 1 the
+GEMM kernel scales and stores fp32 itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fxquant.inductor.tuning import device_tuning
+from fxquant.kernels.fp8_rowwise_splitk import BLOCK_K, BLOCK_M, BLOCK_N, MAX_ROWS, _sm_count, split_k_for
+
+
+@triton.jit
+def _int8_splitk_kernel(
+    a_ptr, w_ptr, a_scale_ptr, w_scale_ptr, out_ptr,
+    M, N, K, stride_am, stride_wn,
+    K_PER_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SCALED: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = pid_k * K_PER_SPLIT + tl.arange(0, BLOCK_K)
+    mask_m = rm < M
+    mask_n = rn < N
+    a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :]
+    w_ptrs = w_ptr + rn[None, :] * stride_wn + rk[:, None]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k in range(0, K_PER_SPLIT, BLOCK_K):
+        in_k = rk + k < K
+        a = tl.load(a_ptrs + k, mask=mask_m[:, None] & in_k[None, :], other=0)
+        w = tl.load(w_ptrs + k, mask=mask_n[None, :] & in_k[:, None], other=0)
+        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SCALED:
+        a_scale = tl.load(a_scale_ptr + rm, mask=mask_m, other=0.0)
+        w_scale = tl.load(w_scale_ptr + rn, mask=mask_n, other=0.0)
+        tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :], mask=mask)
+    else:
+        tl.store(out_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _sum_and_scale_kernel(partial_ptr, a_scale_ptr, w_scale_ptr, out_ptr, N, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < numel
+    total = tl.zeros((BLOCK,), dtype=tl.int32)
+    for split in range(SPLIT_K):
+        total += tl.load(partial_ptr + split * numel + offsets, mask=mask, other=0)
+    a_scale = tl.load(a_scale_ptr + offsets // N, mask=mask, other=0.0)
+    w_scale = tl.load(w_scale_ptr + offsets % N, mask=mask, other=0.0)
+    tl.store(out_ptr + offsets, total.to(tl.float32) * a_scale * w_scale, mask=mask)
+
+
+def int8_rowwise_mm_splitk(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """fxquant::int8_rowwise_mm for M <= MAX_ROWS: x_q [M, K], w_q [N, K] int8, x_scale [M], w_scale [N] float32."""
+    m, k = x_q.shape
+    n = w_q.shape[0]
+    if m > MAX_ROWS:
+        raise ValueError(f"fxquant: the split-K GEMM handles up to {MAX_ROWS} rows, got M={m}")
+    out = torch.empty((m, n), dtype=torch.float32, device=x_q.device)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:  # empty sums
+        return out.zero_()
+    x_q, w_q = x_q.contiguous(), w_q.contiguous()
+    x_scale, w_scale = x_scale.contiguous(), w_scale.contiguous()
+    split_k = split_k_for(n, k, _sm_count(x_q.device), device_tuning(x_q.device).splitk_programs_per_sm)
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), BLOCK_K) * BLOCK_K
+    split_k = triton.cdiv(k, k_per_split)  # rounding the slice up may leave fewer slices
+    partial = out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.int32, device=x_q.device)
+    _int8_splitk_kernel[(triton.cdiv(n, BLOCK_N), split_k)](
+        x_q, w_q, x_scale, w_scale, partial, m, n, k, x_q.stride(0), w_q.stride(0),
+        K_PER_SPLIT=k_per_split, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SCALED=split_k == 1,
+        num_warps=4, num_stages=4,
+    )
+    if split_k > 1:
+        block = 1024
+        _sum_and_scale_kernel[(triton.cdiv(m * n, block),)](
+            partial, x_scale, w_scale, out, n, m * n, SPLIT_K=split_k, BLOCK=block)
+    return out

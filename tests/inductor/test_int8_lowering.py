@@ -1,0 +1,90 @@
+"""int8's Inductor path (fxquant/inductor/int8_decompositions.py, int8_rowwise_mm.py): on the CPU the op
+opens up into the quantization, aten._int_mm and the rescale, compiled by Inductor; on CUDA its GEMM
+is a choice per shape (the GPU runs are tests/kernels/test_cuda_int8.py)."""
+
+import logging
+
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+
+from fxquant.inductor.int8_rowwise_mm import heuristic_choice
+from fxquant.inductor.tuning import H100
+from fxquant.ops.int8 import quantize_int8_rowwise
+
+
+def layer_norm_then_int8(x, w_q, w_scale, bias):
+    return torch.ops.fxquant.int8_linear(torch.nn.functional.layer_norm(x, x.shape[-1:]), w_q, w_scale, bias)
+
+
+def test_on_the_cpu_inductor_compiles_the_quantization_and_calls_int_mm():
+    torch.manual_seed(0)
+    w_q, w_scale = quantize_int8_rowwise(torch.randn(48, 64))
+    x, bias = torch.randn(3, 5, 64), torch.randn(48)
+    compiled = torch.compile(layer_norm_then_int8, backend="inductor", fullgraph=True)
+    y, (code,) = run_and_get_code(compiled, x, w_q, w_scale, bias)
+    assert "extern_kernels._int_mm(" in code and "torch.ops.fxquant.int8_linear" not in code, "the op was not opened up"
+    assert y.shape == (3, 5, 48) and y.dtype == torch.float32
+    # The codes are the reference's; Inductor's LayerNorm may differ from eager's by an ulp, which can
+    # move a code by one: compare with the reference on the compiled LayerNorm's output.
+    normed = torch.compile(lambda x: torch.nn.functional.layer_norm(x, x.shape[-1:]), backend="inductor")(x)
+    torch.testing.assert_close(y, torch.ops.fxquant.int8_linear(normed, w_q, w_scale, bias), rtol=1e-6, atol=1e-6)
+
+
+def test_cuda_gemm_choice_by_rows():
+    """split-K for one row (N <= splitk_max_n), the template to int8_cublas_min_rows, cuBLAS from there;
+    the run-time pick for a dynamic M."""
+    cases = [(1, 4096, "splitk"), (1, 28672, "triton"), (16, 4096, "triton"), (128, 4096, "triton"),
+             (H100.int8_cublas_min_rows, 4096, "cublas"), (4096, 6144, "cublas"), (None, 4096, "by_rows")]
+    assert [heuristic_choice(m, n, tuned=H100) for m, n, _ in cases] == [want for *_, want in cases]
+
+
+def test_a_forced_choice_wins_where_it_fits_and_says_so_elsewhere(monkeypatch, caplog):
+    monkeypatch.setenv("FXQUANT_INT8_GEMM", "cublas")
+    assert heuristic_choice(4096, 4096, tuned=H100) == "cublas"
+    with caplog.at_level(logging.WARNING, logger="fxquant"):
+        assert heuristic_choice(16, 4096, tuned=H100) == "triton"  # cuBLAS's _int_mm needs more than 16 rows
+    monkeypatch.setenv("FXQUANT_INT8_GEMM", "splitk")
+    assert heuristic_choice(16, 28672, tuned=H100) == "splitk"
+    monkeypatch.setenv("FXQUANT_INT8_GEMM", "by_rows")
+    assert heuristic_choice(None, 4096, tuned=H100) == "by_rows"
+    monkeypatch.setenv("FXQUANT_INT8_GEMM", "fbgemm")
+    with pytest.raises(ValueError, match="want one of"):
+        heuristic_choice(1, 4096, tuned=H100)
+
+
+@pytest.mark.parametrize("gemm, marker", [("cublas", "extern_kernels._int_mm("), ("by_rows", "fxquant_int8_rowwise_mm_by_rows")])
+def test_the_lowerings_library_choices_compile_to_the_references_bits(monkeypatch, gemm, marker):
+    """The cuBLAS choice (Inductor's _int_mm, the scales as pointwise code fused with what follows) and
+    the run-time pick, lowered for CPU tensors (where _int_mm is oneDNN's): the op's bits."""
+    from fxquant.inductor import int8_rowwise_mm
+
+    monkeypatch.setattr(int8_rowwise_mm, "LOWERED_DEVICE_TYPES", frozenset({"cuda", "cpu"}))
+    monkeypatch.setenv("FXQUANT_INT8_GEMM", gemm)
+    torch.manual_seed(0)
+    x_q, x_scale = quantize_int8_rowwise(torch.randn(40, 96))
+    w_q, w_scale = quantize_int8_rowwise(torch.randn(48, 96))
+
+    def gemm_then_bias(x_q, x_scale):
+        return torch.ops.fxquant.int8_rowwise_mm(x_q, w_q, x_scale, w_scale) + 1.0
+
+    compiled = torch.compile(gemm_then_bias, backend="inductor", fullgraph=True, dynamic=gemm == "by_rows")
+    with torch._inductor.config.patch(force_disable_caches=True):  # the choice is an environment variable
+        y, (code,) = run_and_get_code(compiled, x_q, x_scale)
+    assert marker in code, code
+    assert torch.equal(y, gemm_then_bias(x_q, x_scale))
+
+
+def test_serving_batch_sizes_have_their_own_template_bucket():
+    """M from 129 to 512 (decode with hundreds of sequences, chunked prefill): its own autotune candidates."""
+    assert H100.configs_for(129) == H100.configs_for(512) != H100.configs_for(513)
+    assert H100.configs_for(129) != H100.configs_for(128)
+
+
+def test_a_forced_int8_gemm_has_its_own_cache_tag(monkeypatch):
+    from fxquant.inductor.cache_key import cache_key_tag
+
+    monkeypatch.delenv("FXQUANT_INT8_GEMM", raising=False)
+    heuristic = cache_key_tag()
+    monkeypatch.setenv("FXQUANT_INT8_GEMM", "cublas")
+    assert cache_key_tag() != heuristic

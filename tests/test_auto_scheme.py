@@ -1,0 +1,91 @@
+"""scheme="auto", the default (fxquant/config.py): fp8_rowwise on GPUs with FP8 tensor cores, int8 on the
+CPU and older GPUs, fp8_rowwise in checkpoints; the plan notes the choice and checkpoints record the
+concrete scheme."""
+
+import json
+
+import pytest
+import torch
+
+import fxquant
+from fxquant import QuantConfig
+from fxquant import config as config_module
+from tests.models import tiny_llama
+
+CUDA = torch.device("cuda", 0)
+
+
+def on_gpu(monkeypatch, capability):
+    """Pretend the CUDA device has `capability`."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    config_module.fp8_unsupported_reason.cache_clear()
+    monkeypatch.setattr(config_module, "fp8_unsupported_reason", config_module.fp8_unsupported_reason.__wrapped__)
+
+
+@pytest.mark.parametrize("capability, scheme, why", [
+    ((9, 0), "fp8_rowwise", "sm_90 has FP8 tensor cores"),
+    ((8, 9), "fp8_rowwise", "sm_89 has FP8 tensor cores"),
+    ((8, 0), "int8", r"Some GPU \(sm_80\) has no FP8 tensor cores"),
+])
+def test_auto_on_a_gpu_is_fp8_from_sm89_and_int8_before(monkeypatch, capability, scheme, why):
+    on_gpu(monkeypatch, capability)
+    decision = QuantConfig().decide("layers.0.q_proj", CUDA)
+    assert decision.scheme == scheme
+    assert decision.note.startswith(f"auto -> {scheme}: ")
+    assert pytest.importorskip("re").search(why, decision.note)
+
+
+def test_auto_is_int8_on_the_cpu_and_fp8_rowwise_for_a_checkpoint():
+    assert QuantConfig().decide("fc", torch.device("cpu")).scheme == "int8"
+    checkpoint = QuantConfig().decide("fc")
+    assert checkpoint.scheme == "fp8_rowwise" and "device-independent" in checkpoint.note
+    assert QuantConfig().decide("lm_head", torch.device("cpu")) == (None, "skip", "lm_head", None)
+    assert QuantConfig(scheme="int8").decide("fc").note == ""  # a scheme given by name has no note
+
+
+def test_auto_in_rules_and_the_options_of_what_it_may_choose():
+    config = QuantConfig(scheme="int8", rules={"*.q_proj": "auto"}, activation_scale_ub=1200.0)
+    assert config.schemes_in_use() == ("int8", "fp8_rowwise")
+    decision = config.decide("layers.0.q_proj", torch.device("cpu"))
+    assert decision.scheme == "int8" and decision.note.startswith("rule '*.q_proj'; auto -> int8: ")
+    assert config.options_for("fp8_rowwise").activation_scale_ub == 1200.0
+    assert QuantConfig(activation_scale_ub=8.0).activation_scale_ub == 8.0  # auto may choose FP8
+    resolved = config.resolved()
+    assert resolved.rules == (("*.q_proj", "fp8_rowwise"),) and resolved.scheme == "int8"
+    assert QuantConfig().resolved(torch.device("cpu")).scheme == "int8"
+
+
+def test_the_compiled_plan_shows_int8_on_the_cpu_and_why():
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16)).eval()
+    plan = fxquant.plan(model, torch.randn(3, 32))
+    assert [row.scheme for row in plan] == ["int8", "int8"]
+    assert all(row.note == "auto -> int8: " + config_module.auto_scheme(torch.device("cpu"))[1] for row in plan)
+
+
+def test_a_checkpoint_records_the_concrete_scheme_never_auto(tmp_path):
+    fxquant.save_quantized(tiny_llama(), tmp_path / "ckpt")
+    metadata = json.loads((tmp_path / "ckpt" / "fxquant.json").read_text())
+    assert metadata["config"]["scheme"] == "fp8_rowwise"
+    schemes = {row["scheme"] for row in metadata["plan"]}
+    assert schemes == {"fp8_rowwise", None}
+    assert "auto" not in json.dumps(metadata["config"])
+
+
+def test_quantize_in_place_then_save_agree_on_auto(tmp_path):
+    """quantize_ makes what load_quantized makes, so auto means what it means in checkpoints."""
+    model = tiny_llama()
+    plan = fxquant.quantize_(model)
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.float8_e4m3fn
+    assert all(e.note.startswith("auto -> fp8_rowwise") for e in plan.rewritten)
+    fxquant.save_quantized(model, tmp_path / "ckpt")  # the stored layers agree with the resolved config
+
+
+def test_expert_weights_under_auto_on_the_cpu_stay_as_they_are_with_the_reason():
+    """int8 has no expert form: on the CPU auto leaves expert weights in float (faster there than FP8's
+    reference experts), and the plan says why."""
+    from tests.passes.test_expert_sites import BF16, OFFSETS, K, S, GroupedExperts
+
+    plan = fxquant.plan(GroupedExperts().to(BF16), torch.randn(S, K, dtype=BF16), OFFSETS)
+    (row,) = list(plan)
+    assert row.scheme is None and row.note == "int8 has no grouped form for expert weights"
