@@ -35,19 +35,20 @@ def _cases(rank: int, directory: str) -> dict:
     from tests.models import tiny_llama
 
     mesh = init_device_mesh("cpu", (RANKS,))
+    FP8 = fxquant.QuantConfig(scheme="fp8_rowwise")  # the formulas below are FP8's (auto is int8 on the CPU)
     seen = {}
 
     # One column-wise and one row-wise layer, as parallelize_module leaves them.
     torch.manual_seed(0)
     mlp = torch.nn.Sequential(torch.nn.Linear(256, 512, bias=False), torch.nn.Linear(512, 256, bias=False))
     x = torch.randn(5, 256)
-    single = fxquant.backend()
+    single = fxquant.backend(FP8)
     seen["mlp single"] = _compiled(copy.deepcopy(mlp), x, single)
-    seen["mlp hidden single"] = _compiled(copy.deepcopy(mlp[0]), x, fxquant.backend())
+    seen["mlp hidden single"] = _compiled(copy.deepcopy(mlp[0]), x, fxquant.backend(FP8))
     parallelize_module(mlp, mesh, {"0": ColwiseParallel(), "1": RowwiseParallel()})
-    backend = fxquant.backend()
+    backend = fxquant.backend(FP8)
     seen["mlp"] = _compiled(mlp, x, backend)
-    seen["mlp hidden"] = _compiled(mlp[0], x, fxquant.backend())  # this rank's columns (use_local_output)
+    seen["mlp hidden"] = _compiled(mlp[0], x, fxquant.backend(FP8))  # this rank's columns (use_local_output)
     seen["mlp plan"] = str(backend.plans[-1])
     seen["mlp weights"] = {name: mlp[i].weight.full_tensor() for i, name in ((0, "0"), (1, "1"))}
     seen["local tensors"] = [{name: (t.placements[0], t.to_local()) for name, t in copy.tensors.items()}
@@ -73,7 +74,7 @@ def _cases(rank: int, directory: str) -> dict:
     # A tiny Llama: parallelize_module as torchtitan does, and transformers' own tp_plan="auto".
     model = tiny_llama()
     tokens = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
-    seen["llama single"] = _compiled(copy.deepcopy(model), tokens, "fxquant").logits
+    seen["llama single"] = _compiled(copy.deepcopy(model), tokens, fxquant.backend(FP8)).logits
     with torch.no_grad():
         seen["llama float"] = model(tokens).logits
     for layer in model.model.layers:
@@ -81,11 +82,11 @@ def _cases(rank: int, directory: str) -> dict:
                                                    "v_proj": ColwiseParallel(), "o_proj": RowwiseParallel()})
         parallelize_module(layer.mlp, mesh, {"gate_proj": ColwiseParallel(), "up_proj": ColwiseParallel(),
                                              "down_proj": RowwiseParallel()})
-    backend = fxquant.backend()
+    backend = fxquant.backend(FP8)
     seen["llama"] = _compiled(model, tokens, backend).logits
     seen["llama plan"] = str(backend.plans[-1])
     hf = AutoModelForCausalLM.from_pretrained(os.path.join(directory, "llama"), tp_plan="auto").eval()
-    backend = fxquant.backend()
+    backend = fxquant.backend(FP8)
     compiled = torch.compile(hf, backend=backend)
     with torch.no_grad():
         seen["llama tp_plan"] = compiled(tokens).logits
@@ -94,7 +95,7 @@ def _cases(rank: int, directory: str) -> dict:
         hf.model.layers[0].self_attn.k_proj.weight.mul_(0.5)
         seen["llama tp_plan changed"] = compiled(tokens).logits
     seen["requantized"] = torch._dynamo.utils.counters["fxquant"]["requantized_weights"]
-    seen["llama tp_plan recompiled"] = _compiled(hf, tokens, "fxquant").logits
+    seen["llama tp_plan recompiled"] = _compiled(hf, tokens, fxquant.backend(FP8)).logits
     return seen
 
 
