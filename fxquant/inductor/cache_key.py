@@ -33,5 +33,5 @@ def _sources_hash() -> str:
 def cache_key_tag() -> str:
     """torch.compiler.config.cache_key_tag extended with fxquant's lowering sources and GEMM choice."""
     fbgemm = "fbgemm" if fbgemm_genai_available() else "no-fbgemm"
-    forced = ":".join(os.environ.get(name, "") for name in ("FXQUANT_GROUPED_GEMM", "FXQUANT_GEMM", "FXQUANT_INT8_GEMM"))
+    forced = ":".join(os.environ.get(name, "") for name in ("FXQUANT_GROUPED_GEMM", "FXQUANT_INT8_GEMM", "FXQUANT_GEMM"))
     return f"{torch.compiler.config.cache_key_tag}|fxquant:{_sources_hash()}:{fbgemm}:{forced}"
