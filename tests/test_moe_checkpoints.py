@@ -19,7 +19,7 @@ from tests.ops.formula_reference import quantize_fp8
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("compressed_tensors")
 
-ROWWISE = QuantConfig()
+ROWWISE = QuantConfig(scheme="fp8_rowwise")
 BLOCKWISE = QuantConfig(scheme="fp8_blockwise")
 # (config, QuantConfig, per-expert names of gate_up_proj's parts)
 CASES = {

@@ -23,8 +23,8 @@ def test_rules_parse_from_a_dict_or_pairs_and_are_checked():
     assert CONFIG.rules == tuple(RULES.items())
     options = {"scheme": "fp8_rowwise", "rules": [list(pair) for pair in RULES.items()], "weight_block_size": [32, 32]}
     assert QuantConfig.from_options(options) == CONFIG
-    with pytest.raises(ValueError, match="unknown scheme 'fp4'"):
-        QuantConfig(rules={"*": "fp4"})
+    with pytest.raises(ValueError, match="unknown scheme 'fp3'"):
+        QuantConfig(rules={"*": "fp3"})
     with pytest.raises(ValueError, match="rules must map glob strings"):
         QuantConfig(rules=[("*",)])
     # an option applies when a rule's scheme declares it

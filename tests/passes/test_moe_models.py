@@ -126,7 +126,7 @@ def test_indexed_sites_of_an_exported_program_select_their_expert():
     torch.manual_seed(0)
     model = LoopedExperts()
     x, gates = torch.randn(TOKENS, HIDDEN), torch.rand(TOKENS, EXPERTS)
-    program = fxquant.export(model, (x, gates))
+    program = fxquant.export(model, (x, gates), config=QuantConfig(scheme="fp8_rowwise"))
     assert "weight" not in program.state_dict and program.state_dict["fxquant_weight_weight"].shape == (EXPERTS, 32, HIDDEN)
     _, expected, _ = rewrite(model, x, gates)
     with torch.no_grad():
@@ -153,7 +153,8 @@ COUNTS = {  # (linear layers quantized, of, expert weights quantized, of): 2 lay
 @pytest.mark.parametrize("model", MOE_MODELS)
 def test_plans_list_each_expert_tensor_and_skip_the_router(model, implementation):
     dtype = torch.bfloat16 if implementation == "grouped_mm" else torch.float32  # torch's grouped_mm traces in bf16
-    plan = fxquant.plan(MOE_MODELS[model](implementation).to(dtype), torch.randint(0, 64, (2, 5)))
+    plan = fxquant.plan(MOE_MODELS[model](implementation).to(dtype), torch.randint(0, 64, (2, 5)),
+                        config=QuantConfig(scheme="fp8_rowwise"))  # auto is int8 on the CPU: no expert form
     rows = {row.layer: row for row in plan}
     moe_layer = "model.layers.1.mlp"
     up, down = rows[f"{moe_layer}.experts.gate_up_proj"], rows[f"{moe_layer}.experts.down_proj"]
