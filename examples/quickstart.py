@@ -71,6 +71,7 @@ def main() -> None:
         reference = forward(model).float()
         rows = []
         for name, backend, options in [("torch.compile", "inductor", None)] + [(s, "fxquant", {"scheme": s}) for s in schemes]:
+            torch._dynamo.reset()  # each row compiles afresh (past 8 backends Dynamo would run the model uncompiled)
             compiled = torch.compile(model, backend=backend, options=options)
             start = time.perf_counter()
             logits = forward(compiled).float()
