@@ -24,9 +24,10 @@ import torch
 from torch._inductor import config as inductor_config
 from torch._inductor import ir
 from torch._inductor.lowering import fallback_handler, register_lowering
-from torch._inductor.select_algorithm import ExternKernelChoice, autotune_select_algorithm, realize_inputs
+from torch._inductor.select_algorithm import ExternKernelChoice, realize_inputs
 from torch._inductor.virtualized import V
 
+from fxquant.inductor.autotune import select_node
 from fxquant.log import log_once
 from fxquant.ops.fp8_rowwise_grouped_gemm import KERNELS, available_kernels
 
@@ -91,5 +92,4 @@ def tuned_fp8_rowwise_grouped_gemm(x_q, w_q, x_scale, w_scale, offsets):
     hint = getattr(sizevars, "optimization_hint", None) or sizevars.size_hint  # torch 2.13 / torch 2.11
     rows = hint(inputs[0].get_size()[0], fallback=experts * 16)
     gen = {OFFSETS_INPUT: lambda buffer: even_offsets(rows, experts, buffer.get_device())}
-    selected = autotune_select_algorithm("fxquant_fp8_rowwise_grouped_gemm", choices, inputs, layout, input_gen_fns=gen)
-    return selected[0] if isinstance(selected, tuple) else selected  # torch 2.13 returns (node, choice)
+    return select_node("fxquant_fp8_rowwise_grouped_gemm", choices, inputs, layout, input_gen_fns=gen)

@@ -28,9 +28,10 @@ import torch
 from torch._inductor import config as inductor_config
 from torch._inductor import ir
 from torch._inductor.lowering import fallback_handler, register_lowering
-from torch._inductor.select_algorithm import ExternKernelChoice, autotune_select_algorithm, realize_inputs
+from torch._inductor.select_algorithm import ExternKernelChoice, realize_inputs
 from torch._inductor.virtualized import V
 
+from fxquant.inductor.autotune import select_node
 from fxquant.inductor.choices import tuning
 from fxquant.inductor.tuning import DeviceTuning
 from fxquant.kernels.fp8_rowwise_gemm import fp8_rowwise_gemm_template
@@ -142,4 +143,4 @@ def tuned_fp8_rowwise_mm(x_q, w_q, x_scale, w_scale):
         choices.append(splitk_choice.bind(inputs, layout))
     if "scaled_mm" in wanted or not choices:
         choices.append(scaled_mm_choice.bind(inputs, layout))
-    return autotune_select_algorithm("fxquant_fp8_rowwise_mm", choices, inputs, layout)
+    return select_node("fxquant_fp8_rowwise_mm", choices, inputs, layout)

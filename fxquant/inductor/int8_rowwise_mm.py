@@ -26,9 +26,10 @@ import torch
 from torch._inductor import config as inductor_config
 from torch._inductor import ir
 from torch._inductor.lowering import fallback_handler, lowerings, register_lowering
-from torch._inductor.select_algorithm import ExternKernelChoice, autotune_select_algorithm, realize_inputs
+from torch._inductor.select_algorithm import ExternKernelChoice, realize_inputs
 from torch._inductor.virtualized import V
 
+from fxquant.inductor.autotune import select_node
 from fxquant.inductor.choices import tuning
 from fxquant.inductor.tuning import DeviceTuning
 from fxquant.kernels.int8_rowwise_gemm import int8_rowwise_gemm_template
@@ -137,5 +138,4 @@ def tuned_int8_rowwise_mm(x_q, w_q, x_scale, w_scale):
         choices.append(splitk_choice.bind(inputs, layout))
     if "by_rows" in wanted or not choices:
         choices.append(by_rows_choice.bind(inputs, layout))
-    selected = autotune_select_algorithm("fxquant_int8_rowwise_mm", choices, inputs, layout)
-    return selected[0] if isinstance(selected, tuple) else selected  # torch >= 2.13: (node, choice)
+    return select_node("fxquant_int8_rowwise_mm", choices, inputs, layout)
