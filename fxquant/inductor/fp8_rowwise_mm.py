@@ -125,13 +125,7 @@ def tuned_fp8_rowwise_mm(x_q, w_q, x_scale, w_scale):
 
     choices = []
     if "triton" in wanted and static_k is not None:
-        if not autotune:
-            configs = [tuned.heuristic_config(static_m or 2**62, static_n, static_k)]
-        elif static_m is not None:
-            configs = tuned.configs_for(static_m)
-        else:
-            configs = [config for bucket in tuned.template_configs.values() for config in bucket]
-        for config in configs:
+        for config in tuned.template_choices(static_m, static_n, static_k, autotune):
             fp8_rowwise_gemm_template.maybe_append_choice(
                 choices, input_nodes=inputs, layout=layout, **config.template_kwargs(static_k)
             )

@@ -80,6 +80,15 @@ class DeviceTuning:
             return self.configs_for(m)[0]
         return next(d.config for d in self.decode_configs if k >= d.min_k and n <= d.max_n)
 
+    def template_choices(self, m: int | None, n: int, k: int, autotune: bool) -> tuple[GemmConfig, ...]:
+        """The template configs a lowering offers: the heuristic's one without autotuning; under
+        max-autotune m's bucket, or every bucket's configs where M is known only at run time."""
+        if not autotune:
+            return (self.heuristic_config(m or 2**62, n, k),)
+        if m is not None:
+            return self.configs_for(m)
+        return tuple(config for bucket in self.template_configs.values() for config in bucket)
+
 
 H100 = DeviceTuning(
     name="H100",
