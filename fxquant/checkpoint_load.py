@@ -24,6 +24,7 @@ from fxquant.footprint import dtype_name
 from fxquant.foreign_checkpoints import Conversion, converted, read_foreign
 from fxquant.shards import INDEX_FILE
 from fxquant.stored_layers import make_stored
+from fxquant.tensor_parallel import local
 
 Header = dict[str, tuple[torch.dtype, tuple[int, ...]]]
 
@@ -155,10 +156,11 @@ def _expected_tensors(
 
 def _check_ties(path: Path, tied: dict[str, str], model: nn.Module) -> None:
     """Each name `tied` stores as another is that very tensor in the model (tied embeddings): the
-    same object, as on the meta device, or the same memory."""
+    same object, as on the meta device, or the same memory (a DTensor's: its local part's; its own
+    data_ptr is 0)."""
     named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
     identity = {
-        name: id(t) if t.is_meta or t.numel() == 0 else (t.device, t.data_ptr(), t.dtype, t.shape, t.stride())
+        name: id(t) if t.is_meta or t.numel() == 0 else (t.device, local(t).data_ptr(), t.dtype, t.shape, t.stride())
         for name, t in named
     }
     for alias, target in tied.items():

@@ -31,24 +31,37 @@ CHECKPOINTS = {
 TOKENS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
 
 
-def _parallel_llama(mesh, meta: bool, seed: int = 0):
-    """tiny_llama (built on meta, or float from `seed`), q/k/v/gate/up column-wise, o/down row-wise."""
-    import fxquant
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+def _llama(seed: int = 0):
+    """tests.models' tiny Llama with biases in its attention and MLP layers, eval mode, fp32."""
     from transformers import LlamaForCausalLM
 
-    from tests.models import tiny_llama, tiny_llama_config
+    from tests.models import tiny_llama_config
+
+    config = tiny_llama_config()
+    config.attention_bias = config.mlp_bias = True
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def _parallel_llama(mesh, meta: bool, seed: int = 0):
+    """_llama (built on meta, or float from `seed`), q/k/v/gate/up column-wise, o/down row-wise, as
+    torchtitan splits it: the embedding by vocab rows, lm_head (left float) column-wise."""
+    import fxquant
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     if meta:
         with fxquant.empty_weights():
-            model = LlamaForCausalLM(tiny_llama_config()).eval()
+            model = _llama()
     else:
-        model = tiny_llama(seed=seed)
+        model = _llama(seed)
     for layer in model.model.layers:
         parallelize_module(layer.self_attn, mesh, {"q_proj": ColwiseParallel(), "k_proj": ColwiseParallel(),
                                                    "v_proj": ColwiseParallel(), "o_proj": RowwiseParallel()})
         parallelize_module(layer.mlp, mesh, {"gate_proj": ColwiseParallel(), "up_proj": ColwiseParallel(),
                                              "down_proj": RowwiseParallel()})
+    parallelize_module(model, mesh, {"model.embed_tokens": RowwiseParallel(input_layouts=Replicate()),  # vocab rows
+                                     "lm_head": ColwiseParallel(output_layouts=Replicate())})
     return model
 
 
@@ -153,19 +166,16 @@ def _worker(rank: int, directory: str) -> None:
 def run(tmp_path_factory):
     """(what each rank saw, {checkpoint: (single-process logits, its loaded state dict)})."""
     import fxquant
-    from transformers import LlamaForCausalLM
-
-    from tests.models import tiny_llama, tiny_llama_config
 
     directory = tmp_path_factory.mktemp("tp_checkpoint")
     single = {}
     for name, (arguments, shard_size) in CHECKPOINTS.items():
         config = fxquant.QuantConfig(**arguments)
-        fxquant.save_quantized(tiny_llama(), directory / name, config, **({"max_shard_size": shard_size} if shard_size else {}))
+        fxquant.save_quantized(_llama(), directory / name, config, **({"max_shard_size": shard_size} if shard_size else {}))
         if name in ("fp8_blockwise 32", "nf4"):
             continue
         with fxquant.empty_weights():
-            loaded = fxquant.load_quantized(directory / name, LlamaForCausalLM(tiny_llama_config()).eval())
+            loaded = fxquant.load_quantized(directory / name, _llama())
         single[name] = (_compiled(loaded, config)[0], loaded.state_dict())
     mp.spawn(_worker, args=(str(directory),), nprocs=RANKS)
     return [torch.load(directory / f"rank{rank}.pt", weights_only=False) for rank in range(RANKS)], single, directory
@@ -209,7 +219,9 @@ def test_each_rank_reads_only_what_it_holds(run, name):
         for tensor_name, (placement, local) in held.items():
             how = "slice" if placement is not None and placement.startswith("S") else "whole"
             assert reads[tensor_name] == (how, local.numel()), tensor_name
-        assert sum(n for how, n in reads.values() if how == "slice") > 0
+        for plain in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.0.self_attn.q_proj.bias"):
+            assert held[plain][0] == "S(0)" and reads[plain][0] == "slice", plain  # not quantized, split all the same
+        assert held["model.layers.0.self_attn.o_proj.bias"][0] == "R"
 
 
 @pytest.mark.parametrize("name", LOADED)
