@@ -123,7 +123,7 @@ def tensor_slices(directory: object, model: nn.Module, metadata: dict, layer_opt
         return {}
     for name, tensor in held.items():
         problem = _placement_problem(tensor) or (
-            f"an expert weight split over ranks" if name in joined else None) or (
+            "an expert weight split over ranks" if name in joined else None) or (
             f"its mesh is on {tensor.device_mesh.device_type}, the load on {torch.device(device).type}"
             if tensor.device_mesh.device_type != torch.device(device).type else None)
         if problem is not None:
