@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from fxquant.checkpoint_experts import ExpertJoin, ExpertTensor, file_layout, hold_stored_experts
 from fxquant.checkpoint_layers import is_checkpoint_layer, is_conv1d, layer_shape, stored_layout
 from fxquant.checkpoint_metadata import HF_CONFIG_FILE, METADATA_FILE, read_header, read_metadata, tensor_key
-from fxquant.checkpoint_slices import tensor_slices
+from fxquant.checkpoint_slices import register_layer_sharding, tensor_slices
 from fxquant.checkpoint_writer import file_sha256
 from fxquant.config import QuantConfig
 from fxquant.footprint import dtype_name
@@ -296,5 +296,7 @@ def load_quantized(
     hold_stored_experts(model, joins)  # as the expert ops take them, registered as stored
     for entry in metadata["plan"]:
         if entry["scheme"] is not None and "expert_names" not in entry:  # eager calls and torch.compile(backend="fxquant") run them as stored
-            make_stored(model.get_submodule(entry["layer"]), entry["scheme"], layer_options(entry, config))
+            module = make_stored(model.get_submodule(entry["layer"]), entry["scheme"], options[entry["layer"]])
+            if tensor_key(entry["layer"], "weight") in slices:  # eager calls run the op on DTensors
+                register_layer_sharding(entry["layer"], module, entry["scheme"], options[entry["layer"]])
     return model

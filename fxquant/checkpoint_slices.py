@@ -28,8 +28,9 @@ from torch import Tensor, nn
 
 from fxquant.checkpoint_layers import is_conv1d, stored_layout
 from fxquant.checkpoint_metadata import tensor_key
+from fxquant.passes.stored_weights import op_tensor
 from fxquant.scheme import get_scheme
-from fxquant.tensor_parallel import is_dtensor, scheme_placement, shard_problem, split_side
+from fxquant.tensor_parallel import is_dtensor, register_op_sharding, scheme_placement, shard_problem, split_side
 
 try:
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -70,6 +71,7 @@ def _slice(mesh: object, placement: object, shape: tuple[int, ...]) -> TensorSli
 
 
 def _placement_problem(tensor: Tensor) -> str | None:
+    """Why a DTensor's placement cannot be read slice by slice, or None."""
     if tensor.device_mesh.ndim != 1:
         return f"a {tensor.device_mesh.ndim}-D device mesh (fxquant reads 1-D tensor-parallel meshes only)"
     (placement,) = tensor.placements
@@ -122,10 +124,12 @@ def tensor_slices(directory: object, model: nn.Module, metadata: dict, layer_opt
     if not held:
         return {}
     for name, tensor in held.items():
-        problem = _placement_problem(tensor) or (
-            "an expert weight split over ranks" if name in joined else None) or (
-            f"its mesh is on {tensor.device_mesh.device_type}, the load on {torch.device(device).type}"
-            if tensor.device_mesh.device_type != torch.device(device).type else None)
+        if name in joined:
+            problem = "an expert weight split over ranks"
+        elif tensor.device_mesh.device_type != torch.device(device).type:
+            problem = f"its mesh is on {tensor.device_mesh.device_type}, the load on {torch.device(device).type}"
+        else:
+            problem = _placement_problem(tensor)
         if problem is not None:
             raise ValueError(f"fxquant: {directory}: cannot read '{name}' slice by slice into the tensor-parallel model: {problem}")
     slices: dict[str, TensorSlice] = {}
@@ -151,3 +155,11 @@ def tensor_slices(directory: object, model: nn.Module, metadata: dict, layer_opt
             raise ValueError(f"fxquant: {directory}: cannot read '{name}' slice by slice into the tensor-parallel model: "
                              "the checkpoint's layout converts it on loading (a foreign checkpoint); load it whole")
     return slices
+
+
+def register_layer_sharding(layer: str, module: nn.Module, scheme: str, options: object) -> None:
+    """Give DTensor the sharding rule of the op a loaded layer runs eagerly (StoredLinear's forward),
+    as compiling registers it at the rewrite; an activation on the meta device stands for the real one."""
+    plugin, (n, k) = get_scheme(scheme), module.weight.shape
+    tensors = {name: op_tensor(scheme, name, getattr(module, name), n, k, options) for name in plugin.tensors}
+    register_op_sharding(plugin.call(layer, torch.empty(1, k, device="meta"), tensors, module.bias, options))
