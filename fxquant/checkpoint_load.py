@@ -17,12 +17,14 @@ from torch import Tensor, nn
 from fxquant.checkpoint_experts import ExpertJoin, ExpertTensor, file_layout, hold_stored_experts
 from fxquant.checkpoint_layers import is_checkpoint_layer, is_conv1d, layer_shape, stored_layout
 from fxquant.checkpoint_metadata import HF_CONFIG_FILE, METADATA_FILE, read_header, read_metadata, tensor_key
+from fxquant.checkpoint_slices import register_layer_sharding, tensor_slices
 from fxquant.checkpoint_writer import file_sha256
 from fxquant.config import QuantConfig
 from fxquant.footprint import dtype_name
 from fxquant.foreign_checkpoints import Conversion, converted, read_foreign
 from fxquant.shards import INDEX_FILE
 from fxquant.stored_layers import make_stored
+from fxquant.tensor_parallel import local
 
 Header = dict[str, tuple[torch.dtype, tuple[int, ...]]]
 
@@ -154,10 +156,11 @@ def _expected_tensors(
 
 def _check_ties(path: Path, tied: dict[str, str], model: nn.Module) -> None:
     """Each name `tied` stores as another is that very tensor in the model (tied embeddings): the
-    same object, as on the meta device, or the same memory."""
+    same object, as on the meta device, or the same memory (a DTensor's: its local part's; its own
+    data_ptr is 0)."""
     named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
     identity = {
-        name: id(t) if t.is_meta or t.numel() == 0 else (t.device, t.data_ptr(), t.dtype, t.shape, t.stride())
+        name: id(t) if t.is_meta or t.numel() == 0 else (t.device, local(t).data_ptr(), t.dtype, t.shape, t.stride())
         for name, t in named
     }
     for alias, target in tied.items():
@@ -237,7 +240,10 @@ def load_quantized(
     the checkpoint config's options, so that the fxquant backend and `fxquant.export` use them
     without quantizing again. Each tensor is read on its own (safetensors' safe_open, one file open
     at a time) straight onto `device` and assigned, not copied: the model is never in CPU memory
-    whole unless `device` is the CPU. Each such layer's class becomes a subclass of its own
+    whole unless `device` is the CPU. Into a tensor-parallel model (DTensor parameters, as
+    `parallelize_module` leaves them, on the meta device or float) each rank reads only its slice of
+    each split tensor, a quantized layer's split as its weight (fxquant/checkpoint_slices.py);
+    `device` is then this rank's. Each such layer's class becomes a subclass of its own
     (StoredLinear, StoredConv1D: fxquant/stored_layers.py), so the model also runs without
     compiling, through fxquant's ops with the compiled numerics; `save_quantized` of the loaded
     model writes its stored tensors back as they are.
@@ -265,6 +271,8 @@ def load_quantized(
     as_loaded = {name: conversions[name][:2] if name in conversions else spec for name, spec in header.items()}
     _check_tensors(directory, lambda name: directory / file_of[name], as_loaded, tied, expected, quantized)
     _check_no_meta_left(model, expected, {join.expert.name for join in joins})
+    options = {entry["layer"]: layer_options(entry, config) for entry in metadata["plan"] if entry["scheme"] is not None}
+    slices = tensor_slices(directory, model, metadata, options, tied, set(conversions), {join.expert.name for join in joins}, device)
     for file, digest in metadata["sha256"].items():
         if verify_checksum and digest is not None and digest != file_sha256(directory / file):
             raise ValueError(f"fxquant: {directory / file}: SHA-256 differs from the one recorded in {METADATA_FILE}; the file was changed or corrupted")
@@ -275,7 +283,8 @@ def load_quantized(
     for file in metadata["sha256"]:
         with safe_open(directory / file, framework="pt", device=str(device)) as tensors:
             for stored in [name for name in header if file_of[name] == file]:
-                value = tensors.get_tensor(renamed.get(stored, stored))
+                file_name = renamed.get(stored, stored)  # a DTensor of the model's: this rank's slice only
+                value = slices[stored].read(tensors, file_name) if stored in slices else tensors.get_tensor(file_name)
                 if stored in conversions:  # exact: a wider float, a reshape, block scales repeated onto finer blocks
                     value = converted(value, conversions[stored])
                 if stored in join_of:  # one expert's part of an [E, N, K] expert weight
@@ -287,5 +296,7 @@ def load_quantized(
     hold_stored_experts(model, joins)  # as the expert ops take them, registered as stored
     for entry in metadata["plan"]:
         if entry["scheme"] is not None and "expert_names" not in entry:  # eager calls and torch.compile(backend="fxquant") run them as stored
-            make_stored(model.get_submodule(entry["layer"]), entry["scheme"], layer_options(entry, config))
+            module = make_stored(model.get_submodule(entry["layer"]), entry["scheme"], options[entry["layer"]])
+            if tensor_key(entry["layer"], "weight") in slices:  # eager calls run the op on DTensors
+                register_layer_sharding(entry["layer"], module, entry["scheme"], options[entry["layer"]])
     return model

@@ -97,7 +97,8 @@ def shard_note(weight: Tensor, weight_is_kn: bool) -> str:
     return f"{'column' if side == 'N' else 'row'}-wise: {side} {start}-{start + size - 1} on rank {rank} of {ranks}"
 
 
-def _placement(scheme: Scheme, name: str, side: str | None) -> object:
+def scheme_placement(scheme: Scheme, name: str, side: str | None) -> object:
+    """How the scheme's tensor `name` (op layout) splits when its weight splits along `side` ("N", "K" or None)."""
     dims = scheme.shard_dims.get(name, (None, None))
     dim = {"N": dims[0], "K": dims[1]}.get(side)
     return Replicate() if dim is None else Shard(dim)
@@ -107,7 +108,7 @@ def quantize_sharded(weight: Tensor, scheme: Scheme, quantize: Callable[[Tensor]
     """The scheme's tensors of DTensor `weight` (an [N, K] view), as DTensors split as the weight is;
     `quantize` maps a plain [N, K] weight to them."""
     side = split_side(weight)
-    placements = {name: _placement(scheme, name, side) for name in scheme.tensors}
+    placements = {name: scheme_placement(scheme, name, side) for name in scheme.tensors}
     mesh = weight.device_mesh
     if side == "N" and all(isinstance(p, Shard) for p in placements.values()):
         tensors = quantize(weight.to_local())  # per-row quantities: the local rows quantize alone
