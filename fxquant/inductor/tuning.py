@@ -7,14 +7,15 @@
     template_configs         the Triton template under max-autotune        configs tried per M bucket
     decode_configs           the template without autotuning, M <= 16      the config per (N, K)
     whole_row_limit          fxquant/inductor/choices.py                   persistent reductions up to this row width
-    int8_cublas_min_rows     int8_rowwise_mm's lowering                    int8: fxquant's template below this M, cuBLAS from it
+    int8_cublas_min_rows     int8_rowwise_mm's lowering and CUDA kernel    int8: fxquant's template below this M, cuBLAS from it
 
 Where each was measured (benchmarks/RESULTS.md): every row is the H100's (80GB HBM3): the GEMM
 choice, split-K and template configs in the fifth session (benchmarks/gemm.py on Llama-3-8B's
-shapes), the whole-row limit in the seventh. The H200 row is the H100's until measured otherwise:
+shapes), the whole-row limit in the seventh; the int8 bound and the first large-M config on the
+H200 in the twelfth (benchmarks/int8_gemm.py). The H200 row is the H100's until measured otherwise:
 the eighth session checked the whole-row limit there only against Inductor's default (0.8-0.9 %
-less GPU time), not against other limits; no GEMM bound was measured on it. Any other GPU takes
-`DEFAULT`, the H100's numbers.
+less GPU time), not against other limits. Any other GPU takes `DEFAULT`, the H100's numbers but
+cuBLAS's int8 GEMM above 128 rows.
 
 The lowering and the choices read a row through Inductor's choices handler
 (fxquant/inductor/choices.py: `tuning`), so a choices class of the user's can override it; run-time
@@ -107,7 +108,10 @@ H100 = DeviceTuning(
         # programs per weight read as the SMs allow.
         512: (GemmConfig(128, 128, 128, 4, 8), GemmConfig(64, 128, 128, 4, 4), GemmConfig(128, 256, 128, 3, 8),
               GemmConfig(64, 256, 128, 4, 8)),
-        2**62: (GemmConfig(128, 128, 128, 4, 8), GemmConfig(128, 256, 128, 3, 8), GemmConfig(64, 256, 128, 4, 4),
+        # First: int8's pick at M = 2048 under max-autotune on the H200 (gate_up, down, o: 1.54x, 1.48x,
+        # 1.41x over bf16, against 1.33x, 1.29x, 1.22x with 128 x 128 tiles; twelfth session). FP8 runs
+        # FBGEMM's or cuBLAS's GEMM there unless autotuned or forced.
+        2**62: (GemmConfig(128, 256, 128, 3, 8), GemmConfig(128, 128, 128, 4, 8), GemmConfig(64, 256, 128, 4, 4),
                 GemmConfig(256, 128, 128, 3, 8)),
     },
     # What max-autotune picked for Llama-3-8B's shapes at M <= 16: enough programs along N to cover
@@ -119,12 +123,14 @@ H100 = DeviceTuning(
     ),
     # RMSNorm + quantization rows of 4096 faster persistent; SiLU·mul's 14336 slower (seventh session).
     whole_row_limit=8192,
-    # int8 (not measured yet; a first guess from FP8's FBGEMM bound): the template up to 128 rows,
-    # cuBLAS's _int_mm above (1.12-1.29x over bf16 at M >= 2048 on the H200, alone).
-    int8_cublas_min_rows=129,
+    # int8: fxquant's template (or its tiled kernel, M dynamic) at every M. cuBLAS's _int_mm runs an
+    # sm80 kernel on Hopper: 1.06-1.20x over bf16 at M = 2048 on the H200, the template 1.22-1.54x
+    # (gate_up, down, o; twelfth session); at M = 16 the template 1.38-1.70x.
+    int8_cublas_min_rows=2**62,
 )
-H200 = dataclasses.replace(H100, name="H200")  # not measured apart from the H100 yet (module docstring)
-DEFAULT = dataclasses.replace(H100, name="default")
+H200 = dataclasses.replace(H100, name="H200")  # the int8 bound was measured here; the rest is the H100's
+# Other GPUs: the H100's numbers, but cuBLAS's int8 GEMM above 128 rows (native on sm80, not measured here).
+DEFAULT = dataclasses.replace(H100, name="default", int8_cublas_min_rows=129)
 
 # GPU name pattern → row; the first that matches `torch.cuda.get_device_name` wins ("NVIDIA H100 80GB
 # HBM3", "NVIDIA H200"; a GH200 is neither).

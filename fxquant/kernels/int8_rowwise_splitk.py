@@ -1,4 +1,5 @@
-"""Split-K int8 rowwise GEMM for decode (M <= 16): more programs than output tiles.
+"""Split-K int8 rowwise GEMM for decode (M <= 16): more programs than output tiles; and the same kernel
+unsplit with the template's tiles for more rows, where M is known only at run time.
 
     out[M, N] = float32(A[M, K] @ W[N, K].T) * A_SCALE[M] * W_SCALE[N]      int8 in, int32 accumulate, fp32 out
 
@@ -8,6 +9,13 @@ are integers, so they are added exactly: each program writes its int32 partial t
 [SPLIT_K, M, N], and a second kernel adds them and applies the scales, as the reference does
 (`float(acc) * x_scale * w_scale`), so every split gives the reference's bits. With SPLIT_K = 1 the
 GEMM kernel scales and stores fp32 itself.
+
+`int8_rowwise_mm_tiled` runs it for M > 16 (the op's run-time pick for a dynamic M, fxquant/ops/int8.py):
+SPLIT_K = 1 and the tile config the Inductor template takes without autotuning for that M
+(fxquant/inductor/tuning.py). The M tiles are the grid's first axis, so the programs in flight
+share weight tiles: the weight streams from memory about once, the activation stays in L2. On Hopper
+it beat cuBLAS's `_int_mm` (an sm80 kernel there) by 1.2-1.4x at M = 2048 as the template
+(benchmarks/RESULTS.md, twelfth session).
 """
 
 from __future__ import annotations
@@ -27,9 +35,10 @@ def _int8_splitk_kernel(
     K_PER_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SCALED: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rm = tl.arange(0, BLOCK_M)
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = pid_k * K_PER_SPLIT + tl.arange(0, BLOCK_K)
     mask_m = rm < M
@@ -82,7 +91,7 @@ def int8_rowwise_mm_splitk(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), BLOCK_K) * BLOCK_K
     split_k = triton.cdiv(k, k_per_split)  # rounding the slice up may leave fewer slices
     partial = out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.int32, device=x_q.device)
-    _int8_splitk_kernel[(triton.cdiv(n, BLOCK_N), split_k)](
+    _int8_splitk_kernel[(1, triton.cdiv(n, BLOCK_N), split_k)](
         x_q, w_q, x_scale, w_scale, partial, m, n, k, x_q.stride(0), w_q.stride(0),
         K_PER_SPLIT=k_per_split, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SCALED=split_k == 1,
         num_warps=4, num_stages=4,
@@ -91,4 +100,25 @@ def int8_rowwise_mm_splitk(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.
         block = 1024
         _sum_and_scale_kernel[(triton.cdiv(m * n, block),)](
             partial, x_scale, w_scale, out, n, m * n, SPLIT_K=split_k, BLOCK=block)
+    return out
+
+
+def int8_rowwise_mm_tiled(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """fxquant::int8_rowwise_mm for any M in one pass (no split): x_q [M, K], w_q [N, K] int8, x_scale [M],
+    w_scale [N] float32; the template's heuristic tile for (M, N, K) on this GPU."""
+    m, k = x_q.shape
+    n = w_q.shape[0]
+    out = torch.empty((m, n), dtype=torch.float32, device=x_q.device)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:  # empty sums
+        return out.zero_()
+    x_q, w_q = x_q.contiguous(), w_q.contiguous()
+    x_scale, w_scale = x_scale.contiguous(), w_scale.contiguous()
+    tile = device_tuning(x_q.device).heuristic_config(m, n, k)
+    _int8_splitk_kernel[(triton.cdiv(m, tile.block_m), triton.cdiv(n, tile.block_n), 1)](
+        x_q, w_q, x_scale, w_scale, out, m, n, k, x_q.stride(0), w_q.stride(0),
+        K_PER_SPLIT=triton.cdiv(k, tile.block_k) * tile.block_k, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+        BLOCK_K=tile.block_k, SCALED=True, num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )
     return out

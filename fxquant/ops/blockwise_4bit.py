@@ -10,8 +10,8 @@
 Codes, absmax codes, nested absmax and offset are bit-identical to `bitsandbytes.functional.
 quantize_4bit(w, blocksize, compress_statistics=True, quant_type)` on the CPU (tests/ops/
 test_blockwise_4bit.py checks it against the package). The op `fxquant::linear_4bit` dequantizes
-(in float32, as bitsandbytes does) and multiplies in the compute dtype; on CUDA small batches run
-a fused dequantize-GEMM Triton kernel (fxquant/kernels/gemm_4bit.py), larger ones dequantize
+(in float32, as bitsandbytes does) and multiplies in the compute dtype; on CUDA one activation row
+runs a fused dequantize-GEMV Triton kernel (fxquant/kernels/gemm_4bit.py), more rows dequantize
 with one Triton kernel (fxquant/kernels/dequantize_4bit.py) and run cuBLAS.
 """
 
@@ -212,8 +212,8 @@ def _(x, w_q, absmax_q, nested_absmax, offset, quant_type, blocksize, compute_dt
 
 @linear_4bit.register_kernel("cuda")
 def _(x, w_q, absmax_q, nested_absmax, offset, quant_type, blocksize, compute_dtype=None, bias=None):
-    """Decode-sized batches: the fused dequantize-GEMM kernel; larger: the weight dequantized by one
-    Triton kernel, then cuBLAS."""
+    """One row (decode at batch 1): the fused dequantize-GEMV kernel; more: the weight dequantized by
+    one Triton kernel, then cuBLAS."""
     check_4bit_inputs(x, w_q, absmax_q, nested_absmax, offset, quant_type, blocksize, compute_dtype, bias)
     from fxquant.kernels import dequantize_4bit as dequantize_kernel, gemm_4bit
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fxquant.inductor.tuning import device_tuning
 from fxquant.ops.linear_common import (
     check_linear_inputs,
     dequantized_epilogue,
@@ -55,10 +56,16 @@ def scaled_int_mm(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor) ->
 
 def int8_rowwise_mm_by_rows(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor) -> Tensor:
     """int8_rowwise_mm by the kernel for this M, chosen at run time: on CUDA fxquant's split-K kernel up
-    to 16 rows (where cuBLAS's would pad to 32), cuBLAS's `_int_mm` above; elsewhere `_int_mm`. The op's
-    CUDA kernel, and the lowering's choice where M is known only at run time (a dynamic batch)."""
+    to 16 rows (where cuBLAS's would pad to 32), above that fxquant's tiled kernel below the GPU's
+    `int8_cublas_min_rows` (fxquant/inductor/tuning.py) and cuBLAS's `_int_mm` from it; elsewhere
+    `_int_mm`. The op's CUDA kernel, and the lowering's choice where M is known only at run time (a
+    dynamic batch)."""
     if x_q.is_cuda and x_q.shape[0] <= SPLITK_MAX_ROWS:
         return int8_rowwise_mm_splitk(x_q, w_q, x_scale, w_scale)
+    if x_q.is_cuda and x_q.shape[0] < device_tuning(x_q.device).int8_cublas_min_rows:
+        from fxquant.kernels.int8_rowwise_splitk import int8_rowwise_mm_tiled
+
+        return int8_rowwise_mm_tiled(x_q, w_q, x_scale, w_scale)
     return scaled_int_mm(x_q, w_q, x_scale, w_scale)
 
 

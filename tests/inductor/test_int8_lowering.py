@@ -9,7 +9,7 @@ import torch
 from torch._inductor.utils import run_and_get_code
 
 from fxquant.inductor.int8_rowwise_mm import heuristic_choice
-from fxquant.inductor.tuning import H100
+from fxquant.inductor.tuning import DEFAULT, H100
 from fxquant.ops.int8 import quantize_int8_rowwise
 
 
@@ -32,11 +32,13 @@ def test_on_the_cpu_inductor_compiles_the_quantization_and_calls_int_mm():
 
 
 def test_cuda_gemm_choice_by_rows():
-    """split-K for one row (N <= splitk_max_n), the template to int8_cublas_min_rows, cuBLAS from there;
-    the run-time pick for a dynamic M."""
+    """split-K for one row (N <= splitk_max_n), the template to int8_cublas_min_rows, cuBLAS from there
+    (Hopper: never, its cuBLAS int8 kernel is sm80's; other GPUs: above 128 rows); the run-time pick for
+    a dynamic M."""
     cases = [(1, 4096, "splitk"), (1, 28672, "triton"), (16, 4096, "triton"), (128, 4096, "triton"),
-             (H100.int8_cublas_min_rows, 4096, "cublas"), (4096, 6144, "cublas"), (None, 4096, "by_rows")]
+             (129, 4096, "triton"), (8192, 6144, "triton"), (None, 4096, "by_rows")]
     assert [heuristic_choice(m, n, tuned=H100) for m, n, _ in cases] == [want for *_, want in cases]
+    assert [heuristic_choice(m, 4096, tuned=DEFAULT) for m in (128, 129, 4096)] == ["triton", "cublas", "cublas"]
 
 
 def test_a_forced_choice_wins_where_it_fits_and_says_so_elsewhere(monkeypatch, caplog):

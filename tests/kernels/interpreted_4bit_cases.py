@@ -49,7 +49,7 @@ def run(m: int, n: int, k: int, quant_type: str, blocksize: int, dtype: str) -> 
     weight = reference_weight(tensors, quant_type, blocksize).to(compute)  # rounded to the compute dtype, as the op
     exact = x.double() @ weight.double().t()
     scale = exact.abs().max().item()
-    return {"shape": list(out.shape), "dtype": str(out.dtype), "splits": split_k_for(n, k, 132),
+    return {"shape": list(out.shape), "dtype": str(out.dtype), "splits": split_k_for(n, k, blocksize, 132),
             "worst": (out.double() - exact).abs().max().item() / scale}
 
 

@@ -97,6 +97,22 @@ def int8_split_k(m: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, di
     return out, exact, {"splits": splits, "reference_bits": bool(torch.equal(out, scaled_int_mm(x_q, w_q, x_scale, w_scale)))}
 
 
+def int8_tiled(m: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The int8 kernel unsplit with the template's tile for M (the run-time pick above 16 rows) against
+    the float64 formula, and whether it equals fxquant's reference bit for bit."""
+    from fxquant.inductor.tuning import DEFAULT
+    from fxquant.kernels.int8_rowwise_splitk import int8_rowwise_mm_tiled
+    from fxquant.ops.int8 import quantize_int8_rowwise, scaled_int_mm
+
+    x_q, x_scale = quantize_int8_rowwise(torch.randn(m, k) * 2) if k else (torch.empty(m, 0, dtype=torch.int8), torch.ones(m))
+    w_q, w_scale = quantize_int8_rowwise(torch.randn(n, k) / max(k, 1)**0.5) if k else (torch.empty(n, 0, dtype=torch.int8), torch.ones(n))
+    exact = (x_q.double() @ w_q.double().t()) * x_scale.double()[:, None] * w_scale.double()[None, :]
+    out = int8_rowwise_mm_tiled(x_q, w_q, x_scale, w_scale)
+    tile = DEFAULT.heuristic_config(max(m, 1), n, k)  # what a CPU tensor gets
+    return out, exact, {"tile": [tile.block_m, tile.block_n, tile.block_k],
+                        "reference_bits": bool(torch.equal(out, scaled_int_mm(x_q, w_q, x_scale, w_scale)))}
+
+
 def report(out: torch.Tensor, exact: torch.Tensor, extra: dict) -> dict:
     """Shape, dtype and whether every output is within one bf16 ulp of exact (plus a floor of 2^-20
     of the largest output, for sums that cancel)."""
@@ -109,7 +125,7 @@ def report(out: torch.Tensor, exact: torch.Tensor, extra: dict) -> dict:
 
 if __name__ == "__main__":
     kernel = {"split_k": split_k, "blockwise": blockwise, "grouped": grouped, "blockwise_grouped": blockwise_grouped,
-              "int8_split_k": int8_split_k}[sys.argv[1]]
+              "int8_split_k": int8_split_k, "int8_tiled": int8_tiled}[sys.argv[1]]
     results = []
     for case in json.loads(sys.argv[2]):
         torch.manual_seed(0)

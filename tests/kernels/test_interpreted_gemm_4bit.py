@@ -1,12 +1,11 @@
 """The 4-bit kernels on the CPU under Triton's interpreter, in a subprocess (the variable is read
 when a kernel is defined; tests/kernels/interpreted_4bit_cases.py). The dequantize kernel
 (fxquant/kernels/dequantize_4bit.py) equals the reference weight to the bit. The fused
-dequantize-GEMM (fxquant/kernels/gemm_4bit.py) against the float64 product of x and the weight
+dequantize-GEMV (fxquant/kernels/gemm_4bit.py) against the float64 product of x and the weight
 dequantized from the bytes with bitsandbytes' tables. float32 compute: the same products, only the
 summation order differs (1e-5 of the largest output); float16: the weight (as the reference rounds it) and the
-output rounded to fp16, within 2^-10 of the largest output. Not bfloat16: Triton 3.9's interpreter
-gets a bf16 x bf16 tl.dot wrong (1e10 off on random 16 x 16 tiles, measured), so bf16 runs in the
-GPU test (tests/kernels/test_cuda_bnb.py)."""
+output rounded to fp16, within 2^-10 of the largest output. Not bfloat16: the interpreter truncates
+to bfloat16 where the GPU rounds, so bf16 runs in the GPU test (tests/kernels/test_cuda_bnb.py)."""
 
 import importlib.util
 import json
@@ -30,18 +29,20 @@ def interpret(kernel: str, cases: list[dict]) -> list[dict]:
     return json.loads(done.stdout)
 
 
-def test_fused_4bit_gemm_matches_the_float64_reference():
-    # decode rows 1 and 16, row counts between; N not a multiple of BLOCK_N; K cut into 1 or 2
-    # slices (1408: 768 + a short 640); block sizes 64, 128 and 32; NF4 and FP4
+def test_fused_4bit_gemv_matches_the_float64_reference():
+    # one row (the kernel's only case); N not a multiple of BLOCK_N; K cut into 1 to 16 slices, the
+    # last one shorter (1408: five of 288, the last 256); block sizes 32 to 4096, one absmax block a
+    # step or several steps a block (256, 4096: steps of 128); NF4 and FP4
     cases = [
         dict(m=1, n=128, k=1024, quant_type="nf4", blocksize=64, dtype="float32"),
-        dict(m=16, n=96, k=512, quant_type="fp4", blocksize=128, dtype="float32"),
-        dict(m=5, n=64, k=1408, quant_type="nf4", blocksize=32, dtype="float32"),
-        dict(m=3, n=200, k=256, quant_type="nf4", blocksize=64, dtype="float16"),
-        dict(m=16, n=64, k=1024, quant_type="fp4", blocksize=64, dtype="float16"),
+        dict(m=1, n=96, k=512, quant_type="fp4", blocksize=128, dtype="float32"),
+        dict(m=1, n=64, k=1408, quant_type="nf4", blocksize=32, dtype="float32"),
+        dict(m=1, n=200, k=256, quant_type="nf4", blocksize=64, dtype="float16"),
+        dict(m=1, n=64, k=1024, quant_type="fp4", blocksize=256, dtype="float16"),
+        dict(m=1, n=8, k=4096, quant_type="nf4", blocksize=4096, dtype="float32"),
     ]
     results = interpret("gemm", cases)
-    assert [r["splits"] for r in results] == [2, 1, 2, 1, 2]
+    assert [r["splits"] for r in results] == [4, 2, 5, 1, 4, 16]
     for case, result in zip(cases, results):
         assert result["shape"] == [case["m"], case["n"]] and result["dtype"] == f"torch.{case['dtype']}", case
         bound = 1e-5 if case["dtype"] == "float32" else 2.0**-10

@@ -60,6 +60,19 @@ def test_int8_split_k_gemm_gives_the_references_bits():
         assert result["within"], f"M={m} N={n} K={k}: {result['worst']:.2e} from the float64 formula"
 
 
+def test_int8_tiled_gemm_gives_the_references_bits():
+    # the run-time pick above 16 rows: the template's tile for each M bucket (64 x 64, 128 x 128,
+    # 128 x 256), tails in M, N and K, no channels
+    cases = [(40, 96, 272, [64, 64, 128]), (300, 208, 1000, [128, 128, 128]), (1100, 64, 256, [128, 256, 128]),
+             (20, 64, 0, [64, 64, 128])]
+    results = interpret("int8_tiled", [dict(m=m, n=n, k=k) for m, n, k, _ in cases])
+    for (m, n, k, tile), result in zip(cases, results):
+        assert result["shape"] == [m, n] and result["dtype"] == "torch.float32", (m, n, k)
+        assert result["tile"] == tile, (m, n, k)
+        assert result["reference_bits"], f"M={m} N={n} K={k}: not fxquant's reference bit for bit"
+        assert result["within"], f"M={m} N={n} K={k}: {result['worst']:.2e} from the float64 formula"
+
+
 @pytest.mark.skipif(
     importlib.util.find_spec("triton") is not None and not _interpreter_loops_to_runtime_bounds(),
     reason="this triton's interpreter cannot run a loop to a runtime bound (the kernel's K loop); triton >= 3.9 can",
