@@ -18,6 +18,7 @@
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh merge       # fxquant with and without the merge pass
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh blockwise   # fp8_blockwise in the Llama forward
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh nf4 [PEERS] # decode 1x1 16x1: bf16, nf4, torchao int4 weight-only
+#     source .whl/ondevice.sh && bash benchmarks/on_device.sh gemm-4bit   # nf4 linear_4bit op vs bf16 per shape, M = 1, 16
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh int8        # int8 in the Llama forward (1x1 16x1 1x2048 4x2048),
 #                                                  # then fp8_rowwise at serving batch sizes (32..256, 1)
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh gemm-serving # fp8_rowwise GEMM choices at M = 32..512
@@ -35,7 +36,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 quiet() { grep -v -E "Warning|warn\(|^  |AUTOTUNE|strides:|dtypes:|SingleProcess|_fbgemm_torch_compat|cannot determine|^\s*$|\[0m|\[33m"; }
 
-case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | torchao | profile | profile-prefill | settings | default-decode | merge | blockwise | nf4 | int8 | gemm-serving | gemm-int8 | serving-settings | aoti-probe | weight-check | division-rounding | moe | tp}" in
+case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | torchao | profile | profile-prefill | settings | default-decode | merge | blockwise | nf4 | gemm-4bit | int8 | gemm-serving | gemm-int8 | serving-settings | aoti-probe | weight-check | division-rounding | moe | tp}" in
   tests)
     # Without PATHS: every gpu test, in five pytest processes at once (compiling dominates and the
     # device has 16 cores; one process took more than the 10 minutes), each to its own file.
@@ -98,6 +99,8 @@ case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | tor
     timeout 230 python3 benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead --peers bf16 fxquant \
       --shapes 32x1 64x1 128x1 256x1 --no-recompile-check --repeats 10 --json "$OUT/e2e_serving.json" >"$OUT/e2e_serving.txt" 2>&1
     quiet <"$OUT/e2e_serving.txt" | tail -6 ;;
+  gemm-4bit)
+    timeout "${FXQUANT_TIMEOUT:-560}" python3 -m benchmarks.gemm_4bit --json "$OUT/gemm_4bit.json" 2>&1 | quiet | tail -10 ;;
   gemm-int8)
     timeout "${FXQUANT_TIMEOUT:-560}" python3 -m benchmarks.int8_gemm --m 1 16 128 2048 --json "$OUT/gemm_int8.json" >"$OUT/gemm_int8.txt" 2>&1
     quiet <"$OUT/gemm_int8.txt" | tail -20 ;;

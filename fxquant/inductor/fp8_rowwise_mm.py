@@ -31,7 +31,7 @@ from torch._inductor.lowering import fallback_handler, register_lowering
 from torch._inductor.select_algorithm import ExternKernelChoice, realize_inputs
 from torch._inductor.virtualized import V
 
-from fxquant.inductor.autotune import select_node
+from fxquant.inductor.autotune import select_node, static_size
 from fxquant.inductor.choices import tuning
 from fxquant.inductor.tuning import DeviceTuning
 from fxquant.kernels.fp8_rowwise_gemm import fp8_rowwise_gemm_template
@@ -98,13 +98,6 @@ def heuristic_choice(m: int | None, n: int | None, *, fbgemm: bool, tuned: Devic
     return "triton" if m <= SMALL_M else "scaled_mm"
 
 
-def _static(expr) -> int | None:
-    try:
-        return int(expr)
-    except TypeError:
-        return None
-
-
 @register_lowering(torch.ops.fxquant.fp8_rowwise_mm.default, type_promotion_kind=None)
 def tuned_fp8_rowwise_mm(x_q, w_q, x_scale, w_scale):
     if x_q.get_device().type != "cuda":
@@ -113,7 +106,7 @@ def tuned_fp8_rowwise_mm(x_q, w_q, x_scale, w_scale):
     m, k = inputs[0].get_size()
     n = inputs[1].get_size()[0]
     layout = _gemm_layout(inputs[0], inputs[1])
-    static_m, static_n, static_k = _static(m), _static(n), _static(k)
+    static_m, static_n, static_k = static_size(m), static_size(n), static_size(k)
     autotune = inductor_config.max_autotune or inductor_config.max_autotune_gemm
     fbgemm = fbgemm_genai_available()
     tuned = tuning(inputs[0].get_device())

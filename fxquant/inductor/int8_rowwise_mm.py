@@ -29,7 +29,7 @@ from torch._inductor.lowering import fallback_handler, lowerings, register_lower
 from torch._inductor.select_algorithm import ExternKernelChoice, realize_inputs
 from torch._inductor.virtualized import V
 
-from fxquant.inductor.autotune import select_node
+from fxquant.inductor.autotune import select_node, static_size
 from fxquant.inductor.choices import tuning
 from fxquant.inductor.tuning import DeviceTuning
 from fxquant.kernels.int8_rowwise_gemm import int8_rowwise_gemm_template
@@ -85,13 +85,6 @@ def heuristic_choice(m: int | None, n: int | None, *, tuned: DeviceTuning) -> st
     return "triton" if m < tuned.int8_cublas_min_rows else "cublas"
 
 
-def _static(expr) -> int | None:
-    try:
-        return int(expr)
-    except TypeError:
-        return None
-
-
 def _cublas_with_pointwise_scales(x_q, w_q, x_scale, w_scale):
     """aten._int_mm by Inductor's own lowering (cuBLAS), then the scales as pointwise IR that Inductor
     fuses with what follows (bias, cast)."""
@@ -108,7 +101,7 @@ def tuned_int8_rowwise_mm(x_q, w_q, x_scale, w_scale):
     inputs = realize_inputs(x_q, w_q, x_scale, w_scale)
     m, k = inputs[0].get_size()
     n = inputs[1].get_size()[0]
-    static_m, static_n, static_k = _static(m), _static(n), _static(k)
+    static_m, static_n, static_k = static_size(m), static_size(n), static_size(k)
     autotune = inductor_config.max_autotune or inductor_config.max_autotune_gemm
     tuned = tuning(inputs[0].get_device())
     if not autotune:

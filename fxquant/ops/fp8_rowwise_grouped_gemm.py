@@ -101,23 +101,41 @@ def library_shape(n: int, k: int) -> bool:
 
 
 def available_kernels(n: int, k: int) -> tuple[str, ...]:
-    """The kernels that can run an N x K expert weight here, best first by default: torch's where it
-    has `_scaled_grouped_mm`, FBGEMM's where fbgemm-gpu-genai imports, and fxquant's Triton kernel."""
+    """The kernels that can run an N x K expert weight here, the library ones in the order they ranked
+    at many rows an expert (`kernel_for`): FBGEMM's where fbgemm-gpu-genai imports, torch's where it
+    has `_scaled_grouped_mm`; then fxquant's Triton kernel, which runs any shape."""
     library = library_shape(n, k)
     found = []
-    if library and hasattr(torch, "_scaled_grouped_mm"):
-        found.append("scaled_grouped_mm")
     if library and fbgemm_genai_available() and hasattr(torch.ops.fbgemm, "f8f8bf16_rowwise_grouped_stacked"):
         found.append("fbgemm")
+    if library and hasattr(torch, "_scaled_grouped_mm"):
+        found.append("scaled_grouped_mm")
     return (*found, "triton")
 
 
+# Measured on the H200 (benchmarks/RESULTS.md, `on_device.sh moe kernels`, eleventh session), tokens
+# spread evenly: fxquant's Triton kernel was the fastest at up to 64 rows an expert on every
+# Qwen3-30B-A3B and Mixtral-8x7B expert shape (by up to 1.7x), FBGEMM's from 256 rows an expert on
+# 6 of 8 (torch's within 2-4 % on the other 2; torch's 1.9x slower than FBGEMM's at Mixtral's 256).
+TRITON_MAX_ROWS_PER_EXPERT = 128
+
+
+def kernel_for(rows: int, experts: int, n: int, k: int) -> str:
+    """The kernel for `rows` activation rows over `experts` experts of N x K, without autotuning: the
+    Triton kernel up to TRITON_MAX_ROWS_PER_EXPERT rows an expert on average, else the first library
+    kernel available (`available_kernels`)."""
+    if rows <= TRITON_MAX_ROWS_PER_EXPERT * experts:
+        return "triton"
+    return available_kernels(n, k)[0]
+
+
 def grouped_gemm_by_shape(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor, offsets: Tensor) -> Tensor:
-    """The op's CUDA kernel: the first available kernel for the weight's N x K (`available_kernels`)."""
+    """The op's CUDA kernel, and the lowering's choice where the rows are known only at run time: the
+    kernel `kernel_for` picks for these rows and this weight."""
     if x_q.shape[0] == 0:
         return grouped_gemm_output(x_q, w_q)
-    kernel = KERNELS[available_kernels(w_q.shape[1], w_q.shape[2])[0]]
-    return kernel(x_q, w_q, x_scale, w_scale, offsets)
+    experts, n, k = w_q.shape
+    return KERNELS[kernel_for(x_q.shape[0], experts, n, k)](x_q, w_q, x_scale, w_scale, offsets)
 
 
 fp8_rowwise_grouped_gemm.register_kernel("cuda")(grouped_gemm_by_shape)
@@ -130,5 +148,5 @@ def _register_kernel_op(function) -> None:
     op.register_fake(lambda x_q, w_q, x_scale, w_scale, offsets: grouped_gemm_output(x_q, w_q))
 
 
-for _function in KERNELS.values():
+for _function in (*KERNELS.values(), grouped_gemm_by_shape):
     _register_kernel_op(_function)

@@ -116,7 +116,7 @@ def test_expert_quantization_fuses_into_silu_mul(kind):
 
 def test_kernel_choice_by_shape_and_forced(monkeypatch, caplog):
     """The library kernels need N and K multiples of 16; FXQUANT_GROUPED_GEMM forces a kernel where it
-    can run (else the first available, with a warning) and names an unknown one."""
+    can run (else the heuristic's, with a warning) and names an unknown one."""
     from fxquant.inductor.fp8_rowwise_grouped_mm import even_offsets, wanted_kernels
     from fxquant.ops import fp8_rowwise_grouped_gemm
 
@@ -124,14 +124,35 @@ def test_kernel_choice_by_shape_and_forced(monkeypatch, caplog):
     monkeypatch.delenv("FXQUANT_GROUPED_GEMM", raising=False)
     library = ("scaled_grouped_mm",) if hasattr(torch, "_scaled_grouped_mm") else ()
     assert wanted_kernels(128, 256, autotune=True) == (*library, "triton")
-    assert wanted_kernels(128, 256, autotune=False) == (*library, "triton")[:1]
+    assert wanted_kernels(128, 256, autotune=False, rows=8 * 129, experts=8) == (*library, "triton")[:1]
     assert wanted_kernels(40, 256, autotune=True) == ("triton",)
     monkeypatch.setenv("FXQUANT_GROUPED_GEMM", "triton")
     assert wanted_kernels(128, 256, autotune=True) == ("triton",)
     monkeypatch.setenv("FXQUANT_GROUPED_GEMM", "fbgemm")
-    assert wanted_kernels(128, 256, autotune=False) == (*library, "triton")[:1]
+    assert wanted_kernels(128, 256, autotune=False, rows=8 * 129, experts=8) == (*library, "triton")[:1]
     assert "FXQUANT_GROUPED_GEMM=fbgemm cannot run" in caplog.text
     monkeypatch.setenv("FXQUANT_GROUPED_GEMM", "cutlass")
     with pytest.raises(ValueError, match="'cutlass'"):
         wanted_kernels(128, 256, autotune=False)
     assert even_offsets(100, 8, "cpu").tolist() == [12, 25, 37, 50, 62, 75, 87, 100]
+
+
+def test_without_autotuning_the_kernel_follows_rows_per_expert(monkeypatch):
+    """fxquant's Triton kernel up to 128 rows an expert on average, then FBGEMM's, then torch's (the
+    order they ranked in on the H200); rows known only at run time: the op's own pick then (by_shape)."""
+    from fxquant.inductor.fp8_rowwise_grouped_mm import wanted_kernels
+    from fxquant.ops import fp8_rowwise_grouped_gemm
+    from fxquant.ops.fp8_rowwise_grouped_gemm import kernel_for
+
+    monkeypatch.delenv("FXQUANT_GROUPED_GEMM", raising=False)
+    monkeypatch.setattr(fp8_rowwise_grouped_gemm, "fbgemm_genai_available", lambda: True)
+    monkeypatch.setattr(torch.ops.fbgemm, "f8f8bf16_rowwise_grouped_stacked", object(), raising=False)
+    monkeypatch.setattr(torch, "_scaled_grouped_mm", object(), raising=False)
+    # Qwen3-30B-A3B's gate_up (128 experts) at 1024 and 4096 tokens, top-8; Mixtral's at 256 and 1024, top-2
+    assert [kernel_for(rows, experts, 1536, 2048) for rows, experts in ((8192, 128), (32768, 128))] == ["triton", "fbgemm"]
+    assert [kernel_for(rows, 8, 28672, 4096) for rows in (512, 1024, 1025, 2048)] == ["triton", "triton", "fbgemm", "fbgemm"]
+    assert kernel_for(4096, 8, 40, 256) == "triton"  # N not a multiple of 16: no library kernel
+    monkeypatch.setattr(fp8_rowwise_grouped_gemm, "fbgemm_genai_available", lambda: False)
+    assert kernel_for(2048, 8, 28672, 4096) == "scaled_grouped_mm"
+    assert wanted_kernels(1536, 2048, autotune=False, rows=None, experts=128) == ("by_shape",)
+    assert wanted_kernels(1536, 2048, autotune=False, rows=64, experts=128) == ("triton",)
