@@ -9,6 +9,7 @@ import fxquant
 from tests.models import relative_error
 
 pytestmark = pytest.mark.gpu
+FP8 = fxquant.QuantConfig(scheme="fp8_rowwise")  # CPU references and CUDA alike (auto is int8 on the CPU)
 
 
 def tiny_qwen3_moe(implementation: str):
@@ -27,10 +28,10 @@ def tiny_qwen3_moe(implementation: str):
 def test_qwen3_moe_experts_compile_on_cuda_and_match_the_cpu_reference(implementation):
     model = tiny_qwen3_moe(implementation)
     tokens = torch.randint(0, 128, (2, 7))
-    backend = fxquant.backend()
+    backend = fxquant.backend(FP8)
     with torch.no_grad():
         expected = model(tokens).logits.float()
-        cpu = torch.compile(model, backend=fxquant.backend())(tokens).logits.float()  # on the CPU: the reference ops
+        cpu = torch.compile(model, backend=fxquant.backend(FP8))(tokens).logits.float()  # on the CPU: the reference ops
         model.cuda()
         actual = torch.compile(model, backend=backend)(tokens.cuda()).logits.float().cpu()
     rows = {row.layer: row for row in backend.plans[0]}
@@ -137,11 +138,11 @@ def test_compiled_qwen3_moe_runs_the_grouped_gemm_kernel(monkeypatch, implementa
     model = tiny_qwen3_moe(implementation)
     tokens = torch.randint(0, 128, (2, 7))
     with torch.no_grad():
-        cpu = torch.compile(model, backend=fxquant.backend())(tokens).logits.float()
+        cpu = torch.compile(model, backend=fxquant.backend(FP8))(tokens).logits.float()
         torch._dynamo.reset()
         model.cuda()
         with torch._inductor.config.patch(force_disable_caches=True):
-            out, codes = run_and_get_code(torch.compile(model, backend=fxquant.backend()), tokens.cuda())
+            out, codes = run_and_get_code(torch.compile(model, backend=fxquant.backend(FP8)), tokens.cuda())
     code = "\n".join(codes)
     assert f"fxquant_grouped_{kernel}" in code, code
     assert "fp8_rowwise_grouped_mm.default(" not in code and "fp8_rowwise_batched_mm.default(" not in code
@@ -157,12 +158,12 @@ def test_compiled_qwen3_moe_decodes_in_cuda_graphs(implementation):
     model = tiny_qwen3_moe(implementation)
     inputs = [torch.randint(0, 128, (batch, 1)) for batch in (1, 16, 16)]
     with torch.no_grad():
-        reference = torch.compile(model, backend=fxquant.backend())
+        reference = torch.compile(model, backend=fxquant.backend(FP8))
         expected = [reference(tokens).logits.float() for tokens in inputs]
         torch._dynamo.reset()
         counters.clear()
         model.cuda()
-        compiled = torch.compile(model, backend=fxquant.backend(), mode="reduce-overhead")
+        compiled = torch.compile(model, backend=fxquant.backend(FP8), mode="reduce-overhead")
         for tokens, logits in zip(inputs, expected):
             out = compiled(tokens.cuda()).logits.float().cpu()
             assert relative_error(out, logits) < 0.05, tokens.shape
