@@ -71,6 +71,18 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
+def output_and_operands(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
+                        dtype: torch.dtype) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """The output [M, N] in `dtype` and the operands made contiguous; no operands where nothing is left to
+    compute: no rows or columns (the output is empty) or no K (the output is zeros: empty sums)."""
+    out = torch.empty((x_q.shape[0], w_q.shape[0]), dtype=dtype, device=x_q.device)
+    if out.numel() == 0:
+        return out, None
+    if x_q.shape[1] == 0:
+        return out.zero_(), None
+    return out, (x_q.contiguous(), w_q.contiguous(), x_scale.contiguous(), w_scale.contiguous())
+
+
 def split_k_for(n: int, k: int, sms: int, programs_per_sm: int) -> int:
     """How many slices K is cut into: enough programs for `programs_per_sm` per SM (the GPU's
     `splitk_programs_per_sm`, fxquant/inductor/tuning.py), each slice a whole number of BLOCK_K
@@ -86,13 +98,10 @@ def fp8_rowwise_mm_splitk(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.T
     n = w_q.shape[0]
     if m > MAX_ROWS:
         raise ValueError(f"fxquant: the split-K GEMM handles up to {MAX_ROWS} rows, got M={m}")
-    out = torch.empty((m, n), dtype=torch.bfloat16, device=x_q.device)
-    if m == 0 or n == 0:
+    out, operands = output_and_operands(x_q, w_q, x_scale, w_scale, torch.bfloat16)
+    if operands is None:
         return out
-    if k == 0:  # empty sums
-        return out.zero_()
-    x_q, w_q = x_q.contiguous(), w_q.contiguous()
-    x_scale, w_scale = x_scale.contiguous(), w_scale.contiguous()
+    x_q, w_q, x_scale, w_scale = operands
     split_k = split_k_for(n, k, _sm_count(x_q.device), device_tuning(x_q.device).splitk_programs_per_sm)
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), BLOCK_K) * BLOCK_K
     split_k = triton.cdiv(k, k_per_split)  # rounding the slice up may leave fewer slices

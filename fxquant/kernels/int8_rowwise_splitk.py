@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from fxquant.inductor.tuning import device_tuning
-from fxquant.kernels.fp8_rowwise_splitk import BLOCK_K, BLOCK_M, BLOCK_N, MAX_ROWS, _sm_count, split_k_for
+from fxquant.kernels.fp8_rowwise_splitk import BLOCK_K, BLOCK_M, BLOCK_N, MAX_ROWS, _sm_count, output_and_operands, split_k_for
 
 
 @triton.jit
@@ -80,13 +80,10 @@ def int8_rowwise_mm_splitk(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.
     n = w_q.shape[0]
     if m > MAX_ROWS:
         raise ValueError(f"fxquant: the split-K GEMM handles up to {MAX_ROWS} rows, got M={m}")
-    out = torch.empty((m, n), dtype=torch.float32, device=x_q.device)
-    if m == 0 or n == 0:
+    out, operands = output_and_operands(x_q, w_q, x_scale, w_scale, torch.float32)
+    if operands is None:
         return out
-    if k == 0:  # empty sums
-        return out.zero_()
-    x_q, w_q = x_q.contiguous(), w_q.contiguous()
-    x_scale, w_scale = x_scale.contiguous(), w_scale.contiguous()
+    x_q, w_q, x_scale, w_scale = operands
     split_k = split_k_for(n, k, _sm_count(x_q.device), device_tuning(x_q.device).splitk_programs_per_sm)
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), BLOCK_K) * BLOCK_K
     split_k = triton.cdiv(k, k_per_split)  # rounding the slice up may leave fewer slices
@@ -108,13 +105,10 @@ def int8_rowwise_mm_tiled(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.T
     w_scale [N] float32; the template's heuristic tile for (M, N, K) on this GPU."""
     m, k = x_q.shape
     n = w_q.shape[0]
-    out = torch.empty((m, n), dtype=torch.float32, device=x_q.device)
-    if m == 0 or n == 0:
+    out, operands = output_and_operands(x_q, w_q, x_scale, w_scale, torch.float32)
+    if operands is None:
         return out
-    if k == 0:  # empty sums
-        return out.zero_()
-    x_q, w_q = x_q.contiguous(), w_q.contiguous()
-    x_scale, w_scale = x_scale.contiguous(), w_scale.contiguous()
+    x_q, w_q, x_scale, w_scale = operands
     tile = device_tuning(x_q.device).heuristic_config(m, n, k)
     _int8_splitk_kernel[(triton.cdiv(m, tile.block_m), triton.cdiv(n, tile.block_n), 1)](
         x_q, w_q, x_scale, w_scale, out, m, n, k, x_q.stride(0), w_q.stride(0),
