@@ -93,6 +93,8 @@ def peer_model(peer: str, model: torch.nn.Module) -> tuple[torch.nn.Module, obje
         return model, fxquant.backend(scheme="fp8_rowwise", inductor=inductor)
     if peer in ("fxquant-nf4", "fxquant-fp4", "fxquant-llm_int8"):  # the bitsandbytes family
         return model, fxquant.backend(scheme=peer.removeprefix("fxquant-"), inductor=inductor)
+    if peer == "bnb-nf4":  # bitsandbytes' own Linear4bit (NF4, blocks of 64, double quantization), as load_in_4bit makes it
+        return bitsandbytes_nf4(model), "inductor"
     if peer == "torchao-int4":  # torchao's int4 weight-only, groups of 128 (the nf4 stage's peer)
         from torchao.quantization import Int4WeightOnlyConfig, quantize_
 
@@ -108,6 +110,27 @@ def peer_model(peer: str, model: torch.nn.Module) -> tuple[torch.nn.Module, obje
                   filter_fn=lambda module, fqn: isinstance(module, torch.nn.Linear) and fqn != "lm_head")
         return quantized, "inductor"
     raise ValueError(peer)
+
+
+def bitsandbytes_nf4(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` whose linear layers but lm_head are bitsandbytes' Linear4bit (NF4, blocks of
+    64, double quantization, the activation's dtype for compute): what transformers' load_in_4bit
+    makes. The weights quantize as the copy moves to the model's device."""
+    import bitsandbytes as bnb
+
+    quantized = copy.deepcopy(model)
+    for name, module in list(quantized.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if not isinstance(child, torch.nn.Linear) or f"{name}.{child_name}".lstrip(".") == "lm_head":
+                continue
+            layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=child.weight.dtype, compress_statistics=True, quant_type="nf4")
+            layer.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, blocksize=64,
+                                             compress_statistics=True, quant_type="nf4")
+            if child.bias is not None:
+                layer.bias = torch.nn.Parameter(child.bias.data.cpu(), requires_grad=False)
+            setattr(module, child_name, layer.to(child.weight.device))
+    return quantized
 
 
 def synchronize(device: torch.device) -> None:

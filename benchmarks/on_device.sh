@@ -17,7 +17,7 @@
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh default-decode  # bf16 vs fxquant without CUDA graphs, both orders
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh merge       # fxquant with and without the merge pass
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh blockwise   # fp8_blockwise in the Llama forward
-#     source .whl/ondevice.sh && bash benchmarks/on_device.sh nf4 [PEERS] # decode 1x1 16x1: bf16, nf4, torchao int4 weight-only
+#     source .whl/ondevice.sh && bash benchmarks/on_device.sh nf4 [PEERS] # decode 1x1 16x1: bf16, nf4, bitsandbytes' nf4, torchao int4
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh gemm-4bit   # nf4 linear_4bit op vs bf16 per shape, M = 1, 16
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh int8        # int8 in the Llama forward (1x1 16x1 1x2048 4x2048),
 #                                                  # then fp8_rowwise at serving batch sizes (32..256, 1)
@@ -88,7 +88,7 @@ case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | tor
     quiet <"$OUT/e2e_blockwise.txt" | tail -8 ;;
   nf4)
     # torchao's int4 last: its compile is the slow one, and each peer's JSON line is printed as it ends
-    shift; peers=("${@}"); [ ${#peers[@]} -gt 0 ] || peers=(bf16 fxquant-nf4 torchao-int4)
+    shift; peers=("${@}"); [ ${#peers[@]} -gt 0 ] || peers=(bf16 fxquant-nf4 bnb-nf4 torchao-int4)
     timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead --peers "${peers[@]}" \
       --shapes 1x1 16x1 --no-recompile-check --repeats 10 --json "$OUT/e2e_nf4.json" >"$OUT/e2e_nf4.txt" 2>&1
     quiet <"$OUT/e2e_nf4.txt" | tail -8 ;;

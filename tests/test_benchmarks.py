@@ -128,3 +128,50 @@ def test_tensor_parallel_benchmark_on_two_cpu_processes(tmp_path):
     assert all(set(r["shapes"]) == {"1x1", "2x16"} and all(v["ms"] > 0 for v in r["shapes"].values())
                for r in report["results"])
     assert "back to back:" in done.stdout
+
+
+def test_the_bitsandbytes_peer_is_load_in_4bit_and_agrees_with_fxquants_nf4():
+    """e2e_llama.py's bnb-nf4 peer: bitsandbytes' Linear4bit in every linear layer but lm_head, leaving
+    the model it copies alone. Its NF4 bytes are fxquant's (tests/ops/test_blockwise_4bit.py), so the
+    two quantized models differ only in how they multiply: within 1e-3 of the logits' scale on the CPU."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import fxquant
+    import torch
+    from transformers import LlamaForCausalLM
+
+    e2e = benchmark("e2e_llama")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(e2e.llama3_8b(2, tiny=True)).eval()
+    quantized, backend = e2e.peer_model("bnb-nf4", model)
+    kinds = {name: type(m) for name, m in quantized.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert kinds.pop("lm_head") is torch.nn.Linear and set(kinds.values()) == {bnb.nn.Linear4bit} and len(kinds) == 14
+    assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
+    tokens = torch.randint(0, 256, (1, 9))
+    with torch.no_grad():
+        theirs = quantized(tokens).logits
+        ours = torch.compile(model, backend=fxquant.backend(scheme="nf4"))(tokens).logits
+        float_logits = model(tokens).logits
+    assert backend == "inductor"
+    assert (theirs - ours).abs().max() < 1e-3 * ours.abs().max()
+    assert (theirs - float_logits).abs().max() > 10 * (theirs - ours).abs().max()  # quantized, not float
+
+
+def test_the_slimmed_bitsandbytes_wheel_keeps_the_cpu_and_cuda_13_libraries(tmp_path):
+    import zipfile
+
+    slim = benchmark("bnb_wheel_for_device").slim
+    wheel = tmp_path / "bitsandbytes-0.50.2-py3-none-any.whl"
+    names = ["bitsandbytes/__init__.py", "bitsandbytes/libbitsandbytes_cpu.so", "bitsandbytes/libbitsandbytes_cuda118.so",
+             "bitsandbytes/libbitsandbytes_cuda130.so", "bitsandbytes/libbitsandbytes_cuda132.so"]
+    record = "".join(f"{name},sha256=x,1\n" for name in names) + "bitsandbytes-0.50.2.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name in names:
+            archive.writestr(name, b"x")
+        archive.writestr("bitsandbytes-0.50.2.dist-info/RECORD", record)
+    (tmp_path / "out").mkdir()
+    with zipfile.ZipFile(slim(wheel, tmp_path / "out")) as archive:
+        kept = archive.namelist()
+        assert kept == [*names[:2], names[3], "bitsandbytes-0.50.2.dist-info/RECORD"]
+        assert "cuda118" not in archive.read("bitsandbytes-0.50.2.dist-info/RECORD").decode()
+    with pytest.raises(ValueError, match="would write over the input"):
+        slim(wheel, tmp_path)
