@@ -6,7 +6,8 @@ Each layer holds its scheme's tensors (fxquant/scheme.py) in the scheme's file l
 scales in the GEMM's orientation for both: [N, 1] per channel, [N/bn, K/bk] per block, [] per
 tensor). A Conv1D's quantized weight keeps its module's [K, N] layout in the file, as GPT-2's float
 checkpoints hold it and as vLLM's GPT-2 loader reads it (it transposes every c_attn / c_proj / c_fc
-weight); loaded, it is held [N, K], the op's layout (fxquant/stored_layers.py).
+weight); loaded, it is held [N, K], the op's layout (fxquant/stored_layers.py). A packed weight
+(nf4 / fp4: [N, K / 2], `Scheme.packed_weight`) is held as the op takes it in the file too.
 
 The plan walks modules, not a trace: a parameter multiplied outside these modules (`x @ W.t()` on a
 raw nn.Parameter) is listed unquantized with the reason. A layer already stored quantized (a model
@@ -69,7 +70,7 @@ def stored_layout(scheme: str, n: int, k: int, options: object, conv1d: bool) ->
     """{name: (dtype, shape)} of the tensors an [N, K] layer stored with `scheme` holds, as the file holds them."""
     plugin = get_scheme(scheme)
     layout = {name: (dtype, plugin.file_shape(name, shape)) for name, (dtype, shape) in plugin.layout(n, k, options).items()}
-    if conv1d:
+    if weight_transposed_in_file(scheme, conv1d):
         layout["weight"] = (layout["weight"][0], (k, n))
     return layout
 
@@ -78,13 +79,15 @@ def file_tensors(scheme: str, tensors: dict[str, Tensor], conv1d: bool) -> dict[
     """A layer's quantized tensors (the op's layout) as the file holds them, by name."""
     plugin = get_scheme(scheme)
     stored = {name: t.reshape(plugin.file_shape(name, tuple(t.shape))) for name, t in tensors.items()}
-    stored["weight"] = file_weight(tensors["weight"], conv1d)
+    if weight_transposed_in_file(scheme, conv1d):
+        stored["weight"] = tensors["weight"].t().contiguous()
     return stored
 
 
-def file_weight(w_q: Tensor, conv1d: bool) -> Tensor:
-    """A quantized weight [N, K] in the file's layout: [K, N] for a Conv1D."""
-    return w_q.t().contiguous() if conv1d else w_q
+def weight_transposed_in_file(scheme: str, conv1d: bool) -> bool:
+    """Whether a layer's quantized weight is [K, N] in the file: a Conv1D's, as GPT-2 holds its float
+    weight, unless the scheme packs its weight along K (`Scheme.packed_weight`: held as the op takes it)."""
+    return conv1d and not get_scheme(scheme).packed_weight
 
 
 def layer_shape(module: nn.Module) -> list[int]:

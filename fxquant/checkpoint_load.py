@@ -15,7 +15,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from fxquant.checkpoint_experts import ExpertJoin, ExpertTensor, file_layout, hold_stored_experts
-from fxquant.checkpoint_layers import is_checkpoint_layer, is_conv1d, layer_shape, stored_layout
+from fxquant.checkpoint_layers import is_checkpoint_layer, is_conv1d, layer_shape, stored_layout, weight_transposed_in_file
 from fxquant.checkpoint_metadata import HF_CONFIG_FILE, METADATA_FILE, read_header, read_metadata, tensor_key
 from fxquant.checkpoint_slices import register_layer_sharding, tensor_slices
 from fxquant.checkpoint_writer import file_sha256
@@ -209,9 +209,9 @@ def _check_no_meta_left(model: nn.Module, expected: Mapping[str, object], joined
         )
 
 
-def _assign(model: nn.Module, name: str, value: Tensor, quantized: bool, made: dict[int, Tensor]) -> None:
+def _assign(model: nn.Module, name: str, value: Tensor, quantized: bool, made: dict[int, Tensor], transposed: bool = False) -> None:
     """Put `value` in place of the parameter or buffer `name`; tied names get one shared Parameter.
-    A Conv1D's quantized weight, [K, N] in the file, is held [N, K], as the op takes it."""
+    A `transposed` quantized weight (a Conv1D's, [K, N] in the file) is held [N, K], as the op takes it."""
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
     old = module._parameters.get(attr)
@@ -219,7 +219,7 @@ def _assign(model: nn.Module, name: str, value: Tensor, quantized: bool, made: d
         module.register_buffer(attr, value)
         return
     if id(value) not in made:
-        held = value.t().contiguous() if quantized and attr == "weight" and is_conv1d(module) else value
+        held = value.t().contiguous() if transposed else value
         made[id(value)] = nn.Parameter(held, requires_grad=old.requires_grad and not quantized)
     module._parameters[attr] = made[id(value)]
 
@@ -272,6 +272,8 @@ def load_quantized(
     _check_tensors(directory, lambda name: directory / file_of[name], as_loaded, tied, expected, quantized)
     _check_no_meta_left(model, expected, {join.expert.name for join in joins})
     options = {entry["layer"]: layer_options(entry, config) for entry in metadata["plan"] if entry["scheme"] is not None}
+    transposed = {tensor_key(entry["layer"], "weight") for entry in metadata["plan"] if entry["scheme"] is not None
+                  and "expert_names" not in entry and weight_transposed_in_file(entry["scheme"], is_conv1d(model.get_submodule(entry["layer"])))}
     slices = tensor_slices(directory, model, metadata, options, tied, set(conversions), {join.expert.name for join in joins}, device)
     for file, digest in metadata["sha256"].items():
         if verify_checksum and digest is not None and digest != file_sha256(directory / file):
@@ -292,7 +294,7 @@ def load_quantized(
                     continue
                 made: dict[int, Tensor] = {}  # the names tied to it share one Parameter
                 for name in users[stored]:
-                    _assign(model, name, value, name in quantized, made)
+                    _assign(model, name, value, name in quantized, made, name in transposed)
     hold_stored_experts(model, joins)  # as the expert ops take them, registered as stored
     for entry in metadata["plan"]:
         if entry["scheme"] is not None and "expert_names" not in entry:  # eager calls and torch.compile(backend="fxquant") run them as stored

@@ -87,6 +87,9 @@ class Scheme:
     # every rank (one scale for the whole weight). Empty: the scheme does not say, and a split
     # weight is skipped with that reason (e.g. blocks of a flattened weight split neither way).
     shard_dims: ClassVar[Mapping[str, tuple[int | None, int | None]]] = MappingProxyType({})
+    # True where "weight" packs several values a byte along K (nf4 / fp4: [N, K / 2]): checkpoints then
+    # hold a Conv1D's weight as the op takes it, not transposed to GPT-2's [K, N].
+    packed_weight: ClassVar[bool] = False
 
     def quantize(self, weight: Tensor, options) -> dict[str, Tensor]:
         """The named tensors of a float weight [N, K] ([E, N, K]: experts, for a scheme with batched or

@@ -139,6 +139,37 @@ def test_quantized_conv1d_gets_no_hf_quantization_config(tmp_path, hf_format):
     assert not (tmp_path / "auto" / "config.json").exists()
 
 
+@pytest.mark.parametrize("scheme", ["nf4", "fp4"])
+def test_gpt2_conv1d_layers_in_4bit_keep_the_packed_layout(tmp_path, scheme):
+    """A packed 4-bit weight ([N, K / 2]) is held as the op takes it in the file, a Conv1D's too (the
+    [K, N] transpose is for weights of one value a byte): save_quantized and the streaming CLI write the
+    same bytes, and the loaded model runs as the fxquant-compiled float model does."""
+    from fxquant.cli import main
+
+    model, ids = tiny_gpt2(), torch.randint(0, 128, (2, 8))
+    config = QuantConfig(scheme=scheme)
+    metadata = save_quantized(model, tmp_path / "saved", config)
+    assert [e["layer"] for e in metadata["plan"] if e["scheme"] == scheme] == CONV1D_LAYERS
+    header = read_header(tmp_path / "saved" / "model.safetensors")
+    assert header["transformer.h.0.mlp.c_fc.weight"] == (torch.uint8, (256, 32))  # [N, K / 2]
+    model.save_pretrained(tmp_path / "float")
+    assert main(["quantize", str(tmp_path / "float"), str(tmp_path / "streamed"), "--scheme", scheme]) == 0
+    assert_files_equal(tmp_path / "saved", tmp_path / "streamed")
+    with empty_weights():
+        loaded = load_quantized(tmp_path / "streamed", transformers.GPT2LMHeadModel(model.config)).eval()
+    assert loaded.transformer.h[0].mlp.c_fc.weight.shape == (256, 32)
+    with torch.no_grad():
+        compiled = torch.compile(loaded, backend="fxquant")(ids, use_cache=False).logits
+        torch._dynamo.reset()
+        compiled_float = torch.compile(model, backend=fxquant.backend(config))(ids, use_cache=False).logits
+        torch._dynamo.reset()
+        eager = loaded(ids, use_cache=False).logits
+    # the same codes and absmax (the files are equal); a stored 4-bit layer traces as its op, a float one
+    # as the module's addmm rewritten, and Inductor fuses the float32 ops around each its own way
+    torch.testing.assert_close(compiled, compiled_float, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(eager, compiled, rtol=1e-5, atol=1e-5)
+
+
 def test_gpt2_loaded_saves_back_bit_exact(tmp_path):
     save_quantized(tiny_gpt2(), tmp_path / "first", QuantConfig(scheme="int8"))
     loaded = load_quantized(tmp_path / "first", tiny_gpt2(seed=1))

@@ -44,6 +44,7 @@ class Blockwise4bit(Scheme):
     tensors = {"weight": torch.uint8, "weight_absmax": torch.uint8, "weight_nested_absmax": torch.float32,
                "weight_offset": torch.float32}
     Options = Blockwise4bitOptions
+    packed_weight = True
 
     def quantize(self, weight, options):
         if weight.dim() != 2 or weight.shape[1] % options.blocksize:
