@@ -24,7 +24,7 @@ Meshes of more than one dim (FSDP with TP) are not read: such layers are skipped
 
 parallelize_module frames each column-wise layer in its hooks, which Dynamo's graph shows as
 
-    a = DTensor.from_local(x, mesh, (Replicate(),), run_check=False)    (then redistributes that keep R)
+    a = DTensor.from_local(x, mesh, (Replicate(),), run_check=False)    (maybe redistributes that keep R)
     y = op(a, W...)                                                    (Shard(-1): no collective)
     h = y.redistribute(placements=(Shard(-1),), async_op=True).to_local()   (the redistribute keeps S(2))
 
@@ -69,34 +69,40 @@ def held_like(local_part: Tensor, like: Tensor) -> Tensor:
                               shape=like.shape, stride=like.stride())
 
 
-def _keeps_placements(node: object) -> bool:
-    """`node` is `t.redistribute(...)` to the placements `t` already has, on t's mesh: no collective."""
-    if not (isinstance(node, fx.Node) and node.op == "call_method" and node.target == "redistribute"):
-        return False
-    arguments = dict(zip(("device_mesh", "placements"), node.args[1:]), **node.kwargs)
+def _is_redistribute(node: object) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_method" and node.target == "redistribute"
+
+
+def _keeps_placements(node: fx.Node) -> bool:
+    """A redistribute `node` to the mesh, placements, shape and dtype its input already has: no collective."""
     value, source = fake_value(node), fake_value(node.args[0])
-    return (arguments.get("device_mesh") is None and arguments.get("forward_dtype") is None
-            and hasattr(value, "placements") and hasattr(source, "placements")
-            and value.placements == source.placements and value.shape == source.shape)
+    return (dict(zip(("device_mesh",), node.args[1:]), **node.kwargs).get("device_mesh") is None
+            and hasattr(value, "placements") and hasattr(source, "placements") and value.placements == source.placements
+            and value.shape == source.shape and value.dtype == source.dtype)
 
 
 def from_local_source(activation: object) -> tuple[fx.Node, str | None] | None:
     """(x, why the op on the DTensor cannot be read as an op on x, or None) where `activation` is
-    `DTensor.from_local(x, ...)` (a parallel style's input hook), through redistributes that keep its
-    placements; None where it is not made so. Read as local: replicated, no `run_check` (a broadcast),
-    no shape or stride given."""
-    node = activation
-    while _keeps_placements(node):
+    `DTensor.from_local(x, ...)` (a parallel style's input hook), maybe redistributed; None where it is
+    not made so. Read as local: replicated, no `run_check` (a broadcast), no shape or stride given, and
+    only redistributes that keep its placements."""
+    node, moved = activation, None
+    while _is_redistribute(node):
+        if not _keeps_placements(node):
+            moved = node
         node = node.args[0]
     if not (DTensor is not None and isinstance(node, fx.Node) and node.op == "call_function"
             and node.target is DTensor.from_local and isinstance(node.args[0], fx.Node)):
         return None
     arguments = dict(zip(("local_tensor", "device_mesh", "placements"), node.args), **node.kwargs)
     placements = tuple(arguments.get("placements") or ())
+    if moved is not None:
+        to = getattr(fake_value(moved), "placements", "?")
+        return node.args[0], f"its input is redistributed from {placements} to {to} (a collective of its own)"
     if not placements or not all(isinstance(p, Replicate) for p in placements):
-        return node.args[0], f"input made from local with placements {placements} (Replicate only)"
+        return node.args[0], f"its input is made from local with placements {placements} (Replicate only)"
     if arguments.get("run_check") or arguments.get("shape") is not None or arguments.get("stride") is not None:
-        return node.args[0], "input made from local with run_check, shape or stride"
+        return node.args[0], "its input is made from local with run_check, shape or stride"
     return node.args[0], None
 
 
@@ -108,7 +114,7 @@ def local_output(node: fx.Node) -> fx.Node | None:
         (user,) = node.users
         if user.op == "call_method" and user.target == "to_local" and len(user.args) == 1:
             return user if all(value is None for value in user.kwargs.values()) else None
-        if not _keeps_placements(user):
+        if not (_is_redistribute(user) and _keeps_placements(user)):
             return None
         node = user
     return None

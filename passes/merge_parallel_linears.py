@@ -19,6 +19,15 @@ quantized copy, or each stored module tensor (its `.data`: the same tensor objec
 becomes a view of the stacked buffers (stored ones once the graph is compiled:
 `hold_stored_in_stacks`), so every weight is held once, a re-quantization writes through, and
 another graph of the same model finds them stacked already.
+
+Tensor parallel (fxquant/tensor_parallel.py): layers that read `w.to_local()` (transformers) stack
+their local parts as above. parallelize_module's column-wise layers are ops on DTensors, each framed
+by its hooks (`DTensor.from_local(x, mesh, [Replicate()])` in, `.to_local()` out), so each already
+runs the local op on x and its rows: they merge into one op on x and the stack of their local parts,
+whose split replaces each `.to_local()`; no collective is added or removed. A merged copy of a
+DTensor weight stays a DTensor around its view, for graphs that run it unmerged. Row-wise layers
+(partial sums) are not merged; a column-wise one whose output is read as a DTensor, or whose input
+is redistributed by a collective, stays alone and says why in the plan.
 """
 
 from __future__ import annotations
@@ -182,13 +191,14 @@ def _merge(gm: fx.GraphModule, members: list[PlannedLinear]) -> None:
         activation = member.call.args[member.call.activation]
         output.meta.update(old.meta)
         old.replace_all_uses_with(output)
-        _erase_up_to(graph, old, member.fused)
+        _erase_unused(graph, old, stop=member.fused)  # parallelize_module's .to_local() and redistribute
+        graph.erase_node(member.fused)
         for buffer in buffers:
             if isinstance(buffer, fx.Node) and not buffer.users and buffer.op != "placeholder":
                 graph.erase_node(buffer)  # a buffer of gm, or the reshape of a stored tensor
                 if buffer.op == "get_attr":
                     delattr(gm, buffer.target)
-        _erase_up_to(graph, activation, x, keep=x)  # parallelize_module's from_local, where nothing else reads it
+        _erase_unused(graph, activation, stop=x)  # parallelize_module's from_local, where nothing else reads it
         member.fused, member.call = merged, call
     counters["fxquant"]["merged_linears"] += len(members)
 
@@ -203,14 +213,11 @@ def _local_ends(member: PlannedLinear) -> tuple[fx.Node, fx.Node]:
     return from_local_source(activation)[0], local_output(member.fused)
 
 
-def _erase_up_to(graph: fx.Graph, node: fx.Node, last: fx.Node, keep: fx.Node | None = None) -> None:
-    """Erase `node` and the nodes it reads through its first argument, up to `last`, while nothing else
-    uses them (`keep`: a node never erased)."""
-    while node is not keep and not node.users:
-        source = node.args[0] if node is not last else None
+def _erase_unused(graph: fx.Graph, node: fx.Node, stop: fx.Node) -> None:
+    """Erase `node` and, up through first arguments, each node nothing else uses, stopping at `stop`."""
+    while node is not stop and not node.users:
+        source = node.args[0]
         graph.erase_node(node)
-        if not isinstance(source, fx.Node):
-            return
         node = source
 
 

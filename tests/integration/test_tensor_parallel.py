@@ -27,18 +27,18 @@ def _compiled(model, tokens, backend):
 
 
 class _Heads(torch.nn.Module):
-    """Three layers on one input: a and c read as parallelize_module's default leaves them (`.to_local()`),
-    b as a DTensor where it is one, gathered whole."""
+    """Four layers on one input: a and c read as parallelize_module's default leaves them (`.to_local()`),
+    b as a DTensor where it is one, gathered whole; d (under TP, its input rows gathered) on its own."""
 
     def __init__(self):
         super().__init__()
-        self.a, self.b, self.c = (torch.nn.Linear(256, 512, bias=False) for _ in range(3))
+        self.a, self.b, self.c, self.d = (torch.nn.Linear(256, 512, bias=False) for _ in range(4))
 
     def forward(self, x):
         from torch.distributed.tensor import DTensor
 
         b = self.b(x)
-        return torch.cat([self.a(x), b.full_tensor() if isinstance(b, DTensor) else b, self.c(x)], -1)
+        return torch.cat([self.a(x), b.full_tensor() if isinstance(b, DTensor) else b, self.c(x)], -1), self.d(x)
 
 
 def _node_counts(gm) -> dict[str, int]:
@@ -54,6 +54,7 @@ def _node_counts(gm) -> dict[str, int]:
 def _cases(rank: int, directory: str) -> dict:
     import fxquant
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
     from transformers import AutoModelForCausalLM
 
@@ -96,13 +97,14 @@ def _cases(rank: int, directory: str) -> dict:
     _compiled(nf4, x, nf4_backend)
     seen["nf4 plan"] = str(nf4_backend.plans[-1])
 
-    # Three column-wise layers on one input; b's output is read as a DTensor (gathered whole).
+    # Column-wise layers on one input; b's output is read as a DTensor, d's input is all-gathered (Shard(0)).
     torch.manual_seed(0)
     heads = _Heads()
-    seen["heads single"] = _compiled(copy.deepcopy(heads), x, fxquant.backend(FP8))
-    parallelize_module(heads, mesh, {"a": ColwiseParallel(), "b": ColwiseParallel(use_local_output=False), "c": ColwiseParallel()})
+    seen["heads single"] = _compiled(copy.deepcopy(heads), x, fxquant.backend(FP8))[0]
+    parallelize_module(heads, mesh, {"a": ColwiseParallel(), "b": ColwiseParallel(use_local_output=False),
+                                     "c": ColwiseParallel(), "d": ColwiseParallel(input_layouts=Shard(0))})
     heads_backend = fxquant.backend(FP8)
-    seen["heads"] = _compiled(heads, x, heads_backend)
+    seen["heads"] = _compiled(heads, x, heads_backend)[0]
     seen["heads plan"] = str(heads_backend.plans[-1])
 
     # A tiny Llama: parallelize_module as torchtitan does, and transformers' own tp_plan="auto".
@@ -260,13 +262,15 @@ def test_parallelize_module_layers_merge_on_the_local_activation(ranks):
         torch.testing.assert_close(seen["llama"], seen["llama unmerged"], rtol=0, atol=0)
 
 
-def test_a_layer_whose_output_is_read_as_a_dtensor_stays_unmerged(ranks):
-    """b (use_local_output=False, gathered whole) keeps its own op with the reason; a and c still merge.
-    Each column is the single process's (all three merged there) to the bit."""
+def test_layers_read_as_dtensors_or_behind_a_collective_stay_unmerged(ranks):
+    """b (use_local_output=False, gathered whole) and d (its input gathered from row shards) keep their
+    own ops with the reason; a and c still merge. Each column of a, b, c is the single process's (all
+    four merged there) to the bit."""
     for rank, seen in enumerate(ranks):
         plan = seen["heads plan"]
         assert "one GEMM with c" in plan and "one GEMM with a" in plan
-        assert "not merged with a, c: its output is read as a DTensor" in plan
+        assert "not merged with a, c, d: its output is read as a DTensor" in plan
+        assert "not merged with b, a, c: its input is redistributed from (Shard(dim=0),) to (Replicate(),)" in plan  # in graph order
         a, b, c = seen["heads single"].chunk(3, -1)
         expected = torch.cat([a.chunk(RANKS, -1)[rank], b, c.chunk(RANKS, -1)[rank]], -1)
         torch.testing.assert_close(seen["heads"], expected, rtol=0, atol=0)
