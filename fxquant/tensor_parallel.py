@@ -76,8 +76,8 @@ def _is_redistribute(node: object) -> bool:
 def _keeps_placements(node: fx.Node) -> bool:
     """A redistribute `node` to the mesh, placements, shape and dtype its input already has: no collective."""
     value, source = fake_value(node), fake_value(node.args[0])
-    return (dict(zip(("device_mesh",), node.args[1:]), **node.kwargs).get("device_mesh") is None
-            and hasattr(value, "placements") and hasattr(source, "placements") and value.placements == source.placements
+    mesh = node.args[1] if len(node.args) > 1 else node.kwargs.get("device_mesh")
+    return (mesh is None and hasattr(value, "placements") and hasattr(source, "placements") and value.placements == source.placements
             and value.shape == source.shape and value.dtype == source.dtype)
 
 
