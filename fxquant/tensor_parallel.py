@@ -21,6 +21,16 @@ layer a DTensor layer:
 The plan checks that a split leaves every rank a shape its scheme runs (`shard_problem`: even splits,
 the scheme's shape rule on the local shape, so 128x128 blocks need shard boundaries on whole blocks).
 Meshes of more than one dim (FSDP with TP) are not read: such layers are skipped with the reason.
+
+parallelize_module frames each column-wise layer in its hooks, which Dynamo's graph shows as
+
+    a = DTensor.from_local(x, mesh, (Replicate(),), run_check=False)    (maybe redistributes that keep R)
+    y = op(a, W...)                                                    (Shard(-1): no collective)
+    h = y.redistribute(placements=(Shard(-1),), async_op=True).to_local()   (the redistribute keeps S(2))
+
+so h is the local op on x and this rank's rows: `from_local_source` and `local_output` read the two
+ends, and the merge pass stacks such layers on their shared x as it stacks local parts (`.to_local()`
+weights).
 """
 
 from __future__ import annotations
@@ -29,8 +39,9 @@ import math
 from collections.abc import Callable, Mapping
 
 import torch
-from torch import Tensor
+from torch import Tensor, fx
 
+from fxquant.passes.find_sites import fake_value
 from fxquant.scheme import Scheme, SchemeCall
 
 try:
@@ -47,6 +58,66 @@ def is_dtensor(tensor: object) -> bool:
 def local(tensor: Tensor) -> Tensor:
     """This rank's part of a DTensor; any other tensor as it is."""
     return tensor.to_local() if is_dtensor(tensor) else tensor
+
+
+def held_like(local_part: Tensor, like: Tensor) -> Tensor:
+    """`local_part` held as `like` is: a DTensor of like's mesh, placements and global shape around it
+    (the same storage: writes to either reach the other) where `like` is one, else `local_part`."""
+    if not is_dtensor(like):
+        return local_part
+    return DTensor.from_local(local_part, like.device_mesh, like.placements, run_check=False,
+                              shape=like.shape, stride=like.stride())
+
+
+def _is_redistribute(node: object) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_method" and node.target == "redistribute"
+
+
+def _keeps_placements(node: fx.Node) -> bool:
+    """A redistribute `node` to the mesh, placements, shape and dtype its input already has: no collective."""
+    value, source = fake_value(node), fake_value(node.args[0])
+    mesh = node.args[1] if len(node.args) > 1 else node.kwargs.get("device_mesh")
+    return (mesh is None and hasattr(value, "placements") and hasattr(source, "placements") and value.placements == source.placements
+            and value.shape == source.shape and value.dtype == source.dtype)
+
+
+def from_local_source(activation: object) -> tuple[fx.Node, str | None] | None:
+    """(x, why the op on the DTensor cannot be read as an op on x, or None) where `activation` is
+    `DTensor.from_local(x, ...)` (a parallel style's input hook), maybe redistributed; None where it is
+    not made so. Read as local: replicated, no `run_check` (a broadcast), no shape or stride given, and
+    only redistributes that keep its placements."""
+    node, moved = activation, None
+    while _is_redistribute(node):
+        if not _keeps_placements(node):
+            moved = node
+        node = node.args[0]
+    if not (DTensor is not None and isinstance(node, fx.Node) and node.op == "call_function"
+            and node.target is DTensor.from_local and isinstance(node.args[0], fx.Node)):
+        return None
+    arguments = dict(zip(("local_tensor", "device_mesh", "placements"), node.args), **node.kwargs)
+    placements = tuple(arguments.get("placements") or ())
+    if moved is not None:
+        to = getattr(fake_value(moved), "placements", "?")
+        return node.args[0], f"its input is redistributed from {placements} to {to} (a collective of its own)"
+    if not placements or not all(isinstance(p, Replicate) for p in placements):
+        return node.args[0], f"its input is made from local with placements {placements} (Replicate only)"
+    if arguments.get("run_check") or arguments.get("shape") is not None or arguments.get("stride") is not None:
+        return node.args[0], "its input is made from local with run_check, shape or stride"
+    return node.args[0], None
+
+
+def local_output(node: fx.Node) -> fx.Node | None:
+    """The `.to_local()` through which alone `node`'s DTensor output is read (a parallel style's output
+    hook with use_local_output), through redistributes that keep its placements; None where it is read
+    otherwise."""
+    while len(node.users) == 1:
+        (user,) = node.users
+        if user.op == "call_method" and user.target == "to_local" and len(user.args) == 1:
+            return user if all(value is None for value in user.kwargs.values()) else None
+        if not (_is_redistribute(user) and _keeps_placements(user)):
+            return None
+        node = user
+    return None
 
 
 def split_side(weight: Tensor, weight_is_kn: bool = False) -> str | None:

@@ -26,9 +26,35 @@ def _compiled(model, tokens, backend):
         return torch.compile(model, backend=backend)(tokens)
 
 
+class _Heads(torch.nn.Module):
+    """Four layers on one input: a and c read as parallelize_module's default leaves them (`.to_local()`),
+    b as a DTensor where it is one, gathered whole; d (under TP, its input rows gathered) on its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d = (torch.nn.Linear(256, 512, bias=False) for _ in range(4))
+
+    def forward(self, x):
+        from torch.distributed.tensor import DTensor
+
+        b = self.b(x)
+        return torch.cat([self.a(x), b.full_tensor() if isinstance(b, DTensor) else b, self.c(x)], -1), self.d(x)
+
+
+def _node_counts(gm) -> dict[str, int]:
+    """fxquant's FP8 ops and DTensor's framing (from_local, redistribute) in a compiled graph."""
+    from torch.distributed.tensor import DTensor
+
+    nodes = list(gm.graph.nodes)
+    return {"ops": sum(node.target is torch.ops.fxquant.fp8_rowwise_linear.default for node in nodes),
+            "from_local": sum(node.target is DTensor.from_local for node in nodes),
+            "redistribute": sum(node.op == "call_method" and node.target == "redistribute" for node in nodes)}
+
+
 def _cases(rank: int, directory: str) -> dict:
     import fxquant
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
     from transformers import AutoModelForCausalLM
 
@@ -71,6 +97,16 @@ def _cases(rank: int, directory: str) -> dict:
     _compiled(nf4, x, nf4_backend)
     seen["nf4 plan"] = str(nf4_backend.plans[-1])
 
+    # Column-wise layers on one input; b's output is read as a DTensor, d's input is all-gathered (Shard(0)).
+    torch.manual_seed(0)
+    heads = _Heads()
+    seen["heads single"] = _compiled(copy.deepcopy(heads), x, fxquant.backend(FP8))[0]
+    parallelize_module(heads, mesh, {"a": ColwiseParallel(), "b": ColwiseParallel(use_local_output=False),
+                                     "c": ColwiseParallel(), "d": ColwiseParallel(input_layouts=Shard(0))})
+    heads_backend = fxquant.backend(FP8)
+    seen["heads"] = _compiled(heads, x, heads_backend)[0]
+    seen["heads plan"] = str(heads_backend.plans[-1])
+
     # A tiny Llama: parallelize_module as torchtitan does, and transformers' own tp_plan="auto".
     model = tiny_llama()
     tokens = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
@@ -82,9 +118,13 @@ def _cases(rank: int, directory: str) -> dict:
                                                    "v_proj": ColwiseParallel(), "o_proj": RowwiseParallel()})
         parallelize_module(layer.mlp, mesh, {"gate_proj": ColwiseParallel(), "up_proj": ColwiseParallel(),
                                              "down_proj": RowwiseParallel()})
-    backend = fxquant.backend(FP8)
+    backend = fxquant.backend(FP8, keep_graphs=True)
     seen["llama"] = _compiled(model, tokens, backend).logits
     seen["llama plan"] = str(backend.plans[-1])
+    seen["llama nodes"] = _node_counts(backend.graphs[-1])
+    unmerged = fxquant.backend(fxquant.QuantConfig(scheme="fp8_rowwise", merge_parallel_linears=False), keep_graphs=True)
+    seen["llama unmerged"] = _compiled(model, tokens, unmerged).logits  # the copies merged above, unstacked
+    seen["llama unmerged nodes"] = _node_counts(unmerged.graphs[-1])
     hf = AutoModelForCausalLM.from_pretrained(os.path.join(directory, "llama"), tp_plan="auto").eval()
     backend = fxquant.backend(FP8)
     compiled = torch.compile(hf, backend=backend)
@@ -203,3 +243,34 @@ def test_transformers_tp_layers_merge_and_a_changed_weight_is_requantized_into_t
         assert seen["requantized"] >= 1
         assert not torch.equal(seen["llama tp_plan changed"], seen["llama tp_plan"])
         torch.testing.assert_close(seen["llama tp_plan changed"], seen["llama tp_plan recompiled"], rtol=0, atol=0)
+
+
+def test_parallelize_module_layers_merge_on_the_local_activation(ranks):
+    """Column-wise q/k/v and gate/up run as one GEMM per group on each rank's local activation and
+    stacked local shards; the row-wise layers keep their framing and all-reduces. The merged model
+    computes the un-merged TP model's logits to the bit (each output column is the same dot product
+    on the same codes), and the single process's within the test above's tolerance."""
+    for rank, seen in enumerate(ranks):
+        plan = seen["llama plan"]
+        assert plan.count("one GEMM with k_proj, v_proj") == 2  # q_proj, one per layer
+        assert plan.count("one GEMM with up_proj") == 2  # gate_proj
+        assert f"column-wise: N {rank * 32}-{rank * 32 + 31} on rank {rank} of 2; one GEMM with k_proj, v_proj" in plan
+        assert "one GEMM" not in "".join(line for line in plan.splitlines() if "o_proj" in line or "down_proj" in line)
+        # per layer: qkv, o, gate_up, down; 2 layers (lm_head is skipped)
+        assert seen["llama nodes"] == {"ops": 8, "from_local": 4, "redistribute": 4}
+        assert seen["llama unmerged nodes"] == {"ops": 14, "from_local": 14, "redistribute": 14}
+        torch.testing.assert_close(seen["llama"], seen["llama unmerged"], rtol=0, atol=0)
+
+
+def test_layers_read_as_dtensors_or_behind_a_collective_stay_unmerged(ranks):
+    """b (use_local_output=False, gathered whole) and d (its input gathered from row shards) keep their
+    own ops with the reason; a and c still merge. Each column of a, b, c is the single process's (all
+    four merged there) to the bit."""
+    for rank, seen in enumerate(ranks):
+        plan = seen["heads plan"]
+        assert "one GEMM with c" in plan and "one GEMM with a" in plan
+        assert "not merged with a, c, d: its output is read as a DTensor" in plan
+        assert "not merged with b, a, c: its input is redistributed from (Shard(dim=0),) to (Replicate(),)" in plan  # in graph order
+        a, b, c = seen["heads single"].chunk(3, -1)
+        expected = torch.cat([a.chunk(RANKS, -1)[rank], b, c.chunk(RANKS, -1)[rank]], -1)
+        torch.testing.assert_close(seen["heads"], expected, rtol=0, atol=0)
