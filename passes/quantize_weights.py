@@ -81,7 +81,7 @@ class QuantizedWeight:
 
 def _requantize(copy: QuantizedCopy, layer: str, weight: Tensor, weight_is_kn: bool, scheme: str, options: object) -> None:
     for name, tensor in quantize_parameter(layer, weight, weight_is_kn, scheme, options).items():
-        held = copy.tensors[name]  # a DTensor's local part where a merged graph holds it in its stack
+        held = copy.tensors[name]  # a DTensor (a merged one around its view of the stack), or a plain tensor
         held.copy_(tensor if is_dtensor(held) else local(tensor))
     copy.stamp = WeightStamp(weight)
     counters["fxquant"]["requantized_weights"] += 1
