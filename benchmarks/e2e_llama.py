@@ -86,6 +86,8 @@ def peer_model(peer: str, model: torch.nn.Module) -> tuple[torch.nn.Module, obje
         return model, fxquant.backend(scheme="fp8_rowwise", merge_parallel_linears=False, inductor=inductor)
     if peer == "fxquant-int8":  # int8 W8A8 (what scheme="auto" runs on GPUs without FP8, and on the CPU)
         return model, fxquant.backend(scheme="int8", inductor=inductor)
+    if peer == "fxquant-int8-frozen":  # int8 without the per-call check for weights changed after compiling
+        return model, fxquant.backend(scheme="int8", check_weight_updates=False, inductor=inductor)
     if peer == "fxquant-blockwise":  # DeepSeek-V3 style 128 x 128 weight blocks, 1 x 128 activation groups
         return model, fxquant.backend(scheme="fp8_blockwise", inductor=inductor)
     if peer == "fxquant-inplace":  # fxquant.quantize_ on the model itself (list it last): its float weights are gone

@@ -19,7 +19,7 @@
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh blockwise   # fp8_blockwise in the Llama forward
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh nf4 [PEERS] # decode 1x1 16x1: bf16, nf4, bitsandbytes' nf4, torchao int4
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh gemm-4bit   # nf4 linear_4bit op vs bf16 per shape, M = 1, 16
-#     source .whl/ondevice.sh && bash benchmarks/on_device.sh int8        # int8 in the Llama forward (1x1 16x1 1x2048 4x2048),
+#     source .whl/ondevice.sh && bash benchmarks/on_device.sh int8        # int8 (and with weights frozen) in the Llama forward (1x1 16x1 1x2048 4x2048),
 #                                                  # then fp8_rowwise at serving batch sizes (32..256, 1)
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh gemm-serving # fp8_rowwise GEMM choices at M = 32..512
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh gemm-int8   # int8 GEMM choices per shape (after an RMSNorm)
@@ -93,7 +93,7 @@ case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | tor
       --shapes 1x1 16x1 --no-recompile-check --repeats 10 --json "$OUT/e2e_nf4.json" >"$OUT/e2e_nf4.txt" 2>&1
     quiet <"$OUT/e2e_nf4.txt" | tail -8 ;;
   int8)
-    timeout 330 python3 benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead --peers bf16 fxquant-int8 \
+    timeout 330 python3 benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead --peers bf16 fxquant-int8 fxquant-int8-frozen \
       --no-recompile-check --repeats 10 --json "$OUT/e2e_int8.json" >"$OUT/e2e_int8.txt" 2>&1
     quiet <"$OUT/e2e_int8.txt" | tail -6
     timeout 230 python3 benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead --peers bf16 fxquant \

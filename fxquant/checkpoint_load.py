@@ -167,7 +167,8 @@ def _check_ties(path: Path, tied: dict[str, str], model: nn.Module) -> None:
         if alias not in identity or identity[alias] != identity.get(target):
             raise ValueError(
                 f"fxquant: {path}: tied says '{alias}' is stored as '{target}', but the model's '{alias}' is "
-                f"{'no tensor' if alias not in identity else 'a tensor of its own'}; was {METADATA_FILE} edited?"
+                f"{'no tensor' if alias not in identity else 'a tensor of its own'}: is the model of another "
+                f"architecture or config (tie_word_embeddings), or was {METADATA_FILE} edited?"
             )
 
 
