@@ -1,9 +1,12 @@
-"""What fxquant's lowerings share: Inductor's `autotune_select_algorithm` on every torch they run on, and
-sizes read as static or not."""
+"""What fxquant's lowerings share: Inductor's `autotune_select_algorithm` on every torch they run on,
+sizes read as static or not, and the extern choices of their rowwise GEMMs."""
 
 from __future__ import annotations
 
-from torch._inductor.select_algorithm import autotune_select_algorithm
+import torch
+from torch._inductor import ir
+from torch._inductor.select_algorithm import ExternKernelChoice, autotune_select_algorithm
+from torch._inductor.virtualized import V
 
 
 def select_node(name: str, choices: list, inputs: list, layout, **kwargs):
@@ -18,3 +21,22 @@ def static_size(expr) -> int | None:
         return int(expr)
     except TypeError:
         return None
+
+
+def gemm_layout(x_q, w_q, dtype: torch.dtype) -> ir.FixedLayout:
+    """A rowwise GEMM's output: `dtype` [M, N] on x_q's device."""
+    return ir.FixedLayout(x_q.get_device(), dtype, [x_q.get_size()[0], w_q.get_size()[0]])
+
+
+def extern_gemm_choice(function, op_overload: torch._ops.OpOverload, name: str, dtype: torch.dtype) -> ExternKernelChoice:
+    """An extern choice named `name` for a GEMM of (x_q, w_q, x_scale, w_scale) → `dtype` [M, N]:
+    `function` in a Python wrapper, `op_overload` in a C++ wrapper (AOTInductor)."""
+
+    def create(x_q, w_q, x_scale, w_scale):
+        if V.graph.cpp_wrapper:
+            return ir.FallbackKernel.create(op_overload, x_q, w_q, x_scale, w_scale)
+        return ir.ExternKernelAlloc(
+            layout=gemm_layout(x_q, w_q, dtype), inputs=[x_q, w_q, x_scale, w_scale], python_kernel_name=f"extern_kernels.{name}"
+        )
+
+    return ExternKernelChoice(function, name=name, has_out_variant=False, op_overload=op_overload, kernel_creator=create)

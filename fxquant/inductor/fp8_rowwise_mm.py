@@ -26,12 +26,10 @@ import os
 
 import torch
 from torch._inductor import config as inductor_config
-from torch._inductor import ir
 from torch._inductor.lowering import fallback_handler, register_lowering
 from torch._inductor.select_algorithm import ExternKernelChoice, realize_inputs
-from torch._inductor.virtualized import V
 
-from fxquant.inductor.autotune import select_node, static_size
+from fxquant.inductor.autotune import extern_gemm_choice, gemm_layout, select_node, static_size
 from fxquant.inductor.choices import tuning
 from fxquant.inductor.tuning import DeviceTuning
 from fxquant.kernels.fp8_rowwise_gemm import fp8_rowwise_gemm_template
@@ -44,22 +42,8 @@ CHOICES = (*AUTOTUNED, "by_rows")
 SMALL_M = 16  # the template's decode configs and the split-K kernel cover M up to here
 
 
-def _gemm_layout(x_q, w_q) -> ir.FixedLayout:
-    """The GEMM's output: bf16 [M, N] on x_q's device."""
-    return ir.FixedLayout(x_q.get_device(), torch.bfloat16, [x_q.get_size()[0], w_q.get_size()[0]])
-
-
 def _extern_gemm_choice(function, op_overload: torch._ops.OpOverload, name: str) -> ExternKernelChoice:
-    """An extern GEMM choice named `name`: `function` in a Python wrapper, `op_overload` in a C++ wrapper."""
-
-    def create(x_q, w_q, x_scale, w_scale):
-        if V.graph.cpp_wrapper:
-            return ir.FallbackKernel.create(op_overload, x_q, w_q, x_scale, w_scale)
-        return ir.ExternKernelAlloc(
-            layout=_gemm_layout(x_q, w_q), inputs=[x_q, w_q, x_scale, w_scale], python_kernel_name=f"extern_kernels.{name}"
-        )
-
-    return ExternKernelChoice(function, name=name, has_out_variant=False, op_overload=op_overload, kernel_creator=create)
+    return extern_gemm_choice(function, op_overload, name, torch.bfloat16)
 
 
 scaled_mm_choice = _extern_gemm_choice(scaled_mm_rowwise, torch.ops.fxquant.scaled_mm_rowwise.default, "fxquant_scaled_mm")
@@ -105,7 +89,7 @@ def tuned_fp8_rowwise_mm(x_q, w_q, x_scale, w_scale):
     inputs = realize_inputs(x_q, w_q, x_scale, w_scale)
     m, k = inputs[0].get_size()
     n = inputs[1].get_size()[0]
-    layout = _gemm_layout(inputs[0], inputs[1])
+    layout = gemm_layout(inputs[0], inputs[1], torch.bfloat16)
     static_m, static_n, static_k = static_size(m), static_size(n), static_size(k)
     autotune = inductor_config.max_autotune or inductor_config.max_autotune_gemm
     fbgemm = fbgemm_genai_available()

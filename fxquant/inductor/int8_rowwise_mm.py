@@ -24,12 +24,10 @@ import os
 
 import torch
 from torch._inductor import config as inductor_config
-from torch._inductor import ir
 from torch._inductor.lowering import fallback_handler, lowerings, register_lowering
 from torch._inductor.select_algorithm import ExternKernelChoice, realize_inputs
-from torch._inductor.virtualized import V
 
-from fxquant.inductor.autotune import select_node, static_size
+from fxquant.inductor.autotune import extern_gemm_choice, gemm_layout, select_node, static_size
 from fxquant.inductor.choices import tuning
 from fxquant.inductor.tuning import DeviceTuning
 from fxquant.kernels.int8_rowwise_gemm import int8_rowwise_gemm_template
@@ -43,26 +41,12 @@ aten, prims = torch.ops.aten, torch.ops.prims
 
 def _extern_choice(function, name: str) -> ExternKernelChoice:
     """An extern choice: `function` in a Python wrapper, its op fxquant::<function name> in a C++ wrapper."""
-    op_overload = getattr(torch.ops.fxquant, function.__name__).default
-
-    def create(x_q, w_q, x_scale, w_scale):
-        if V.graph.cpp_wrapper:
-            return ir.FallbackKernel.create(op_overload, x_q, w_q, x_scale, w_scale)
-        return ir.ExternKernelAlloc(
-            layout=_gemm_layout(x_q, w_q), inputs=[x_q, w_q, x_scale, w_scale], python_kernel_name=f"extern_kernels.{name}"
-        )
-
-    return ExternKernelChoice(function, name=name, has_out_variant=False, op_overload=op_overload, kernel_creator=create)
+    return extern_gemm_choice(function, getattr(torch.ops.fxquant, function.__name__).default, name, torch.float32)
 
 
 cublas_choice = _extern_choice(scaled_int_mm, "fxquant_scaled_int_mm")
 splitk_choice = _extern_choice(int8_rowwise_mm_splitk, "fxquant_int8_rowwise_mm_splitk")
 by_rows_choice = _extern_choice(int8_rowwise_mm_by_rows, "fxquant_int8_rowwise_mm_by_rows")
-
-
-def _gemm_layout(x_q, w_q) -> ir.FixedLayout:
-    """The GEMM's output: float32 [M, N] on x_q's device."""
-    return ir.FixedLayout(x_q.get_device(), torch.float32, [x_q.get_size()[0], w_q.get_size()[0]])
 
 
 def heuristic_choice(m: int | None, n: int | None, *, tuned: DeviceTuning) -> str:
@@ -114,7 +98,7 @@ def tuned_int8_rowwise_mm(x_q, w_q, x_scale, w_scale):
     if static_m is None or static_m > SPLITK_MAX_ROWS:
         wanted = tuple(c for c in wanted if c != "splitk") or ("by_rows",)
 
-    layout = _gemm_layout(inputs[0], inputs[1])
+    layout = gemm_layout(inputs[0], inputs[1], torch.float32)
     choices = []
     if "triton" in wanted and static_k is not None:
         for config in tuned.template_choices(static_m, static_n, static_k, autotune):

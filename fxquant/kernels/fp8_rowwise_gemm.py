@@ -48,28 +48,37 @@ SOURCE = r"""
     a_ptrs = A + a_rows[:, None] * stride_am + rk[None, :] * stride_ak
     w_ptrs = W + w_rows[None, :] * stride_wn + rk[:, None] * stride_wk
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACCUMULATOR)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         {%- if EVEN_K %}
         a = tl.load(a_ptrs)
         w = tl.load(w_ptrs)
         {%- else %}
         k_left = K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=rk[None, :] < k_left, other=0.0)
-        w = tl.load(w_ptrs, mask=rk[:, None] < k_left, other=0.0)
+        a = tl.load(a_ptrs, mask=rk[None, :] < k_left, other=ZERO)
+        w = tl.load(w_ptrs, mask=rk[:, None] < k_left, other=ZERO)
         {%- endif %}
-        acc = tl.dot(a, w, acc)
+        acc = tl.dot(a, w, acc, out_dtype=ACCUMULATOR)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
 
     a_scale = tl.load(A_SCALE + a_rows * stride_as)
     w_scale = tl.load(W_SCALE + w_rows * stride_ws)
-    acc = acc * a_scale[:, None] * w_scale[None, :]
+    out = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
 
     idx_m = rm[:, None]
     idx_n = rn[None, :]
     mask = (idx_m < M) & (idx_n < N)
-    {{store_output(("idx_m", "idx_n"), "acc", "mask", val_shape=("BLOCK_M", "BLOCK_N"))}}
+    {{store_output(("idx_m", "idx_n"), "out", "mask", val_shape=("BLOCK_M", "BLOCK_N"))}}
 """
 
-fp8_rowwise_gemm_template = TritonTemplate(name="fxquant_fp8_rowwise_gemm", grid=mm_grid, source=SOURCE)
+
+def rowwise_gemm_template(name: str, accumulator: str) -> TritonTemplate:
+    """The template for one-byte operands accumulating in `accumulator`: "tl.float32" (FP8) or
+    "tl.int32" (int8, exact; fxquant/kernels/int8_rowwise_gemm.py). SOURCE's ACCUMULATOR and ZERO (the
+    masked loads' fill) are filled in as text, before Inductor renders the template."""
+    zero = "0" if accumulator == "tl.int32" else "0.0"
+    return TritonTemplate(name=name, grid=mm_grid, source=SOURCE.replace("ACCUMULATOR", accumulator).replace("ZERO", zero))
+
+
+fp8_rowwise_gemm_template = rowwise_gemm_template("fxquant_fp8_rowwise_gemm", "tl.float32")

@@ -92,6 +92,14 @@ def split_k_for(n: int, k: int, sms: int, programs_per_sm: int) -> int:
     return max(1, min(wanted, k // MIN_K_PER_SPLIT))
 
 
+def k_slices(n: int, k: int, device: torch.device) -> tuple[int, int]:
+    """(slices, length of each): K cut as `split_k_for` wants on `device`, each slice a whole number of
+    BLOCK_K (rounding the length up may leave fewer slices)."""
+    wanted = split_k_for(n, k, _sm_count(device), device_tuning(device).splitk_programs_per_sm)
+    k_per_split = triton.cdiv(triton.cdiv(k, wanted), BLOCK_K) * BLOCK_K
+    return triton.cdiv(k, k_per_split), k_per_split
+
+
 def fp8_rowwise_mm_splitk(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """fxquant::fp8_rowwise_mm for M <= MAX_ROWS: x_q [M, K], w_q [N, K] e4m3, x_scale [M], w_scale [N] float32."""
     m, k = x_q.shape
@@ -102,9 +110,7 @@ def fp8_rowwise_mm_splitk(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.T
     if operands is None:
         return out
     x_q, w_q, x_scale, w_scale = operands
-    split_k = split_k_for(n, k, _sm_count(x_q.device), device_tuning(x_q.device).splitk_programs_per_sm)
-    k_per_split = triton.cdiv(triton.cdiv(k, split_k), BLOCK_K) * BLOCK_K
-    split_k = triton.cdiv(k, k_per_split)  # rounding the slice up may leave fewer slices
+    split_k, k_per_split = k_slices(n, k, x_q.device)
     partial = out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x_q.device)
     _splitk_kernel[(triton.cdiv(n, BLOCK_N), split_k)](
         x_q, w_q, x_scale, w_scale, partial, m, n, k, x_q.stride(0), w_q.stride(0),

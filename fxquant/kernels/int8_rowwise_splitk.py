@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from fxquant.inductor.tuning import device_tuning
-from fxquant.kernels.fp8_rowwise_splitk import BLOCK_K, BLOCK_M, BLOCK_N, MAX_ROWS, _sm_count, output_and_operands, split_k_for
+from fxquant.kernels.fp8_rowwise_splitk import BLOCK_K, BLOCK_M, BLOCK_N, MAX_ROWS, k_slices, output_and_operands
 
 
 @triton.jit
@@ -84,9 +84,7 @@ def int8_rowwise_mm_splitk(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.
     if operands is None:
         return out
     x_q, w_q, x_scale, w_scale = operands
-    split_k = split_k_for(n, k, _sm_count(x_q.device), device_tuning(x_q.device).splitk_programs_per_sm)
-    k_per_split = triton.cdiv(triton.cdiv(k, split_k), BLOCK_K) * BLOCK_K
-    split_k = triton.cdiv(k, k_per_split)  # rounding the slice up may leave fewer slices
+    split_k, k_per_split = k_slices(n, k, x_q.device)
     partial = out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.int32, device=x_q.device)
     _int8_splitk_kernel[(1, triton.cdiv(n, BLOCK_N), split_k)](
         x_q, w_q, x_scale, w_scale, partial, m, n, k, x_q.stride(0), w_q.stride(0),
