@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from fxquant.footprint import nbytes
+from fxquant.freed_memory import release_freed_memory
 from fxquant.safetensors_file import FileLayout
 from fxquant.shards import INDEX_FILE, index_content, shard_names, split_into_shards
 
@@ -64,12 +65,17 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_piece(piece: Piece, layouts: dict[str, FileLayout], files: dict, file_of: dict[str, str]) -> int:
+def _write_tensors(piece: Piece, layouts: dict[str, FileLayout], files: dict, file_of: dict[str, str]) -> None:
     tensors = piece.make()
     if list(tensors) != list(piece.layout):
         raise RuntimeError(f"fxquant: a piece made {sorted(tensors)}, not the tensors it declared {sorted(piece.layout)}")
     for name, tensor in tensors.items():
         layouts[file_of[name]].write(files[file_of[name]], name, tensor)
+
+
+def _write_piece(piece: Piece, layouts: dict[str, FileLayout], files: dict, file_of: dict[str, str]) -> int:
+    _write_tensors(piece, layouts, files, file_of)
+    release_freed_memory()  # the piece's tensors are gone: keep the peak at the pieces in flight
     return piece.source_bytes
 
 
