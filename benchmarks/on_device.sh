@@ -38,11 +38,13 @@ quiet() { grep -v -E "Warning|warn\(|^  |AUTOTUNE|strides:|dtypes:|SingleProcess
 
 case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | torchao | profile | profile-prefill | settings | default-decode | merge | blockwise | nf4 | gemm-4bit | int8 | gemm-serving | gemm-int8 | serving-settings | aoti-probe | weight-check | division-rounding | moe | tp}" in
   tests)
-    # Without PATHS: every gpu test, in five pytest processes at once (compiling dominates and the
-    # device has 16 cores; one process took more than the 10 minutes), each to its own file.
+    # Without PATHS: every gpu test, in six pytest processes at once (compiling dominates and the
+    # device has 16 cores; one process took more than the 10 minutes, and test_cuda_export.py beside
+    # test_cuda_fp8_rowwise_gemm.py more than 480 s), each to its own file.
     shift
     if [ $# -gt 0 ]; then groups=("$*"); else groups=(
-      "tests/kernels/test_cuda_fp8_rowwise_gemm.py tests/kernels/test_cuda_export.py"
+      "tests/kernels/test_cuda_fp8_rowwise_gemm.py"
+      "tests/kernels/test_cuda_export.py"
       "tests/kernels/test_cuda_ops.py tests/kernels/test_cuda_cached_graph.py tests/kernels/test_fp8_rowwise_splitk.py tests/kernels/test_interpreted_triton_kernels.py"
       "tests/kernels/test_cuda_decode.py tests/kernels/test_cuda_fp8_schemes.py tests/inductor"
       "tests/kernels/test_cuda_compiled_quantization.py tests/kernels/test_cuda_op_branches.py tests/kernels/test_cuda_trust.py tests/kernels/test_cuda_quantize_inplace.py tests/kernels/test_cuda_int8.py tests/kernels/test_cuda_bnb.py tests/kernels/test_interpreted_gemm_4bit.py"
