@@ -9,7 +9,7 @@ An Experts module (transformers' `use_experts_implementation`) holds `gate_up_pr
 `experts_implementation`. Stored, each is the scheme's [E, N, K] weight (N before K for gpt-oss too)
 with its other tensors as buffers (`gate_up_proj_scale`, the op's layout), registered as stored.
 The module's class becomes a subclass of its own whose properties present each stored weight to a
-trace in its float dtype and layout (`fxquant::stored_expert_weight(W_q, torch.bfloat16)`, a
+trace in its float dtype and layout (`fxquant::stored_weight(W_q, torch.bfloat16)`, a
 conversion that only the rewrite may run, then `.transpose(-2, -1)` for gpt-oss), so Dynamo traces
 the model's own code on fake floats and fxquant's passes read the site on the stored weight through
 the conversion; the rewrite leaves the conversion dead. The graph is then the float model's with the stored tensors in place of the
@@ -55,25 +55,9 @@ def _tracing() -> bool:
     return torch.compiler.is_dynamo_compiling() or torch.compiler.is_exporting()
 
 
-@torch.library.custom_op("fxquant::stored_expert_weight", mutates_args=())
-def stored_expert_weight(w_q: Tensor, dtype: torch.dtype) -> Tensor:
-    """A stored expert weight as a trace sees it: a float tensor of its shape. Only fxquant's rewrite
-    runs it (the site on it becomes the scheme's op and this node goes); run, it is an error, so
-    that another backend, or a program exported without fxquant, never multiplies the raw codes."""
-    raise RuntimeError(
-        f"fxquant: a stored {w_q.dtype} expert weight {list(w_q.shape)} ran outside fxquant's rewrite; "
-        "compile the model with backend='fxquant' (or export it with fxquant.export)"
-    )
-
-
-@stored_expert_weight.register_fake
-def _(w_q: Tensor, dtype: torch.dtype) -> Tensor:
-    return w_q.new_empty(w_q.shape, dtype=dtype)
-
-
 def _presented(name: str) -> property:
     """The weight `name` as a trace sees it: the stored tensor presented in its float dtype
-    (stored_expert_weight; transposed back to [E, K, N] for a transposed module); a float tensor
+    (fxquant::stored_weight; transposed back to [E, K, N] for a transposed module); a float tensor
     assigned since, as it is."""
 
     def get(self) -> Tensor:
@@ -87,7 +71,7 @@ def _presented(name: str) -> property:
                 f"through experts_implementation 'batched_mm' or 'grouped_mm'; {implementation!r} reads it outside "
                 "them (transformers' 'eager' loop runs outside any graph)"
             )
-        presented = torch.ops.fxquant.stored_expert_weight(stored, self.fxquant_float_dtypes[name])
+        presented = torch.ops.fxquant.stored_weight(stored, self.fxquant_float_dtypes[name])
         return presented.transpose(-2, -1) if getattr(self, "is_transposed", False) else presented
 
     return property(get)

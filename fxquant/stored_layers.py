@@ -8,9 +8,12 @@
 module's class for a subclass of it (`StoredLinear` for nn.Linear, `StoredConv1D` for
 transformers' Conv1D), so `isinstance(module, nn.Linear)`, the state dict's keys and the
 module's attributes stay. The weight is held [N, K], as the op takes it, for Conv1D too. While
-Dynamo or torch.export traces, the forward is a plain `F.linear`, which fxquant's backend and
+Dynamo or torch.export traces, the forward is an `F.linear`, which fxquant's backend and
 `fxquant.export` rewrite into the same op (their plan lists the layer, and the compile's config
-may set its own activation_scale_ub); other backends cannot run a low-precision F.linear. A weight
+may set its own activation_scale_ub). Dynamo sees the weight presented as a float tensor of x's
+dtype (`fxquant::stored_weight`, passes/stored_weights.py), which only fxquant's rewrite removes:
+another backend stops with an error that says so instead of failing inside aten. A tensor-parallel
+layer's DTensor weight is traced as it is (the op has no DTensor sharding rule). A weight
 whose codes are packed along K (nf4, fp4: [N, K / 2] bytes) cannot be an F.linear operand: traced,
 it runs its scheme's op as eagerly, which every backend compiles (the plan does not list it).
 """
@@ -26,6 +29,7 @@ from torch import Tensor, nn
 
 from fxquant.passes.stored_weights import PLAIN_FLOATS, STORED_WEIGHTS, op_tensor, register_stored_weight
 from fxquant.scheme import get_scheme
+from fxquant.tensor_parallel import is_dtensor
 
 
 class StoredLayer:
@@ -38,8 +42,10 @@ class StoredLayer:
         packed = self.weight.shape[-1] != x.shape[-1]  # codes packed along K (nf4, fp4): traced as their op
         if torch.compiler.is_exporting() and not packed:
             return F.linear(x, self.weight, self.bias)
-        if torch.compiler.is_compiling() and not packed:  # Dynamo gives F.linear the weight's dtype; what follows needs x's
-            return F.linear(x, self.weight, self.bias).to(x.dtype)
+        if torch.compiler.is_compiling() and not packed:
+            if is_dtensor(self.weight):  # a tensor-parallel layer: Dynamo gives F.linear the weight's dtype
+                return F.linear(x, self.weight, self.bias).to(x.dtype)
+            return F.linear(x, torch.ops.fxquant.stored_weight(self.weight, x.dtype), self.bias)
         stored = STORED_WEIGHTS.get(self.weight)
         if stored is None or stored.scheme is None:
             if self.weight.dtype not in PLAIN_FLOATS:

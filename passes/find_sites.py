@@ -17,8 +17,8 @@ Each spelling of a matmul is read into a GemmSite of one of three kinds; with W 
                   linear(x, W[e], b)       matmul(x, W[e].t())       matmul(x, V[e]) with V [E, K, N]
 The weight operand's views are read the same way everywhere: t(), .T, .mT, transpose / swapaxes of
 the last two dims, a permute that swaps them; so are conversions of the parameter to a float dtype
-(`W.float()`, `W.to(dtype)`, `W.type(dtype)`: DeepSeek-V3's router; `fxquant::stored_expert_weight`:
-a stored expert weight as its module presents it to a trace). The graph is not rewritten into this vocabulary: the
+(`W.float()`, `W.to(dtype)`, `W.type(dtype)`: DeepSeek-V3's router; `fxquant::stored_weight`:
+a stored weight as its module presents it to a trace). The graph is not rewritten into this vocabulary: the
 sites are a reading of it, so that layers the plan skips stay exactly as traced. Produces GemmSite
 records; it changes nothing.
 """
@@ -50,7 +50,7 @@ GATHER_FUNCTIONS = {operator.getitem, aten.index.Tensor}
 SELECT_FUNCTIONS = {aten.select.int}  # select(W, 0, e)
 CONVERT_FUNCTIONS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout}
 CONVERT_METHODS = {"to", "type", "float", "half", "bfloat16", "double"}
-CONVERT_OPS = {"fxquant::stored_expert_weight"}  # a stored expert weight as its module presents it (fxquant/stored_experts.py)
+CONVERT_OPS = {"fxquant::stored_weight"}  # a stored weight as its module presents it (passes/stored_weights.py)
 SITE_KINDS = ("linear", "batched", "grouped", "indexed")
 
 

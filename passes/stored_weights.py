@@ -14,8 +14,9 @@ run unquantized.
 
 Expert weights stored quantized (`fxquant.quantize_` of a transformers MoE) are held [E, N, K] with
 the scheme's other tensors in the op's layout (what `quantize` makes of the [E, N, K] weight, e.g.
-fp8_rowwise's weight_scale [E, N]); their module presents the weight to a trace as a float
-conversion (fxquant/stored_layers.py), which passes/find_sites.py reads through.
+fp8_rowwise's weight_scale [E, N]). Stored layers and experts present their weight to Dynamo as a
+float conversion, `fxquant::stored_weight` (fxquant/stored_layers.py, fxquant/stored_experts.py),
+which passes/find_sites.py reads through and which no other backend can run.
 """
 
 from __future__ import annotations
@@ -69,6 +70,24 @@ def register_stored_weight(
     weight = module._parameters.get(weight_name)  # the stored tensor itself, not what a property presents
     weight = getattr(module, weight_name) if weight is None else weight
     STORED_WEIGHTS[weight] = StoredWeight(weakref.ref(module), weight_name, scheme, options)
+
+
+@torch.library.custom_op("fxquant::stored_weight", mutates_args=())
+def stored_weight(w_q: Tensor, dtype: torch.dtype) -> Tensor:
+    """A stored weight as a trace sees it: a float tensor of its shape (stored layers and experts
+    present theirs so: fxquant/stored_layers.py, fxquant/stored_experts.py). The site finder reads
+    through it; only fxquant's rewrite runs it (the site on it becomes the scheme's op and this node
+    goes). Run, it is an error: another backend, or a program exported without fxquant, never
+    multiplies the raw codes."""
+    raise RuntimeError(
+        f"fxquant: a stored {w_q.dtype} weight {list(w_q.shape)} ran outside fxquant's rewrite; "
+        "compile the model with backend='fxquant' (or export it with fxquant.export)"
+    )
+
+
+@stored_weight.register_fake
+def _(w_q: Tensor, dtype: torch.dtype) -> Tensor:
+    return w_q.new_empty(w_q.shape, dtype=dtype)
 
 
 def is_stored(weight: Tensor) -> bool:

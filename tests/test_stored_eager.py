@@ -92,6 +92,15 @@ def test_compiling_a_loaded_model_plans_its_stored_layers(tmp_path):
     ]
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_another_backend_stops_with_a_message_naming_fxquants(tmp_path, backend):
+    # the weight is presented to Dynamo as fxquant::stored_weight, which only fxquant's rewrite removes
+    _, loaded = loaded_mlp(tmp_path, CONFIGS["fp8_rowwise"])
+    torch._dynamo.reset()
+    with torch.no_grad(), pytest.raises(Exception, match=r"stored torch.float8_e4m3fn weight \[128, 64\] ran outside fxquant's rewrite; compile the model with backend='fxquant'"):
+        torch.compile(loaded, backend=backend)(torch.randn(2, 64))
+
+
 @pytest.mark.parametrize("scheme", ["fp8_rowwise", "int8"])
 def test_exported_loaded_model_equals_its_eager_run(tmp_path, scheme):
     _, loaded = loaded_mlp(tmp_path, CONFIGS[scheme])

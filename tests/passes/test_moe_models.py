@@ -358,7 +358,7 @@ def test_stored_experts_export_with_their_stored_tensors():
 
 
 def test_stored_experts_under_another_backend_are_an_error_not_raw_codes():
-    """The presentation op (fxquant::stored_expert_weight) runs only inside fxquant's rewrite: compiled
+    """The presentation op (fxquant::stored_weight) runs only inside fxquant's rewrite: compiled
     by another backend, the model stops with the reason instead of multiplying unscaled e4m3 codes.
     (No opcheck: its real implementation is that error; its fake gives the float shape.)"""
     model = MOE_MODELS["qwen3_moe"]("batched_mm", layers=1)
@@ -366,5 +366,5 @@ def test_stored_experts_under_another_backend_are_an_error_not_raw_codes():
     with torch.no_grad(), pytest.raises(RuntimeError, match="ran outside fxquant's rewrite; compile the model with backend='fxquant'"):
         torch.compile(model.model.layers[0].mlp.experts, backend="eager")(*routing())
     with torch._subclasses.fake_tensor.FakeTensorMode():
-        presented = torch.ops.fxquant.stored_expert_weight(torch.empty(8, 64, 32, dtype=torch.float8_e4m3fn), torch.bfloat16)
+        presented = torch.ops.fxquant.stored_weight(torch.empty(8, 64, 32, dtype=torch.float8_e4m3fn), torch.bfloat16)
     assert (presented.dtype, tuple(presented.shape)) == (torch.bfloat16, (8, 64, 32))
