@@ -1,4 +1,5 @@
-"""CPU benchmark: fxquant under `scheme="auto"` (int8 on the CPU) against fp32 torch.compile, same run.
+"""CPU benchmark: fxquant under `scheme="auto"` (int8 on a CPU with VNNI or AMX, unquantized on
+other CPUs: the header says which) against fp32 torch.compile, same run.
 
 Two models, fp32, `torch.no_grad()`: the README demo (examples/quickstart.py's Llama-style model, 4
 layers, hidden 512, input 4 x 128 tokens) and all-MiniLM-L6-v2's real weights (the
@@ -105,6 +106,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}")
+    print(f"scheme {args.scheme}: {fxquant.QuantConfig(scheme=args.scheme).decide('layer', torch.device('cpu')).note or 'as named'}")
     for name in args.models:
         bench(name, args.scheme, args.repeats)
 

@@ -16,22 +16,24 @@ from typing import NamedTuple
 
 import torch
 
-from fxquant.ops.availability import fp8_unsupported_reason
+from fxquant.ops.availability import cpu_int8_slow_reason, fp8_unsupported_reason
 from fxquant.scheme import SCHEMES, get_scheme
 
 # A rule: (glob over layer names, scheme or None for "leave it unquantized").
 Rule = tuple[str, "str | None"]
 
 # The default scheme: FP8 rowwise where FP8 GEMMs run fast (GPUs of compute capability >= 8.9), int8
-# elsewhere (the CPU, older GPUs); checkpoints, being device-independent, take FP8 (auto_scheme).
+# on older GPUs and on CPUs with int8 dot products, float (no quantization) on other CPUs; checkpoints,
+# being device-independent, take FP8 (auto_scheme).
 AUTO = "auto"
 AUTO_CHOICES = ("fp8_rowwise", "int8")
 
 
-def auto_scheme(device: torch.device | None) -> tuple[str, str]:
-    """The scheme "auto" means on `device`, and why. None: for a checkpoint (`save_quantized`, `fxquant
-    quantize`, `quantize_`), which must not depend on the machine that made it, and whose use is serving
-    on GPUs, where FP8 is the format transformers and vLLM load (older GPUs fall back to int8 on load)."""
+def auto_scheme(device: torch.device | None) -> tuple[str | None, str]:
+    """The scheme "auto" means on `device` (None: leave the layer as it is), and why. `device` None: for a
+    checkpoint (`save_quantized`, `fxquant quantize`, `quantize_`), which must not depend on the machine
+    that made it, and whose use is serving on GPUs, where FP8 is the format transformers and vLLM load
+    (older GPUs fall back to int8 on load)."""
     if device is None:
         return "fp8_rowwise", "stored weights are device-independent, made for GPUs with FP8"
     if device.type == "cuda":
@@ -40,6 +42,8 @@ def auto_scheme(device: torch.device | None) -> tuple[str, str]:
             return "int8", reason
         major, minor = torch.cuda.get_device_capability(device)
         return "fp8_rowwise", f"sm_{major}{minor} has FP8 tensor cores"
+    if device.type == "cpu" and (reason := cpu_int8_slow_reason()) is not None:
+        return None, reason
     return "int8", f"no FP8 GEMMs on {device.type}"
 
 
@@ -56,7 +60,7 @@ class Decision(NamedTuple):
     def note(self) -> str:
         """The plan's note: "rule '*.down_proj'", "skipped by rule (lm_head)", "skipped by skip list (lm_head)",
         "auto -> int8: no FP8 GEMMs on cpu", ""."""
-        auto = f"auto -> {self.scheme}: {self.auto}" if self.auto else ""
+        auto = f"auto -> {self.scheme or 'unquantized'}: {self.auto}" if self.auto else ""
         if self.source == "rules":
             rule = f"rule {self.pattern!r}" if self.scheme else f"skipped by rule ({self.pattern})"
             return "; ".join(filter(None, [rule, auto]))
@@ -69,8 +73,8 @@ class QuantConfig:
 
     Args:
         scheme: the scheme of every layer no rule decides: "auto" (the default: "fp8_rowwise" on GPUs of
-            compute capability >= 8.9, "int8" on the CPU and older GPUs, decided per weight's device when
-            compiling; "fp8_rowwise" in checkpoints and `quantize_`, see `auto_scheme`; the plan notes
+            compute capability >= 8.9, "int8" on older GPUs and on CPUs with int8 dot products (VNNI,
+            AMX), unquantized on other CPUs, decided per weight's device when compiling; "fp8_rowwise" in checkpoints and `quantize_`, see `auto_scheme`; the plan notes
             the choice and why), or one of `fxquant.SCHEMES`: "fp8_rowwise"
             (e4m3 weights per output channel, e4m3 activations per token, dynamic); "fp8_blockwise"
             (DeepSeek-V3: e4m3 weights per `weight_block_size` block, activations per token per
@@ -149,11 +153,17 @@ class QuantConfig:
 
     def resolved(self, device: torch.device | None = None) -> QuantConfig:
         """This config with "auto" (its `scheme`, its rules') replaced by the scheme it means on `device`
-        (None: for a checkpoint), as checkpoints record it."""
-        def concrete(scheme):
-            return auto_scheme(device)[0] if scheme == AUTO else scheme
+        (None: for a checkpoint), as checkpoints record it. Where "auto" leaves layers as they are (a CPU
+        without int8 dot products), a last rule ("*", None) says so and `scheme` takes the checkpoints' choice."""
+        chosen = auto_scheme(device)[0]
 
-        return dataclasses.replace(self, scheme=concrete(self.scheme), rules=tuple((p, concrete(s)) for p, s in self.rules))
+        def concrete(scheme):
+            return chosen if scheme == AUTO else scheme
+
+        rules = tuple((p, concrete(s)) for p, s in self.rules)
+        if self.scheme == AUTO and chosen is None:
+            return dataclasses.replace(self, scheme=auto_scheme(None)[0], rules=(*rules, ("*", None)))
+        return dataclasses.replace(self, scheme=concrete(self.scheme), rules=rules)
 
     def options_for(self, scheme: str) -> object:
         """`scheme`'s Options: its entry in `scheme_options`, else the field of this config of the same

@@ -1,4 +1,5 @@
-"""Shared test set-up: one on-disk Inductor cache for the whole suite, and the `gpu` marker's skip."""
+"""Shared test set-up: one on-disk Inductor cache for the whole suite, the `gpu` marker's skip, and one
+kind of CPU for "auto"."""
 
 import os
 import pathlib
@@ -10,6 +11,7 @@ import torch
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(pathlib.Path(__file__).resolve().parent.parent / ".inductor-cache"))
 
 import fxquant  # noqa: E402,F401  (registers torch.ops.fxquant.*)
+from fxquant import config as config_module  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -28,3 +30,10 @@ def fresh_dynamo():
     torch._dynamo.utils.counters.clear()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture(autouse=True)
+def cpu_with_int8_dot_products(monkeypatch):
+    """"auto" means int8 on the CPU in every test, whether or not this CPU has VNNI or AMX (without them
+    auto leaves layers unquantized): tests/test_auto_scheme.py checks both kinds of CPU."""
+    monkeypatch.setattr(config_module, "cpu_int8_slow_reason", lambda: None)

@@ -1,6 +1,6 @@
-"""scheme="auto", the default (fxquant/config.py): fp8_rowwise on GPUs with FP8 tensor cores, int8 on the
-CPU and older GPUs, fp8_rowwise in checkpoints; the plan notes the choice and checkpoints record the
-concrete scheme."""
+"""scheme="auto", the default (fxquant/config.py): fp8_rowwise on GPUs with FP8 tensor cores, int8 on
+older GPUs and on CPUs with int8 dot products (unquantized on other CPUs), fp8_rowwise in checkpoints;
+the plan notes the choice and checkpoints record the concrete scheme."""
 
 import json
 
@@ -10,6 +10,7 @@ import torch
 import fxquant
 from fxquant import QuantConfig
 from fxquant import config as config_module
+from fxquant.ops import availability
 from tests.models import tiny_llama
 
 CUDA = torch.device("cuda", 0)
@@ -89,3 +90,51 @@ def test_expert_weights_under_auto_on_the_cpu_stay_as_they_are_with_the_reason()
     plan = fxquant.plan(GroupedExperts().to(BF16), torch.randn(S, K, dtype=BF16), OFFSETS)
     (row,) = list(plan)
     assert row.scheme is None and row.note == "int8 has no grouped form for expert weights"
+
+
+def on_cpu(monkeypatch, **capabilities):
+    """Pretend this CPU has exactly `capabilities` (cpuinfo's names: avx512_vnni=True, ...)."""
+    monkeypatch.setattr(availability, "cpu_capabilities", lambda: {"cpu_name": "Some CPU", "avx2": True, **capabilities})
+    availability.cpu_int8_slow_reason.cache_clear()
+    monkeypatch.setattr(config_module, "cpu_int8_slow_reason", availability.cpu_int8_slow_reason.__wrapped__)
+
+
+@pytest.mark.parametrize("instruction", availability.CPU_INT8_DOT_PRODUCTS)
+def test_auto_is_int8_on_a_cpu_with_int8_dot_products(monkeypatch, instruction):
+    on_cpu(monkeypatch, **{instruction: True})
+    decision = QuantConfig().decide("fc", torch.device("cpu"))
+    assert decision.scheme == "int8" and decision.note == "auto -> int8: no FP8 GEMMs on cpu"
+
+
+def test_auto_leaves_layers_unquantized_on_a_cpu_without_int8_dot_products(monkeypatch):
+    """On such a CPU aten._int_mm runs a reference loop (41x slower than the fp32 matmul on an AVX2
+    EPYC): auto compiles the float model, and the plan says why."""
+    on_cpu(monkeypatch, avx512_vnni=False)
+    why = "Some CPU has no int8 dot-product instructions (avx512_vnni, avx_vnni, amx_int8): int8 GEMMs run slower than float there"
+    assert QuantConfig().decide("fc", torch.device("cpu")) == (None, "scheme", None, why)
+    assert QuantConfig().decide("fc", torch.device("cpu")).note == f"auto -> unquantized: {why}"
+    assert QuantConfig().decide("fc").scheme == "fp8_rowwise"  # a checkpoint's choice does not depend on the CPU
+    assert QuantConfig(scheme="int8").decide("fc", torch.device("cpu")).scheme == "int8"  # named: as asked
+
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16)).eval()
+    x = torch.randn(3, 32)
+    plan = fxquant.plan(model, x)
+    assert [(row.scheme, row.note) for row in plan] == [(None, f"auto -> unquantized: {why}")] * 2
+    compiler = fxquant.backend(QuantConfig(), keep_graphs=True)
+    with torch.no_grad():
+        out = torch.compile(model, backend=compiler)(x)
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-6)  # the float graph, compiled by Inductor
+    assert not [n for n in compiler.graphs[0].graph.nodes if "fxquant" in str(n.target)]
+
+
+def test_a_program_exported_where_auto_left_layers_unquantized_saves_and_loads(monkeypatch, tmp_path):
+    on_cpu(monkeypatch)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16)).eval()
+    x = torch.randn(3, 32)
+    fxquant.save_quantized(fxquant.export(model, (x,)), tmp_path / "ckpt")
+    metadata = json.loads((tmp_path / "ckpt" / "fxquant.json").read_text())
+    assert metadata["config"]["rules"][-1] == ["*", None] and metadata["config"]["scheme"] == "fp8_rowwise"
+    assert {row["scheme"] for row in metadata["plan"]} == {None}
+    loaded = fxquant.load_quantized(tmp_path / "ckpt", torch.nn.Sequential(
+        torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16)).eval())
+    assert torch.equal(loaded(x), model(x))

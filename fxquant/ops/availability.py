@@ -1,4 +1,4 @@
-"""Which GPU paths exist on this machine: FBGEMM GenAI kernels, FP8 tensor cores.
+"""Which fast paths exist on this machine: FBGEMM GenAI kernels, FP8 tensor cores, the CPU's int8 dot products.
 
 Each fallback is logged once (fxquant.log.log_once), never taken silently.
 """
@@ -41,3 +41,26 @@ def fp8_unsupported_reason(device: torch.device) -> str | None:
         name = torch.cuda.get_device_name(device)
         return f"{name} (sm_{capability[0]}{capability[1]}) has no FP8 tensor cores (needs sm_89+)"
     return None
+
+
+# x86 instructions that multiply-add int8 in one step; oneDNN's int8 GEMM (aten._int_mm on the CPU)
+# runs its fast kernels with one of them. Without them it falls to a reference loop: 41x slower than
+# the fp32 matmul of the same shape on a 2-core AVX2 EPYC (benchmarks/RESULTS.md).
+CPU_INT8_DOT_PRODUCTS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+@functools.cache
+def cpu_int8_slow_reason() -> str | None:
+    """Why int8 GEMMs would run slower than float on this CPU, or None when it has int8 dot products."""
+    capabilities = cpu_capabilities()
+    if any(capabilities.get(name, False) for name in CPU_INT8_DOT_PRODUCTS):
+        return None
+    name = capabilities.get("cpu_name") or torch.backends.cpu.get_cpu_capability()
+    return f"{name} has no int8 dot-product instructions ({', '.join(CPU_INT8_DOT_PRODUCTS)}): int8 GEMMs run slower than float there"
+
+
+def cpu_capabilities() -> dict[str, object]:
+    """The CPU's instruction sets by name ("avx512_vnni": True), as torch reads them (cpuinfo)."""
+    if hasattr(torch._C._cpu, "_get_cpu_capability"):  # torch >= 2.12
+        return dict(torch._C._cpu._get_cpu_capability())
+    return {"avx512_vnni": torch.cpu._is_vnni_supported(), "amx_int8": torch.cpu._is_amx_tile_supported()}
