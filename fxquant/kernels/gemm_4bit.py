@@ -5,20 +5,25 @@ weights read as packed bytes and dequantized in registers, never written out.
     absmax    = DYNAMIC_MAP[absmax_q] * nested_absmax[block // 256] + offset      (double quantization)
 
 At decode the product streams the weight once and does almost no math, so what counts is bytes (a
-quarter of bf16's), loads in flight and the instructions spent per weight. Each program takes a
-BLOCK_N slice of outputs and a K_PER_SPLIT slice of K (split-K, PROGRAMS_PER_SM programs per SM) and
-walks it BLOCK_K elements at a time, BLOCK_K within one absmax block, so a step needs one absmax per
-row. The slices split K's steps evenly, so no load along K is masked (a mask there costs the byte
-loads their vector width: 0.38-0.42x of bf16 against 0.6-0.75x without, measured). A byte's high nibble is the even element and its low nibble the odd one: they multiply x's even
-and odd elements, so the codes are never interleaved back. The weight is rounded to the compute dtype
-(x's) as the reference does (float32 product, then the cast), multiplied with x on the CUDA cores in
-float32 and summed into a [BLOCK_N, BLOCK_K / 2] accumulator, reduced once at the end. Split partials
-go to a float32 workspace [SPLIT_K, 1, N] summed in a fixed order (deterministic).
+quarter of bf16's), loads in flight and the instructions spent per weight. Each program (one warp)
+takes a BLOCK_N slice of outputs and a K_PER_SPLIT slice of K (split-K, PROGRAMS_PER_SM programs per
+SM) and walks it BLOCK_K elements at a time, BLOCK_K within one absmax block, so a step needs one
+absmax per row. The slices split K's steps evenly, so no load along K is masked (a mask there costs
+the byte loads their vector width: 0.38-0.42x of bf16 against 0.6-0.75x without, measured). A byte's
+high nibble is the even element and its low nibble the odd one: they multiply x's even and odd
+elements, so the codes are never interleaved back. The 16 codes are held in registers and looked up
+with `tl.gather`, not read from memory per weight; code x activation products are
+summed in float32 and each byte's pair is scaled by its row's absmax, so the weight itself is never
+formed nor rounded to the compute dtype (the reference rounds it: the two differ by that rounding,
+within 2^-10 of the largest output in fp16). A [BLOCK_N, BLOCK_K / 2] accumulator is reduced once at
+the end. Split partials go to a float32 workspace [SPLIT_K, 1, N] summed in a fixed order.
 
-Measured on the H200 (benchmarks/RESULTS.md, twelfth session): tensor-core variants of this kernel
-(`tl.dot` on the tile dequantized in registers, either operand order) ran at 0.07-0.13x of bf16's
-cuBLAS at M = 1 and 16, this one at 0.6-0.75x at M = 1. More rows dequantize once and run cuBLAS
-(fxquant/ops/blockwise_4bit.py chooses by M).
+Measured on the H200 (benchmarks/RESULTS.md): tensor-core variants of this kernel (`tl.dot` on the
+tile dequantized in registers) ran at 0.07-0.13x of bf16's cuBLAS at M = 1 and 16 (twelfth
+session); the global-memory lookup with the weight rounded per element, 128 rows and four warps a
+program, 0.58-0.69x at M = 1; this kernel 0.90-1.14x (fifteenth session; the variants measured on
+the way are in benchmarks/results/gemm_4bit_lookup_probe_h200_2026-12-02-s15.txt). More rows
+dequantize once and run cuBLAS (fxquant/ops/blockwise_4bit.py chooses by M).
 """
 
 from __future__ import annotations
@@ -31,10 +36,10 @@ import triton.language as tl
 
 from fxquant.ops.blockwise_4bit import NESTED_BLOCKSIZE
 
-BLOCK_N = 128
+BLOCK_N = 32  # with one warp a program: 1.0-1.2x of bf16 where 64 or 128 rows (1 to 8 warps) gave 0.75-1.0x
 MAX_BLOCK_K = 128  # elements a step reads per row (64 bytes), and at most one absmax block
 MIN_K_PER_SPLIT = 256  # shorter slices spend more on the prologue than they stream
-PROGRAMS_PER_SM = 16  # more programs in flight hid the loads better on every shape measured
+PROGRAMS_PER_SM = 64  # one-warp programs; 32 to 256 per SM measured the same
 
 
 def fits(rows: int) -> bool:
@@ -53,7 +58,7 @@ def _gemv_4bit_kernel(
     rj = tl.arange(0, BLOCK_K // 2)  # the step's bytes along K
     mask_n = rn < N
     offset = tl.load(offset_ptr)
-    compute = x_ptr.dtype.element_ty
+    codes = tl.load(code_ptr + tl.arange(0, 16))
 
     acc = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
     for step in range(0, K_PER_SPLIT, BLOCK_K):
@@ -62,11 +67,11 @@ def _gemv_4bit_kernel(
         block = rn * (K // BLOCKSIZE) + k0 // BLOCKSIZE
         absmax_q = tl.load(absmax_q_ptr + block, mask=mask_n, other=0).to(tl.int32)
         absmax = tl.load(dynamic_map_ptr + absmax_q) * tl.load(nested_ptr + block // NESTED, mask=mask_n, other=0.0) + offset
-        even = tl.load(code_ptr + (byte >> 4)) * absmax[:, None]  # float32 products, then the compute dtype
-        odd = tl.load(code_ptr + (byte & 0xF)) * absmax[:, None]
+        even = tl.reshape(tl.gather(codes, tl.reshape((byte >> 4).to(tl.int32), (BLOCK_N * BLOCK_K // 2,)), 0), (BLOCK_N, BLOCK_K // 2))
+        odd = tl.reshape(tl.gather(codes, tl.reshape((byte & 0xF).to(tl.int32), (BLOCK_N * BLOCK_K // 2,)), 0), (BLOCK_N, BLOCK_K // 2))
         x_even = tl.load(x_ptr + k0 + 2 * rj).to(tl.float32)
         x_odd = tl.load(x_ptr + k0 + 2 * rj + 1).to(tl.float32)
-        acc += even.to(compute).to(tl.float32) * x_even[None, :] + odd.to(compute).to(tl.float32) * x_odd[None, :]
+        acc += (even * x_even[None, :] + odd * x_odd[None, :]) * absmax[:, None]
 
     tl.store(out_ptr + pid_k * N + rn, tl.sum(acc, axis=1), mask=mask_n)
 
@@ -104,6 +109,6 @@ def gemm_4bit(x: torch.Tensor, w_q: torch.Tensor, absmax_q: torch.Tensor, nested
     _gemv_4bit_kernel[(triton.cdiv(n, BLOCK_N), splits)](
         x, w_q, absmax_q, nested_absmax, offset, code, dynamic_map, partial, n, k,
         K_PER_SPLIT=k_per_split, BLOCKSIZE=blocksize, NESTED=NESTED_BLOCKSIZE, BLOCK_N=BLOCK_N, BLOCK_K=block_k,
-        num_warps=4, num_stages=3,
+        num_warps=1, num_stages=3,
     )
     return (partial[0] if splits == 1 else partial.sum(dim=0)).to(x.dtype)
