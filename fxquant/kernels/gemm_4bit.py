@@ -95,20 +95,24 @@ def split_k_for(n: int, k: int, blocksize: int, sms: int) -> int:
     return next(splits for splits in range(most, 0, -1) if steps % splits == 0)
 
 
-def gemm_4bit(x: torch.Tensor, w_q: torch.Tensor, absmax_q: torch.Tensor, nested_absmax: torch.Tensor,
-              offset: torch.Tensor, code: torch.Tensor, dynamic_map: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """x [1, K] (bf16, fp16 or fp32: the compute dtype) @ the 4-bit weight [N, K] → [1, N] in x's dtype."""
+def gemv_4bit_partials(x: torch.Tensor, w_q: torch.Tensor, absmax_q: torch.Tensor, nested_absmax: torch.Tensor,
+                       offset: torch.Tensor, code: torch.Tensor, dynamic_map: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """x [1, K] (bf16, fp16 or fp32: the compute dtype) @ the 4-bit weight [N, K] as float32 sums over
+    K's slices, [splits_for(N, K, blocksize, x.device), N]: their sum is the product."""
     m, k = x.shape
     n = w_q.shape[0]
     assert fits(m) and w_q.shape[1] * 2 == k and k % blocksize == 0, (x.shape, w_q.shape, blocksize)
     x = x.contiguous()
-    block_k = block_k_for(blocksize)
-    splits = split_k_for(n, k, blocksize, _sm_count(x.device))
-    k_per_split = k // splits
-    partial = torch.empty((splits, 1, n), dtype=torch.float32, device=x.device)
+    splits = splits_for(n, k, blocksize, x.device)
+    partial = torch.empty((splits, n), dtype=torch.float32, device=x.device)
     _gemv_4bit_kernel[(triton.cdiv(n, BLOCK_N), splits)](
         x, w_q, absmax_q, nested_absmax, offset, code, dynamic_map, partial, n, k,
-        K_PER_SPLIT=k_per_split, BLOCKSIZE=blocksize, NESTED=NESTED_BLOCKSIZE, BLOCK_N=BLOCK_N, BLOCK_K=block_k,
+        K_PER_SPLIT=k // splits, BLOCKSIZE=blocksize, NESTED=NESTED_BLOCKSIZE, BLOCK_N=BLOCK_N, BLOCK_K=block_k_for(blocksize),
         num_warps=1, num_stages=3,
     )
-    return (partial[0] if splits == 1 else partial.sum(dim=0)).to(x.dtype)
+    return partial
+
+
+def splits_for(n: int, k: int, blocksize: int, device: torch.device) -> int:
+    """How many K slices the kernel takes on `device` (its SM count)."""
+    return split_k_for(n, k, blocksize, _sm_count(device))

@@ -11,7 +11,8 @@ Codes, absmax codes, nested absmax and offset are bit-identical to `bitsandbytes
 quantize_4bit(w, blocksize, compress_statistics=True, quant_type)` on the CPU (tests/ops/
 test_blockwise_4bit.py checks it against the package). The op `fxquant::linear_4bit` dequantizes
 (in float32, as bitsandbytes does) and multiplies in the compute dtype; on CUDA one activation row
-runs a fused dequantize-GEMV Triton kernel (fxquant/kernels/gemm_4bit.py), more rows dequantize
+runs a fused dequantize-GEMV Triton kernel (fxquant/kernels/gemm_4bit.py, through the op
+fxquant::gemv_4bit_partials of fxquant/ops/gemv_4bit.py), more rows dequantize
 with one Triton kernel (fxquant/kernels/dequantize_4bit.py) and run cuBLAS.
 """
 
@@ -216,17 +217,17 @@ def _(x, w_q, absmax_q, nested_absmax, offset, quant_type, blocksize, compute_dt
     one Triton kernel, then cuBLAS."""
     check_4bit_inputs(x, w_q, absmax_q, nested_absmax, offset, quant_type, blocksize, compute_dtype, bias)
     from fxquant.kernels import dequantize_4bit as dequantize_kernel, gemm_4bit
+    from fxquant.ops.gemv_4bit import linear_from_partials
 
     rows = x.numel() // x.shape[-1]
     dtype = compute_dtype_of(x, compute_dtype)
-    tables = (_tables(quant_type, w_q.device)[0], _dynamic_map(w_q.device))
-    bias = None if bias is None else bias.to(dtype)
     if gemm_4bit.fits(rows):
-        y = gemm_4bit.gemm_4bit(x.reshape(rows, -1).to(dtype), w_q, absmax_q, nested_absmax, offset.reshape(1), *tables, blocksize)
-        y = y if bias is None else y + bias
+        partials = torch.ops.fxquant.gemv_4bit_partials(x.reshape(rows, -1).to(dtype), w_q, absmax_q, nested_absmax, offset, quant_type, blocksize)
+        y = linear_from_partials(partials, dtype, bias)
     else:
+        tables = (_tables(quant_type, w_q.device)[0], _dynamic_map(w_q.device))
         weight = dequantize_kernel.dequantize_4bit(w_q, absmax_q, nested_absmax, offset.reshape(1), *tables, blocksize, dtype)
-        y = F.linear(x.reshape(rows, -1).to(dtype), weight, bias)
+        y = F.linear(x.reshape(rows, -1).to(dtype), weight, None if bias is None else bias.to(dtype))
     return y.to(x.dtype).reshape(*x.shape[:-1], w_q.shape[0])
 
 

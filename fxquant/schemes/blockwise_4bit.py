@@ -80,5 +80,10 @@ class Blockwise4bit(Scheme):
                 "blocksize": options.blocksize, "compute_dtype": options.compute_dtype, "bias": bias}
         return SchemeCall(torch.ops.fxquant.linear_4bit.default, args, OP_ARGUMENTS)
 
+    def decompositions(self):
+        from fxquant.inductor import decompositions_4bit
+
+        return {torch.ops.fxquant.linear_4bit.default: decompositions_4bit.linear_4bit}
+
     def cache_key(self, options):
         return options.blocksize  # the compute dtype changes the call, not the quantized tensors

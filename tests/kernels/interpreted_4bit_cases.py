@@ -38,20 +38,24 @@ def dequantize(n: int, k: int, quant_type: str, blocksize: int, dtype: str) -> d
 
 
 def run(m: int, n: int, k: int, quant_type: str, blocksize: int, dtype: str) -> dict:
-    from fxquant.kernels.gemm_4bit import gemm_4bit, split_k_for
+    from fxquant.kernels.gemm_4bit import gemv_4bit_partials, split_k_for
+    from fxquant.ops.gemv_4bit import linear_from_partials
 
     torch.manual_seed(m * 7 + n + k)
     compute = getattr(torch, dtype)
     tensors = quantize_4bit(torch.randn(n, k) * 0.05, blocksize, quant_type)
     x = torch.randn(m, k).to(compute)
-    out = gemm_4bit(x, tensors["weight"], tensors["weight_absmax"], tensors["weight_nested_absmax"],
-                    tensors["weight_offset"].reshape(1), code_table(quant_type), dynamic_map(), blocksize)
+    stored = (tensors["weight"], tensors["weight_absmax"], tensors["weight_nested_absmax"], tensors["weight_offset"])
+    partials = gemv_4bit_partials(x, *stored[:3], stored[3].reshape(1), code_table(quant_type), dynamic_map(), blocksize)
+    out = linear_from_partials(partials, compute, None)
     weight = reference_weight(tensors, quant_type, blocksize).to(compute)  # rounded to the compute dtype, as the op
     exact = x.double() @ weight.double().t()
     scale = exact.abs().max().item()
+    reference = torch.ops.fxquant.gemv_4bit_partials(x, *stored, quant_type, blocksize)  # the op's CPU reference
     return {"shape": list(out.shape), "dtype": str(out.dtype), "splits": split_k_for(n, k, blocksize, 132),
-            "worst": (out.double() - exact).abs().max().item() / scale}
-
+            "worst": (out.double() - exact).abs().max().item() / scale,
+            "partials_shape": list(partials.shape) == list(reference.shape),
+            "partials_worst": (partials - reference).abs().max().item() / scale}
 
 if __name__ == "__main__":
     kernel = {"gemm": run, "dequantize": dequantize}[sys.argv[1]]

@@ -48,6 +48,8 @@ def test_fused_4bit_gemv_matches_the_float64_reference():
         assert result["shape"] == [case["m"], case["n"]] and result["dtype"] == f"torch.{case['dtype']}", case
         bound = 1e-5 if case["dtype"] == "float32" else 2.0**-10
         assert result["worst"] < bound, f"{case}: {result['worst']:.2e} of the largest output"
+        # each slice's sum is the op's CPU reference's (fxquant::gemv_4bit_partials), up to float32 summation order
+        assert result["partials_shape"] and result["partials_worst"] < 1e-5, case
 
 
 def test_dequantize_kernel_is_the_reference_to_the_bit():

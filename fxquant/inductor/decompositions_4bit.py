@@ -1,0 +1,31 @@
+"""Open fxquant::linear_4bit (nf4, fp4) up to Inductor on CUDA, for one activation row (decode at batch 1).
+
+    linear_4bit(x, w_q, absmax_q, nested_absmax, offset, quant_type, blocksize, compute_dtype, bias)
+      → fxquant::gemv_4bit_partials(x in the compute dtype, ...)   the split-K GEMV: float32 sums over
+                                                                   slices of K (an extern call)
+      → their sum, the cast, the bias, x's dtype                   reduction + pointwise, fused into
+                                                                   the kernel that consumes the output
+More rows, or a row count known only at run time, keep the op whole (dequantize, then cuBLAS).
+The arithmetic is the op's own (fxquant/ops/gemv_4bit.py: `linear_from_partials`), so the results agree.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fxquant.ops.blockwise_4bit import compute_dtype_of
+from fxquant.ops.gemv_4bit import linear_from_partials
+
+
+def linear_4bit(x: Tensor, w_q: Tensor, absmax_q: Tensor, nested_absmax: Tensor, offset: Tensor, quant_type: str,
+                blocksize: int, compute_dtype: str | None = None, bias: Tensor | None = None) -> Tensor:
+    """fxquant::linear_4bit of one row as the GEMV's partial sums and aten ops Inductor fuses; NotImplemented
+    (the op stays whole) for other row counts."""
+    rows = x.numel() // x.shape[-1]
+    if not isinstance(rows, int) or rows != 1:  # the GEMV's one row (fxquant/kernels/gemm_4bit.py: fits)
+        return NotImplemented
+    dtype = compute_dtype_of(x, compute_dtype)
+    partials = torch.ops.fxquant.gemv_4bit_partials(x.reshape(1, -1).to(dtype), w_q, absmax_q, nested_absmax, offset,
+                                                    quant_type, blocksize)
+    return linear_from_partials(partials, dtype, bias).to(x.dtype).reshape(*x.shape[:-1], w_q.shape[0])
