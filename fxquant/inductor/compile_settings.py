@@ -5,7 +5,8 @@
 
 The config patches are the compile mode's, then fxquant's where the graph's ops are lowered
 (fxquant/inductor/settings.py, by the most tokens a linear layer of `gm` sees), then the user's,
-which win. Inside, the cache tag names fxquant's lowering sources (fxquant/inductor/cache_key.py),
+which win. Inside, where `gm` holds fxquant's ops, the cache tag names fxquant's lowering sources
+and what they chose on this machine (fxquant/inductor/cache_key.py),
 and a choices class among the patches (`inductor_choices_class`) is Inductor's choices handler:
 Inductor reads that config once per thread, so a per-graph class is installed as the handler
 instead, and its uuid joins the cache tag.
@@ -20,7 +21,7 @@ import torch
 from torch import fx
 from torch._inductor.virtualized import V
 
-from fxquant.inductor.cache_key import cache_key_tag
+from fxquant.inductor.cache_key import cache_key_tag, holds_fxquant_ops
 from fxquant.inductor.settings import fxquant_inductor_settings, linear_tokens
 
 
@@ -31,10 +32,9 @@ def compile_settings(
     """Yields the config patches for compiling `gm` (whose fxquant ops are lowered or not), with its cache
     tag and choices handler set until the block ends."""
     patches = dict(mode_patches)
-    cache_tag = torch.compiler.config.cache_key_tag
     if lowered:
         patches = fxquant_inductor_settings(patches, linear_tokens(gm))
-        cache_tag = cache_key_tag()
+    cache_tag = cache_key_tag() if holds_fxquant_ops(gm) else torch.compiler.config.cache_key_tag
     patches = {**patches, **user_patches}
     choices_class = patches.pop("inductor_choices_class", None)
     choices = choices_class() if choices_class is not None else None

@@ -2,7 +2,8 @@
 
     int8_linear(x, w_q, w_scale, bias)
       → amax = max(|x|) per row; scale = amax / 127; x_q = round(x / scale)    (reduction + pointwise)
-      CPU:  → aten._int_mm(x_q, w_q.T)                                         (Inductor's int8 GEMM: oneDNN)
+      CPU:  → aten._int_mm(x_q, w_q.T)                                         (Inductor's int8 GEMM: oneDNN;
+            without VNNI / AMX float32 matmuls over slices of K, exact: fxquant/ops/int8.py's int_mm)
             → acc * scale * w_scale (+ bias), cast to x's dtype                (pointwise epilogue)
       CUDA: → fxquant::int8_rowwise_mm(x_q, w_q, scale, w_scale) (+ bias), cast (fxquant's GEMM lowering,
             fxquant/inductor/int8_rowwise_mm.py: its Triton template, split-K, or cuBLAS)
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor
 
 from fxquant.inductor import int8_rowwise_mm  # noqa: F401  (registers the CUDA GEMM's lowering)
-from fxquant.ops.int8 import quantize_int8_rowwise
+from fxquant.ops.int8 import int_mm, quantize_int8_rowwise
 from fxquant.ops.linear_common import dequantized_epilogue
 
 # Where the decomposition applies (fxquant/inductor/install.py reads it): the CPU too, unlike the FP8
@@ -33,7 +34,7 @@ def int8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = N
     """fxquant::int8_linear as aten ops Inductor fuses around its int8 GEMM."""
     x_q, x_scale = quantize_int8_rowwise(x.reshape(-1, x.shape[-1]))
     if x.device.type == "cpu":
-        return dequantized_epilogue(torch._int_mm(x_q, w_q.t()), x_scale, w_scale, bias, x)
+        return dequantized_epilogue(int_mm(x_q, w_q.t()), x_scale, w_scale, bias, x)
     return dequantized_epilogue(torch.ops.fxquant.int8_rowwise_mm(x_q, w_q, x_scale, w_scale), None, None, bias, x)
 
 

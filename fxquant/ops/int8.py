@@ -2,8 +2,8 @@
 
     scale = max(amax, 1e-8) / 127      per row, float32
     x_q   = clamp(round(x / scale), -127, 127)
-The GEMM accumulates in int32 (`torch._int_mm`, CPU and CUDA) and the epilogue rescales by the
-token and channel scales. cuBLAS's int8 GEMM needs more than 16 rows; smaller batches are padded.
+The GEMM accumulates in int32 (`torch._int_mm`, CPU and CUDA; float32 matmuls over short slices of K,
+exact, on a CPU without int8 dot products) and the epilogue rescales by the token and channel scales. cuBLAS's int8 GEMM needs more than 16 rows; smaller batches are padded.
 `int8_rowwise_mm` is the GEMM with its scales, on quantized operands: what the int8 lowering calls
 (fxquant/inductor/int8_decompositions.py), with kernels to choose from (cuBLAS, fxquant's split-K).
 """
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fxquant.inductor.tuning import device_tuning
+from fxquant.ops.availability import cpu_int8_slow_reason
 from fxquant.ops.linear_common import (
     check_linear_inputs,
     dequantized_epilogue,
@@ -38,13 +39,32 @@ def quantize_int8_rowwise(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def int_mm(a: Tensor, b: Tensor) -> Tensor:
-    """int8 [M, K] @ int8 [K, N] → int32, padding M where cuBLAS wants more rows."""
+    """int8 [M, K] @ int8 [K, N] → int32, padding M where cuBLAS wants more rows; on a CPU without int8
+    dot products by float32 matmuls (`int_mm_by_float_matmuls`), where aten's is a reference loop."""
     rows = a.shape[0]
     if rows == 0:
         return a.new_zeros((0, b.shape[1]), dtype=torch.int32)
     if a.is_cuda and rows < CUDA_INT_MM_MIN_ROWS:
         return torch._int_mm(F.pad(a, (0, 0, 0, 32 - rows)), b)[:rows]
+    if a.device.type == "cpu" and cpu_int8_slow_reason() is not None:
+        return int_mm_by_float_matmuls(a, b)
     return torch._int_mm(a, b)
+
+
+# float32 sums of int8 products are exact below 2^24: up to 1040 products of at most 127 * 127.
+EXACT_FLOAT32_K = 1024
+
+
+def int_mm_by_float_matmuls(a: Tensor, b: Tensor) -> Tensor:
+    """int8 [M, K] @ int8 [K, N] → int32, exactly (aten._int_mm's bits), as float32 matmuls over slices
+    of K short enough that their sums are exact, added in int32: on a CPU without VNNI or AMX the
+    float32 GEMM is 20-40x faster than aten's int8 loop (benchmarks/RESULTS.md, fifteenth session)."""
+    k = a.shape[1]
+    total = None
+    for start in range(0, k, EXACT_FLOAT32_K):
+        part = (a[:, start:start + EXACT_FLOAT32_K].float() @ b[start:start + EXACT_FLOAT32_K].float()).to(torch.int32)
+        total = part if total is None else total + part
+    return total
 
 
 def scaled_int_mm(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor) -> Tensor:

@@ -1,5 +1,6 @@
 """int8's Inductor path (fxquant/inductor/int8_decompositions.py, int8_rowwise_mm.py): on the CPU the op
-opens up into the quantization, aten._int_mm and the rescale, compiled by Inductor; on CUDA its GEMM
+opens up into the quantization, aten._int_mm (float32 matmuls without VNNI / AMX) and the rescale,
+compiled by Inductor; on CUDA its GEMM
 is a choice per shape (the GPU runs are tests/kernels/test_cuda_int8.py)."""
 
 import logging
@@ -10,6 +11,7 @@ from torch._inductor.utils import run_and_get_code
 
 from fxquant.inductor.int8_rowwise_mm import heuristic_choice
 from fxquant.inductor.tuning import DEFAULT, H100
+from fxquant.ops import int8 as int8_ops
 from fxquant.ops.int8 import quantize_int8_rowwise
 
 
@@ -17,13 +19,19 @@ def layer_norm_then_int8(x, w_q, w_scale, bias):
     return torch.ops.fxquant.int8_linear(torch.nn.functional.layer_norm(x, x.shape[-1:]), w_q, w_scale, bias)
 
 
-def test_on_the_cpu_inductor_compiles_the_quantization_and_calls_int_mm():
+@pytest.mark.parametrize("dot_products", [True, False], ids=["vnni", "avx2"])
+def test_on_the_cpu_inductor_compiles_the_quantization_and_the_int8_gemm(monkeypatch, dot_products):
+    """With int8 dot products (VNNI, AMX) aten._int_mm, oneDNN's; without, float32 matmuls over slices
+    of K (exact): either way the reference's numbers."""
+    monkeypatch.setattr(int8_ops, "cpu_int8_slow_reason", lambda: None if dot_products else "no VNNI")
     torch.manual_seed(0)
-    w_q, w_scale = quantize_int8_rowwise(torch.randn(48, 64))
-    x, bias = torch.randn(3, 5, 64), torch.randn(48)
+    w_q, w_scale = quantize_int8_rowwise(torch.randn(48, 1100))
+    x, bias = torch.randn(3, 5, 1100), torch.randn(48)
     compiled = torch.compile(layer_norm_then_int8, backend="inductor", fullgraph=True)
-    y, (code,) = run_and_get_code(compiled, x, w_q, w_scale, bias)
-    assert "extern_kernels._int_mm(" in code and "torch.ops.fxquant.int8_linear" not in code, "the op was not opened up"
+    with torch._inductor.config.patch(force_disable_caches=True):  # the other CPU's graph is the same graph
+        y, (code,) = run_and_get_code(compiled, x, w_q, w_scale, bias)
+    assert "torch.ops.fxquant.int8_linear" not in code, "the op was not opened up"
+    assert ("extern_kernels._int_mm(" in code) == dot_products, code
     assert y.shape == (3, 5, 48) and y.dtype == torch.float32
     # The codes are the reference's; Inductor's LayerNorm may differ from eager's by an ulp, which can
     # move a code by one: compare with the reference on the compiled LayerNorm's output.
@@ -90,3 +98,14 @@ def test_a_forced_int8_gemm_has_its_own_cache_tag(monkeypatch):
     heuristic = cache_key_tag()
     monkeypatch.setenv("FXQUANT_INT8_GEMM", "cublas")
     assert cache_key_tag() != heuristic
+
+
+def test_the_cpu_int8_gemm_has_its_own_cache_tag(monkeypatch):
+    """int8's CPU decomposition differs by the CPU's int8 dot products: code compiled on one CPU must
+    not run on the other (AOTAutograd's cache holds the decomposed graph)."""
+    from fxquant.inductor import cache_key
+
+    monkeypatch.setattr(cache_key, "cpu_int8_slow_reason", lambda: None)
+    with_dot_products = cache_key.cache_key_tag()
+    monkeypatch.setattr(cache_key, "cpu_int8_slow_reason", lambda: "no VNNI")
+    assert cache_key.cache_key_tag() != with_dot_products and ":cpu-int8-as-float:" in cache_key.cache_key_tag()

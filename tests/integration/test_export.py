@@ -94,15 +94,21 @@ def test_save_and_load_round_trip_bit_exactly(tmp_path):
         assert torch.equal(loaded.module()(x), program.module()(x))
 
 
-def test_aoti_package_lowers_int8_on_the_cpu_and_matches_the_program(tmp_path):
-    """int8's decomposition applies on the CPU: the package runs Inductor's int8 GEMM, not the op whole."""
+@pytest.mark.parametrize("dot_products", [True, False], ids=["vnni", "avx2"])
+def test_aoti_package_lowers_int8_on_the_cpu_and_matches_the_program(tmp_path, monkeypatch, dot_products):
+    """int8's decomposition applies on the CPU: the package runs Inductor's int8 GEMM (float32 matmuls
+    where the compiling CPU has no int8 dot products), not the op whole."""
+    from fxquant.ops import int8 as int8_ops
+
+    monkeypatch.setattr(int8_ops, "cpu_int8_slow_reason", lambda: None if dot_products else "no VNNI")
     torch.manual_seed(0)
     x = torch.randn(3, 64)
     program = fxquant.export(MLP(), (x,), config=QuantConfig(scheme="int8"))
-    package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "mlp_aoti.pt2"))
+    with torch._inductor.config.patch(force_disable_caches=True):  # the other CPU's package is the same program
+        package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "mlp_aoti.pt2"))
     calls = aoti_package_calls(package)
     assert calls == [], f"the package calls fxquant's ops whole: {calls}"
-    assert "_int_mm" in package_source(package, "wrapper.cpp")
+    assert ("_int_mm" in package_source(package, "wrapper.cpp")) == dot_products
     runner = torch._inductor.aoti_load_package(package)
     with torch.no_grad():
         torch.testing.assert_close(runner(x), program.module()(x), rtol=1e-5, atol=1e-5)
@@ -153,7 +159,7 @@ def test_package_fuses_the_quantization_where_fxquant_lowers(tmp_path, monkeypat
 def test_fxquant_aoti_applies_the_backends_settings_and_the_users_last(monkeypatch, lowered):
     """The settings the backend compiles a CUDA graph with (a decode-shaped one here: 8 tokens), its
     cache tag and its choices handler while compiling; the user's configs win. A program fxquant does
-    not lower gets the user's alone."""
+    not lower gets the user's configs alone, under fxquant's cache tag."""
     from torch._inductor.virtualized import V
 
     from fxquant.inductor import install
@@ -176,7 +182,8 @@ def test_fxquant_aoti_applies_the_backends_settings_and_the_users_last(monkeypat
         assert "inductor_choices_class" not in configs and choices is WholeRowReductions
         assert "|fxquant:" in tag and tag.endswith(f"|choices:{WholeRowReductions().uuid()}")
     else:
-        assert configs == {"split_reductions": True} and choices is not WholeRowReductions and "fxquant" not in tag
+        # not lowered: the user's configs alone, but the tag still names fxquant's sources (its ops decompose on the CPU too)
+        assert configs == {"split_reductions": True} and choices is not WholeRowReductions and "|fxquant:" in tag
 
 
 def test_tiny_llama_exports_with_a_dynamic_sequence_length(tmp_path):

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from fxquant.ops.int8 import quantize_int8_rowwise
+from fxquant.ops import int8 as int8_ops
+from fxquant.ops.int8 import int_mm_by_float_matmuls, quantize_int8_rowwise
 
 int8_linear = torch.ops.fxquant.int8_linear
 quantize = torch.ops.fxquant.quantize_int8_per_row
@@ -16,6 +17,28 @@ def test_quantizer_is_symmetric_per_row():
     assert scale[0].item() == pytest.approx(4.0 / 127)
     assert x_q[0].tolist() == [32, -64, 16, 127]
     assert x_q[1].tolist() == [0, 0, 0, 0] and torch.isfinite(scale[1])
+
+
+@pytest.mark.parametrize("m, k, n", [(3, 64, 5), (17, 1100, 33), (2, 4096, 3), (1, 14336, 8)])
+def test_the_int8_gemm_by_float_matmuls_is_exact(m, k, n):
+    """Without VNNI / AMX the CPU runs int8 GEMMs as float32 matmuls over slices of 1024 (sums below 2^24):
+    aten._int_mm's bits, against int64 products, at the largest magnitudes too (K * 127^2 > 2^24)."""
+    torch.manual_seed(k)
+    a = torch.randint(-127, 128, (m, k), dtype=torch.int8)
+    b = torch.randint(-127, 128, (k, n), dtype=torch.int8)
+    a[0], b[:, 0] = 127, -127  # one output at -K * 127^2
+    out = int_mm_by_float_matmuls(a, b)
+    assert out.dtype == torch.int32 and torch.equal(out.long(), a.long() @ b.long())
+
+
+def test_a_cpu_without_int8_dot_products_takes_float_matmuls(monkeypatch):
+    calls = []
+    monkeypatch.setattr(int8_ops, "cpu_int8_slow_reason", lambda: "no VNNI")
+    monkeypatch.setattr(int8_ops, "int_mm_by_float_matmuls", lambda a, b: calls.append(a.shape) or torch._int_mm(a, b))
+    torch.manual_seed(0)
+    w_q, w_scale = quantize_int8_rowwise(torch.randn(48, 64))
+    int8_linear(torch.randn(20, 64), w_q, w_scale)
+    assert calls == [(20, 64)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
