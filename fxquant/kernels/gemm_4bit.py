@@ -16,7 +16,8 @@ with `tl.gather`, not read from memory per weight; code x activation products ar
 summed in float32 and each byte's pair is scaled by its row's absmax, so the weight itself is never
 formed nor rounded to the compute dtype (the reference rounds it: the two differ by that rounding,
 within 2^-10 of the largest output in fp16). A [BLOCK_N, BLOCK_K / 2] accumulator is reduced once at
-the end. Split partials go to a float32 workspace [SPLIT_K, 1, N] summed in a fixed order.
+the end. Each slice's sums go to a float32 [SPLIT_K, N] that the caller adds up in a fixed order
+(fxquant/ops/gemv_4bit.py: the op, and Inductor's decomposition that fuses the sum into the consumer).
 
 Measured on the H200 (benchmarks/RESULTS.md): tensor-core variants of this kernel (`tl.dot` on the
 tile dequantized in registers) ran at 0.07-0.13x of bf16's cuBLAS at M = 1 and 16 (twelfth
