@@ -59,7 +59,7 @@ class Decision(NamedTuple):
     @property
     def note(self) -> str:
         """The plan's note: "rule '*.down_proj'", "skipped by rule (lm_head)", "skipped by skip list (lm_head)",
-        "auto -> int8: no FP8 GEMMs on cpu", ""."""
+        "auto -> int8: no FP8 GEMMs on cpu", "auto -> unquantized: <the CPU> has no int8 dot-product ...", ""."""
         auto = f"auto -> {self.scheme or 'unquantized'}: {self.auto}" if self.auto else ""
         if self.source == "rules":
             rule = f"rule {self.pattern!r}" if self.scheme else f"skipped by rule ({self.pattern})"
@@ -74,8 +74,8 @@ class QuantConfig:
     Args:
         scheme: the scheme of every layer no rule decides: "auto" (the default: "fp8_rowwise" on GPUs of
             compute capability >= 8.9, "int8" on older GPUs and on CPUs with int8 dot products (VNNI,
-            AMX), unquantized on other CPUs, decided per weight's device when compiling; "fp8_rowwise" in checkpoints and `quantize_`, see `auto_scheme`; the plan notes
-            the choice and why), or one of `fxquant.SCHEMES`: "fp8_rowwise"
+            AMX), unquantized on other CPUs, decided per weight's device when compiling; "fp8_rowwise"
+            in checkpoints and `quantize_`, see `auto_scheme`; the plan notes the choice and why), or one of `fxquant.SCHEMES`: "fp8_rowwise"
             (e4m3 weights per output channel, e4m3 activations per token, dynamic); "fp8_blockwise"
             (DeepSeek-V3: e4m3 weights per `weight_block_size` block, activations per token per
             block-K group, dynamic); "fp8_tensorwise" (one scale per weight and one per activation
