@@ -60,8 +60,8 @@ def int_mm_by_float_matmuls(a: Tensor, b: Tensor) -> Tensor:
     of K short enough that their sums are exact, added in int32: on a CPU without VNNI or AMX the
     float32 GEMM is 20-40x faster than aten's int8 loop (benchmarks/RESULTS.md, fifteenth session)."""
     total = a.new_zeros((a.shape[0], b.shape[1]), dtype=torch.int32)  # K = 0: zeros, as aten's
-    for start in range(0, a.shape[1], EXACT_FLOAT32_K):
-        total += (a[:, start:start + EXACT_FLOAT32_K].float() @ b[start:start + EXACT_FLOAT32_K].float()).to(torch.int32)
+    for start in range(0, a.shape[1], EXACT_FLOAT32_K):  # out of place: Inductor traces it (int8's decomposition)
+        total = total + (a[:, start:start + EXACT_FLOAT32_K].float() @ b[start:start + EXACT_FLOAT32_K].float()).to(torch.int32)
     return total
 
 
