@@ -88,10 +88,10 @@ def main() -> None:
     for name, compile_s, seconds, error, top1 in rows:
         print(f"{name:<15} {compile_s:>12.1f} {seconds * 1e3:>11.2f} {baseline / seconds:>10.2f}x {error:>15.4f} {top1:>11.1%}")
     if device.type == "cpu":
-        print("\nOn the CPU, int8 runs oneDNN's int8 GEMM through Inductor: fast with int8 dot products (VNNI,\n"
-              "AMX), a reference loop without them, where 'auto' leaves the model unquantized. The FP8 schemes\n"
-              "run their reference implementation (float matmul on dequantized values): their speed-ups\n"
-              "need the GPU kernels (FBGEMM / torch._scaled_mm).")
+        print("\nOn the CPU, int8 runs oneDNN's int8 GEMM through Inductor, fast with int8 dot products (VNNI,\n"
+              "AMX); without them its GEMMs run as exact float32 matmuls, no faster than float, and 'auto'\n"
+              "leaves the model unquantized. The FP8 schemes run their reference implementation (float\n"
+              "matmul on dequantized values): their speed-ups need the GPU kernels (FBGEMM / torch._scaled_mm).")
 
 
 if __name__ == "__main__":
