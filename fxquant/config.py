@@ -75,10 +75,10 @@ class QuantConfig:
         scheme: the scheme of every layer no rule decides: "auto" (the default: "fp8_rowwise" on GPUs of
             compute capability >= 8.9, "int8" on older GPUs and on CPUs with int8 dot products (VNNI,
             AMX), unquantized on other CPUs, decided per weight's device when compiling; "fp8_rowwise"
-            in checkpoints and `quantize_`, see `auto_scheme`; the plan notes the choice and why), or one of `fxquant.SCHEMES`: "fp8_rowwise"
-            (e4m3 weights per output channel, e4m3 activations per token, dynamic); "fp8_blockwise"
-            (DeepSeek-V3: e4m3 weights per `weight_block_size` block, activations per token per
-            block-K group, dynamic); "fp8_tensorwise" (one scale per weight and one per activation
+            in checkpoints and `quantize_`, see `auto_scheme`; the plan notes the choice and why), or
+            one of `fxquant.SCHEMES`: "fp8_rowwise" (e4m3 weights per output channel, e4m3 activations
+            per token, dynamic); "fp8_blockwise" (DeepSeek-V3: e4m3 weights per `weight_block_size`
+            block, activations per token per block-K group, dynamic); "fp8_tensorwise" (one scale per weight and one per activation
             tensor: dynamic, or static from `static_activation_amax`); "int8" (int8 symmetric, per
             channel and per token, int32 accumulation); or a registered plugin (fxquant/scheme.py).
         skip: glob patterns (fnmatch) over layer names, e.g. "lm_head" or "*.gate". A layer's

@@ -22,8 +22,10 @@ def linear_4bit(x: Tensor, w_q: Tensor, absmax_q: Tensor, nested_absmax: Tensor,
                 blocksize: int, compute_dtype: str | None = None, bias: Tensor | None = None) -> Tensor:
     """fxquant::linear_4bit of one row as the GEMV's partial sums and aten ops Inductor fuses; NotImplemented
     (the op stays whole) for other row counts."""
+    from fxquant.kernels.gemm_4bit import fits  # triton: imported where the decomposition runs (CUDA)
+
     rows = x.numel() // x.shape[-1]
-    if not isinstance(rows, int) or rows != 1:  # the GEMV's one row (fxquant/kernels/gemm_4bit.py: fits)
+    if not isinstance(rows, int) or not fits(rows):  # a row count known only at run time, or too many
         return NotImplemented
     dtype = compute_dtype_of(x, compute_dtype)
     partials = torch.ops.fxquant.gemv_4bit_partials(x.reshape(1, -1).to(dtype), w_q, absmax_q, nested_absmax, offset,

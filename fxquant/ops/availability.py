@@ -44,8 +44,8 @@ def fp8_unsupported_reason(device: torch.device) -> str | None:
 
 
 # x86 instructions that multiply-add int8 in one step; oneDNN's int8 GEMM (aten._int_mm on the CPU)
-# runs its fast kernels with one of them. Without them it falls to a reference loop: 41x slower than
-# the fp32 matmul of the same shape on a 2-core AVX2 EPYC (benchmarks/RESULTS.md).
+# runs its fast kernels with one of them. Without them it falls to a reference loop: 20-40x slower
+# than the fp32 matmul of the same shape on a 2-core AVX2 EPYC (benchmarks/RESULTS.md).
 CPU_INT8_DOT_PRODUCTS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 

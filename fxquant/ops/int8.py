@@ -3,7 +3,8 @@
     scale = max(amax, 1e-8) / 127      per row, float32
     x_q   = clamp(round(x / scale), -127, 127)
 The GEMM accumulates in int32 (`torch._int_mm`, CPU and CUDA; float32 matmuls over short slices of K,
-exact, on a CPU without int8 dot products) and the epilogue rescales by the token and channel scales. cuBLAS's int8 GEMM needs more than 16 rows; smaller batches are padded.
+exact, on a CPU without int8 dot products) and the epilogue rescales by the token and channel scales.
+cuBLAS's int8 GEMM needs more than 16 rows; smaller batches are padded.
 `int8_rowwise_mm` is the GEMM with its scales, on quantized operands: what the int8 lowering calls
 (fxquant/inductor/int8_decompositions.py), with kernels to choose from (cuBLAS, fxquant's split-K).
 """
