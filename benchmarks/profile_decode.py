@@ -1,5 +1,6 @@
 """Where a decode-shaped forward spends its GPU time: the top kernels of one (batch, 1) forward of
-the Llama-3-8B-shaped model (`e2e_llama.py`'s), bf16 torch.compile vs fxquant fp8_rowwise, default
+the Llama-3-8B-shaped model (`e2e_llama.py`'s; `--model qwen3` or `mixtral`: `moe.py`'s MoE models, their
+experts run by transformers' `grouped_mm`), bf16 torch.compile vs fxquant fp8_rowwise, default
 compile mode (no CUDA graphs, so each kernel shows). Batch 1 compiles static, batch 16 then compiles
 the dynamic-batch graph, as Dynamo does in a decode loop. `--tokens 2048` profiles prefill instead.
 An fxquant peer may carry Inductor settings (`e2e_llama.peer_model`). Each forward's kernel
@@ -9,6 +10,7 @@ quantization, other Inductor kernels).
 
     python benchmarks/profile_decode.py --layers 8 --json $OUT/profile.json
     python benchmarks/profile_decode.py --layers 8 --batches 1 4 --tokens 2048 --json $OUT/profile_prefill.json
+    python benchmarks/profile_decode.py --model qwen3 --layers 4 --batches 1 --tokens 2048
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ import time
 
 import torch
 from e2e_llama import kernel_profile, llama3_8b, median_ms, peer_model
+from moe import build_model, moe_config
 from transformers import LlamaForCausalLM
 
 
 CATEGORIES = (  # (category, kernel-name pattern), the first match wins
     ("attention", r"fmha|flash|AttentionKernel"),
-    ("FP8 GEMM", r"triton_tem_fused_fp8|_splitk_kernel|_sum_splits_kernel|f8f8bf16|qqtst|e4m3"),
+    ("FP8 GEMM", r"triton_tem_fused_fp8|_splitk_kernel|_sum_splits_kernel|_grouped_gemm_kernel|f8f8bf16|qqtst|e4m3"),
     ("GEMM", r"nvjet|gemm|cutlass|splitKreduce|xmma"),
-    ("Inductor kernels fusing fxquant ops", r"^triton_.*fp8_rowwise_linear"),  # quantization, mostly
+    ("Inductor kernels fusing fxquant ops", r"^triton_.*fp8_rowwise_(linear|grouped_mm|batched_mm)"),  # quantization, mostly
     ("other Inductor kernels", r"^triton_"),
 )
 
@@ -47,6 +50,7 @@ def by_category(kernels: list[dict]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--model", choices=["llama", "qwen3", "mixtral"], default="llama")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--tokens", type=int, default=1)
@@ -54,9 +58,13 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     device = torch.device("cuda")
-    torch.manual_seed(0)
-    with device:
-        model = LlamaForCausalLM(llama3_8b(args.layers, tiny=False)).to(torch.bfloat16).eval()
+    if args.model == "llama":
+        torch.manual_seed(0)
+        with device:
+            model = LlamaForCausalLM(llama3_8b(args.layers, tiny=False)).to(torch.bfloat16).eval()
+    else:
+        model = build_model(moe_config(args.model, args.layers, tiny=False), device, torch.bfloat16)
+        model.config._experts_implementation = "grouped_mm"
     results = {}
     for peer in args.peers:
         torch._dynamo.reset()
