@@ -208,7 +208,7 @@ def _metadata_lines(metadata: dict, path: Path) -> tuple[list[str], int]:
             f"scheme: {(next(iter(schemes)) if schemes else metadata['config']['scheme'])}{layout}" if len(schemes) <= 1
             else "schemes: " + ", ".join(f"{scheme} ({count} layer{'s' * (count > 1)})" for scheme, count in schemes.items()),
             *_reader_notes(metadata),
-            f"linear layers: {len(metadata['plan']) - len(skipped)} quantized, {len(skipped)} left as they were {skipped}",
+            f"{_quantized_count(metadata['plan'])} quantized; left as they were: {skipped}",
         ]
         return lines, int(metadata["bytes"]["before"])
     except KeyError as error:
@@ -238,11 +238,13 @@ def _table(rows: list[tuple[str, ...]]) -> None:
 
 
 def _layer_rows(metadata: dict) -> list[tuple[str, ...]]:
-    """inspect's per-layer table: layer, scheme, bytes before and after (fxquant.json's plan)."""
-    rows = [("layer", "scheme", "bytes before", "bytes after", "")]
+    """inspect's per-layer table: layer, scheme, bytes before and after, and why a layer was left as it
+    was (fxquant.json's plan)."""
+    rows = [("layer", "scheme", "bytes before", "bytes after", "", "note")]
     for entry in metadata["plan"]:
         before, after = entry["bytes"]["before"], entry["bytes"]["after"]
-        rows.append((entry["layer"], entry["scheme"] or "-", f"{before:,}", f"{after:,}", f"{after / before:.2f}x" if before else ""))
+        note = entry.get("note", "") if entry["scheme"] is None else ""
+        rows.append((entry["layer"], entry["scheme"] or "-", f"{before:,}", f"{after:,}", f"{after / before:.2f}x" if before else "", note))
     return rows
 
 

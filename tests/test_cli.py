@@ -51,7 +51,7 @@ def test_quantize_then_inspect_tiny_llama(llama_dir, tmp_path):
 
     report = fxquant("inspect", out).stdout
     assert "scheme: fp8_rowwise (HF transformers fbgemm_fp8 layout)" in report
-    assert "linear layers: 14 quantized, 1 left as they were ['lm_head']" in report
+    assert "14 of 15 linear layers quantized; left as they were: ['lm_head']" in report
     assert "14 weight_scale" in report and f"bytes: {before:,} before, {after:,} after" in report
     assert re.search(r"model\.layers\.0\.self_attn\.k_proj\.weight_scale +float32 +32x1\n", report)
 
@@ -120,7 +120,7 @@ def test_inspect_shows_bytes_per_layer_of_a_sharded_checkpoint(llama_dir, tmp_pa
     assert f"checkpoint: {out} ({shards} shards, model.safetensors.index.json)" in report
     # q_proj: fp32 64 x 64 (16,384 bytes) → e4m3 (4,096) and a float32 scale per row (256)
     assert re.search(r"model\.layers\.0\.self_attn\.q_proj +fp8_rowwise +16,384 +4,352 +0\.27x\n", report)
-    assert re.search(r"lm_head +- +32,768 +32,768 +1\.00x\n", report)
+    assert re.search(r"lm_head +- +32,768 +32,768 +1\.00x +skipped by skip list \(lm_head\)\n", report)
     before, after = metadata["bytes"]["before"], metadata["bytes"]["after"]
     assert f"bytes: {before:,} before, {after:,} after" in report
     assert re.search(r"model\.norm\.weight +float32 +64 +model-0000\d-of-0000\d\.safetensors\n", report)

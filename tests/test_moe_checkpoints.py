@@ -4,6 +4,7 @@ quantization formula written again in float64 (tests/ops/formula_reference.py), 
 transformers' own loader and by load_quantized into the fused [E, N, K] form; faults named."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -231,3 +232,17 @@ def test_the_plan_command_lists_the_expert_weights(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"{EXPERTS}.gate_up_proj  grouped_mm  4 x 64 x 64  fp8_rowwise" in out
     assert out.rstrip().endswith("4 of 6 linear layers and 2 of 2 expert weights quantized")
+
+
+def test_inspect_counts_expert_weights_apart_and_says_why_a_layer_stayed(tmp_path, capsys):
+    from fxquant.cli import main
+
+    source, out = tmp_path / "in", tmp_path / "out"
+    build(qwen3_moe_config()).save_pretrained(source)
+    assert main(["quantize", str(source), str(out)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    report = capsys.readouterr().out
+    assert "4 of 6 linear layers and 2 of 2 expert weights quantized; left as they were: " in report
+    assert re.search(rf"\n{re.escape(EXPERTS)}\.down_proj +fp8_rowwise +[0-9,]+ +[0-9,]+ +0\.\d\dx\n", report)
+    assert re.search(r"\nlm_head +- +[0-9,]+ +[0-9,]+ +1\.00x +skipped by skip list \(lm_head\)\n", report)
