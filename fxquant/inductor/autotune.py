@@ -30,13 +30,15 @@ def gemm_layout(x_q, w_q, dtype: torch.dtype) -> ir.FixedLayout:
 
 def extern_gemm_choice(function, op_overload: torch._ops.OpOverload, name: str, dtype: torch.dtype) -> ExternKernelChoice:
     """An extern choice named `name` for a GEMM of (x_q, w_q, x_scale, w_scale) → `dtype` [M, N]:
-    `function` in a Python wrapper, `op_overload` in a C++ wrapper (AOTInductor)."""
+    `function` in a Python wrapper, `op_overload` in a C++ wrapper (AOTInductor). Bound with
+    `out_dtype=...`, the GEMM is called with it and its output has that dtype."""
 
-    def create(x_q, w_q, x_scale, w_scale):
+    def create(x_q, w_q, x_scale, w_scale, **kwargs):
         if V.graph.cpp_wrapper:
-            return ir.FallbackKernel.create(op_overload, x_q, w_q, x_scale, w_scale)
+            return ir.FallbackKernel.create(op_overload, x_q, w_q, x_scale, w_scale, **kwargs)
         return ir.ExternKernelAlloc(
-            layout=gemm_layout(x_q, w_q, dtype), inputs=[x_q, w_q, x_scale, w_scale], python_kernel_name=f"extern_kernels.{name}"
+            layout=gemm_layout(x_q, w_q, kwargs.get("out_dtype", dtype)), inputs=[x_q, w_q, x_scale, w_scale],
+            kwargs=kwargs, python_kernel_name=f"extern_kernels.{name}",
         )
 
     return ExternKernelChoice(function, name=name, has_out_variant=False, op_overload=op_overload, kernel_creator=create)

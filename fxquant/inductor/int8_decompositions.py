@@ -5,8 +5,9 @@
       CPU:  → aten._int_mm(x_q, w_q.T)                                         (Inductor's int8 GEMM: oneDNN;
             without VNNI / AMX float32 matmuls over slices of K, exact: fxquant/ops/int8.py's int_mm)
             → acc * scale * w_scale (+ bias), cast to x's dtype                (pointwise epilogue)
-      CUDA: → fxquant::int8_rowwise_mm(x_q, w_q, scale, w_scale) (+ bias), cast (fxquant's GEMM lowering,
-            fxquant/inductor/int8_rowwise_mm.py: its Triton template, split-K, or cuBLAS)
+      CUDA: → fxquant::int8_rowwise_mm(x_q, w_q, scale, w_scale, out_dtype) (+ bias), cast (fxquant's GEMM
+            lowering, fxquant/inductor/int8_rowwise_mm.py: its Triton template, split-K, or cuBLAS; out_dtype
+            is x's where there is no bias to add in float32)
 
 Inductor fuses the quantization into the kernel that produces x (a LayerNorm, GELU, residual add)
 and the rescale into one pointwise kernel after the GEMM (on CUDA into the template's epilogue).
@@ -35,7 +36,11 @@ def int8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = N
     x_q, x_scale = quantize_int8_rowwise(x.reshape(-1, x.shape[-1]))
     if x.device.type == "cpu":
         return dequantized_epilogue(int_mm(x_q, w_q.t()), x_scale, w_scale, bias, x)
-    return dequantized_epilogue(torch.ops.fxquant.int8_rowwise_mm(x_q, w_q, x_scale, w_scale), None, None, bias, x)
+    # Without a bias the GEMM rounds to x's dtype itself (the reference's one rounding): an extern
+    # kernel then writes two bytes an element where float32 took four, and its reader reads two.
+    out_dtype = torch.float32 if bias is not None else x.dtype
+    y = torch.ops.fxquant.int8_rowwise_mm(x_q, w_q, x_scale, w_scale, out_dtype)
+    return dequantized_epilogue(y, None, None, bias, x)
 
 
 int8_linear.lowered_device_types = LOWERED_DEVICE_TYPES

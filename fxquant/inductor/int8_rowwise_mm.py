@@ -69,19 +69,21 @@ def heuristic_choice(m: int | None, n: int | None, *, tuned: DeviceTuning) -> st
     return "triton" if m < tuned.int8_cublas_min_rows else "cublas"
 
 
-def _cublas_with_pointwise_scales(x_q, w_q, x_scale, w_scale):
-    """aten._int_mm by Inductor's own lowering (cuBLAS), then the scales as pointwise IR that Inductor
-    fuses with what follows (bias, cast)."""
+def _cublas_with_pointwise_scales(x_q, w_q, x_scale, w_scale, out_dtype: torch.dtype):
+    """aten._int_mm by Inductor's own lowering (cuBLAS), then the scales and the cast to `out_dtype` as
+    pointwise IR that Inductor fuses with what follows (bias, cast)."""
     acc = lowerings[aten._int_mm.default](x_q, lowerings[aten.permute.default](w_q, [1, 0]))
     y = lowerings[prims.convert_element_type.default](acc, torch.float32)
     y = lowerings[aten.mul.Tensor](y, lowerings[aten.unsqueeze.default](x_scale, 1))
-    return lowerings[aten.mul.Tensor](y, w_scale)
+    y = lowerings[aten.mul.Tensor](y, w_scale)
+    return y if out_dtype == torch.float32 else lowerings[prims.convert_element_type.default](y, out_dtype)
 
 
 @register_lowering(torch.ops.fxquant.int8_rowwise_mm.default, type_promotion_kind=None)
-def tuned_int8_rowwise_mm(x_q, w_q, x_scale, w_scale):
+def tuned_int8_rowwise_mm(x_q, w_q, x_scale, w_scale, out_dtype: torch.dtype = torch.float32):
     if x_q.get_device().type not in LOWERED_DEVICE_TYPES:
-        return fallback_handler(torch.ops.fxquant.int8_rowwise_mm.default, add_to_fallback_set=False)(x_q, w_q, x_scale, w_scale)
+        return fallback_handler(torch.ops.fxquant.int8_rowwise_mm.default, add_to_fallback_set=False)(
+            x_q, w_q, x_scale, w_scale, out_dtype)
     inputs = realize_inputs(x_q, w_q, x_scale, w_scale)
     m, k = inputs[0].get_size()
     n = inputs[1].get_size()[0]
@@ -91,22 +93,21 @@ def tuned_int8_rowwise_mm(x_q, w_q, x_scale, w_scale):
     if not autotune:
         wanted = heuristic_choice(static_m, static_n, tuned=tuned)
         if wanted == "cublas":
-            return _cublas_with_pointwise_scales(x_q, w_q, x_scale, w_scale)
+            return _cublas_with_pointwise_scales(x_q, w_q, x_scale, w_scale, out_dtype)
         wanted = (wanted,)
     else:
         wanted = ("triton", "cublas", "splitk") if static_m is not None else ("triton", "by_rows")
     if static_m is None or static_m > SPLITK_MAX_ROWS:
         wanted = tuple(c for c in wanted if c != "splitk") or ("by_rows",)
 
-    layout = gemm_layout(inputs[0], inputs[1], torch.float32)
+    layout = gemm_layout(inputs[0], inputs[1], out_dtype)
     choices = []
     if "triton" in wanted and static_k is not None:
         for config in tuned.template_choices(static_m, static_n, static_k, autotune):
             int8_rowwise_gemm_template.maybe_append_choice(choices, input_nodes=inputs, layout=layout, **config.template_kwargs(static_k))
-    if "cublas" in wanted:
-        choices.append(cublas_choice.bind(inputs, layout))
-    if "splitk" in wanted:
-        choices.append(splitk_choice.bind(inputs, layout))
+    for name, choice in (("cublas", cublas_choice), ("splitk", splitk_choice)):
+        if name in wanted:
+            choices.append(choice.bind(inputs, layout, out_dtype=out_dtype))
     if "by_rows" in wanted or not choices:
-        choices.append(by_rows_choice.bind(inputs, layout))
+        choices.append(by_rows_choice.bind(inputs, layout, out_dtype=out_dtype))
     return select_node("fxquant_int8_rowwise_mm", choices, inputs, layout)

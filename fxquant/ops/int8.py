@@ -66,60 +66,65 @@ def int_mm_by_float_matmuls(a: Tensor, b: Tensor) -> Tensor:
     return total
 
 
-def scaled_int_mm(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor) -> Tensor:
-    """float32 [M, N] = float(x_q [M, K] @ w_q [N, K].T) * x_scale [M, 1] * w_scale [1, N]: `torch._int_mm`
-    (cuBLAS on CUDA, oneDNN on the CPU), then the scales. The int32 sums are exact, so every kernel
-    that applies the scales in this order gives these bits."""
-    return int_mm(x_q, w_q.t()).float() * x_scale.unsqueeze(1) * w_scale.unsqueeze(0)
+def scaled_int_mm(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor, out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """out_dtype [M, N] = float(x_q [M, K] @ w_q [N, K].T) * x_scale [M, 1] * w_scale [1, N]: `torch._int_mm`
+    (cuBLAS on CUDA, oneDNN on the CPU), then the scales in float32, rounded once to `out_dtype`. The
+    int32 sums are exact, so every kernel that applies the scales in this order gives these bits."""
+    return (int_mm(x_q, w_q.t()).float() * x_scale.unsqueeze(1) * w_scale.unsqueeze(0)).to(out_dtype)
 
 
-def int8_rowwise_mm_by_rows(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor) -> Tensor:
+def int8_rowwise_mm_by_rows(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor, out_dtype: torch.dtype = torch.float32) -> Tensor:
     """int8_rowwise_mm by the kernel for this M, chosen at run time: on CUDA fxquant's split-K kernel up
     to 16 rows (where cuBLAS's would pad to 32), above that fxquant's tiled kernel below the GPU's
     `int8_cublas_min_rows` (fxquant/inductor/tuning.py) and cuBLAS's `_int_mm` from it; elsewhere
     `_int_mm`. The op's CUDA kernel, and the lowering's choice where M is known only at run time (a
     dynamic batch)."""
     if x_q.is_cuda and x_q.shape[0] <= SPLITK_MAX_ROWS:
-        return int8_rowwise_mm_splitk(x_q, w_q, x_scale, w_scale)
+        return int8_rowwise_mm_splitk(x_q, w_q, x_scale, w_scale, out_dtype)
     if x_q.is_cuda and x_q.shape[0] < device_tuning(x_q.device).int8_cublas_min_rows:
         from fxquant.kernels.int8_rowwise_splitk import int8_rowwise_mm_tiled
 
-        return int8_rowwise_mm_tiled(x_q, w_q, x_scale, w_scale)
-    return scaled_int_mm(x_q, w_q, x_scale, w_scale)
+        return int8_rowwise_mm_tiled(x_q, w_q, x_scale, w_scale, out_dtype)
+    return scaled_int_mm(x_q, w_q, x_scale, w_scale, out_dtype)
 
 
-def int8_rowwise_mm_splitk(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor) -> Tensor:
+def int8_rowwise_mm_splitk(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor, out_dtype: torch.dtype = torch.float32) -> Tensor:
     """int8_rowwise_mm by fxquant/kernels/int8_rowwise_splitk.py's kernel (M <= 16), imported on first use
     (triton: GPU machines, or its interpreter)."""
     from fxquant.kernels.int8_rowwise_splitk import int8_rowwise_mm_splitk as splitk
 
-    return splitk(x_q, w_q, x_scale, w_scale)
+    return splitk(x_q, w_q, x_scale, w_scale, out_dtype)
 
 
 @torch.library.custom_op("fxquant::int8_rowwise_mm", mutates_args=())
-def int8_rowwise_mm(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor) -> Tensor:
-    """float32 [M, N] = float(x_q [M, K] @ w_q [N, K].T) * x_scale [M, 1] * w_scale [1, N], int8 operands.
+def int8_rowwise_mm(x_q: Tensor, w_q: Tensor, x_scale: Tensor, w_scale: Tensor, out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """out_dtype [M, N] = float(x_q [M, K] @ w_q [N, K].T) * x_scale [M, 1] * w_scale [1, N], int8 operands,
+    the scales applied in float32 and the result rounded once to `out_dtype`.
 
     The GEMM alone, on operands already quantized: what the CUDA lowering of int8_linear leaves after
     the quantization is fused away (fxquant/inductor/int8_rowwise_mm.py gives it a choice of kernels).
+    A layer without bias asks for its activation's dtype, so that a kernel Inductor cannot fuse a
+    cast into (an extern one) writes the output once, in two bytes an element rather than four.
     """
-    return scaled_int_mm(x_q, w_q, x_scale, w_scale)
+    return scaled_int_mm(x_q, w_q, x_scale, w_scale, out_dtype)
 
 
 int8_rowwise_mm.register_kernel("cuda")(int8_rowwise_mm_by_rows)
 
 
-def _scaled_gemm_output(name: str, x_q: Tensor, w_q: Tensor) -> Tensor:
+def _scaled_gemm_output(name: str, x_q: Tensor, w_q: Tensor, out_dtype: torch.dtype) -> Tensor:
     torch._check(x_q.dim() == 2 and x_q.shape[1] == w_q.shape[1], lambda: f"{name}: x_q must be [M, K={w_q.shape[1]}]")
-    return x_q.new_empty((x_q.shape[0], w_q.shape[0]), dtype=torch.float32)
+    return x_q.new_empty((x_q.shape[0], w_q.shape[0]), dtype=out_dtype)
 
 
-int8_rowwise_mm.register_fake(lambda x_q, w_q, x_scale, w_scale: _scaled_gemm_output("fxquant::int8_rowwise_mm", x_q, w_q))
+int8_rowwise_mm.register_fake(
+    lambda x_q, w_q, x_scale, w_scale, out_dtype=torch.float32: _scaled_gemm_output("fxquant::int8_rowwise_mm", x_q, w_q, out_dtype))
 
 # The lowering's extern choices as ops too: what AOTInductor's C++ wrapper calls.
 for _function in (scaled_int_mm, int8_rowwise_mm_by_rows, int8_rowwise_mm_splitk):
     torch.library.custom_op(f"fxquant::{_function.__name__}", _function, mutates_args=()).register_fake(
-        lambda x_q, w_q, x_scale, w_scale, name=f"fxquant::{_function.__name__}": _scaled_gemm_output(name, x_q, w_q)
+        lambda x_q, w_q, x_scale, w_scale, out_dtype=torch.float32, name=f"fxquant::{_function.__name__}":
+        _scaled_gemm_output(name, x_q, w_q, out_dtype)
     )
 
 

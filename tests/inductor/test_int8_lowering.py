@@ -63,10 +63,12 @@ def test_a_forced_choice_wins_where_it_fits_and_says_so_elsewhere(monkeypatch, c
         heuristic_choice(1, 4096, tuned=H100)
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("gemm, marker", [("cublas", "extern_kernels._int_mm("), ("by_rows", "fxquant_int8_rowwise_mm_by_rows")])
-def test_the_lowerings_library_choices_compile_to_the_references_bits(monkeypatch, gemm, marker):
+def test_the_lowerings_library_choices_compile_to_the_references_bits(monkeypatch, gemm, marker, out_dtype):
     """The cuBLAS choice (Inductor's _int_mm, the scales as pointwise code fused with what follows) and
-    the run-time pick, lowered for CPU tensors (where _int_mm is oneDNN's): the op's bits."""
+    the run-time pick, lowered for CPU tensors (where _int_mm is oneDNN's), in float32 and in the
+    activation's dtype (a layer without bias): the op's bits."""
     from fxquant.inductor import int8_rowwise_mm
 
     monkeypatch.setattr(int8_rowwise_mm, "LOWERED_DEVICE_TYPES", frozenset({"cuda", "cpu"}))
@@ -76,13 +78,16 @@ def test_the_lowerings_library_choices_compile_to_the_references_bits(monkeypatc
     w_q, w_scale = quantize_int8_rowwise(torch.randn(48, 96))
 
     def gemm_then_bias(x_q, x_scale):
-        return torch.ops.fxquant.int8_rowwise_mm(x_q, w_q, x_scale, w_scale) + 1.0
+        return torch.ops.fxquant.int8_rowwise_mm(x_q, w_q, x_scale, w_scale, out_dtype) + 1.0
 
     compiled = torch.compile(gemm_then_bias, backend="inductor", fullgraph=True, dynamic=gemm == "by_rows")
-    with torch._inductor.config.patch(force_disable_caches=True):  # the choice is an environment variable
+    # the choice is an environment variable; the bf16 output rounded before the add, as eager does (fxquant's setting)
+    with torch._inductor.config.patch(force_disable_caches=True, emulate_precision_casts=True):
         y, (code,) = run_and_get_code(compiled, x_q, x_scale)
     assert marker in code, code
-    assert torch.equal(y, gemm_then_bias(x_q, x_scale))
+    assert y.dtype == out_dtype and torch.equal(y, gemm_then_bias(x_q, x_scale))
+    if gemm == "by_rows":
+        assert f"out_dtype=torch.{str(out_dtype).removeprefix('torch.')}" in code or out_dtype == torch.float32, code
 
 
 def test_serving_batch_sizes_have_their_own_template_bucket():

@@ -82,9 +82,10 @@ def blockwise_grouped(s: int, n: int, k: int, block_n: int, block_k: int, counts
     return out[:start], exact[:start], {"full_shape": list(out.shape)}
 
 
-def int8_split_k(m: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def int8_split_k(m: int, n: int, k: int, out_dtype: str = "float32") -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The int8 split-K kernel against the float64 formula, and whether it equals fxquant's reference
-    bit for bit (the int32 sums are exact; the scales are applied in the same order)."""
+    bit for bit (the int32 sums are exact; the scales are applied in the same order), its output in
+    `out_dtype`."""
     from fxquant.kernels.int8_rowwise_splitk import int8_rowwise_mm_splitk
     from fxquant.kernels.fp8_rowwise_splitk import split_k_for
     from fxquant.ops.int8 import quantize_int8_rowwise, scaled_int_mm
@@ -92,14 +93,15 @@ def int8_split_k(m: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, di
     x_q, x_scale = quantize_int8_rowwise(torch.randn(m, k) * 2) if k else (torch.empty(m, 0, dtype=torch.int8), torch.ones(m))
     w_q, w_scale = quantize_int8_rowwise(torch.randn(n, k) / max(k, 1)**0.5) if k else (torch.empty(n, 0, dtype=torch.int8), torch.ones(n))
     exact = (x_q.double() @ w_q.double().t()) * x_scale.double()[:, None] * w_scale.double()[None, :]
-    out = int8_rowwise_mm_splitk(x_q, w_q, x_scale, w_scale)
+    dtype = getattr(torch, out_dtype)
+    out = int8_rowwise_mm_splitk(x_q, w_q, x_scale, w_scale, dtype)
     splits = split_k_for(n, k, sms=132, programs_per_sm=DEFAULT.splitk_programs_per_sm)
-    return out, exact, {"splits": splits, "reference_bits": bool(torch.equal(out, scaled_int_mm(x_q, w_q, x_scale, w_scale)))}
+    return out, exact, {"splits": splits, "reference_bits": bool(torch.equal(out, scaled_int_mm(x_q, w_q, x_scale, w_scale, dtype)))}
 
 
-def int8_tiled(m: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def int8_tiled(m: int, n: int, k: int, out_dtype: str = "float32") -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The int8 kernel unsplit with the template's tile for M (the run-time pick above 16 rows) against
-    the float64 formula, and whether it equals fxquant's reference bit for bit."""
+    the float64 formula, and whether it equals fxquant's reference bit for bit, its output in `out_dtype`."""
     from fxquant.inductor.tuning import DEFAULT
     from fxquant.kernels.int8_rowwise_splitk import int8_rowwise_mm_tiled
     from fxquant.ops.int8 import quantize_int8_rowwise, scaled_int_mm
@@ -107,10 +109,11 @@ def int8_tiled(m: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, dict
     x_q, x_scale = quantize_int8_rowwise(torch.randn(m, k) * 2) if k else (torch.empty(m, 0, dtype=torch.int8), torch.ones(m))
     w_q, w_scale = quantize_int8_rowwise(torch.randn(n, k) / max(k, 1)**0.5) if k else (torch.empty(n, 0, dtype=torch.int8), torch.ones(n))
     exact = (x_q.double() @ w_q.double().t()) * x_scale.double()[:, None] * w_scale.double()[None, :]
-    out = int8_rowwise_mm_tiled(x_q, w_q, x_scale, w_scale)
+    dtype = getattr(torch, out_dtype)
+    out = int8_rowwise_mm_tiled(x_q, w_q, x_scale, w_scale, dtype)
     tile = DEFAULT.heuristic_config(max(m, 1), n, k)  # what a CPU tensor gets
     return out, exact, {"tile": [tile.block_m, tile.block_n, tile.block_k],
-                        "reference_bits": bool(torch.equal(out, scaled_int_mm(x_q, w_q, x_scale, w_scale)))}
+                        "reference_bits": bool(torch.equal(out, scaled_int_mm(x_q, w_q, x_scale, w_scale, dtype)))}
 
 
 def report(out: torch.Tensor, exact: torch.Tensor, extra: dict) -> dict:

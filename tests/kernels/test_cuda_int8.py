@@ -29,24 +29,27 @@ def operands(m, n, k):
     return x_q, w_q, x_scale, w_scale
 
 
-def compiled_gemm(args, patches):
+def compiled_gemm(args, patches, out_dtype=torch.float32):
     def gemm(x_q, w_q, x_scale, w_scale):
-        return torch.ops.fxquant.int8_rowwise_mm(x_q, w_q, x_scale, w_scale)
+        return torch.ops.fxquant.int8_rowwise_mm(x_q, w_q, x_scale, w_scale, out_dtype)
 
     compiled = torch.compile(gemm, dynamic=False, backend=lambda gm, inputs: compile_fx(gm, inputs, config_patches=patches))
     out, (code, *_) = run_and_get_code(compiled, *args)
     return out.cpu(), gemm(*(t.cpu() for t in args)), code
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("gemm", list(GEMM_IN_CODE))
 @pytest.mark.parametrize("m", [1, 7, 16, 100, 512])
 @pytest.mark.parametrize("n,k", SHAPES)
-def test_each_gemm_choice_gives_the_references_bits(monkeypatch, gemm, m, n, k):
+def test_each_gemm_choice_gives_the_references_bits(monkeypatch, gemm, m, n, k, out_dtype):
+    """In float32 and rounded once to bf16 in the GEMM (a layer without bias)."""
     if (gemm == "splitk" and m > 16) or (gemm == "cublas" and m <= 16):
         pytest.skip(f"{gemm} does not take M={m}")
     monkeypatch.setenv("FXQUANT_INT8_GEMM", gemm)
-    out, expected, code = compiled_gemm(operands(m, n, k), {"force_disable_caches": True})
+    out, expected, code = compiled_gemm(operands(m, n, k), {"force_disable_caches": True}, out_dtype)
     assert GEMM_IN_CODE[gemm] in code, f"the GEMM is not {gemm}:\n{code}"
+    assert out.dtype == out_dtype
     assert torch.equal(out, expected), f"{gemm} M={m} N={n} K={k}: {(out - expected).abs().max().item():.3e} off"
 
 

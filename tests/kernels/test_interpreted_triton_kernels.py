@@ -48,26 +48,28 @@ def test_split_k_gemm_is_exact_to_a_bf16_ulp():
         assert result["within"], f"M={m} N={n} K={k}: {result['worst']:.2e} beyond one bf16 ulp"
 
 
-def test_int8_split_k_gemm_gives_the_references_bits():
+@pytest.mark.parametrize("out_dtype", ["float32", "float16"])  # float16: a layer without bias (bf16 is truncated here)
+def test_int8_split_k_gemm_gives_the_references_bits(out_dtype):
     # as the FP8 kernel's cases: tails in N and K, K cut into 4, 1, 2, 1 and 8 slices, no tokens, no channels
     cases = [(1, 512, 4096, 4), (7, 208, 272, 1), (16, 96, 2304, 2), (3, 64, 1000, 1), (2, 64, 8192, 8), (0, 64, 256, 1),
              (2, 64, 0, 1)]
-    results = interpret("int8_split_k", [dict(m=m, n=n, k=k) for m, n, k, _ in cases])
+    results = interpret("int8_split_k", [dict(m=m, n=n, k=k, out_dtype=out_dtype) for m, n, k, _ in cases])
     for (m, n, k, splits), result in zip(cases, results):
-        assert result["shape"] == [m, n] and result["dtype"] == "torch.float32", (m, n, k)
+        assert result["shape"] == [m, n] and result["dtype"] == f"torch.{out_dtype}", (m, n, k)
         assert result["splits"] == splits, (m, n, k)
         assert result["reference_bits"], f"M={m} N={n} K={k}: not fxquant's reference bit for bit"
         assert result["within"], f"M={m} N={n} K={k}: {result['worst']:.2e} from the float64 formula"
 
 
-def test_int8_tiled_gemm_gives_the_references_bits():
+@pytest.mark.parametrize("out_dtype", ["float32", "float16"])
+def test_int8_tiled_gemm_gives_the_references_bits(out_dtype):
     # the run-time pick above 16 rows: the template's tile for each M bucket (64 x 64, 128 x 128,
-    # 128 x 256), tails in M, N and K, no channels
+    # 128 x 256), tails in M, N and K (K = 256: whole steps, unmasked loads), no channels
     cases = [(40, 96, 272, [64, 64, 128]), (300, 208, 1000, [128, 128, 128]), (1100, 64, 256, [128, 256, 128]),
              (20, 64, 0, [64, 64, 128])]
-    results = interpret("int8_tiled", [dict(m=m, n=n, k=k) for m, n, k, _ in cases])
+    results = interpret("int8_tiled", [dict(m=m, n=n, k=k, out_dtype=out_dtype) for m, n, k, _ in cases])
     for (m, n, k, tile), result in zip(cases, results):
-        assert result["shape"] == [m, n] and result["dtype"] == "torch.float32", (m, n, k)
+        assert result["shape"] == [m, n] and result["dtype"] == f"torch.{out_dtype}", (m, n, k)
         assert result["tile"] == tile, (m, n, k)
         assert result["reference_bits"], f"M={m} N={n} K={k}: not fxquant's reference bit for bit"
         assert result["within"], f"M={m} N={n} K={k}: {result['worst']:.2e} from the float64 formula"

@@ -101,6 +101,20 @@ def test_the_gemm_ops_are_the_float64_formula_in_float32(name):
     torch.library.opcheck(getattr(torch.ops.fxquant, name), (x_q, w_q, x_scale, w_scale))
 
 
+@pytest.mark.parametrize("name", GEMM_OPS)
+def test_the_gemm_ops_round_once_to_the_dtype_asked_for(name):
+    """out_dtype (what a layer without bias asks for): the float32 result rounded once to it."""
+    torch.manual_seed(0)
+    x_q, x_scale = quantize_int8_rowwise(torch.randn(19, 96))
+    w_q, w_scale = quantize_int8_rowwise(torch.randn(40, 96))
+    y = getattr(torch.ops.fxquant, name)(x_q, w_q, x_scale, w_scale, torch.bfloat16)
+    assert y.dtype == torch.bfloat16 and y.shape == (19, 40)
+    exact = (x_q.double() @ w_q.double().t()) * x_scale.double()[:, None] * w_scale.double()[None, :]
+    torch.testing.assert_close(y.double(), exact, rtol=2**-8, atol=0)  # bf16's rounding: half an ulp, 2^-8
+    assert torch.equal(y, getattr(torch.ops.fxquant, name)(x_q, w_q, x_scale, w_scale).to(torch.bfloat16))
+    torch.library.opcheck(getattr(torch.ops.fxquant, name), (x_q, w_q, x_scale, w_scale, torch.bfloat16))
+
+
 def test_the_gemm_op_takes_no_rows():
     w_q, w_scale = quantize_int8_rowwise(torch.randn(16, 32))
     y = torch.ops.fxquant.int8_rowwise_mm(torch.empty(0, 32, dtype=torch.int8), w_q, torch.empty(0), w_scale)
