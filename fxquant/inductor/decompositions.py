@@ -15,6 +15,9 @@
     fp8_rowwise_batched_mm(x, w_q, w_scale, expert_ids, ub)
       → the quantization, the rows ordered by expert (sort, counts, running sum: all on the device)
       → the same grouped GEMM, the results gathered back to their rows
+    fp8_blockwise_grouped_mm, fp8_blockwise_batched_mm                        (MoE experts)
+      → as fp8_rowwise's, with the per-group quantization of fp8_blockwise_linear and
+        fxquant::fp8_blockwise_grouped_gemm(x_q, scale, w_q, w_scale, offsets) (an extern call: Triton)
 
 Inductor then fuses the amax reduction and the cast into the kernel that produces x (RMSNorm,
 SiLU·mul, a residual add), so no separate quantization kernel runs. fp8_rowwise_mm lowers to
@@ -29,6 +32,7 @@ import torch
 from torch import Tensor
 
 from fxquant.inductor import fp8_rowwise_grouped_mm, fp8_rowwise_mm  # noqa: F401  (register the GEMMs' lowerings)
+from fxquant.ops import fp8_blockwise_experts
 from fxquant.ops.fp8_blockwise import block_sizes, quantize_fp8_groupwise
 from fxquant.ops.fp8_common import saturate_to_fp8
 from fxquant.ops.fp8_rowwise import quantize_fp8_rowwise
@@ -66,6 +70,19 @@ def fp8_blockwise_linear(
     _, block_k = block_sizes(w_q, w_scale)
     x_q, x_scale = quantize_fp8_groupwise(x.reshape(-1, x.shape[-1]), block_k, scale_ub)
     return bf16_gemm_epilogue(torch.ops.fxquant.fp8_blockwise_mm(x_q, x_scale, w_q, w_scale), bias, x)
+
+
+def fp8_blockwise_grouped_mm(x: Tensor, w_q: Tensor, w_scale: Tensor, offsets: Tensor, scale_ub: float | None = None) -> Tensor:
+    """fxquant::fp8_blockwise_grouped_mm: the per-token per-group quantization as aten ops Inductor fuses
+    into x's producer (SiLU·mul, the gather of the rows by expert), then fxquant's blockwise grouped GEMM op."""
+    x_q, x_scale = fp8_blockwise_experts.quantize_rows(x, w_q, w_scale, scale_ub)
+    return fp8_blockwise_experts.grouped_mm_of_quantized(x_q, x_scale, w_q, w_scale, offsets, x.dtype)
+
+
+def fp8_blockwise_batched_mm(x: Tensor, w_q: Tensor, w_scale: Tensor, expert_ids: Tensor, scale_ub: float | None = None) -> Tensor:
+    """fxquant::fp8_blockwise_batched_mm: the quantization Inductor fuses, the rows ordered by expert, the grouped GEMM."""
+    x_q, x_scale = fp8_blockwise_experts.quantize_rows(x, w_q, w_scale, scale_ub)
+    return fp8_blockwise_experts.batched_mm_of_quantized(x_q, x_scale, w_q, w_scale, expert_ids, x.dtype)
 
 
 def _tensorwise_gemm(x: Tensor, x_q: Tensor, w_q: Tensor, output_scale: Tensor, bias: Tensor | None) -> Tensor:

@@ -8,8 +8,9 @@ expert, with 128 x 128 (block_n x block_k) weight blocks and 1 x block_k activat
 The blockwise form of fxquant/kernels/fp8_rowwise_grouped_gemm.py (whose `group_row_tile` finds each
 program's group on the device: no host sync, CUDA graphs): the main loop steps over K one weight block
 at a time (BLOCK_K = block_k) and scales each block's fp8 dot product before accumulating, as
-fxquant/kernels/fp8_blockwise_gemm.py does for one weight. A standalone kernel: the fp8_blockwise
-expert op (fxquant/ops/fp8_blockwise_experts.py) is where it is wired in.
+fxquant/kernels/fp8_blockwise_gemm.py does for one weight. The CUDA kernel of the op
+fxquant::fp8_blockwise_grouped_gemm (fxquant/ops/fp8_blockwise_grouped_gemm.py), which fp8_blockwise's
+expert ops and their Inductor decompositions call.
 """
 
 from __future__ import annotations

@@ -48,8 +48,9 @@ def quantize_fp8_blockwise_weight(w: Tensor, block: tuple[int, int]) -> tuple[Te
 
 
 def block_sizes(w_q: Tensor, w_scale: Tensor) -> tuple[int, int]:
-    """(block_n, block_k) implied by a weight and its block scales."""
-    return w_q.shape[0] // w_scale.shape[0], w_q.shape[1] // w_scale.shape[1]
+    """(block_n, block_k) implied by a weight [..., N, K] and its block scales [..., N / block_n, K / block_k]
+    (one weight, or the experts' [E, ...])."""
+    return w_q.shape[-2] // w_scale.shape[-2], w_q.shape[-1] // w_scale.shape[-1]
 
 
 def _check(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> None:

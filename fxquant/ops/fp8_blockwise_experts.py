@@ -8,11 +8,13 @@
 The block (bn, bk) is read off the shapes, as the dense op reads it; x is quantized per token per
 bk-wide group of channels, as the dense op does (fxquant/ops/fp8_blockwise.py), and each K-block's
 exact e4m3 products are summed in float32, scaled by that block's activation and weight scales and
-added up block after block, as the dense reference does. The grouped op runs fxquant's blockwise
-grouped Triton kernel on CUDA; otherwise one implementation for every device, with no host
-synchronisation: a grouped row finds its expert with `searchsorted` on the offsets (device
-side), and rows are gathered with their experts' weights `ROWS_PER_GATHER` at a time, so memory stays
-bounded by that many [N, K] float weights.
+added up block after block, as the dense reference does. The CPU implementation is the reference
+(that of the grouped GEMM op, fxquant/ops/fp8_blockwise_grouped_gemm.py), in x's dtype. On CUDA both
+quantize x and run the grouped GEMM op (fxquant's blockwise grouped Triton kernel); the batched form
+first orders its rows by expert, on the device, and puts the results back in row order
+(fxquant/ops/expert_rows.py), so neither reads anything back to the host (CUDA graphs). Compiled,
+Inductor sees the same steps (fxquant/inductor/decompositions.py), with the quantization fused into
+x's producer.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fxquant.ops.fp8_blockwise import quantize_fp8_groupwise
+from fxquant.ops.expert_rows import batched_as_grouped, rows_in_groups
+from fxquant.ops.fp8_blockwise import block_sizes, quantize_fp8_groupwise
+from fxquant.ops.fp8_blockwise_grouped_gemm import fp8_blockwise_grouped_gemm, grouped_rows_times_experts, rows_times_experts
 from fxquant.ops.fp8_common import FP8_DTYPE
 from fxquant.ops.linear_common import FLOAT_DTYPES, register_inference_only_autograd
-
-ROWS_PER_GATHER = 64
 
 
 def check_blockwise_expert_inputs(op: str, x: Tensor, w_q: Tensor, w_scale: Tensor, rows: Tensor, rows_name: str) -> None:
@@ -44,28 +46,39 @@ def check_blockwise_expert_inputs(op: str, x: Tensor, w_q: Tensor, w_scale: Tens
     torch._check(rows.dim() == 1 and not rows.is_floating_point(), lambda: f"{op}: {rows_name} must be a 1-D integer tensor")
 
 
-def _rows_times_experts(x: Tensor, w_q: Tensor, w_scale: Tensor, experts: Tensor, scale_ub: float | None) -> Tensor:
-    """Row s of x times expert experts[s] (in range), blockwise-scaled: float32 [S, N]."""
-    block_n, block_k = w_q.shape[1] // w_scale.shape[1], w_q.shape[2] // w_scale.shape[2]
-    x_q, x_scale = quantize_fp8_groupwise(x, block_k, scale_ub)
-    acc = x.new_zeros((x.shape[0], w_q.shape[1]), dtype=torch.float32)
-    for start in range(0, x.shape[0], ROWS_PER_GATHER):
-        rows = slice(start, start + ROWS_PER_GATHER)
-        ids = experts[rows]
-        weights = w_q[ids].float()  # [rows, N, K]: exact e4m3 values
-        scales = w_scale[ids].repeat_interleave(block_n, dim=1)  # [rows, N, K / block_k]
-        for kb in range(w_scale.shape[2]):
-            columns = slice(kb * block_k, (kb + 1) * block_k)
-            partial = torch.bmm(weights[:, :, columns], x_q[rows, columns].float().unsqueeze(-1)).squeeze(-1)
-            acc[rows] += partial * x_scale[rows, kb : kb + 1] * scales[:, :, kb]
-    return acc
+def quantize_rows(x: Tensor, w_q: Tensor, w_scale: Tensor, scale_ub: float | None) -> tuple[Tensor, Tensor]:
+    """x [S, K] quantized per token per block_k group of the weight's blocks: (x_q e4m3, x_scale [S, K / block_k])."""
+    return quantize_fp8_groupwise(x, block_sizes(w_q, w_scale)[1], scale_ub)
+
+
+def grouped_mm_of_quantized(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, offsets: Tensor, dtype) -> Tensor:
+    """fp8_blockwise_grouped_mm once x is quantized: the grouped GEMM, its rows past the groups zeroed, in `dtype`."""
+    y = fp8_blockwise_grouped_gemm(x_q, x_scale, w_q, w_scale, offsets.to(torch.int32))
+    return rows_in_groups(y, offsets).to(dtype)
+
+
+def batched_mm_of_quantized(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, expert_ids: Tensor, dtype) -> Tensor:
+    """fp8_blockwise_batched_mm once x is quantized, as the grouped GEMM on the rows ordered by expert
+    (fxquant/ops/expert_rows.py), in `dtype`."""
+    def grouped_gemm(x_q: Tensor, x_scale: Tensor, offsets: Tensor) -> Tensor:
+        return fp8_blockwise_grouped_gemm(x_q, x_scale, w_q, w_scale, offsets)
+
+    return batched_as_grouped(grouped_gemm, x_q, x_scale, expert_ids, w_q.shape[0]).to(dtype)
 
 
 @torch.library.custom_op("fxquant::fp8_blockwise_batched_mm", mutates_args=())
 def fp8_blockwise_batched_mm(x: Tensor, w_q: Tensor, w_scale: Tensor, expert_ids: Tensor, scale_ub: float | None = None) -> Tensor:
     """Row s of x times expert expert_ids[s], FP8 blockwise (reference implementation, any device)."""
     check_blockwise_expert_inputs("fxquant::fp8_blockwise_batched_mm", x, w_q, w_scale, expert_ids, "expert_ids")
-    return _rows_times_experts(x, w_q, w_scale, expert_ids.long(), scale_ub).to(x.dtype)
+    x_q, x_scale = quantize_rows(x, w_q, w_scale, scale_ub)
+    return rows_times_experts(x_q, x_scale, w_q, w_scale, expert_ids.long()).to(x.dtype)
+
+
+@fp8_blockwise_batched_mm.register_kernel("cuda")
+def _(x: Tensor, w_q: Tensor, w_scale: Tensor, expert_ids: Tensor, scale_ub: float | None = None) -> Tensor:
+    check_blockwise_expert_inputs("fxquant::fp8_blockwise_batched_mm", x, w_q, w_scale, expert_ids, "expert_ids")
+    x_q, x_scale = quantize_rows(x, w_q, w_scale, scale_ub)
+    return batched_mm_of_quantized(x_q, x_scale, w_q, w_scale, expert_ids, x.dtype)
 
 
 @fp8_blockwise_batched_mm.register_fake
@@ -74,33 +87,19 @@ def _(x: Tensor, w_q: Tensor, w_scale: Tensor, expert_ids: Tensor, scale_ub: flo
     return x.new_empty((x.shape[0], w_q.shape[1]))
 
 
-def group_of_rows(offsets: Tensor, rows: int) -> Tensor:
-    """Each row's group for cumulative `offsets` [E] (E for the rows past the last group), on the device."""
-    return torch.searchsorted(offsets, torch.arange(rows, device=offsets.device, dtype=offsets.dtype), right=True)
-
-
 @torch.library.custom_op("fxquant::fp8_blockwise_grouped_mm", mutates_args=())
 def fp8_blockwise_grouped_mm(x: Tensor, w_q: Tensor, w_scale: Tensor, offsets: Tensor, scale_ub: float | None = None) -> Tensor:
     """The rows of each expert's group times that expert, FP8 blockwise (reference implementation, any device)."""
     check_blockwise_expert_inputs("fxquant::fp8_blockwise_grouped_mm", x, w_q, w_scale, offsets, "offsets")
-    group = group_of_rows(offsets, x.shape[0]).long()
-    in_a_group = group < w_q.shape[0]
-    acc = _rows_times_experts(x, w_q, w_scale, group.clamp(max=w_q.shape[0] - 1), scale_ub)
-    return torch.where(in_a_group.unsqueeze(-1), acc, 0.0).to(x.dtype)
+    x_q, x_scale = quantize_rows(x, w_q, w_scale, scale_ub)
+    return grouped_rows_times_experts(x_q, x_scale, w_q, w_scale, offsets).to(x.dtype)
 
 
 @fp8_blockwise_grouped_mm.register_kernel("cuda")
 def _(x: Tensor, w_q: Tensor, w_scale: Tensor, offsets: Tensor, scale_ub: float | None = None) -> Tensor:
-    """On CUDA: the activation quantized per token per block_k group, fxquant's blockwise grouped Triton
-    kernel (fxquant/kernels/fp8_blockwise_grouped_gemm.py), the rows past the last group zeroed; nothing
-    read back to the host."""
-    from fxquant.kernels.fp8_blockwise_grouped_gemm import fp8_blockwise_grouped_gemm
-
     check_blockwise_expert_inputs("fxquant::fp8_blockwise_grouped_mm", x, w_q, w_scale, offsets, "offsets")
-    x_q, x_scale = quantize_fp8_groupwise(x, w_q.shape[2] // w_scale.shape[2], scale_ub)
-    y = fp8_blockwise_grouped_gemm(x_q, x_scale, w_q, w_scale, offsets)
-    in_a_group = torch.arange(x.shape[0], device=x.device) < offsets[-1]
-    return torch.where(in_a_group.unsqueeze(-1), y, 0.0).to(x.dtype)
+    x_q, x_scale = quantize_rows(x, w_q, w_scale, scale_ub)
+    return grouped_mm_of_quantized(x_q, x_scale, w_q, w_scale, offsets, x.dtype)
 
 
 @fp8_blockwise_grouped_mm.register_fake

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from fxquant.ops.availability import fp8_unsupported_reason
+from fxquant.ops.expert_rows import batched_as_grouped, rows_in_groups
 from fxquant.ops.fp8_common import FP8_DTYPE
 from fxquant.ops.fp8_rowwise import _quantize_fp8_rowwise_cuda, quantize_fp8_rowwise
 from fxquant.ops.fp8_rowwise_grouped_gemm import fp8_rowwise_grouped_gemm
@@ -39,12 +40,6 @@ def check_expert_inputs(op: str, x: Tensor, w_q: Tensor, w_scale: Tensor, rows: 
     torch._check(rows.dim() == 1 and not rows.is_floating_point(), lambda: f"{op}: {rows_name} must be a 1-D integer tensor")
 
 
-def rows_in_groups(y: Tensor, offsets: Tensor) -> Tensor:
-    """y with its rows past offsets[-1] set to 0 (a grouped GEMM leaves them unspecified)."""
-    rows = torch.arange(y.shape[0], device=y.device).unsqueeze(-1)
-    return torch.where(rows < offsets[-1], y, 0)
-
-
 def grouped_mm_of_quantized(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, offsets: Tensor, dtype) -> Tensor:
     """fp8_rowwise_grouped_mm once x is quantized: the grouped GEMM, its rows past the groups zeroed, in `dtype`."""
     y = fp8_rowwise_grouped_gemm(x_q, w_q, x_scale, w_scale, offsets.to(torch.int32))
@@ -52,16 +47,12 @@ def grouped_mm_of_quantized(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: 
 
 
 def batched_mm_of_quantized(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, expert_ids: Tensor, dtype) -> Tensor:
-    """fp8_rowwise_batched_mm once x is quantized, as a grouped GEMM: the rows ordered by expert (a stable
-    sort), the groups' running sum counted on the device, and each result gathered back to its row."""
-    rows = expert_ids.shape[0]
-    order = torch.argsort(expert_ids, stable=True)
-    counts = expert_ids.new_zeros(w_q.shape[0], dtype=torch.int32).scatter_add(
-        0, expert_ids.long(), expert_ids.new_ones(rows, dtype=torch.int32))
-    offsets = counts.cumsum(0, dtype=torch.int32)
-    y = fp8_rowwise_grouped_gemm(x_q[order], w_q, x_scale[order], w_scale, offsets)
-    back = torch.zeros_like(order).scatter(0, order, torch.arange(rows, device=order.device))
-    return y[back].to(dtype)
+    """fp8_rowwise_batched_mm once x is quantized, as the grouped GEMM on the rows ordered by expert
+    (fxquant/ops/expert_rows.py), in `dtype`."""
+    def grouped_gemm(x_q: Tensor, x_scale: Tensor, offsets: Tensor) -> Tensor:
+        return fp8_rowwise_grouped_gemm(x_q, w_q, x_scale, w_scale, offsets)
+
+    return batched_as_grouped(grouped_gemm, x_q, x_scale, expert_ids, w_q.shape[0]).to(dtype)
 
 
 def _check_fp8_device(op: str, x: Tensor) -> None:

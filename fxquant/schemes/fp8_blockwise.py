@@ -62,7 +62,11 @@ class Fp8Blockwise(Fp8Scheme):
     def decompositions(self):
         from fxquant.inductor import decompositions
 
-        return {torch.ops.fxquant.fp8_blockwise_linear.default: decompositions.fp8_blockwise_linear}
+        return {
+            torch.ops.fxquant.fp8_blockwise_linear.default: decompositions.fp8_blockwise_linear,
+            torch.ops.fxquant.fp8_blockwise_grouped_mm.default: decompositions.fp8_blockwise_grouped_mm,
+            torch.ops.fxquant.fp8_blockwise_batched_mm.default: decompositions.fp8_blockwise_batched_mm,
+        }
 
     def cache_key(self, options):
         return options.weight_block_size
