@@ -152,6 +152,7 @@ def quantize(args: argparse.Namespace) -> None:
     cls, note = model_class(hf_config)
     if note:
         print(f"note: {note}")
+    _refuse_if_nothing_quantizes(dir_in, _checkpoint_plan(cls, hf_config, config), config)
     try:
         streaming = streaming_plan(dir_in, cls, hf_config, config)
     except NotStreamable as why:
@@ -179,6 +180,27 @@ def quantize(args: argparse.Namespace) -> None:
         print(line)
 
 
+def _checkpoint_plan(cls: type, hf_config, config: QuantConfig) -> Plan:
+    """What a checkpoint of `cls` gets under `config`: its linear layers, then a MoE model's expert
+    weights as checkpoints store them; the architecture only, no weights read."""
+    with empty_weights():
+        model = cls(hf_config)
+    layers = plan_modules(model, config)
+    layers.extend(plan_experts(model, config))
+    return layers
+
+
+def _refuse_if_nothing_quantizes(dir_in: Path, layers: Plan, config: QuantConfig) -> None:
+    """A checkpoint in which the scheme quantizes no layer would be the input under a quantization
+    config: refused before anything is written, with the commonest reasons."""
+    if layers.rewritten:
+        return
+    reasons = Counter(entry.note for entry in layers)
+    said = "; ".join(f"{note} ({count} layer{'s' * (count > 1)})" for note, count in reasons.most_common(3))
+    raise ValueError(f"fxquant: {dir_in}: {config.scheme} quantizes none of its {len(layers)} layers ({said}); nothing written. "
+                     "`fxquant plan` gives each layer's reason")
+
+
 def plan(args: argparse.Namespace) -> None:
     dir_in = Path(args.dir_in)
     check_input_dir(dir_in)
@@ -186,14 +208,10 @@ def plan(args: argparse.Namespace) -> None:
     cls, note = model_class(hf_config)
     if note:
         print(f"note: {note}")
-    with empty_weights():  # the architecture only: no weights are read
-        model = cls(hf_config)
     config = _quant_config(args)
     if _auto_line(args):
         print(_auto_line(args))
-    layers = plan_modules(model, config)
-    layers.extend(plan_experts(model, config))  # a MoE model's expert weights, as checkpoints store them
-    print(layers)
+    print(_checkpoint_plan(cls, hf_config, config))
 
 
 def _metadata_lines(metadata: dict, path: Path) -> tuple[list[str], int]:

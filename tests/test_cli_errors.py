@@ -104,6 +104,14 @@ def test_skip_before_the_positionals_of_quantize(llama_dir, tmp_path, capsys):
 )
 def test_hf_format_auto_writes_the_layout_of_each_scheme_and_says_so(scheme, written, llama_dir, tmp_path, capsys):
     out = tmp_path / "out"
+    if scheme == "fp8_blockwise":  # 128-wide blocks: a Llama whose layers are whole blocks
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=2,
+                             num_key_value_heads=1, vocab_size=128)
+        llama_dir = tmp_path / "llama-128"
+        LlamaForCausalLM(config).save_pretrained(llama_dir)
     assert main(["quantize", str(llama_dir), str(out), "--scheme", scheme]) == 0, capsys.readouterr().err
     report = capsys.readouterr().out
     if written is None:
@@ -174,3 +182,14 @@ def test_inspect_into_a_closed_pipe_is_quiet(tmp_path):
     error = process.stderr.read()
     process.wait(timeout=120)
     assert error == "" and process.returncode == 1, error
+
+
+def test_a_scheme_that_quantizes_no_layer_is_refused_before_anything_is_written(llama_dir, tmp_path, capsys):
+    """fp8_blockwise's 128-wide blocks fit none of the tiny Llama's 64-wide layers: the checkpoint would be
+    the input under a quantization config, so nothing is written and the reasons are given."""
+    out = tmp_path / "blockwise"
+    assert main(["quantize", str(llama_dir), str(out), "--scheme", "fp8_blockwise"]) == 1
+    message = one_error(capsys, "quantize")
+    assert message.startswith(f"{llama_dir}: fp8_blockwise quantizes none of its 15 layers (")
+    assert "not a multiple of the 128-wide weight block" in message and "nothing written" in message
+    assert not out.exists()
