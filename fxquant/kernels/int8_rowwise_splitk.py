@@ -13,9 +13,10 @@ reference's bits. With SPLIT_K = 1 the GEMM kernel scales and stores the output 
 
 `int8_rowwise_mm_tiled` runs it for M > 16 (the op's run-time pick for a dynamic M, fxquant/ops/int8.py):
 SPLIT_K = 1 and the tile config the Inductor template takes without autotuning for that M
-(fxquant/inductor/tuning.py); as in the template, rows and columns past M and N wrap around (loaded,
-never stored) and a K that is a whole number of steps loads unmasked. The M tiles are the grid's first axis, so the programs in flight
-share weight tiles: the weight streams from memory about once, the activation stays in L2. On Hopper
+(fxquant/inductor/tuning.py). As in the template (and so at decode too), rows and columns past M and
+N wrap around (loaded, never stored) and a K of whole steps loads unmasked. The M tiles are the
+grid's first axis, so the programs in flight share weight tiles: the weight streams from memory
+about once, the activation stays in L2. On Hopper
 it beat cuBLAS's `_int_mm` (an sm80 kernel there) by 1.2-1.4x at M = 2048 as the template
 (benchmarks/RESULTS.md, twelfth session).
 """
