@@ -9,8 +9,8 @@ Two parts, each selected with --parts:
                    `--decode-implementations grouped_mm batched_mm` times both at decode.
                    Qwen3-30B-A3B: hidden 2048, 128 experts, top-8, expert width 768 (--qwen3-layers, 4);
                    Mixtral-8x7B: hidden 4096, 8 experts, top-2, width 14336 (--mixtral-layers, 2).
-  kernels          the expert GEMMs alone, on each model's gate_up and down shapes, tokens x top-k rows
-                   spread evenly over the experts, 16..8192 tokens: bf16 `torch._grouped_mm`; on operands
+  kernels          the expert GEMMs alone (GPU time of CUDA-graph replays), on each model's gate_up and
+                   down shapes, tokens x top-k rows spread evenly over the experts, 16..8192 tokens: bf16 `torch._grouped_mm`; on operands
                    already quantized, `torch._scaled_grouped_mm`, FBGEMM's stacked grouped GEMM and
                    fxquant's Triton kernel; fxquant's expert op compiled from the bf16 activation
                    (`unfused`: its own quantization kernel, plus the GEMM fxquant's lowering picks); and
@@ -108,10 +108,12 @@ def expert_shapes(name: str, tiny: bool) -> list[tuple[str, int, int, int, int]]
 
 
 def time_ms(fn, device) -> float:
+    """Median ms of fn: on CUDA replayed from a CUDA graph (GPU time; the Python and dispatch time of a
+    call, tens of µs, would otherwise swamp these kernels, as benchmarks/gemm.py found at small M)."""
     if device.type == "cuda":
-        from triton.testing import do_bench
+        from triton.testing import do_bench_cudagraph
 
-        return do_bench(fn, warmup=25, rep=100)
+        return do_bench_cudagraph(fn, rep=100, return_mode="median")
     return e2e_llama.median_ms(fn, device, 3)
 
 
