@@ -123,7 +123,15 @@ def decomposed_experts_code(implementation: str, dtype: torch.dtype) -> str:
     return "\n".join(line for line in program_code(program).splitlines() if "_assert_tensor_metadata" not in line)
 
 
+def transformers_version() -> tuple[int, int]:
+    import transformers
+
+    return tuple(int(part) for part in transformers.__version__.split(".")[:2])
+
+
 class BlockwiseExpertGraphsTest(TestCase):
+    @pytest.mark.skipif(transformers_version() < (5, 25), reason="the golden graph is transformers 5.25's grouped_mm "
+                        "forward; older ones (5.17, the GPU image's) mask expert-parallel sentinel rows in every call")
     def test_golden_graphs(self):
         """Each expert matmul: the activation's per-group amax, scale and e4m3 cast as aten ops, then
         fxquant::fp8_blockwise_grouped_gemm on the stored blocks; grouped_mm (bf16): the rows past the

@@ -71,6 +71,9 @@ def test_the_lowerings_library_choices_compile_to_the_references_bits(monkeypatc
     activation's dtype (a layer without bias): the op's bits."""
     from fxquant.inductor import int8_rowwise_mm
 
+    if gemm == "cublas" and out_dtype == torch.bfloat16 and torch.__version__ < "2.13":
+        pytest.skip("torch 2.11's C++ backend adds the 1.0 to the unrounded product (emulate_precision_casts is "
+                    "Triton-only there): one bf16 rounding fewer than eager")
     monkeypatch.setattr(int8_rowwise_mm, "LOWERED_DEVICE_TYPES", frozenset({"cuda", "cpu"}))
     monkeypatch.setenv("FXQUANT_INT8_GEMM", gemm)
     torch.manual_seed(0)
