@@ -1,6 +1,6 @@
 """MoE benchmark: bf16 torch.compile vs fxquant FP8 rowwise on Qwen3-30B-A3B- and Mixtral-8x7B-shaped layers.
 
-Two parts, each selected with --parts:
+Three parts, each selected with --parts:
   qwen3, mixtral   transformers' models built from configs (random weights, bf16, `use_cache=False`,
                    `logits_to_keep=1`), their experts run by transformers' `grouped_mm` (and `batched_mm`
                    at decode): decode shapes (1, 1) and (16, 1) with mode="reduce-overhead" (CUDA graphs),
@@ -9,17 +9,21 @@ Two parts, each selected with --parts:
                    `--decode-implementations grouped_mm batched_mm` times both at decode.
                    Qwen3-30B-A3B: hidden 2048, 128 experts, top-8, expert width 768 (--qwen3-layers, 4);
                    Mixtral-8x7B: hidden 4096, 8 experts, top-2, width 14336 (--mixtral-layers, 2).
+  configs          fxquant's Triton grouped kernel with each candidate tile against its default tiles, on
+                   the same shapes at 1, 16, 256 and 2048 tokens (GPU time): the data for a per-GPU choice.
   kernels          the expert GEMMs alone (GPU time of CUDA-graph replays), on each model's gate_up and
-                   down shapes, tokens x top-k rows spread evenly over the experts, 16..8192 tokens: bf16 `torch._grouped_mm`; on operands
-                   already quantized, `torch._scaled_grouped_mm`, FBGEMM's stacked grouped GEMM and
-                   fxquant's Triton kernel; fxquant's expert op compiled from the bf16 activation
-                   (`unfused`: its own quantization kernel, plus the GEMM fxquant's lowering picks); and
+                   down shapes, tokens x top-k rows spread evenly over the experts, 16..8192 tokens:
+                   bf16 `torch._grouped_mm`; on operands already quantized, `torch._scaled_grouped_mm`,
+                   FBGEMM's stacked grouped GEMM and fxquant's Triton kernel; fxquant's expert op compiled
+                   from the bf16 activation (`unfused`: its own quantization kernel, plus the GEMM
+                   fxquant's lowering picks); and
                    `fused`: the op compiled behind its producer (the gather of the hidden states by
                    expert for gate_up, SiLU·mul for down), less the producer compiled alone, with its
                    ratio to the best library kernel alone (`fused/best`: the target is <= 1.1).
 
     python benchmarks/moe.py --parts kernels qwen3 mixtral --json moe.json
     python benchmarks/moe.py --parts qwen3 --decode-implementations batched_mm --shapes 1x1 16x1
+    python benchmarks/moe.py --parts configs --json moe_configs.json
     python benchmarks/moe.py --tiny       # CPU smoke test of the script itself
 """
 
@@ -40,6 +44,7 @@ import e2e_llama  # noqa: E402  (the repository's timing helpers)
 DECODE_SHAPES = [(1, 1), (16, 1)]
 PREFILL_SHAPES = [(1, 2048), (4, 2048)]
 KERNEL_TOKENS = [16, 64, 256, 1024, 4096, 8192]
+CONFIG_TOKENS = [1, 16, 256, 2048]  # decode (1, 1) and (16, 1), chunked prefill, (1, 2048)
 
 
 def moe_config(name: str, layers: int, tiny: bool):
@@ -71,8 +76,8 @@ def build_model(config, device, dtype):
 
 
 def run_model(name: str, layers: int, args, device, dtype) -> list[dict]:
-    """bf16 and fxquant on the model, per experts implementation: decode shapes in CUDA graphs, prefill
-    shapes in the default mode."""
+    """The peers (bf16 and fxquant unless --peers) on the model, per experts implementation: decode shapes
+    in CUDA graphs, prefill shapes in the default mode."""
     config = moe_config(name, layers, args.tiny)
     model = build_model(config, device, dtype)
     decode_mode = "default" if args.tiny else "reduce-overhead"  # CUDA graphs: a GPU's
@@ -86,7 +91,7 @@ def run_model(name: str, layers: int, args, device, dtype) -> list[dict]:
         model.config._experts_implementation = implementation  # the experts read it at each call
         e2e_llama.SHAPES = shapes
         group = []
-        for peer in ("bf16", "fxquant"):
+        for peer in args.peers:
             result = e2e_llama.run_peer(peer, mode, model, device, config.vocab_size, args.repeats,
                                         count_recompiles=False)
             result.update(model=name, layers=layers, experts_implementation=implementation)
@@ -179,14 +184,51 @@ def kernel_table(args, device) -> list[dict]:
     return rows_out
 
 
+def config_table(args, device) -> list[dict]:
+    """fxquant's Triton grouped kernel with each of `candidate_configs`' tiles against its default tiles
+    (`grouped_config`), on each model's expert shapes at decode and prefill token counts (rows spread
+    evenly over the experts): GPU ms per tile, the best and its gain over the default."""
+    from fxquant.inductor.fp8_rowwise_grouped_mm import even_offsets
+    from fxquant.kernels.fp8_rowwise_grouped_gemm import candidate_configs, fp8_rowwise_grouped_gemm_triton
+    from fxquant.ops.fp8_rowwise import quantize_fp8_rowwise
+
+    if device.type != "cuda":
+        print("configs: the Triton kernel's tiles are timed on a GPU only")
+        return []
+    rows_out = []
+    print(f"{'gemm':<16}{'tokens':>7}{'rows':>7}{'default ms':>12}{'best ms':>10}{'gain':>7}  best tiles")
+    for model in ("qwen3", "mixtral"):
+        for gemm, experts, top_k, n, k in expert_shapes(model, args.tiny):
+            torch.manual_seed(0)
+            w_q, w_scale = quantize_fp8_rowwise((torch.randn(experts, n, k, device=device) / k**0.5).to(torch.bfloat16))
+            for tokens in CONFIG_TOKENS:
+                rows = tokens * top_k
+                x_q, x_scale = quantize_fp8_rowwise(torch.randn(rows, k, device=device, dtype=torch.bfloat16))
+                offsets = even_offsets(rows, experts, device)
+                timed = []
+                for config in candidate_configs(rows, experts):
+                    ms = time_ms(lambda: fp8_rowwise_grouped_gemm_triton(x_q, w_q, x_scale, w_scale, offsets, config), device)
+                    timed.append({"config": config, "ms": ms})
+                best = min(timed, key=lambda t: t["ms"])
+                row = {"gemm": gemm, "tokens": tokens, "rows": rows, "n": n, "k": k, "experts": experts,
+                       "default_ms": timed[0]["ms"], "best_ms": best["ms"], "best": best["config"], "timed": timed}
+                print(f"{gemm:<16}{tokens:>7}{rows:>7}{row['default_ms']:>12.4f}{best['ms']:>10.4f}"
+                      f"{row['default_ms'] / best['ms']:>6.2f}x  {best['config']}", flush=True)
+                rows_out.append(row)
+    return rows_out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--parts", nargs="+", default=["kernels", "qwen3", "mixtral"], choices=["kernels", "qwen3", "mixtral"])
+    parser.add_argument("--parts", nargs="+", default=["kernels", "qwen3", "mixtral"],
+                        choices=["kernels", "configs", "qwen3", "mixtral"])
     parser.add_argument("--qwen3-layers", type=int, default=4)
     parser.add_argument("--mixtral-layers", type=int, default=2)
     parser.add_argument("--decode-implementations", nargs="+", default=["grouped_mm"],
                         choices=["grouped_mm", "batched_mm"], help="experts implementations timed at decode shapes")
     parser.add_argument("--shapes", nargs="+", metavar="BATCHxTOKENS", help="only these of 1x1 16x1 1x2048 4x2048")
+    parser.add_argument("--peers", nargs="+", default=["bf16", "fxquant"],
+                        help="the model parts' peers (e2e_llama.py's names: fxquant-frozen skips the per-call weight check)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--tiny", action="store_true", help="tiny configs on the CPU, to test the script")
     parser.add_argument("--json")
@@ -209,6 +251,8 @@ def main() -> None:
     for part in args.parts:
         if part == "kernels":
             report["kernels"] = kernel_table(args, device)
+        elif part == "configs":
+            report["configs"] = config_table(args, device)
         else:
             layers = args.qwen3_layers if part == "qwen3" else args.mixtral_layers
             report[part] = run_model(part, layers, args, device, dtype)

@@ -29,7 +29,7 @@
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh weight-check  # check_weight_updates' cost per decode step
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh division-rounding  # correctly rounded division's cost
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh moe [PARTS]  # MoE: expert GEMM kernel table, Qwen3-30B-A3B-
-#                                                  # and Mixtral-8x7B-shaped models, bf16 vs fxquant (PARTS: kernels qwen3 mixtral batched)
+#                                                  # and Mixtral-8x7B-shaped models, bf16 vs fxquant (PARTS: kernels configs qwen3 mixtral batched)
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh tp [LAYERS]  # two GPUs (nvidia-h200-x2): the TP test, bf16 TP vs fxquant TP
 set -u
 OUT=${OUT:-/tmp/out}
@@ -164,14 +164,17 @@ case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | tor
   moe)
     # MoE (benchmarks/moe.py), one part per run, each under its own limit so that a slow one keeps the
     # others' figures. PARTS (default: kernels qwen3, about 5 minutes): kernels (expert GEMM table),
-    # qwen3 (4 layers; grouped_mm at decode and prefill), mixtral (2 layers), batched (qwen3's decode
-    # shapes with transformers' batched_mm experts).
+    # configs (the Triton grouped kernel's candidate tiles), qwen3 (4 layers; grouped_mm at decode and
+    # prefill), mixtral (2 layers), batched (qwen3's decode shapes with transformers' batched_mm
+    # experts). FXQUANT_MOE_PEERS="bf16 fxquant fxquant-frozen" sets the model parts' peers.
     shift; [ $# -gt 0 ] || set -- kernels qwen3
     for part in "$@"; do
       case "$part" in
         batched) args=(--parts qwen3 --decode-implementations batched_mm --shapes 1x1 16x1) ;;
         *) args=(--parts "$part") ;;
       esac
+      # shellcheck disable=SC2206  (FXQUANT_MOE_PEERS is a space-separated list of peer names)
+      [ -z "${FXQUANT_MOE_PEERS:-}" ] || args+=(--peers ${FXQUANT_MOE_PEERS})
       timeout "${FXQUANT_MOE_TIMEOUT:-280}" python3 benchmarks/moe.py "${args[@]}" --json "$OUT/moe_$part.json" \
         >"$OUT/moe_$part.txt" 2>&1
       grep -v -E "^\{" "$OUT/moe_$part.txt" | quiet | tail -32

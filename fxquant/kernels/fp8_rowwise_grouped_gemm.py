@@ -89,11 +89,27 @@ def grouped_config(rows: int, experts: int) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)
 
 
+def candidate_configs(rows: int, experts: int) -> list[dict]:
+    """The tiles benchmarks/moe.py's `configs` part times against `grouped_config`'s for these rows (the
+    data a per-GPU choice will come from): at few rows an expert, 16-row tiles with narrower or wider
+    N (more or fewer programs in flight: decode's 8 rows fill 192 programs on 132 SMs with 64) and
+    longer K steps; with more rows, 32- to 128-row tiles."""
+    if rows / max(experts, 1) <= 16:
+        tiles = [(16, n, k) for n in (32, 64, 128) for k in (128, 256)]
+    else:
+        tiles = [(m, n, 128) for m in (32, 64, 128) for n in (64, 128, 256) if m * n <= 128 * 128]
+    configs = [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=4 if m * n <= 64 * 128 else 8, num_stages=stages)
+               for m, n, k in tiles for stages in (3, 4)]
+    return [grouped_config(rows, experts)] + [config for config in configs if config != grouped_config(rows, experts)]
+
+
 def fp8_rowwise_grouped_gemm_triton(
-    x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, offsets: torch.Tensor
+    x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, offsets: torch.Tensor,
+    config: dict | None = None,
 ) -> torch.Tensor:
     """x_q [S, K] e4m3, w_q [E, N, K] e4m3, x_scale [S], w_scale [E, N] float32, offsets [E] integer
-    (non-decreasing) → bf16 [S, N]; rows past offsets[-1] are left unwritten."""
+    (non-decreasing) → bf16 [S, N]; rows past offsets[-1] are left unwritten. `config`: the tiles
+    (`candidate_configs`' form), else `grouped_config`'s."""
     s, k = x_q.shape
     e, n, _ = w_q.shape
     out = torch.empty((s, n), dtype=torch.bfloat16, device=x_q.device)
@@ -102,7 +118,7 @@ def fp8_rowwise_grouped_gemm_triton(
     if k == 0:  # empty sums
         return out.zero_()
     x_q, w_q, x_scale, w_scale = x_q.contiguous(), w_q.contiguous(), x_scale.contiguous(), w_scale.contiguous()
-    config = grouped_config(s, e)
+    config = config or grouped_config(s, e)
     block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
     grid = (triton.cdiv(s, block_m) + e, triton.cdiv(n, block_n))
     _grouped_gemm_kernel[grid](

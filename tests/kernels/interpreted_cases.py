@@ -43,9 +43,9 @@ def blockwise(m: int, n: int, k: int, block_n: int, block_k: int) -> tuple[torch
     return fp8_blockwise_gemm(x_q, x_scale, w_q, w_scale, block_n, block_k), exact, {}
 
 
-def grouped(s: int, n: int, k: int, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def grouped(s: int, n: int, k: int, counts: list[int], config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The grouped GEMM on `counts` rows per expert (their sum may be below s: the rows past it are not
-    compared, as the kernel leaves them unwritten)."""
+    compared, as the kernel leaves them unwritten), with its default tiles or `config`'s."""
     from fxquant.kernels.fp8_rowwise_grouped_gemm import fp8_rowwise_grouped_gemm_triton
 
     x_q, x_scale = quantize_fp8_rowwise(torch.randn(s, k) * 2)
@@ -57,7 +57,7 @@ def grouped(s: int, n: int, k: int, counts: list[int]) -> tuple[torch.Tensor, to
         rows = slice(start, end)
         exact[rows] = (x_q[rows].double() @ w_q[expert].double().t()) * x_scale[rows].double()[:, None] * w_scale[expert].double()
         start = end
-    out = fp8_rowwise_grouped_gemm_triton(x_q, w_q, x_scale, w_scale, offsets)
+    out = fp8_rowwise_grouped_gemm_triton(x_q, w_q, x_scale, w_scale, offsets, config)
     return out[:start], exact[:start], {"full_shape": list(out.shape)}
 
 

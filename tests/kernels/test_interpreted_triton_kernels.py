@@ -94,10 +94,15 @@ def test_blockwise_gemm_is_exact_to_a_bf16_ulp():
 )
 def test_grouped_gemm_is_exact_to_a_bf16_ulp():
     # decode (16-row tiles, experts with no rows, a group of one row), groups longer than a tile (64-row
-    # tiles), K and N tails, rows past the last group (left unwritten, not compared), no rows at all
+    # tiles), K and N tails, rows past the last group (left unwritten, not compared), no rows at all;
+    # two of benchmarks/moe.py's candidate tiles (32 wide with 256-long K steps over a K tail; 32-row
+    # tiles over groups of 1 to 41 rows)
+    narrow = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=3)
+    short = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
     cases = [dict(s=5, n=64, k=128, counts=[0, 2, 0, 1, 2]), dict(s=40, n=96, k=160, counts=[17, 0, 23]),
              dict(s=150, n=128, k=256, counts=[70, 60]), dict(s=12, n=64, k=128, counts=[3, 0, 5, 0]),
-             dict(s=0, n=64, k=128, counts=[0, 0])]
+             dict(s=0, n=64, k=128, counts=[0, 0]), dict(s=9, n=80, k=384, counts=[1, 0, 4, 3], config=narrow),
+             dict(s=60, n=96, k=128, counts=[1, 41, 0, 17], config=short)]
     for case, result in zip(cases, interpret("grouped", cases)):
         assert result["full_shape"] == [case["s"], case["n"]] and result["dtype"] == "torch.bfloat16", case
         assert result["shape"] == [sum(case["counts"]), case["n"]], case
