@@ -1,6 +1,7 @@
 """GEMM benchmark on Llama-3-8B linear shapes: bf16 vs fxquant's ops vs FBGEMM (GPU only).
 
-For each (N, K) in the Llama-3-8B projections and each M (tokens), times with triton's
+For each (N, K) in the Llama-3-8B projections (`--layers`; also Qwen3-30B-A3B's attention
+projections, `qwen3.qkv qwen3.o`) and each M (tokens), times with triton's
 do_bench_cudagraph (median GPU time): bf16 F.linear; fxquant's fp8_rowwise_linear op called
 eagerly (FBGEMM quantize + GEMM behind it); the same op compiled with fxquant's Inductor lowering
 (the quantization kernel + the GEMM fxquant's heuristic picks), and with each GEMM choice forced
@@ -17,6 +18,7 @@ fp8_tensorwise_linear, eager and compiled. Prints TFLOP/s and speed-ups over bf1
 every row.
 
     python benchmarks/gemm.py [--json out.json] [--m 1 16 128 1024 4096 16384] [--rowwise-only]
+    python benchmarks/gemm.py --rowwise-only --m 1 16 --layers qwen3.qkv qwen3.o
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ from fxquant.ops.fp8_tensorwise import quantize_fp8_tensorwise
 from fxquant.ops.int8 import quantize_int8_rowwise
 
 LLAMA3_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+# Qwen3-30B-A3B's dense layers (its attention; the experts are benchmarks/moe.py's), by --layers
+QWEN3_MOE = {"qwen3.qkv": (5120, 2048), "qwen3.o": (2048, 4096)}
+LAYERS = {**LLAMA3_8B, **QWEN3_MOE}
 
 
 def bench(fn) -> float:
@@ -87,7 +92,7 @@ def rms_norm(x):
 def rows(ms: list[int], layers: list[str], rowwise_only: bool):
     fbgemm = fbgemm_genai_available()
     for name in layers:
-        n, k = LLAMA3_8B[name]
+        n, k = LAYERS[name]
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
         w8, w8_scale = quantize_fp8_rowwise(w)
         wi8, wi8_scale = quantize_int8_rowwise(w)
@@ -154,7 +159,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--m", type=int, nargs="+", default=[1, 16, 128, 1024, 4096, 16384])
     parser.add_argument("--json")
-    parser.add_argument("--layers", nargs="+", default=list(LLAMA3_8B), choices=list(LLAMA3_8B))
+    parser.add_argument("--layers", nargs="+", default=list(LLAMA3_8B), choices=list(LAYERS))
     parser.add_argument("--rowwise-only", action="store_true", help="only the fp8_rowwise columns")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | fbgemm genai {fbgemm_genai_available()}")
