@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -34,6 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from fxquant.checkpoint import copy_files
 from fxquant.checkpoint_layers import is_conv1d, plan_modules
 from fxquant.config import QuantConfig
 from fxquant.ops.blockwise_4bit import NESTED_BLOCKSIZE, QUANT_TYPES, code_table, dynamic_map
@@ -74,12 +76,14 @@ def bnb_tensors(layer: str, tensors: dict[str, Tensor], quant_type: str, blocksi
     }
 
 
-def save_bitsandbytes(model: nn.Module, directory: str | os.PathLike, config: QuantConfig | None = None) -> dict:
+def save_bitsandbytes(model: nn.Module, directory: str | os.PathLike, config: QuantConfig | None = None,
+                      extra_files: Iterable[str | os.PathLike] = ()) -> dict:
     """Write an HF model (float weights, a `config`) quantized by `config` (nf4 or fp4, one quant type,
     blocksize and compute dtype for all its quantized layers: transformers' one quantization_config)
-    in bitsandbytes' serialized layout into a new `directory` (refused if it exists); returns the
-    quantization_config. Layers stored as nf4 / fp4 (load_quantized, load_bitsandbytes) are written
-    as they are. Refuses, before writing anything, a plan with another scheme and Conv1D layers."""
+    in bitsandbytes' serialized layout into a new `directory` (refused if it exists), with copies of
+    `extra_files` (the command line's tokenizer files, ...); returns the quantization_config. Layers
+    stored as nf4 / fp4 (load_quantized, load_bitsandbytes) are written as they are. Refuses, before
+    writing anything, a plan with another scheme and Conv1D layers."""
     config = config or QuantConfig(scheme="nf4")
     directory = Path(directory)
     if directory.exists():
@@ -131,6 +135,7 @@ def save_bitsandbytes(model: nn.Module, directory: str | os.PathLike, config: Qu
         save_file({name: t.detach().cpu().contiguous() for name, t in state.items()}, staging / WEIGHTS_FILE,
                   metadata={"format": "pt"})
         (staging / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+        copy_files([Path(path) for path in extra_files], staging)
         os.rename(staging, directory)  # fails, leaving nothing behind, if directory appeared meanwhile
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -31,7 +31,8 @@ from fxquant.scheme import get_scheme
 from fxquant.stored_layers import conv1d_type
 
 STORED_NOTE = "stored quantized weights"
-RAW_PARAMETER_NOTE = "a parameter outside nn.Linear / Conv1D: checkpoints store it as it is (compiling may quantize it)"
+RAW_PARAMETER_NOTE = ("a parameter outside nn.Linear / Conv1D: checkpoints store it as it is (compiling quantizes it "
+                      "where it is a GEMM weight, unless it is an MoE router)")
 
 
 def is_conv1d(module: nn.Module) -> bool:

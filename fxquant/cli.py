@@ -32,10 +32,11 @@ from fxquant.checkpoint import (
     read_metadata,
     save_quantized,
 )
+from fxquant.bnb_checkpoints import save_bitsandbytes
 from fxquant.cli_paths import check_input_dir, check_output_dir
 from fxquant.checkpoint_experts import plan_experts
 from fxquant.shards import DEFAULT_MAX_SHARD_SIZE, INDEX_FILE, parse_size
-from fxquant.streaming_quantize import NotStreamable, extra_files, streaming_plan, write_streamed
+from fxquant.streaming_quantize import WEIGHT_SUFFIXES, NotStreamable, extra_files, streaming_plan, write_streamed
 from fxquant.config import AUTO, QuantConfig, auto_scheme
 from fxquant.footprint import dtype_name, nbytes
 from fxquant.hf_formats import HF_FORMATS, NO_ACTIVATION_SCALE_UB, NoHFLayout, hf_quantization_config
@@ -47,9 +48,11 @@ from fxquant.hf_model import (
     read_config,
     tensor_names,
 )
+from fxquant.ops.blockwise_4bit import QUANT_TYPES
 from fxquant.passes import Plan
 from fxquant.scheme import SCHEMES
 
+BITSANDBYTES = "bitsandbytes"  # --hf-format: bitsandbytes' own layout (fxquant/bnb_checkpoints.py), nf4 / fp4 only
 
 def _skip_globs(values: list[str] | None) -> tuple[str, ...] | None:
     """`--skip a,b --skip c` → ("a", "b", "c"); `--skip ''` → () (quantize every layer); no flag → None."""
@@ -136,9 +139,42 @@ def _quantized_count(plan: list[dict]) -> str:
     return count
 
 
+def _weights_bytes(directory: Path) -> int:
+    return sum(path.stat().st_size for path in directory.iterdir() if path.name.endswith(WEIGHT_SUFFIXES))
+
+
+def _quantize_bitsandbytes(args: argparse.Namespace, dir_in: Path, dir_out: Path, config: QuantConfig) -> None:
+    """--hf-format bitsandbytes: nf4 / fp4 in bitsandbytes' serialized layout, which transformers loads
+    with bitsandbytes (`load_in_4bit`; fxquant/bnb_checkpoints.py). The model is loaded whole (the
+    layout is transformers', not fxquant's streamed one) and written as one weights file."""
+    if config.scheme not in QUANT_TYPES:
+        raise ValueError(f"fxquant: --hf-format bitsandbytes holds nf4 or fp4 layers, not {config.scheme}; "
+                         "pass --scheme nf4 or --scheme fp4")
+    if dir_out.exists():
+        raise ValueError(f"fxquant: {dir_out} exists; --hf-format bitsandbytes writes a new directory (--overwrite "
+                         "does not apply to it)")
+    check_output_dir(dir_in, dir_out, overwrite=False)
+    check_not_quantized(dir_in)
+    hf_config = read_config(dir_in)
+    cls, note = model_class(hf_config)
+    if note:
+        print(f"note: {note}")
+    _refuse_if_nothing_quantizes(dir_in, _checkpoint_plan(cls, hf_config, config), config)
+    model = load_model(dir_in, cls, hf_config)
+    written = save_bitsandbytes(model, dir_out, config, extra_files=extra_files(dir_in))
+    quantized = len(plan_modules(model, config).rewritten)
+    print(f"{dir_out}: {cls.__name__}, {config.scheme}, {quantized} linear layers quantized; "
+          f"left as they were: {written['llm_int8_skip_modules']}")
+    print(_bytes_line(_weights_bytes(dir_in), _weights_bytes(dir_out)))
+    print(f"{HF_CONFIG_FILE}: quantization_config bitsandbytes (load_in_4bit, {written['bnb_4bit_quant_type']}), "
+          "for transformers with bitsandbytes; fxquant.load_bitsandbytes reads it back")
+
+
 def quantize(args: argparse.Namespace) -> None:
     dir_in, dir_out = Path(args.dir_in), Path(args.dir_out)
     config = _quant_config(args)
+    if args.hf_format == BITSANDBYTES:
+        return _quantize_bitsandbytes(args, dir_in, dir_out, config)
     try:  # a layout that cannot describe the scheme is refused before anything is read
         hf_quantization_config(args.hf_format, Plan(), config)
     except NoHFLayout as error:
@@ -325,9 +361,11 @@ def _parser() -> argparse.ArgumentParser:
     command.add_argument("dir_in")
     command.add_argument("dir_out")
     command.add_argument(
-        "--hf-format", choices=["auto", *HF_FORMATS], default="auto",
+        "--hf-format", choices=["auto", *HF_FORMATS, BITSANDBYTES], default="auto",
         help="the quantization_config written into config.json; auto (the default): fbgemm_fp8 for fp8_rowwise, "
-        "compressed-tensors for fp8_blockwise and int8, none for fp8_tensorwise",
+        "compressed-tensors for fp8_blockwise and int8, none for fp8_tensorwise, nf4 and fp4; bitsandbytes: "
+        "nf4 / fp4 in bitsandbytes' own layout, which transformers loads with bitsandbytes (the model is loaded "
+        "whole, not streamed; one weights file)",
     )
     command.add_argument(
         "--overwrite", action="store_true", help="replace DIR_OUT even if it is not empty and not an fxquant checkpoint"

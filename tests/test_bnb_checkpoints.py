@@ -147,3 +147,28 @@ def test_stored_layers_are_written_as_they_are(tmp_path):
         written = load_file(tmp_path / other / "model.safetensors")
         assert written.keys() == direct.keys(), other
         assert all(torch.equal(written[name], direct[name]) for name in direct), other
+
+
+def test_command_line_writes_the_bitsandbytes_layout(tmp_path):
+    """`fxquant quantize --scheme nf4 --hf-format bitsandbytes`: save_bitsandbytes' checkpoint, the
+    input's other files copied; refused, before anything is written, for another scheme or an existing
+    output."""
+    from fxquant.cli import main
+
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "in")
+    (tmp_path / "in" / "tokenizer.json").write_text("{}")
+    assert main(["quantize", str(tmp_path / "in"), str(tmp_path / "out"), "--scheme", "nf4", "--hf-format", "bitsandbytes"]) == 0
+    save_bitsandbytes(model, tmp_path / "api", QuantConfig(scheme="nf4"))
+    config, api_config = (json.loads((tmp_path / name / "config.json").read_text()) for name in ("out", "api"))
+    assert config["quantization_config"] == api_config["quantization_config"]
+    from safetensors.torch import load_file
+
+    written, expected = load_file(tmp_path / "out" / "model.safetensors"), load_file(tmp_path / "api" / "model.safetensors")
+    assert written.keys() == expected.keys() and all(torch.equal(written[name], expected[name]) for name in expected)
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == "{}"
+
+    assert main(["quantize", str(tmp_path / "in"), str(tmp_path / "int8"), "--scheme", "int8", "--hf-format", "bitsandbytes"]) == 1
+    assert main(["quantize", str(tmp_path / "in"), str(tmp_path / "out"), "--scheme", "nf4", "--hf-format", "bitsandbytes"]) == 1
+    assert not (tmp_path / "int8").exists() and sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]
