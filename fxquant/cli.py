@@ -211,7 +211,8 @@ def quantize(args: argparse.Namespace) -> None:
         print(f"{HF_CONFIG_FILE}: quantization_config {written}, for transformers and vLLM")
     else:
         why = "; ".join(_layout_problems(config)) or "transformers converts nn.Linear only, not the quantized Conv1D layers"
-        print(f"{HF_CONFIG_FILE}: none written: {why}; transformers cannot load {dir_out}, fxquant.load_quantized can")
+        hint = f" (--hf-format {BITSANDBYTES} writes a layout it loads)" if config.scheme in QUANT_TYPES else ""
+        print(f"{HF_CONFIG_FILE}: none written: {why}; transformers cannot load {dir_out}{hint}, fxquant.load_quantized can")
     for line in _reader_notes(metadata):
         print(line)
 

@@ -149,7 +149,7 @@ def test_stored_layers_are_written_as_they_are(tmp_path):
         assert all(torch.equal(written[name], direct[name]) for name in direct), other
 
 
-def test_command_line_writes_the_bitsandbytes_layout(tmp_path):
+def test_command_line_writes_the_bitsandbytes_layout(tmp_path, capsys):
     """`fxquant quantize --scheme nf4 --hf-format bitsandbytes`: save_bitsandbytes' checkpoint, the
     input's other files copied; refused, before anything is written, for another scheme or an existing
     output."""
@@ -172,3 +172,6 @@ def test_command_line_writes_the_bitsandbytes_layout(tmp_path):
     assert main(["quantize", str(tmp_path / "in"), str(tmp_path / "out"), "--scheme", "nf4", "--hf-format", "bitsandbytes"]) == 1
     assert not (tmp_path / "int8").exists() and sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]
+    capsys.readouterr()
+    assert main(["quantize", str(tmp_path / "in"), str(tmp_path / "own"), "--scheme", "nf4"]) == 0  # fxquant's layout
+    assert "(--hf-format bitsandbytes writes a layout it loads)" in capsys.readouterr().out
