@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from fxquant.checkpoint import copy_files
 from fxquant.checkpoint_layers import is_conv1d, plan_modules
+from fxquant.checkpoint_metadata import read_header
 from fxquant.config import QuantConfig
 from fxquant.ops.blockwise_4bit import NESTED_BLOCKSIZE, QUANT_TYPES, code_table, dynamic_map
 from fxquant.scheme import get_scheme
@@ -154,6 +155,7 @@ def _weights_files(directory: Path) -> list[Path]:
 def _read_all(directory: Path, device: torch.device | str) -> dict[str, Tensor]:
     tensors = {}
     for path in _weights_files(directory):
+        read_header(path)  # a truncated or tampered file is refused by name
         with safe_open(path, "pt", device=str(device)) as f:
             tensors.update({name: f.get_tensor(name) for name in f.keys()})
     return tensors

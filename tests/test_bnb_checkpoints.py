@@ -175,3 +175,12 @@ def test_command_line_writes_the_bitsandbytes_layout(tmp_path, capsys):
     capsys.readouterr()
     assert main(["quantize", str(tmp_path / "in"), str(tmp_path / "own"), "--scheme", "nf4"]) == 0  # fxquant's layout
     assert "(--hf-format bitsandbytes writes a layout it loads)" in capsys.readouterr().out
+
+
+def test_a_truncated_weights_file_is_refused_by_name(tmp_path):
+    save_bitsandbytes(tiny_llama(), tmp_path / "out", QuantConfig(scheme="nf4"))
+    weights = tmp_path / "out" / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    with pytest.raises(ValueError, match=f"{weights} is not a readable safetensors file"):
+        load_bitsandbytes(tmp_path / "out", tiny_llama())
