@@ -39,6 +39,7 @@ from fxquant.checkpoint import copy_files
 from fxquant.checkpoint_layers import is_conv1d, plan_modules
 from fxquant.checkpoint_metadata import read_header
 from fxquant.config import QuantConfig
+from fxquant.hf_formats import ignored_module
 from fxquant.ops.blockwise_4bit import NESTED_BLOCKSIZE, QUANT_TYPES, code_table, dynamic_map
 from fxquant.scheme import get_scheme
 from fxquant.stored_layers import make_stored
@@ -126,7 +127,7 @@ def save_bitsandbytes(model: nn.Module, directory: str | os.PathLike, config: Qu
             del state[f"{entry.layer}.weight"]
             shape = (module.out_features, module.in_features)
             state.update(bnb_tensors(entry.layer, tensors, quant_type, options.blocksize, shape, dtype))
-    skipped = [entry.layer for entry in plan if entry.scheme is None]
+    skipped = [ignored_module(entry) for entry in plan if entry.scheme is None]
     quantization_config = _quantization_config(quant_type, options, skipped, model_dtype)
     hf_config = {**model.config.to_dict(), "quantization_config": quantization_config}
 

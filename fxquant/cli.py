@@ -165,6 +165,10 @@ def _quantize_bitsandbytes(args: argparse.Namespace, dir_in: Path, dir_out: Path
     quantized = len(plan_modules(model, config).rewritten)
     print(f"{dir_out}: {cls.__name__}, {config.scheme}, {quantized} linear layers quantized; "
           f"left as they were: {written['llm_int8_skip_modules']}")
+    experts = plan_experts(model, config)
+    if experts:  # bitsandbytes' layout holds nn.Linear layers only
+        notes = sorted({entry.note for entry in experts})
+        print(f"{len(experts)} expert weights left as they were: {'; '.join(notes)}")
     print(_bytes_line(_weights_bytes(dir_in), _weights_bytes(dir_out)))
     print(f"{HF_CONFIG_FILE}: quantization_config bitsandbytes (load_in_4bit, {written['bnb_4bit_quant_type']}), "
           "for transformers with bitsandbytes; fxquant.load_bitsandbytes reads it back")

@@ -91,13 +91,14 @@ def compressed_tensors_config(plan: Plan, config: QuantConfig) -> dict:
         "format": formats.pop() if len(formats) == 1 else "mixed-precision",
         "quantization_status": "compressed",
         "config_groups": groups,
-        "ignore": [_ignored_module(entry) for entry in plan.skipped],
+        "ignore": [ignored_module(entry) for entry in plan.skipped],
     }
 
 
-def _ignored_module(entry) -> str:
-    """A skipped row as compressed-tensors' `ignore` names it: its module (a raw parameter's, such as an
-    MoE router's `gate.weight`, is its module's: vLLM runs that module as a Linear)."""
+def ignored_module(entry) -> str:
+    """A skipped row as compressed-tensors' `ignore` and bitsandbytes' `llm_int8_skip_modules` name it: its
+    module (a raw parameter's, such as an MoE router's `gate.weight`, is its module's: vLLM runs that
+    module as a Linear)."""
     return entry.layer.removesuffix(".weight") if entry.site.op == "matmul" else entry.layer
 
 
