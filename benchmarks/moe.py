@@ -24,6 +24,7 @@ Three parts, each selected with --parts:
     python benchmarks/moe.py --parts kernels qwen3 mixtral --json moe.json
     python benchmarks/moe.py --parts qwen3 --decode-implementations batched_mm --shapes 1x1 16x1
     python benchmarks/moe.py --parts configs --json moe_configs.json
+    python benchmarks/moe.py --parts kernels --profile --json moe_kernels.json   # + each fused op's kernels
     python benchmarks/moe.py --tiny       # CPU smoke test of the script itself
 """
 
@@ -173,6 +174,8 @@ def kernel_table(args, device) -> list[dict]:
                 with torch.no_grad():
                     row["unfused"] = time_ms(lambda: unfused(x, offsets), device)
                     row["fused"] = time_ms(lambda: fused(offsets, *inputs), device) - time_ms(lambda: produce(*inputs), device)
+                if args.profile:  # where the fused op's time goes: its kernels, by GPU time
+                    row["fused_kernels"] = e2e_llama.kernel_profile(lambda: fused(offsets, *inputs), device)
                 best = min((row[kernel] for kernel in kernels), default=None)
                 row["fused_over_best_library"] = row["fused"] / best if best else None
                 cells = "".join(f"{row[kn]:>10.4f} ({row['bf16'] / row[kn]:.2f}x)" if kn in row and "bf16" in row
@@ -231,6 +234,7 @@ def main() -> None:
                         help="the model parts' peers (e2e_llama.py's names: fxquant-frozen skips the per-call weight check)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--tiny", action="store_true", help="tiny configs on the CPU, to test the script")
+    parser.add_argument("--profile", action="store_true", help="kernels: also each fused op's kernels (in --json)")
     parser.add_argument("--json")
     args = parser.parse_args()
     global DECODE_SHAPES, PREFILL_SHAPES

@@ -105,7 +105,7 @@ def test_moe_benchmark_on_tiny_configs(tmp_path):
     """benchmarks/moe.py --tiny: the kernel table (fxquant's compiled expert op, alone and behind its
     producer; the CUDA kernels are GPU-only) and a tiny Qwen3-MoE with bf16 and fxquant, per experts implementation."""
     out = tmp_path / "moe.json"
-    done = subprocess.run([sys.executable, str(BENCHMARKS / "moe.py"), "--tiny", "--parts", "kernels", "configs", "qwen3",
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "moe.py"), "--tiny", "--parts", "kernels", "configs", "qwen3", "--profile",
                            "--qwen3-layers", "1", "--shapes", "1x1", "1x16", "--decode-implementations", "grouped_mm", "batched_mm",
                            "--json", str(out)],
                           capture_output=True, text=True, timeout=900)
@@ -113,6 +113,7 @@ def test_moe_benchmark_on_tiny_configs(tmp_path):
     report = json.loads(out.read_text())
     assert [(row["gemm"], row["tokens"]) for row in report["kernels"]][:2] == [("qwen3.gate_up", 4), ("qwen3.gate_up", 16)]
     assert report["configs"] == [] and "timed on a GPU only" in done.stdout
+    assert all(row["fused_kernels"] and row["fused_kernels"][0]["us"] > 0 for row in report["kernels"])
     assert all(row["unfused"] > 0 and "fused" in row and row["rows"] == row["tokens"] * 2 for row in report["kernels"])
     runs = [(r["experts_implementation"], r["mode"], r["peer"], list(r["shapes"])) for r in report["qwen3"]]
     assert runs == [("grouped_mm", "default", "bf16", ["1x1"]), ("grouped_mm", "default", "fxquant", ["1x1"]),
