@@ -143,7 +143,19 @@ def _weights_bytes(directory: Path) -> int:
     return sum(path.stat().st_size for path in directory.iterdir() if path.name.endswith(WEIGHT_SUFFIXES))
 
 
-def _quantize_bitsandbytes(args: argparse.Namespace, dir_in: Path, dir_out: Path, config: QuantConfig) -> None:
+def _model_to_quantize(dir_in: Path, config: QuantConfig) -> tuple[object, type]:
+    """The input's HF config and model class, once it is known not to be quantized already and to have
+    layers `config` quantizes (refused otherwise, before anything is written)."""
+    check_not_quantized(dir_in)
+    hf_config = read_config(dir_in)
+    cls, note = model_class(hf_config)
+    if note:
+        print(f"note: {note}")
+    _refuse_if_nothing_quantizes(dir_in, _checkpoint_plan(cls, hf_config, config), config)
+    return hf_config, cls
+
+
+def _quantize_bitsandbytes(dir_in: Path, dir_out: Path, config: QuantConfig) -> None:
     """--hf-format bitsandbytes: nf4 / fp4 in bitsandbytes' serialized layout, which transformers loads
     with bitsandbytes (`load_in_4bit`; fxquant/bnb_checkpoints.py). The model is loaded whole (the
     layout is transformers', not fxquant's streamed one) and written as one weights file."""
@@ -154,12 +166,7 @@ def _quantize_bitsandbytes(args: argparse.Namespace, dir_in: Path, dir_out: Path
         raise ValueError(f"fxquant: {dir_out} exists; --hf-format bitsandbytes writes a new directory (--overwrite "
                          "does not apply to it)")
     check_output_dir(dir_in, dir_out, overwrite=False)
-    check_not_quantized(dir_in)
-    hf_config = read_config(dir_in)
-    cls, note = model_class(hf_config)
-    if note:
-        print(f"note: {note}")
-    _refuse_if_nothing_quantizes(dir_in, _checkpoint_plan(cls, hf_config, config), config)
+    hf_config, cls = _model_to_quantize(dir_in, config)
     model = load_model(dir_in, cls, hf_config)
     written = save_bitsandbytes(model, dir_out, config, extra_files=extra_files(dir_in))
     quantized = len(plan_modules(model, config).rewritten)
@@ -178,7 +185,7 @@ def quantize(args: argparse.Namespace) -> None:
     dir_in, dir_out = Path(args.dir_in), Path(args.dir_out)
     config = _quant_config(args)
     if args.hf_format == BITSANDBYTES:
-        return _quantize_bitsandbytes(args, dir_in, dir_out, config)
+        return _quantize_bitsandbytes(dir_in, dir_out, config)
     try:  # a layout that cannot describe the scheme is refused before anything is read
         hf_quantization_config(args.hf_format, Plan(), config)
     except NoHFLayout as error:
@@ -187,12 +194,7 @@ def quantize(args: argparse.Namespace) -> None:
     if args.workers < 1:
         raise ValueError(f"fxquant: --workers must be at least 1, got {args.workers}")
     check_output_dir(dir_in, dir_out, args.overwrite)  # before anything is read
-    check_not_quantized(dir_in)
-    hf_config = read_config(dir_in)
-    cls, note = model_class(hf_config)
-    if note:
-        print(f"note: {note}")
-    _refuse_if_nothing_quantizes(dir_in, _checkpoint_plan(cls, hf_config, config), config)
+    hf_config, cls = _model_to_quantize(dir_in, config)
     try:
         streaming = streaming_plan(dir_in, cls, hf_config, config)
     except NotStreamable as why:
