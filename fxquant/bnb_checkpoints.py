@@ -78,14 +78,23 @@ def bnb_tensors(layer: str, tensors: dict[str, Tensor], quant_type: str, blocksi
     }
 
 
+def kept_in_float32(model: nn.Module, layer: str) -> bool:
+    """Whether transformers keeps `layer` in float32 when it loads a quantized checkpoint (its class's
+    `_keep_in_fp32_modules`, a run of whole dotted names: T5's "wo"), so that no bitsandbytes layer
+    can hold it: such layers are written float and listed in llm_int8_skip_modules."""
+    patterns = getattr(model, "_keep_in_fp32_modules", None) or ()
+    return any(f".{pattern}." in f".{layer}." for pattern in patterns)
+
+
 def save_bitsandbytes(model: nn.Module, directory: str | os.PathLike, config: QuantConfig | None = None,
                       extra_files: Iterable[str | os.PathLike] = ()) -> dict:
     """Write an HF model (float weights, a `config`) quantized by `config` (nf4 or fp4, one quant type,
     blocksize and compute dtype for all its quantized layers: transformers' one quantization_config)
     in bitsandbytes' serialized layout into a new `directory` (refused if it exists), with copies of
     `extra_files` (the command line's tokenizer files, ...); returns the quantization_config. Layers
-    stored as nf4 / fp4 (load_quantized, load_bitsandbytes) are written as they are. Refuses, before
-    writing anything, a plan with another scheme and Conv1D layers."""
+    stored as nf4 / fp4 (load_quantized, load_bitsandbytes) are written as they are; layers transformers
+    keeps in float32 (`kept_in_float32`) stay float. Refuses, before writing anything, a plan with another
+    scheme and Conv1D layers."""
     config = config or QuantConfig(scheme="nf4")
     directory = Path(directory)
     if directory.exists():
@@ -93,7 +102,12 @@ def save_bitsandbytes(model: nn.Module, directory: str | os.PathLike, config: Qu
     if getattr(model, "config", None) is None:
         raise ValueError("fxquant: save_bitsandbytes needs an HF model (its config goes to config.json)")
     plan = plan_modules(model, config)
-    quantized = plan.rewritten
+    float32 = [entry for entry in plan.rewritten if kept_in_float32(model, entry.layer)]
+    stored = next((entry for entry in float32 if entry.stored is not None), None)
+    if stored is not None:
+        raise ValueError(f"fxquant: cannot save {stored.layer} in bitsandbytes' layout: it is stored {stored.scheme}, "
+                         f"and transformers keeps it in float32 ({type(model).__name__}._keep_in_fp32_modules)")
+    quantized = [entry for entry in plan.rewritten if entry not in float32]
     kinds = {(entry.scheme, entry.options) for entry in quantized}
     for entry in quantized:
         module = model.get_submodule(entry.layer)
@@ -127,7 +141,7 @@ def save_bitsandbytes(model: nn.Module, directory: str | os.PathLike, config: Qu
             del state[f"{entry.layer}.weight"]
             shape = (module.out_features, module.in_features)
             state.update(bnb_tensors(entry.layer, tensors, quant_type, options.blocksize, shape, dtype))
-    skipped = [ignored_module(entry) for entry in plan if entry.scheme is None]
+    skipped = [ignored_module(entry) for entry in plan if entry.scheme is None] + [entry.layer for entry in float32]
     quantization_config = _quantization_config(quant_type, options, skipped, model_dtype)
     hf_config = {**model.config.to_dict(), "quantization_config": quantization_config}
 

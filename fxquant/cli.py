@@ -32,7 +32,7 @@ from fxquant.checkpoint import (
     read_metadata,
     save_quantized,
 )
-from fxquant.bnb_checkpoints import save_bitsandbytes
+from fxquant.bnb_checkpoints import QUANT_STATE, kept_in_float32, save_bitsandbytes
 from fxquant.cli_paths import check_input_dir, check_output_dir
 from fxquant.checkpoint_experts import plan_experts
 from fxquant.shards import DEFAULT_MAX_SHARD_SIZE, INDEX_FILE, parse_size
@@ -169,9 +169,13 @@ def _quantize_bitsandbytes(dir_in: Path, dir_out: Path, config: QuantConfig) -> 
     hf_config, cls = _model_to_quantize(dir_in, config)
     model = load_model(dir_in, cls, hf_config)
     written = save_bitsandbytes(model, dir_out, config, extra_files=extra_files(dir_in))
-    quantized = len(plan_modules(model, config).rewritten)
+    quantized = sum(name.endswith(f".{QUANT_STATE}{config.scheme}") for name in read_header(dir_out / WEIGHTS_FILE))
     print(f"{dir_out}: {cls.__name__}, {config.scheme}, {quantized} linear layers quantized; "
           f"left as they were: {written['llm_int8_skip_modules']}")
+    float32 = [name for name in written["llm_int8_skip_modules"] if kept_in_float32(model, name)]
+    if float32:
+        print(f"{len(float32)} layers stay float: transformers keeps them in float32 "
+              f"({cls.__name__}._keep_in_fp32_modules {list(model._keep_in_fp32_modules)})")
     experts = plan_experts(model, config)
     if experts:  # bitsandbytes' layout holds nn.Linear layers only
         notes = sorted({entry.note for entry in experts})

@@ -11,6 +11,7 @@ import torch
 
 import fxquant
 from fxquant import QuantConfig, empty_weights, load_bitsandbytes, save_bitsandbytes
+from fxquant.bnb_checkpoints import QUANT_STATE
 from tests.models import tiny_llama
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -184,3 +185,28 @@ def test_a_truncated_weights_file_is_refused_by_name(tmp_path):
         f.truncate(weights.stat().st_size // 2)
     with pytest.raises(ValueError, match=f"{weights} is not a readable safetensors file"):
         load_bitsandbytes(tmp_path / "out", tiny_llama())
+
+
+def test_layers_transformers_keeps_in_float32_stay_float(tmp_path):
+    """T5's `wo` (T5PreTrainedModel._keep_in_fp32_modules): transformers never makes it a bitsandbytes
+    layer, so a 4-bit `wo` would not load; written float and listed in llm_int8_skip_modules, the
+    checkpoint loads in transformers and gives what fxquant's own layers give."""
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=64, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4,
+                                   decoder_start_token_id=0)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    written = save_bitsandbytes(model, tmp_path / "out", QuantConfig(scheme="nf4"))
+    wo = ["encoder.block.0.layer.1.DenseReluDense.wo", "decoder.block.0.layer.2.DenseReluDense.wo"]
+    assert set(wo) <= set(written["llm_int8_skip_modules"])
+    from safetensors.torch import load_file
+
+    stored = load_file(tmp_path / "out" / "model.safetensors")
+    assert all(stored[f"{name}.weight"].dtype == torch.float32 and f"{name}.{QUANT_STATE}nf4" not in stored for name in wo)
+    assert f"encoder.block.0.layer.1.DenseReluDense.wi.{QUANT_STATE}nf4" in stored
+    pytest.importorskip("accelerate")
+    loaded = reference_path(transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "out").eval())
+    ours = load_bitsandbytes(tmp_path / "out", transformers.T5ForConditionalGeneration(config).eval())
+    ids, start = torch.tensor([[3, 9, 14, 2]]), torch.zeros(1, 2, dtype=torch.long)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids, decoder_input_ids=start).logits,
+                                   ours(input_ids=ids, decoder_input_ids=start).logits, rtol=1e-4, atol=1e-4)
