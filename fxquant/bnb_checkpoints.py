@@ -39,7 +39,7 @@ from fxquant.checkpoint import copy_files
 from fxquant.checkpoint_layers import is_conv1d, plan_modules
 from fxquant.checkpoint_metadata import read_header
 from fxquant.config import QuantConfig
-from fxquant.hf_formats import ignored_module
+from fxquant.hf_formats import ignored_module, not_converted
 from fxquant.ops.blockwise_4bit import NESTED_BLOCKSIZE, QUANT_TYPES, code_table, dynamic_map
 from fxquant.scheme import get_scheme
 from fxquant.stored_layers import make_stored
@@ -78,14 +78,6 @@ def bnb_tensors(layer: str, tensors: dict[str, Tensor], quant_type: str, blocksi
     }
 
 
-def kept_in_float32(model: nn.Module, layer: str) -> bool:
-    """Whether transformers keeps `layer` in float32 when it loads a quantized checkpoint (its class's
-    `_keep_in_fp32_modules`, a run of whole dotted names: T5's "wo"), so that no bitsandbytes layer
-    can hold it: such layers are written float and listed in llm_int8_skip_modules."""
-    patterns = getattr(model, "_keep_in_fp32_modules", None) or ()
-    return any(f".{pattern}." in f".{layer}." for pattern in patterns)
-
-
 def save_bitsandbytes(model: nn.Module, directory: str | os.PathLike, config: QuantConfig | None = None,
                       extra_files: Iterable[str | os.PathLike] = ()) -> dict:
     """Write an HF model (float weights, a `config`) quantized by `config` (nf4 or fp4, one quant type,
@@ -93,7 +85,7 @@ def save_bitsandbytes(model: nn.Module, directory: str | os.PathLike, config: Qu
     in bitsandbytes' serialized layout into a new `directory` (refused if it exists), with copies of
     `extra_files` (the command line's tokenizer files, ...); returns the quantization_config. Layers
     stored as nf4 / fp4 (load_quantized, load_bitsandbytes) are written as they are; layers transformers
-    keeps in float32 (`kept_in_float32`) stay float. Refuses, before writing anything, a plan with another
+    keeps in float32 (the class's `_keep_in_fp32_modules`) stay float and go into llm_int8_skip_modules. Refuses, before writing anything, a plan with another
     scheme and Conv1D layers."""
     config = config or QuantConfig(scheme="nf4")
     directory = Path(directory)
@@ -102,7 +94,7 @@ def save_bitsandbytes(model: nn.Module, directory: str | os.PathLike, config: Qu
     if getattr(model, "config", None) is None:
         raise ValueError("fxquant: save_bitsandbytes needs an HF model (its config goes to config.json)")
     plan = plan_modules(model, config)
-    float32 = [entry for entry in plan.rewritten if kept_in_float32(model, entry.layer)]
+    float32 = [entry for entry in plan.rewritten if not_converted(entry.layer, plan.float32_modules)]
     stored = next((entry for entry in float32 if entry.stored is not None), None)
     if stored is not None:
         raise ValueError(f"fxquant: cannot save {stored.layer} in bitsandbytes' layout: it is stored {stored.scheme}, "

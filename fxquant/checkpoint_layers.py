@@ -159,6 +159,7 @@ def plan_modules(model: nn.Module, config: QuantConfig) -> Plan:
     Unlike the backend's plan there is no device fallback: a checkpoint stores the scheme asked for.
     """
     plan = Plan()
+    plan.float32_modules = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
     for name, module in model.named_modules():
         if is_checkpoint_layer(module) and is_stored(module.weight):
             plan.append(_stored_entry(name, module, config))

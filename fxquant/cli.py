@@ -32,14 +32,14 @@ from fxquant.checkpoint import (
     read_metadata,
     save_quantized,
 )
-from fxquant.bnb_checkpoints import QUANT_STATE, kept_in_float32, save_bitsandbytes
+from fxquant.bnb_checkpoints import QUANT_STATE, save_bitsandbytes
 from fxquant.cli_paths import check_input_dir, check_output_dir
 from fxquant.checkpoint_experts import plan_experts
 from fxquant.shards import DEFAULT_MAX_SHARD_SIZE, INDEX_FILE, parse_size
 from fxquant.streaming_quantize import WEIGHT_SUFFIXES, NotStreamable, extra_files, streaming_plan, write_streamed
 from fxquant.config import AUTO, QuantConfig, auto_scheme
 from fxquant.footprint import dtype_name, nbytes
-from fxquant.hf_formats import HF_FORMATS, NO_ACTIVATION_SCALE_UB, NoHFLayout, hf_quantization_config
+from fxquant.hf_formats import HF_FORMATS, NO_ACTIVATION_SCALE_UB, NoHFLayout, hf_quantization_config, not_converted
 from fxquant.hf_model import (
     check_not_quantized,
     check_output_holds_input,
@@ -172,10 +172,11 @@ def _quantize_bitsandbytes(dir_in: Path, dir_out: Path, config: QuantConfig) -> 
     quantized = sum(name.endswith(f".{QUANT_STATE}{config.scheme}") for name in read_header(dir_out / WEIGHTS_FILE))
     print(f"{dir_out}: {cls.__name__}, {config.scheme}, {quantized} linear layers quantized; "
           f"left as they were: {written['llm_int8_skip_modules']}")
-    float32 = [name for name in written["llm_int8_skip_modules"] if kept_in_float32(model, name)]
+    patterns = plan_modules(model, config).float32_modules
+    float32 = [name for name in written["llm_int8_skip_modules"] if not_converted(name, patterns)]
     if float32:
         print(f"{len(float32)} layers stay float: transformers keeps them in float32 "
-              f"({cls.__name__}._keep_in_fp32_modules {list(model._keep_in_fp32_modules)})")
+              f"({cls.__name__}._keep_in_fp32_modules {list(patterns)})")
     experts = plan_experts(model, config)
     if experts:  # bitsandbytes' layout holds nn.Linear layers only
         notes = sorted({entry.note for entry in experts})

@@ -34,7 +34,7 @@ from fxquant.checkpoint_experts import expert_tensors, file_layout
 from fxquant.checkpoint_metadata import HF_CONFIG_FILE, METADATA_FILE, read_header, tensor_key
 from fxquant.config import QuantConfig
 from fxquant.footprint import dtype_name
-from fxquant.hf_formats import NO_ACTIVATION_SCALE_UB
+from fxquant.hf_formats import NO_ACTIVATION_SCALE_UB, not_converted
 from fxquant.scheme import get_scheme
 from fxquant.shards import INDEX_FILE, WEIGHTS_FILE
 
@@ -72,13 +72,6 @@ def _weights_map(directory: Path) -> dict[str, str]:
     raise ValueError(f"fxquant: {directory}: no {WEIGHTS_FILE} nor {INDEX_FILE} (fxquant reads safetensors checkpoints only)")
 
 
-def _not_converted(name: str, patterns: list[str]) -> bool:
-    """transformers' should_convert_module, negated: a pattern matches from the start up to a module
-    boundary, as a regex with that boundary, or as a suffix."""
-    boundary = r"(?:(?<=\.)|(?=\.|$))"
-    return any(re.match(rf"(?:{key}){boundary}", name) or name.endswith(key) for key in patterns)
-
-
 def _skipped_patterns(model: nn.Module, quantization_config: dict) -> list[str]:
     """transformers' modules_to_not_convert: the config's, else the output embeddings, and the model's fp32 modules."""
     patterns = quantization_config.get("modules_to_not_convert")
@@ -94,7 +87,7 @@ def _fbgemm_layers(model: nn.Module, quantization_config: dict) -> tuple[dict[st
     ub = quantization_config.get("activation_scale_ub", 1200.0)  # FbgemmFp8Config's default
     options = {"activation_scale_ub": None if ub is None or float(ub) >= NO_ACTIVATION_SCALE_UB else float(ub)}
     layers = {name: "fp8_rowwise" for name, module in model.named_modules()
-              if isinstance(module, nn.Linear) and not _not_converted(name, patterns)}
+              if isinstance(module, nn.Linear) and not not_converted(name, patterns)}
     return layers, {"fp8_rowwise": options}
 
 
@@ -121,9 +114,9 @@ def _finegrained_fp8_layers(model: nn.Module, quantization_config: dict, path: P
         raise ValueError(f"fxquant: {path}: quantization_config.weight_block_size is {json.dumps(block)} ({error})") from None
     patterns = _skipped_patterns(model, quantization_config)
     layers = {name: "fp8_blockwise" for name, module in model.named_modules()
-              if type(module) is nn.Linear and not _not_converted(name, patterns)}
+              if type(module) is nn.Linear and not not_converted(name, patterns)}
     experts = {name for name in expert_tensors(model)
-               if name.rpartition(".")[0].endswith(".experts") and not _not_converted(name.rpartition(".")[0], patterns)}
+               if name.rpartition(".")[0].endswith(".experts") and not not_converted(name.rpartition(".")[0], patterns)}
     return layers, {"fp8_blockwise": {"weight_block_size": options.weight_block_size}}, experts
 
 

@@ -10,6 +10,7 @@ one group per scheme, targeting its layers by name; fbgemm_fp8 describes fp8_row
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import TYPE_CHECKING
 
 from fxquant.config import QuantConfig
@@ -39,6 +40,14 @@ def _schemes(plan: Plan, config: QuantConfig, layout: str) -> dict[str, list[str
     return schemes or {config.scheme: []}
 
 
+def not_converted(name: str, patterns) -> bool:
+    """Whether transformers' quantizers leave module `name` as it is under `patterns` (modules_to_not_convert,
+    with the model class's `_keep_in_fp32_modules`): its should_convert_module, negated. A pattern
+    matches from the start up to a module boundary, as a regex with that boundary, or as a suffix."""
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    return any(re.match(rf"(?:{key}){boundary}", name) or name.endswith(key) for key in patterns)
+
+
 def _module_names(entry) -> list[str]:
     """The Linear modules HF's layout holds for a plan row: the layer, or each expert's (fxquant/checkpoint_experts.py)."""
     expert = getattr(entry, "expert", None)
@@ -56,6 +65,10 @@ def fbgemm_fp8_config(plan: Plan, config: QuantConfig) -> dict:
     experts = [entry.layer for entry in plan.rewritten if entry.site.kind != "linear"]
     if experts:
         raise NoHFLayout(f"fxquant: fbgemm_fp8 converts nn.Linear only, not the expert weight {experts[0]!r}")
+    float32 = [entry.layer for entry in plan.rewritten if not_converted(entry.layer, plan.float32_modules)]
+    if float32:  # transformers would load its e4m3 codes into a float Linear, unscaled
+        raise NoHFLayout(f"fxquant: fbgemm_fp8 leaves {float32[0]!r} float (transformers keeps "
+                         f"{list(plan.float32_modules)} in float32), not the quantized layer it is here")
     schemes = _schemes(plan, config, "fbgemm_fp8")
     other = next((scheme for scheme in schemes if scheme != "fp8_rowwise"), None)
     if other is not None:

@@ -93,6 +93,10 @@ class PlannedLinear:
 class Plan(list):
     """The PlannedLinear of one graph (or several, for a model with graph breaks), printable."""
 
+    # A checkpoint's plan: the model class's `_keep_in_fp32_modules` (T5's "wo"), which transformers'
+    # quantizers leave float when they load it (fxquant/hf_formats.py's layouts account for them)
+    float32_modules: tuple[str, ...] = ()
+
     @property
     def rewritten(self) -> list[PlannedLinear]:
         return [entry for entry in self if entry.scheme is not None]

@@ -62,9 +62,10 @@ def test_the_class_config_json_names_is_quantized_with_its_head_and_names(archit
     if architecture == "GPT2LMHeadModel":  # Conv1D layers: transformers would read them back as float
         assert not (out / "config.json").exists()
         assert "config.json: none written: transformers converts nn.Linear only, not the quantized Conv1D layers" in report
-    else:
+    else:  # T5's `wo` layers, which transformers keeps in float32, are not fbgemm_fp8 layers there
         assert json.loads((out / "config.json").read_text())["architectures"] == [architecture]
-        assert "config.json: quantization_config fbgemm_fp8" in report
+        written = "compressed-tensors" if architecture == "T5ForConditionalGeneration" else "fbgemm_fp8"
+        assert f"config.json: quantization_config {written}" in report
     inputs, outputs = set(read_header(source / "model.safetensors")), set(read_header(out / "model.safetensors"))
     assert inputs - outputs - set(metadata["tied"]) == set(), "input tensors missing from the output"
     assert {name.removesuffix("_scale") for name in outputs - inputs} <= inputs, "only weight_scale tensors are new"
@@ -191,3 +192,13 @@ def test_a_buffer_the_model_computes_may_be_missing_from_the_output(tmp_path):
     inputs = set(model.state_dict()) | {"embeddings.position_ids"}
     check_output_holds_input(inputs, tmp_path, tmp_path / "out", model, table(model, set(model.state_dict())), {})
 
+
+
+def test_fbgemm_fp8_is_refused_where_transformers_would_keep_a_quantized_layer_float(tmp_path, capsys):
+    """T5's `wo` (T5PreTrainedModel._keep_in_fp32_modules) stays an nn.Linear in transformers' fbgemm_fp8
+    loader, which would read its e4m3 codes unscaled: that layout is refused, by name, before writing."""
+    source = saved(tiny_t5().eval(), tmp_path / "in")
+    assert main(["quantize", str(source), str(tmp_path / "out"), "--hf-format", "fbgemm_fp8"]) == 1
+    error = capsys.readouterr().err
+    assert "fbgemm_fp8 leaves 'encoder.block.0.layer.1.DenseReluDense.wo' float" in error and "['wo']" in error
+    assert not (tmp_path / "out").exists()
