@@ -84,9 +84,10 @@ def save_bitsandbytes(model: nn.Module, directory: str | os.PathLike, config: Qu
     blocksize and compute dtype for all its quantized layers: transformers' one quantization_config)
     in bitsandbytes' serialized layout into a new `directory` (refused if it exists), with copies of
     `extra_files` (the command line's tokenizer files, ...); returns the quantization_config. Layers
-    stored as nf4 / fp4 (load_quantized, load_bitsandbytes) are written as they are; layers transformers
-    keeps in float32 (the class's `_keep_in_fp32_modules`) stay float and go into llm_int8_skip_modules. Refuses, before writing anything, a plan with another
-    scheme and Conv1D layers."""
+    stored as nf4 / fp4 (load_quantized, load_bitsandbytes) are written as they are; layers
+    transformers keeps in float32 (the class's `_keep_in_fp32_modules`: T5's `wo`) stay float and go
+    into llm_int8_skip_modules. Refuses, before writing anything, a plan with another scheme and
+    Conv1D layers."""
     config = config or QuantConfig(scheme="nf4")
     directory = Path(directory)
     if directory.exists():

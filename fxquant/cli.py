@@ -54,6 +54,7 @@ from fxquant.scheme import SCHEMES
 
 BITSANDBYTES = "bitsandbytes"  # --hf-format: bitsandbytes' own layout (fxquant/bnb_checkpoints.py), nf4 / fp4 only
 
+
 def _skip_globs(values: list[str] | None) -> tuple[str, ...] | None:
     """`--skip a,b --skip c` → ("a", "b", "c"); `--skip ''` → () (quantize every layer); no flag → None."""
     return None if values is None else tuple(glob for value in values for glob in value.split(",") if glob)
