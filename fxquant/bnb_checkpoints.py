@@ -86,8 +86,8 @@ def save_bitsandbytes(model: nn.Module, directory: str | os.PathLike, config: Qu
     `extra_files` (the command line's tokenizer files, ...); returns the quantization_config. Layers
     stored as nf4 / fp4 (load_quantized, load_bitsandbytes) are written as they are; layers
     transformers keeps in float32 (the class's `_keep_in_fp32_modules`: T5's `wo`) stay float and go
-    into llm_int8_skip_modules. Refuses, before writing anything, a plan with another scheme and
-    Conv1D layers."""
+    into llm_int8_skip_modules; a Conv1D (GPT-2) is written as the Linear4bit transformers makes of it.
+    Refuses, before writing anything, a plan with another scheme or with layers of different options."""
     config = config or QuantConfig(scheme="nf4")
     directory = Path(directory)
     if directory.exists():
@@ -103,9 +103,7 @@ def save_bitsandbytes(model: nn.Module, directory: str | os.PathLike, config: Qu
     quantized = [entry for entry in plan.rewritten if entry not in float32]
     kinds = {(entry.scheme, entry.options) for entry in quantized}
     for entry in quantized:
-        module = model.get_submodule(entry.layer)
         problem = (f"scheme {entry.scheme} (bitsandbytes' layout holds nf4 or fp4)" if entry.scheme not in QUANT_TYPES
-                   else "a Conv1D (transformers' bitsandbytes layers are nn.Linear)" if is_conv1d(module)
                    else f"its options {entry.options} differ from another layer's (one quantization_config)" if len(kinds) > 1
                    else None)
         if problem is not None:
@@ -125,14 +123,16 @@ def save_bitsandbytes(model: nn.Module, directory: str | os.PathLike, config: Qu
     with torch.no_grad():
         for entry in quantized:
             module = model.get_submodule(entry.layer)
-            if entry.stored is None:
-                tensors, dtype = get_scheme(quant_type).quantize(module.weight.detach(), options), module.weight.dtype
-            else:  # stored nf4 / fp4 (load_quantized, load_bitsandbytes): its bytes as they are
+            if entry.stored is None:  # a Conv1D's [K, N] weight as the Linear4bit transformers makes of it: [N, K]
+                weight = module.weight.detach().t().contiguous() if is_conv1d(module) else module.weight.detach()
+                tensors, dtype = get_scheme(quant_type).quantize(weight, options), module.weight.dtype
+                shape = tuple(weight.shape)
+            else:  # stored nf4 / fp4 (load_quantized, load_bitsandbytes): its bytes as they are, [N, K / 2]
                 tensors, dtype = {"weight": module.weight.detach(), **entry.stored}, model_dtype
+                shape = (module.weight.shape[0], 2 * module.weight.shape[1])
                 for name in [name for name in state if name.startswith(f"{entry.layer}.weight_")]:
                     del state[name]
             del state[f"{entry.layer}.weight"]
-            shape = (module.out_features, module.in_features)
             state.update(bnb_tensors(entry.layer, tensors, quant_type, options.blocksize, shape, dtype))
     skipped = [ignored_module(entry) for entry in plan if entry.scheme is None] + [entry.layer for entry in float32]
     quantization_config = _quantization_config(quant_type, options, skipped, model_dtype)
@@ -172,7 +172,7 @@ def _read_all(directory: Path, device: torch.device | str) -> dict[str, Tensor]:
 def _scheme_tensors(layer: str, module: nn.Module, stored: dict[str, Tensor], quant_type: str) -> tuple[dict[str, Tensor], int]:
     """A layer's fxquant nf4 / fp4 tensors from bitsandbytes' (popped from `stored`), and its blocksize."""
     state = json.loads(bytes(stored.pop(f"{layer}.{QUANT_STATE}{quant_type}").cpu().tolist()).decode("utf-8"))
-    n, k = module.out_features, module.in_features
+    k, n = module.weight.shape if is_conv1d(module) else (module.in_features, module.out_features)
     blocksize = state["blocksize"]
     names = {part: f"{layer}.weight{part}" for part in ("", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")}
     problem = (
@@ -209,8 +209,9 @@ def load_bitsandbytes(directory: str | os.PathLike, model: nn.Module, device: to
         quant_type = next((q for q in QUANT_TYPES if f"{name}.{QUANT_STATE}{q}" in stored), None)
         if quant_type is None:
             continue
-        if not isinstance(module, nn.Linear):
-            raise ValueError(f"fxquant: {name} holds a bitsandbytes 4-bit weight but is a {type(module).__name__}, not nn.Linear")
+        if not (isinstance(module, nn.Linear) or is_conv1d(module)):
+            raise ValueError(f"fxquant: {name} holds a bitsandbytes 4-bit weight but is a {type(module).__name__}, "
+                             "not nn.Linear or Conv1D")
         tensors, blocksize = _scheme_tensors(name, module, stored, quant_type)
         options = get_scheme(quant_type).options({"blocksize": blocksize, "compute_dtype": compute_dtype})
         module.weight = nn.Parameter(tensors.pop("weight"), requires_grad=False)

@@ -210,3 +210,25 @@ def test_layers_transformers_keeps_in_float32_stay_float(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids, decoder_input_ids=start).logits,
                                    ours(input_ids=ids, decoder_input_ids=start).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_gpt2_conv1d_layers_are_written_as_transformers_linear4bit(tmp_path):
+    """GPT-2's Conv1D ([K, N] weights): written as the Linear4bit transformers makes of a Conv1D (the
+    weight quantized as [N, K]); transformers loads it, and fxquant loads it back as stored Conv1D layers
+    with the same outputs as fxquant's own nf4 layers."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=128, n_positions=32)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    save_bitsandbytes(model, tmp_path / "out", QuantConfig(scheme="nf4"))
+    from safetensors.torch import load_file
+
+    stored = load_file(tmp_path / "out" / "model.safetensors")
+    state = json.loads(bytes(stored[f"transformer.h.0.attn.c_attn.{QUANT_STATE}nf4"].tolist()))
+    assert state["shape"] == [192, 64]  # c_attn: [K=64, N=192] in GPT-2, [N, K] as a Linear4bit
+    ours = load_bitsandbytes(tmp_path / "out", transformers.GPT2LMHeadModel(config).eval())
+    expected = logits(fxquant_4bit(model, QuantConfig(scheme="nf4")))
+    torch.testing.assert_close(logits(ours), expected, rtol=1e-4, atol=1e-4)
+    pytest.importorskip("accelerate")
+    loaded = reference_path(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval())
+    assert type(loaded.transformer.h[0].attn.c_attn).__name__ == "Linear4bit"
+    torch.testing.assert_close(logits(loaded), expected, rtol=1e-4, atol=1e-4)
