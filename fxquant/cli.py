@@ -284,6 +284,27 @@ def _metadata_lines(metadata: dict, path: Path) -> tuple[list[str], int]:
         raise ValueError(f"fxquant: {path}: malformed ({error})") from error
 
 
+def _hf_config_lines(directory: Path, header: dict) -> list[str]:
+    """inspect's line for a checkpoint without fxquant.json whose config.json names a quantization
+    (transformers' save_pretrained of a quantized model, save_bitsandbytes): its quant_method, and for
+    bitsandbytes' layout the 4-bit layers the files hold."""
+    path = directory / HF_CONFIG_FILE
+    try:
+        quantization_config = json.loads(path.read_text()).get("quantization_config") if path.is_file() else None
+    except (json.JSONDecodeError, AttributeError) as error:
+        raise ValueError(f"fxquant: {path}: malformed ({error})") from error
+    if not quantization_config:
+        return []
+    method = quantization_config.get("quant_method")
+    if method == BITSANDBYTES:
+        layers = sum(f".{QUANT_STATE}" in name for name in header)
+        kind = quantization_config.get("bnb_4bit_quant_type") if quantization_config.get("load_in_4bit") else "LLM.int8"
+        return [f"{HF_CONFIG_FILE}: quantization_config bitsandbytes ({kind}): {layers} 4-bit layers "
+                "(fxquant.load_bitsandbytes runs them)"]
+    return [f"{HF_CONFIG_FILE}: quantization_config {method} (fxquant.load_quantized reads fbgemm_fp8, "
+            "compressed-tensors and finegrained_fp8 checkpoints)"]
+
+
 def _weights_files(directory: Path, metadata: dict | None) -> list[str]:
     """The weights files of a checkpoint directory: fxquant.json's, else the index's, else model.safetensors."""
     if metadata is not None:
@@ -336,7 +357,10 @@ def inspect(args: argparse.Namespace) -> None:
         print()
     print(f"checkpoint: {directory / files[0]}" if not sharded else f"checkpoint: {directory} ({len(files)} shards, {INDEX_FILE})")
     whole = path.is_dir() or metadata is None or files == list(metadata["sha256"])  # else one shard of several
-    lines, before = ([f"scheme: unknown (no {METADATA_FILE})"], None) if metadata is None else _metadata_lines(metadata, directory / METADATA_FILE)
+    if metadata is None:
+        lines, before = [f"scheme: unknown (no {METADATA_FILE})", *_hf_config_lines(directory, header)], None
+    else:
+        lines, before = _metadata_lines(metadata, directory / METADATA_FILE)
     for line in lines:
         print(line)
     dtypes = Counter(dtype_name(dtype) for dtype, _ in header.values())

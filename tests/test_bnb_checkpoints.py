@@ -174,6 +174,8 @@ def test_command_line_writes_the_bitsandbytes_layout(tmp_path, capsys):
     assert not (tmp_path / "int8").exists() and sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]
     capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "out")]) == 0
+    assert "config.json: quantization_config bitsandbytes (nf4): 14 4-bit layers" in capsys.readouterr().out
     assert main(["quantize", str(tmp_path / "in"), str(tmp_path / "own"), "--scheme", "nf4"]) == 0  # fxquant's layout
     assert "(--hf-format bitsandbytes writes a layout it loads)" in capsys.readouterr().out
 
