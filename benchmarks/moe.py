@@ -25,6 +25,7 @@ Three parts, each selected with --parts:
     python benchmarks/moe.py --parts qwen3 --decode-implementations batched_mm --shapes 1x1 16x1
     python benchmarks/moe.py --parts configs --json moe_configs.json
     python benchmarks/moe.py --parts kernels --profile --json moe_kernels.json   # + each fused op's kernels
+    python benchmarks/moe.py --parts kernels --gemms qwen3.down --tokens 1024 8192 --profile
     python benchmarks/moe.py --tiny       # CPU smoke test of the script itself
 """
 
@@ -143,13 +144,15 @@ def kernel_table(args, device) -> list[dict]:
     from fxquant.ops.fp8_rowwise_grouped_gemm import KERNELS, available_kernels
 
     rows_out = []
-    tokens_list = [4, 16] if args.tiny else KERNEL_TOKENS
+    tokens_list = args.tokens or ([4, 16] if args.tiny else KERNEL_TOKENS)
     print("ms per expert GEMM (speed-up over bf16 torch._grouped_mm); unfused: fxquant's op from the bf16 activation; "
           "fused: behind its producer (gather / SiLU·mul), less the producer; fused/best: over the best library kernel alone")
     print(f"{'gemm':<16}{'tokens':>7}{'bf16':>9}" + "".join(f"{k:>19}" for k in KERNELS)
           + f"{'unfused':>19}{'fused':>19}{'fused/best':>11}")
     for model in ("qwen3", "mixtral"):
         for gemm, experts, top_k, n, k in expert_shapes(model, args.tiny):
+            if args.gemms and gemm not in args.gemms:
+                continue
             torch.manual_seed(0)
             w = (torch.randn(experts, n, k, device=device) / k**0.5).to(torch.bfloat16)
             w_q, w_scale = quantize_fp8_rowwise(w)
@@ -235,6 +238,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--tiny", action="store_true", help="tiny configs on the CPU, to test the script")
     parser.add_argument("--profile", action="store_true", help="kernels: also each fused op's kernels (in --json)")
+    parser.add_argument("--gemms", nargs="+", choices=["qwen3.gate_up", "qwen3.down", "mixtral.gate_up", "mixtral.down"],
+                        help="kernels: only these expert GEMMs")
+    parser.add_argument("--tokens", type=int, nargs="+", help=f"kernels: these token counts (default {KERNEL_TOKENS})")
     parser.add_argument("--json")
     args = parser.parse_args()
     global DECODE_SHAPES, PREFILL_SHAPES
