@@ -12,24 +12,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 
 import torch
-from torch._inductor.compile_fx import compile_fx
-from torch._inductor.decomposition import select_decomp_table
 from triton.testing import do_bench_cudagraph
 
 import fxquant  # noqa: F401  (registers the ops)
-from fxquant.inductor.install import scheme_decompositions
-from fxquant.inductor.settings import DIVISION_ROUNDING, fxquant_inductor_settings
+from fxquant.inductor.settings import DIVISION_ROUNDING
 from fxquant.ops.fp8_rowwise import quantize_fp8_rowwise
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from e2e_llama import compile_with_fxquant_settings  # noqa: E402  (the repository's benchmark helpers)
+
 CASES = [(1, 4096), (16, 4096), (1000, 4096), (4096, 4096), (1000, 14336)]  # (M, K); N = 4096
-
-
-def compiled(fn, rounding: bool):
-    table = {**select_decomp_table(), **scheme_decompositions()}
-    patches = {**fxquant_inductor_settings({}), DIVISION_ROUNDING: rounding}
-    return torch.compile(fn, backend=lambda gm, inputs: compile_fx(gm, inputs, decompositions=table, config_patches=patches))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -49,7 +45,8 @@ def main() -> None:
         for m, k in CASES:
             torch._dynamo.reset()
             (w_q, w_scale), norm = weights[k], norms[k]
-            fn = compiled(lambda t: torch.ops.fxquant.fp8_rowwise_linear(rms_norm(t, norm), w_q, w_scale, None, None), rounding)
+            fn = compile_with_fxquant_settings(lambda t: torch.ops.fxquant.fp8_rowwise_linear(rms_norm(t, norm), w_q, w_scale, None, None),
+                                                {DIVISION_ROUNDING: rounding})
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             fn(x)
             us.setdefault(f"M={m} K={k}", {}).setdefault(rounding, []).append(do_bench_cudagraph(lambda: fn(x), rep=200) * 1e3)

@@ -66,14 +66,34 @@ def setting_value(text: str) -> object:
         return getattr(choices, text)
 
 
+def inductor_settings(text: str) -> dict[str, object]:
+    """Inductor settings from the command line's `key=value,key=value` (values: `setting_value`)."""
+    pairs = (item.split("=", 1) for item in text.split(",") if item)
+    return {key: setting_value(value) for key, value in pairs}
+
+
+def compile_with_fxquant_settings(fn, overrides: dict[str, object] | None = None):
+    """`fn` compiled by Inductor with fxquant's decompositions and the Inductor settings its backend
+    compiles a graph with (fxquant/inductor/settings.py, default mode), then `overrides`: a function
+    of fxquant's ops timed as it runs in a model, without the backend's passes."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+
+    from fxquant.inductor.install import scheme_decompositions
+    from fxquant.inductor.settings import fxquant_inductor_settings
+
+    table = {**select_decomp_table(), **scheme_decompositions()}
+    patches = {**fxquant_inductor_settings({}), **(overrides or {})}
+    return torch.compile(fn, backend=lambda gm, inputs: compile_fx(gm, inputs, decompositions=table, config_patches=patches))
+
+
 def peer_model(peer: str, model: torch.nn.Module) -> tuple[torch.nn.Module, object]:
     """(model to compile, backend) for a peer. An fxquant peer takes Inductor settings after a colon,
     to compare them with fxquant's own: `fxquant:split_reductions=True,realize_opcount_threshold=30`;
     a value is a Python literal or the name of a class in fxquant/inductor/choices.py
     (`fxquant:inductor_choices_class=WholeRowReductions`)."""
     peer, _, settings = peer.partition(":")
-    pairs = (item.split("=", 1) for item in settings.split(",") if item)
-    inductor = {key: setting_value(value) for key, value in pairs}
+    inductor = inductor_settings(settings)
     if inductor and not peer.startswith("fxquant"):
         raise ValueError(f"{peer}: Inductor settings are for fxquant peers")
     if peer == "bf16":

@@ -19,13 +19,17 @@ Three parts, each selected with --parts:
                    fxquant's lowering picks); and
                    `fused`: the op compiled behind its producer (the gather of the hidden states by
                    expert for gate_up, SiLU·mul for down), less the producer compiled alone, with its
-                   ratio to the best library kernel alone (`fused/best`: the target is <= 1.1).
+                   ratio to the best library kernel alone (`fused/best`: the target is <= 1.1). Both are
+                   compiled with the Inductor settings fxquant's backend gives a model (correctly rounded
+                   division, eager's bf16 roundings), `--inductor` changing them; the op's output is the
+                   graph's, so its rows past the groups are zeroed in a pass a model fuses into the consumer.
 
     python benchmarks/moe.py --parts kernels qwen3 mixtral --json moe.json
     python benchmarks/moe.py --parts qwen3 --decode-implementations batched_mm --shapes 1x1 16x1
     python benchmarks/moe.py --parts configs --json moe_configs.json
     python benchmarks/moe.py --parts kernels --profile --json moe_kernels.json   # + each fused op's kernels
     python benchmarks/moe.py --parts kernels --gemms qwen3.down --tokens 1024 8192 --profile
+    python benchmarks/moe.py --parts kernels --gemms qwen3.down --tokens 8192 --inductor eager_numerics.division_rounding=False
     python benchmarks/moe.py --tiny       # CPU smoke test of the script itself
 """
 
@@ -143,6 +147,7 @@ def kernel_table(args, device) -> list[dict]:
     from fxquant.ops.fp8_rowwise import quantize_fp8_rowwise
     from fxquant.ops.fp8_rowwise_grouped_gemm import KERNELS, available_kernels
 
+    settings = e2e_llama.inductor_settings(args.inductor)
     rows_out = []
     tokens_list = args.tokens or ([4, 16] if args.tiny else KERNEL_TOKENS)
     print("ms per expert GEMM (speed-up over bf16 torch._grouped_mm); unfused: fxquant's op from the bf16 activation; "
@@ -157,11 +162,15 @@ def kernel_table(args, device) -> list[dict]:
             w = (torch.randn(experts, n, k, device=device) / k**0.5).to(torch.bfloat16)
             w_q, w_scale = quantize_fp8_rowwise(w)
             op = torch.ops.fxquant.fp8_rowwise_grouped_mm
-            # compiled once per weight: the rows turn dynamic at the second token count (Dynamo's automatic dynamic)
-            unfused = torch.compile(lambda x, offsets: op(x, w_q, w_scale, offsets, None))
+            # compiled once per weight: the rows turn dynamic at the second token count (Dynamo's automatic
+            # dynamic); with the Inductor settings fxquant's backend compiles a model with (and --inductor's)
+            def compiled(fn):
+                return e2e_llama.compile_with_fxquant_settings(fn, settings)
+
+            unfused = compiled(lambda x, offsets: op(x, w_q, w_scale, offsets, None))
             make, _ = producer(gemm, 1, 1, k, device)
-            produce = torch.compile(make)
-            fused = torch.compile(lambda offsets, *inputs: op(make(*inputs), w_q, w_scale, offsets, None))
+            produce = compiled(make)
+            fused = compiled(lambda offsets, *inputs: op(make(*inputs), w_q, w_scale, offsets, None))
             kernels = [kernel for kernel in available_kernels(n, k) if device.type == "cuda"]
             for tokens in tokens_list:
                 rows = tokens * top_k
@@ -241,6 +250,8 @@ def main() -> None:
     parser.add_argument("--gemms", nargs="+", choices=["qwen3.gate_up", "qwen3.down", "mixtral.gate_up", "mixtral.down"],
                         help="kernels: only these expert GEMMs")
     parser.add_argument("--tokens", type=int, nargs="+", help=f"kernels: these token counts (default {KERNEL_TOKENS})")
+    parser.add_argument("--inductor", default="", metavar="KEY=VALUE,...",
+                        help="kernels: Inductor settings over fxquant's (e.g. eager_numerics.division_rounding=False)")
     parser.add_argument("--json")
     args = parser.parse_args()
     global DECODE_SHAPES, PREFILL_SHAPES
