@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -36,6 +34,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from fxquant.checkpoint import copy_files
+from fxquant.checkpoint_dir import created_atomically
 from fxquant.checkpoint_layers import is_conv1d, plan_modules
 from fxquant.checkpoint_metadata import read_header
 from fxquant.config import QuantConfig
@@ -82,15 +81,16 @@ def save_bitsandbytes(model: nn.Module, directory: str | os.PathLike, config: Qu
                       extra_files: Iterable[str | os.PathLike] = ()) -> dict:
     """Write an HF model (float weights, a `config`) quantized by `config` (nf4 or fp4, one quant type,
     blocksize and compute dtype for all its quantized layers: transformers' one quantization_config)
-    in bitsandbytes' serialized layout into a new `directory` (refused if it exists), with copies of
-    `extra_files` (the command line's tokenizer files, ...); returns the quantization_config. Layers
+    in bitsandbytes' serialized layout into a new `directory` (refused if it exists; it appears whole,
+    in one rename: checkpoint_dir.created_atomically), with copies of `extra_files` (the command
+    line's tokenizer files, ...); returns the quantization_config. Layers
     stored as nf4 / fp4 (load_quantized, load_bitsandbytes) are written as they are; layers
     transformers keeps in float32 (the class's `_keep_in_fp32_modules`: T5's `wo`) stay float and go
     into llm_int8_skip_modules; a Conv1D (GPT-2) is written as the Linear4bit transformers makes of it.
     Refuses, before writing anything, a plan with another scheme or with layers of different options."""
     config = config or QuantConfig(scheme="nf4")
     directory = Path(directory)
-    if directory.exists():
+    if directory.exists() or directory.is_symlink():
         raise FileExistsError(f"fxquant: {directory} exists; save_bitsandbytes writes a new directory")
     if getattr(model, "config", None) is None:
         raise ValueError("fxquant: save_bitsandbytes needs an HF model (its config goes to config.json)")
@@ -138,16 +138,11 @@ def save_bitsandbytes(model: nn.Module, directory: str | os.PathLike, config: Qu
     quantization_config = _quantization_config(quant_type, options, skipped, model_dtype)
     hf_config = {**model.config.to_dict(), "quantization_config": quantization_config}
 
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with created_atomically(directory) as staging:
         save_file({name: t.detach().cpu().contiguous() for name, t in state.items()}, staging / WEIGHTS_FILE,
                   metadata={"format": "pt"})
         (staging / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         copy_files([Path(path) for path in extra_files], staging)
-        os.rename(staging, directory)  # fails, leaving nothing behind, if directory appeared meanwhile
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return quantization_config
 
 

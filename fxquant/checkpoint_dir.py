@@ -137,26 +137,60 @@ def _swap_in(staging: Path, directory: Path) -> None:
     _fsync(directory.parent)
 
 
+def _flush(staging: Path) -> None:
+    """The staged files and the directory's entries, on disk."""
+    for name in os.listdir(staging):
+        _fsync(staging / name)
+    _fsync(staging)
+
+
+@contextlib.contextmanager
+def _staging_beside(directory: Path) -> Iterator[Path]:
+    """A fresh hidden sibling of `directory` to write into (the ones dead saves left removed first);
+    deleted when the block ends, unless the block moved it into place."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(directory)
+    staging = _hidden_sibling(directory, _STAGING)
+    staging.mkdir()
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already unless the save failed
+
+
 @contextlib.contextmanager
 def replaced_atomically(directory: Path, manifest: str, overwrite: bool = False) -> Iterator[Path]:
     """A fresh directory to write a checkpoint into; when the block ends without an error it
     replaces `directory` in one step (see the module docstring), and it must then hold exactly
     the files its `manifest` lists. On any error it is deleted and `directory` is as it was."""
     directory = Path(os.path.abspath(directory))  # "." and "out/.." have no name to put a sibling beside
-    directory.parent.mkdir(parents=True, exist_ok=True)
     check_replaceable(directory, manifest, overwrite)
-    _remove_stale(directory)
-    staging = _hidden_sibling(directory, _STAGING)
-    staging.mkdir()
-    try:
+    with _staging_beside(directory) as staging:
         yield staging
         written = sorted(os.listdir(staging))
         if sorted(listed_files(staging / manifest)) != written:
             raise RuntimeError(f"fxquant: {manifest} does not list exactly the files written ({', '.join(written)})")
-        for name in written:
-            _fsync(staging / name)
-        _fsync(staging)
+        _flush(staging)
         check_replaceable(directory, manifest, overwrite)  # again: it may have changed while we wrote
         _swap_in(staging, directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # gone already unless the save failed
+
+
+def _refuse_existing(directory: Path) -> None:
+    if directory.exists() or directory.is_symlink():
+        raise FileExistsError(f"fxquant: {directory} exists; this save writes a new directory")
+
+
+@contextlib.contextmanager
+def created_atomically(directory: str | os.PathLike) -> Iterator[Path]:
+    """A fresh directory to write into that becomes `directory` in one rename when the block ends
+    without an error; `directory` must not exist, before the block or at its end (FileExistsError).
+    On any error it is deleted; a save killed midway leaves it hidden, for the next save beside it
+    to delete (as `replaced_atomically`'s)."""
+    directory = Path(os.path.abspath(directory))
+    _refuse_existing(directory)
+    with _staging_beside(directory) as staging:
+        yield staging
+        _flush(staging)
+        _refuse_existing(directory)  # again: it may have appeared while we wrote
+        os.rename(staging, directory)
+        _fsync(directory.parent)

@@ -234,3 +234,38 @@ def test_gpt2_conv1d_layers_are_written_as_transformers_linear4bit(tmp_path):
     loaded = reference_path(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval())
     assert type(loaded.transformer.h[0].attn.c_attn).__name__ == "Linear4bit"
     torch.testing.assert_close(logits(loaded), expected, rtol=1e-4, atol=1e-4)
+
+
+KILLED_SAVE = """
+import os, signal, sys
+import fxquant.bnb_checkpoints as bnb_checkpoints
+from tests.models import tiny_llama
+
+def killed(tensors, path, metadata=None):  # the weights half written, then the process dies
+    open(path, "wb").write(b"partial")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+bnb_checkpoints.save_file = killed
+bnb_checkpoints.save_bitsandbytes(tiny_llama(), sys.argv[1])
+"""
+
+
+def test_a_save_killed_midway_leaves_nothing_the_next_save_keeps(tmp_path):
+    """A save killed while writing leaves no output, only its hidden staging directory, which the next
+    save into the same place deletes (its process is gone); that save's output is whole."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "out"
+    killed = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(out)], cwd=Path(__file__).parent.parent)
+    assert killed.returncode == -9
+    left = [path.name for path in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".out.fxquant-tmp-") and not out.exists()
+    model = tiny_llama()
+    save_bitsandbytes(model, out)
+    assert [path.name for path in tmp_path.iterdir()] == ["out"]
+    with empty_weights():
+        target = transformers.LlamaForCausalLM(model.config)
+    torch.testing.assert_close(logits(load_bitsandbytes(out, target)), logits(fxquant_4bit(model, QuantConfig(scheme="nf4"))),
+                               rtol=1e-4, atol=1e-4)
