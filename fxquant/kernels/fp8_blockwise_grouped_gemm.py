@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fxquant.kernels.fp8_rowwise_grouped_gemm import group_row_tile
+from fxquant.kernels.fp8_rowwise_grouped_gemm import group_row_tile, row_tiles_bound
 
 
 @triton.jit
@@ -86,7 +86,7 @@ def fp8_blockwise_grouped_gemm(
         return out.zero_()
     x_q, x_scale, w_q, w_scale = x_q.contiguous(), x_scale.contiguous(), w_q.contiguous(), w_scale.contiguous()
     config = _tile_config(s, e, block_n)
-    grid = (triton.cdiv(s, config["BLOCK_M"]) + e, triton.cdiv(n, config["BLOCK_N"]))
+    grid = (row_tiles_bound(s, e, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"]))
     _blockwise_grouped_gemm_kernel[grid](
         x_q, x_scale, w_q, w_scale, offsets.contiguous(), out,
         s, n, k, e, x_q.stride(0), x_scale.stride(0), w_q.stride(0), w_q.stride(1), w_scale.stride(0),

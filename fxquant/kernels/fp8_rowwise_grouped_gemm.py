@@ -6,9 +6,8 @@
 A program owns one BLOCK_M x BLOCK_N tile of one group. The tiles of each group are counted on the
 device, from OFFSETS (non-decreasing, as a cumulative sum of tokens per expert is), so nothing is read
 back to the host and the kernel can be captured in a CUDA graph: the grid has an upper bound of row
-tiles, cdiv(S, BLOCK_M) + E (each group adds at most one partial tile), and the programs past the
-groups' last tile return at once. W is read K-major as the scheme stores it ([E, N, K]); the scales
-are applied in the epilogue.
+tiles (`row_tiles_bound`), and the programs past the groups' last tile return at once. W is read
+K-major as the scheme stores it ([E, N, K]); the scales are applied in the epilogue.
 """
 
 from __future__ import annotations
@@ -78,6 +77,13 @@ def _grouped_gemm_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=in_m[:, None] & (rn[None, :] < N))
 
 
+def row_tiles_bound(rows: int, experts: int, block_m: int) -> int:
+    """At most how many BLOCK_M-row tiles `rows` rows in `experts` groups make: the groups' whole tiles
+    are at most rows // BLOCK_M together, each group with rows adds at most one partial tile, and at most
+    min(experts, rows) groups have rows (decode's 8 rows over 128 experts: 8 tiles, not 129)."""
+    return rows // block_m + min(experts, rows)
+
+
 def grouped_config(rows: int, experts: int) -> dict:
     """Tile sizes by the rows per expert on average: 16-row tiles where experts see few tokens (decode,
     MoE with many experts), wider ones as the groups grow."""
@@ -120,7 +126,7 @@ def fp8_rowwise_grouped_gemm_triton(
     x_q, w_q, x_scale, w_scale = x_q.contiguous(), w_q.contiguous(), x_scale.contiguous(), w_scale.contiguous()
     config = config or grouped_config(s, e)
     block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
-    grid = (triton.cdiv(s, block_m) + e, triton.cdiv(n, block_n))
+    grid = (row_tiles_bound(s, e, block_m), triton.cdiv(n, block_n))
     _grouped_gemm_kernel[grid](
         x_q, w_q, x_scale, w_scale, offsets.contiguous(), out,
         s, n, k, e, x_q.stride(0), w_q.stride(0), w_q.stride(1), w_scale.stride(0), out.stride(0),

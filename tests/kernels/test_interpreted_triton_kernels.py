@@ -102,7 +102,11 @@ def test_grouped_gemm_is_exact_to_a_bf16_ulp():
     cases = [dict(s=5, n=64, k=128, counts=[0, 2, 0, 1, 2]), dict(s=40, n=96, k=160, counts=[17, 0, 23]),
              dict(s=150, n=128, k=256, counts=[70, 60]), dict(s=12, n=64, k=128, counts=[3, 0, 5, 0]),
              dict(s=0, n=64, k=128, counts=[0, 0]), dict(s=9, n=80, k=384, counts=[1, 0, 4, 3], config=narrow),
-             dict(s=60, n=96, k=128, counts=[1, 41, 0, 17], config=short)]
+             dict(s=60, n=96, k=128, counts=[1, 41, 0, 17], config=short),
+             # the grid's bound on row tiles (S // 16 + min(E, S)) reached: one row an expert, and two groups
+             # of a tile and a row; fewer rows than experts
+             dict(s=8, n=64, k=128, counts=[1] * 8), dict(s=34, n=64, k=128, counts=[17, 0, 17]),
+             dict(s=3, n=64, k=128, counts=[1, 0, 0, 1, 0, 0, 1, 0])]
     for case, result in zip(cases, interpret("grouped", cases)):
         assert result["full_shape"] == [case["s"], case["n"]] and result["dtype"] == "torch.bfloat16", case
         assert result["shape"] == [sum(case["counts"]), case["n"]], case
@@ -118,7 +122,8 @@ def test_blockwise_grouped_gemm_is_exact_to_a_bf16_ulp():
     # blocks with N not a multiple of BLOCK_N; rows past the last group (not compared)
     cases = [dict(s=6, n=256, k=256, block_n=128, block_k=128, counts=[2, 0, 3, 1]),
              dict(s=90, n=128, k=256, block_n=128, block_k=128, counts=[70, 20]),
-             dict(s=30, n=192, k=128, block_n=64, block_k=32, counts=[9, 0, 19])]
+             dict(s=30, n=192, k=128, block_n=64, block_k=32, counts=[9, 0, 19]),
+             dict(s=2, n=128, k=128, block_n=128, block_k=128, counts=[0, 1, 0, 0, 1, 0])]  # the bound on row tiles reached
     for case, result in zip(cases, interpret("blockwise_grouped", cases)):
         assert result["full_shape"] == [case["s"], case["n"]] and result["dtype"] == "torch.bfloat16", case
         assert result["shape"] == [sum(case["counts"]), case["n"]], case
