@@ -39,18 +39,21 @@ def group_row_tile(offsets_ptr, M, E, pid_m, E_POW2: tl.constexpr, BLOCK_M: tl.c
 @triton.jit
 def _grouped_gemm_kernel(
     a_ptr, w_ptr, a_scale_ptr, w_scale_ptr, offsets_ptr, out_ptr,
-    M, N, K, E, stride_am, stride_we, stride_wn, stride_se, stride_om,
+    M, N, K, E, K_PER_SPLIT, stride_am, stride_we, stride_wn, stride_se, stride_om,
     E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     group, row_start, row_end = group_row_tile(offsets_ptr, M, E, pid_m, E_POW2, BLOCK_M)
     if group >= E:
         return
 
     rm = row_start + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
+    k_start = pid_k * K_PER_SPLIT
+    rk = k_start + tl.arange(0, BLOCK_K)
     in_m = rm < row_end
     a_rows = tl.where(in_m, rm, row_start)  # rows past the group read its first row: computed, never stored
     w_rows = rn % N
@@ -58,14 +61,14 @@ def _grouped_gemm_kernel(
     w_ptrs = w_ptr + group.to(tl.int64) * stride_we + w_rows[None, :] * stride_wn + rk[:, None]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in range(0, tl.cdiv(tl.minimum(K - k_start, K_PER_SPLIT), BLOCK_K)):
         if EVEN_K:
             a = tl.load(a_ptrs)
             w = tl.load(w_ptrs)
         else:
-            k_left = K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=rk[None, :] < k_left, other=0.0)
-            w = tl.load(w_ptrs, mask=rk[:, None] < k_left, other=0.0)
+            in_k = rk < K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=in_k[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=in_k[:, None], other=0.0)
         acc = tl.dot(a, w, acc)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
@@ -74,7 +77,22 @@ def _grouped_gemm_kernel(
     w_scale = tl.load(w_scale_ptr + group * stride_se + w_rows)
     acc = acc * a_scale[:, None] * w_scale[None, :]
     out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
+    if SPLIT_K > 1:  # this slice's scaled sums, to the float32 workspace [SPLIT_K, M, N]
+        out_ptrs += pid_k * M * N
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=in_m[:, None] & (rn[None, :] < N))
+
+
+@triton.jit
+def _sum_splits_in_groups_kernel(partial_ptr, offsets_ptr, out_ptr, M, N, E, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    """out[s, n] = the SPLIT_K partial sums of [SPLIT_K, M, N] added in order, for the rows in a group
+    (s < OFFSETS[-1]): the rows past them stay unwritten, as SPLIT_K = 1 leaves them."""
+    rows = tl.minimum(tl.load(offsets_ptr + E - 1), M)
+    index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = index < rows * N
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for split in range(SPLIT_K):
+        total += tl.load(partial_ptr + split * M * N + index, mask=mask, other=0.0)
+    tl.store(out_ptr + index, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def row_tiles_bound(rows: int, experts: int, block_m: int) -> int:
@@ -98,15 +116,25 @@ def grouped_config(rows: int, experts: int) -> dict:
 def candidate_configs(rows: int, experts: int) -> list[dict]:
     """The tiles benchmarks/moe.py's `configs` part times against `grouped_config`'s for these rows (the
     data a per-GPU choice will come from): at few rows an expert, 16-row tiles with narrower or wider
-    N (more or fewer programs in flight: decode's 8 rows fill 192 programs on 132 SMs with 64) and
-    longer K steps; with more rows, 32- to 128-row tiles."""
+    N and longer K steps, and K split over 2 or 4 programs (more loads in flight: decode's 8 rows fill
+    192 programs on 132 SMs with 64-wide tiles); with more rows, 32- to 128-row tiles. In the
+    eighteenth session's sweep (H200, before the split-K candidates) no single tile beat the defaults."""
     if rows / max(experts, 1) <= 16:
-        tiles = [(16, n, k) for n in (32, 64, 128) for k in (128, 256)]
+        tiles = [(16, n, k, 1) for n in (32, 64, 128) for k in (128, 256)]
+        tiles += [(16, n, 128, split) for n in (64, 128) for split in (2, 4)]
     else:
-        tiles = [(m, n, 128) for m in (32, 64, 128) for n in (64, 128, 256) if m * n <= 128 * 128]
-    configs = [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=4 if m * n <= 64 * 128 else 8, num_stages=stages)
-               for m, n, k in tiles for stages in (3, 4)]
+        tiles = [(m, n, 128, 1) for m in (32, 64, 128) for n in (64, 128, 256) if m * n <= 128 * 128]
+    configs = [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=4 if m * n <= 64 * 128 else 8, num_stages=stages,
+                    **({"SPLIT_K": split} if split > 1 else {}))
+               for m, n, k, split in tiles for stages in (3, 4)]
     return [grouped_config(rows, experts)] + [config for config in configs if config != grouped_config(rows, experts)]
+
+
+def k_slices(k: int, split_k: int, block_k: int) -> tuple[int, int]:
+    """(slices, length of each): K cut into at most `split_k` slices of whole BLOCK_K steps (rounding
+    the length up may leave fewer slices)."""
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    return triton.cdiv(k, k_per_split), k_per_split
 
 
 def fp8_rowwise_grouped_gemm_triton(
@@ -115,7 +143,8 @@ def fp8_rowwise_grouped_gemm_triton(
 ) -> torch.Tensor:
     """x_q [S, K] e4m3, w_q [E, N, K] e4m3, x_scale [S], w_scale [E, N] float32, offsets [E] integer
     (non-decreasing) → bf16 [S, N]; rows past offsets[-1] are left unwritten. `config`: the tiles
-    (`candidate_configs`' form), else `grouped_config`'s."""
+    (`candidate_configs`' form; SPLIT_K > 1 adds the slices' float32 sums in a second kernel), else
+    `grouped_config`'s."""
     s, k = x_q.shape
     e, n, _ = w_q.shape
     out = torch.empty((s, n), dtype=torch.bfloat16, device=x_q.device)
@@ -124,12 +153,17 @@ def fp8_rowwise_grouped_gemm_triton(
     if k == 0:  # empty sums
         return out.zero_()
     x_q, w_q, x_scale, w_scale = x_q.contiguous(), w_q.contiguous(), x_scale.contiguous(), w_scale.contiguous()
-    config = config or grouped_config(s, e)
-    block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
-    grid = (row_tiles_bound(s, e, block_m), triton.cdiv(n, block_n))
+    offsets = offsets.contiguous()
+    config = dict(config or grouped_config(s, e))
+    split_k, k_per_split = k_slices(k, config.pop("SPLIT_K", 1), config["BLOCK_K"])
+    partial = out if split_k == 1 else torch.empty((split_k, s, n), dtype=torch.float32, device=x_q.device)
+    grid = (row_tiles_bound(s, e, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"]), split_k)
     _grouped_gemm_kernel[grid](
-        x_q, w_q, x_scale, w_scale, offsets.contiguous(), out,
-        s, n, k, e, x_q.stride(0), w_q.stride(0), w_q.stride(1), w_scale.stride(0), out.stride(0),
-        E_POW2=triton.next_power_of_2(e), EVEN_K=k % block_k == 0, **config,
+        x_q, w_q, x_scale, w_scale, offsets, partial,
+        s, n, k, e, k_per_split, x_q.stride(0), w_q.stride(0), w_q.stride(1), w_scale.stride(0), out.stride(0),
+        E_POW2=triton.next_power_of_2(e), EVEN_K=k % config["BLOCK_K"] == 0, SPLIT_K=split_k, **config,
     )
+    if split_k > 1:
+        block = 1024
+        _sum_splits_in_groups_kernel[(triton.cdiv(s * n, block),)](partial, offsets, out, s, n, e, SPLIT_K=split_k, BLOCK=block)
     return out

@@ -106,7 +106,12 @@ def test_grouped_gemm_is_exact_to_a_bf16_ulp():
              # the grid's bound on row tiles (S // 16 + min(E, S)) reached: one row an expert, and two groups
              # of a tile and a row; fewer rows than experts
              dict(s=8, n=64, k=128, counts=[1] * 8), dict(s=34, n=64, k=128, counts=[17, 0, 17]),
-             dict(s=3, n=64, k=128, counts=[1, 0, 0, 1, 0, 0, 1, 0])]
+             dict(s=3, n=64, k=128, counts=[1, 0, 0, 1, 0, 0, 1, 0]),
+             # K split over programs (candidate tiles): 2 slices of 256 and 128, a tail slice of 32 (K = 160 cut
+             # in 4 leaves 2 slices), 4 even slices; rows past the last group
+             dict(s=9, n=80, k=384, counts=[1, 0, 4, 3], config={**narrow, "BLOCK_K": 128, "SPLIT_K": 2}),
+             dict(s=40, n=96, k=160, counts=[17, 0, 23], config={**narrow, "BLOCK_K": 128, "SPLIT_K": 4}),
+             dict(s=12, n=64, k=512, counts=[3, 0, 5, 1], config={**narrow, "BLOCK_K": 128, "SPLIT_K": 4})]
     for case, result in zip(cases, interpret("grouped", cases)):
         assert result["full_shape"] == [case["s"], case["n"]] and result["dtype"] == "torch.bfloat16", case
         assert result["shape"] == [sum(case["counts"]), case["n"]], case
