@@ -30,13 +30,15 @@
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh division-rounding  # correctly rounded division's cost
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh moe [PARTS]  # MoE: expert GEMM kernel table, Qwen3-30B-A3B-
 #                                                  # and Mixtral-8x7B-shaped models, bf16 vs fxquant (PARTS: kernels configs qwen3 mixtral batched)
+#     source .whl/ondevice.sh && bash benchmarks/on_device.sh profile-moe [SHAPE [PEERS]]  # Qwen3-shaped MoE forward's kernels
+#                                                  # (SHAPE 4x2048 by default, or 1x1, 16x1...), e.g. PEERS with Inductor settings
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh tp [LAYERS]  # two GPUs (nvidia-h200-x2): the TP test, bf16 TP vs fxquant TP
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 quiet() { grep -v -E "Warning|warn\(|^  |AUTOTUNE|strides:|dtypes:|SingleProcess|_fbgemm_torch_compat|cannot determine|^\s*$|\[0m|\[33m"; }
 
-case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | torchao | profile | profile-prefill | settings | default-decode | merge | blockwise | nf4 | gemm-4bit | int8 | gemm-serving | gemm-int8 | serving-settings | aoti-probe | weight-check | division-rounding | moe | tp}" in
+case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | torchao | profile | profile-prefill | settings | default-decode | merge | blockwise | nf4 | gemm-4bit | int8 | gemm-serving | gemm-int8 | serving-settings | aoti-probe | weight-check | division-rounding | moe | profile-moe | tp}" in
   tests)
     # Without PATHS: every gpu test, in six pytest processes at once (compiling dominates and the
     # device has 16 cores; one process took more than the 10 minutes, and test_cuda_export.py beside
@@ -175,10 +177,21 @@ case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | tor
       esac
       # shellcheck disable=SC2206  (FXQUANT_MOE_PEERS is a space-separated list of peer names)
       [ -z "${FXQUANT_MOE_PEERS:-}" ] || args+=(--peers ${FXQUANT_MOE_PEERS})
+      # shellcheck disable=SC2206  (FXQUANT_MOE_ARGS: more of moe.py's arguments, e.g. "--gemms qwen3.down --tokens 8192")
+      [ -z "${FXQUANT_MOE_ARGS:-}" ] || args+=(${FXQUANT_MOE_ARGS})
       timeout "${FXQUANT_MOE_TIMEOUT:-280}" python3 benchmarks/moe.py "${args[@]}" --json "$OUT/moe_$part.json" \
         >"$OUT/moe_$part.txt" 2>&1
       grep -v -E "^\{" "$OUT/moe_$part.txt" | quiet | tail -32
     done ;;
+  profile-moe)
+    # The Qwen3-30B-A3B-shaped model (4 layers) by kernel, default mode; SHAPE BATCHxTOKENS (4x2048),
+    # PEERS (bf16 fxquant-frozen), an fxquant peer with Inductor settings after a colon
+    # (fxquant-frozen:eager_numerics.division_rounding=False).
+    shift; shape=${1:-4x2048}; [ $# -eq 0 ] || shift; [ $# -gt 0 ] || set -- bf16 fxquant-frozen
+    (cd benchmarks && timeout "${FXQUANT_TIMEOUT:-560}" python3 profile_decode.py --model qwen3 --layers 4 \
+      --batches "${shape%x*}" --tokens "${shape#*x}" --peers "$@" --json "$OUT/profile_moe_$shape.json") \
+      >"$OUT/profile_moe_$shape.txt" 2>&1
+    grep -E "^==|^  " "$OUT/profile_moe_$shape.txt" | cut -c1-150 ;;
   aoti-probe)
     { timeout 270 python3 benchmarks/aoti_probe.py; timeout 270 env -u PYTHONPATH python3 benchmarks/aoti_probe.py --no-carried; } \
       >"$OUT/aoti_probe.txt" 2>&1
