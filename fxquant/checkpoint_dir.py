@@ -12,7 +12,8 @@ the same place deletes the ones whose process, on this host, is gone.
 A directory is replaced only if it is empty or a checkpoint whose manifest (fxquant.json's
 "files") lists every file it holds, unless the caller says overwrite. The checkpoint is a new
 directory each time, made with the usual mode (umask): a shell sitting in the old one must `cd`
-into it again.
+into it again. `created_atomically` stages the same way a directory that must not exist yet (the
+bitsandbytes layout's save), moved into place in one rename.
 """
 
 from __future__ import annotations
