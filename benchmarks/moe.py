@@ -17,12 +17,13 @@ Three parts, each selected with --parts:
                    FBGEMM's stacked grouped GEMM and fxquant's Triton kernel; fxquant's expert op compiled
                    from the bf16 activation (`unfused`: its own quantization kernel, plus the GEMM
                    fxquant's lowering picks); and
-                   `fused`: the op compiled behind its producer (the gather of the hidden states by
-                   expert for gate_up, SiLU·mul for down), less the producer compiled alone, with its
+                   `fused`: the op compiled between its producer (the gather of the hidden states by
+                   expert for gate_up, SiLU·mul for down) and its consumer (SiLU·mul for gate_up, the
+                   routing-weighted sum per token for down), less those two compiled alone, so that the
+                   op's zeroing of rows past the groups fuses into the consumer as in the model; with its
                    ratio to the best library kernel alone (`fused/best`: the target is <= 1.1). Both are
                    compiled with the Inductor settings fxquant's backend gives a model (correctly rounded
-                   division, eager's bf16 roundings), `--inductor` changing them; the op's output is the
-                   graph's, so its rows past the groups are zeroed in a pass a model fuses into the consumer.
+                   division, eager's bf16 roundings), `--inductor` changing them.
 
     python benchmarks/moe.py --parts kernels qwen3 mixtral --json moe.json
     python benchmarks/moe.py --parts qwen3 --decode-implementations batched_mm --shapes 1x1 16x1
@@ -139,10 +140,21 @@ def producer(gemm: str, rows: int, tokens: int, k: int, device):
     return (lambda gu: torch.nn.functional.silu(gu[:, :k]) * gu[:, k:]), (gate_up,)
 
 
+def consumer(gemm: str, rows: int, top_k: int, n: int, device):
+    """What the model does next with the expert GEMM's output, which the op's row mask fuses into:
+    SiLU·mul of gate_up's halves; down's rows weighted by their routing weight and summed per token.
+    (function of the output and its other inputs, those inputs)."""
+    if gemm.endswith("gate_up"):
+        return (lambda y: torch.nn.functional.silu(y[:, :n // 2]) * y[:, n // 2:]), ()
+    weights = torch.rand(rows, device=device, dtype=torch.bfloat16)
+    return (lambda y, w: (y * w.unsqueeze(-1)).view(-1, top_k, n).sum(1)), (weights,)
+
+
 def kernel_table(args, device) -> list[dict]:
     """ms of each expert GEMM: bf16, each library kernel alone on quantized operands, fxquant's expert op
-    from the bf16 activation (unfused: its own quantization kernel), and fused: the op compiled behind
-    its producer, less the producer alone (what the quantization and the GEMM add to the model)."""
+    from the bf16 activation (unfused: its own quantization kernel), and fused: the op compiled between
+    its producer and its consumer, less those two alone (what the quantization and the GEMM add to
+    the model)."""
     from fxquant.inductor.fp8_rowwise_grouped_mm import even_offsets
     from fxquant.ops.fp8_rowwise import quantize_fp8_rowwise
     from fxquant.ops.fp8_rowwise_grouped_gemm import KERNELS, available_kernels
@@ -151,7 +163,8 @@ def kernel_table(args, device) -> list[dict]:
     rows_out = []
     tokens_list = args.tokens or ([4, 16] if args.tiny else KERNEL_TOKENS)
     print("ms per expert GEMM (speed-up over bf16 torch._grouped_mm); unfused: fxquant's op from the bf16 activation; "
-          "fused: behind its producer (gather / SiLU·mul), less the producer; fused/best: over the best library kernel alone")
+          "fused: between its producer (gather / SiLU·mul) and consumer (SiLU·mul / weighted sum), less those; "
+          "fused/best: over the best library kernel alone")
     print(f"{'gemm':<16}{'tokens':>7}{'bf16':>9}" + "".join(f"{k:>19}" for k in KERNELS)
           + f"{'unfused':>19}{'fused':>19}{'fused/best':>11}")
     for model in ("qwen3", "mixtral"):
@@ -163,14 +176,19 @@ def kernel_table(args, device) -> list[dict]:
             w_q, w_scale = quantize_fp8_rowwise(w)
             op = torch.ops.fxquant.fp8_rowwise_grouped_mm
             # compiled once per weight: the rows turn dynamic at the second token count (Dynamo's automatic
-            # dynamic); with the Inductor settings fxquant's backend compiles a model with (and --inductor's)
+            # dynamic); with the Inductor settings fxquant's backend compiles a model with (and --inductor's).
+            # Dynamo keys its cache by code object, which each weight's lambdas share: a fresh cache per weight
+            # keeps the recompiles under its limit (past it, a function runs eagerly)
+            torch._dynamo.reset()
+
             def compiled(fn):
                 return e2e_llama.compile_with_fxquant_settings(fn, settings)
 
             unfused = compiled(lambda x, offsets: op(x, w_q, w_scale, offsets, None))
             make, _ = producer(gemm, 1, 1, k, device)
-            produce = compiled(make)
-            fused = compiled(lambda offsets, *inputs: op(make(*inputs), w_q, w_scale, offsets, None))
+            use, _ = consumer(gemm, top_k, top_k, n, device)
+            produce, consume = compiled(make), compiled(use)
+            fused = compiled(lambda offsets, used, *inputs: use(op(make(*inputs), w_q, w_scale, offsets, None), *used))
             kernels = [kernel for kernel in available_kernels(n, k) if device.type == "cuda"]
             for tokens in tokens_list:
                 rows = tokens * top_k
@@ -178,6 +196,8 @@ def kernel_table(args, device) -> list[dict]:
                 offsets = even_offsets(rows, experts, device)
                 x_q, x_scale = quantize_fp8_rowwise(x)
                 _, inputs = producer(gemm, rows, tokens, k, device)
+                _, used = consumer(gemm, rows, top_k, n, device)
+                y = torch.randn(rows, n, device=device, dtype=torch.bfloat16)
                 row = {"gemm": gemm, "tokens": tokens, "rows": rows, "n": n, "k": k, "experts": experts}
                 if hasattr(torch, "_grouped_mm") and device.type == "cuda":
                     row["bf16"] = time_ms(lambda: torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets), device)
@@ -185,9 +205,10 @@ def kernel_table(args, device) -> list[dict]:
                     row[kernel] = time_ms(lambda: KERNELS[kernel](x_q, w_q, x_scale, w_scale, offsets), device)
                 with torch.no_grad():
                     row["unfused"] = time_ms(lambda: unfused(x, offsets), device)
-                    row["fused"] = time_ms(lambda: fused(offsets, *inputs), device) - time_ms(lambda: produce(*inputs), device)
-                if args.profile:  # where the fused op's time goes: its kernels, by GPU time
-                    row["fused_kernels"] = e2e_llama.kernel_profile(lambda: fused(offsets, *inputs), device)
+                    row["fused"] = (time_ms(lambda: fused(offsets, used, *inputs), device)
+                                    - time_ms(lambda: produce(*inputs), device) - time_ms(lambda: consume(y, *used), device))
+                    if args.profile:  # where the fused op's time goes: its kernels, by GPU time
+                        row["fused_kernels"] = e2e_llama.kernel_profile(lambda: fused(offsets, used, *inputs), device)
                 best = min((row[kernel] for kernel in kernels), default=None)
                 row["fused_over_best_library"] = row["fused"] / best if best else None
                 cells = "".join(f"{row[kn]:>10.4f} ({row['bf16'] / row[kn]:.2f}x)" if kn in row and "bf16" in row
