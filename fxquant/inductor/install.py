@@ -30,7 +30,7 @@ import torch
 from torch._inductor import decomposition as inductor_decomposition
 from torch._inductor.lowering import constrain_to_fx_strides, make_fallback
 
-from fxquant.inductor import fp8_rowwise_grouped_mm, fp8_rowwise_mm  # noqa: F401  (register the GEMM ops' lowerings)
+from fxquant.inductor import division, fp8_rowwise_grouped_mm, fp8_rowwise_mm  # noqa: F401  (register the ops' lowerings)
 from fxquant.scheme import SCHEMES
 
 LOWERED_DEVICE_TYPES = frozenset({"cuda"})

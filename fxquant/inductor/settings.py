@@ -2,14 +2,16 @@
 
     emulate_precision_casts    True   quantize each activation as eager rounds it (bf16), so the
                                       compiled model matches the reference ops' numerics
-    eager_numerics.            True   x / scale correctly rounded (`tl.div_rn`), as eager torch and
-      division_rounding               FBGEMM's quantizer divide: Triton's float32 `/` is approximate
-                                      (div.full.f32) and an e4m3 code is the rounded quotient. On the
-                                      H200 without it 1927 of 4,096,000 codes of a [1000, 4096] bf16
-                                      input differed from FBGEMM's, and 33 of 48 test inputs; with it
-                                      none. Cost: 2-4 % of an RMSNorm + FP8 linear's GPU time (14 %
-                                      of a quantization kernel alone). Every float32 division of the
-                                      graph is then eager's
+    eager_numerics.            False  where torch's Inductor has `ops.div_rn` (2.11 and later), as
+      division_rounding               in Inductor's defaults: the quantization's x / scale is
+                                      fxquant::div_rn, which always lowers to `tl.div_rn`
+                                      (fxquant/inductor/division.py), and the rest of the graph
+                                      divides as plain torch.compile does (SiLU's x / (1 + exp(-x)),
+                                      softmax). Correct rounding is what makes an e4m3 code the
+                                      rounded quotient: with Triton's approximate `/` (div.full.f32)
+                                      1927 of 4,096,000 codes of a [1000, 4096] bf16 input differed
+                                      from FBGEMM's on the H200. Without `ops.div_rn`: True, every
+                                      float32 division of the graph correctly rounded
     realize_opcount_threshold  60     decode-shaped graphs only (at most DECODE_TOKENS tokens per
                                       linear layer): Inductor's 30 counts the emulated casts (two
                                       ops per bf16 rounding) and so stores rotate_half(k) * sin to
@@ -40,6 +42,7 @@ from torch import fx
 from torch._inductor import config as inductor_config
 
 from fxquant.inductor.choices import WholeRowReductions
+from fxquant.inductor.division import HAS_DIV_RN
 from fxquant.passes.find_sites import fake_value
 
 DECODE_TOKENS = 16
@@ -69,7 +72,7 @@ def linear_tokens(gm: fx.GraphModule) -> int | None:
 def fxquant_inductor_settings(mode_patches: Mapping[str, object], tokens: int | None = None) -> dict[str, object]:
     """Inductor config patches for a graph fxquant lowered whose linear layers see at most `tokens`
     tokens (None: unknown): the mode's, then fxquant's (above)."""
-    settings = {**mode_patches, "emulate_precision_casts": True, DIVISION_ROUNDING: True}
+    settings = {**mode_patches, "emulate_precision_casts": True, DIVISION_ROUNDING: not HAS_DIV_RN}
     decode_shaped = tokens is not None and tokens <= DECODE_TOKENS
     if decode_shaped:
         settings["realize_opcount_threshold"] = DECODE_REALIZE_OPCOUNT_THRESHOLD

@@ -11,6 +11,8 @@ import functools
 import torch
 from torch import Tensor
 
+from fxquant.ops.division import div_rn
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448.0
 FP8_MIN_SCALE = 1.0 / (FP8_MAX * 512.0)  # FBGEMM's guard: an all-zero row gets this scale
@@ -35,7 +37,7 @@ def saturate_to_fp8(x: Tensor, scale: Tensor | float) -> Tensor:
     if not isinstance(scale, Tensor):
         # CUDA divides by a Python number as a product with its reciprocal, not correctly rounded.
         scale = x.new_full((), scale, dtype=torch.float32)
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return div_rn(x.float(), scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
 @functools.cache

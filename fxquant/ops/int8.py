@@ -17,6 +17,7 @@ from torch import Tensor
 
 from fxquant.inductor.tuning import device_tuning
 from fxquant.ops.availability import cpu_int8_slow_reason
+from fxquant.ops.division import div_rn
 from fxquant.ops.linear_common import (
     check_linear_inputs,
     dequantized_epilogue,
@@ -35,7 +36,7 @@ def quantize_int8_rowwise(x: Tensor) -> tuple[Tensor, Tensor]:
     x = x.float()
     # Correctly rounded division, so CPU and CUDA agree to the bit (see quantize_fp8_rowwise).
     scale = (x.abs().amax(dim=-1).clamp(min=INT8_MIN_AMAX).double() / INT8_MAX).float()
-    x_q = torch.round(x / scale.unsqueeze(-1)).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    x_q = torch.round(div_rn(x, scale.unsqueeze(-1))).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
     return x_q, scale
 
 

@@ -7,24 +7,31 @@ import torch
 
 import fxquant
 from fxquant.inductor import settings as fxquant_settings
+from fxquant.inductor.division import HAS_DIV_RN
 from fxquant.inductor.settings import fxquant_inductor_settings
 
 
 def test_default_mode_keeps_row_reductions_whole():
     assert fxquant_inductor_settings({}) == {
-        "emulate_precision_casts": True, fxquant_settings.DIVISION_ROUNDING: True, "split_reductions": False}
+        "emulate_precision_casts": True, fxquant_settings.DIVISION_ROUNDING: not HAS_DIV_RN, "split_reductions": False}
 
 
 @pytest.mark.parametrize("mode", [None, "reduce-overhead", "max-autotune"])
 @pytest.mark.parametrize("tokens", [None, 1, 4096])
-def test_every_graph_divides_correctly_rounded(mode, tokens):
-    """FP8 codes are rounded quotients x / scale: Triton's approximate float32 division would move
-    some of them (tests/kernels/test_cuda_compiled_quantization.py checks the codes on the GPU)."""
+def test_only_a_torch_without_div_rn_rounds_every_division(mode, tokens):
+    """FP8 codes are rounded quotients x / scale: the quantization divides with fxquant::div_rn, which
+    Inductor lowers to a correctly rounded division (tests/kernels/test_cuda_compiled_quantization.py
+    checks the codes on the GPU); where Inductor has no div_rn, every division of the graph is."""
     settings = fxquant_inductor_settings(torch._inductor.list_mode_options(mode) if mode else {}, tokens)
     name = fxquant_settings.DIVISION_ROUNDING
-    assert settings[name] is True
+    assert settings[name] is (not HAS_DIV_RN)
     with torch._inductor.config.patch({name: False}):  # a name Inductor knows: patching it works
         pass
+
+
+def test_this_torch_has_div_rn():
+    """CI's torch (2.13) lowers fxquant::div_rn to Inductor's own div_rn."""
+    assert HAS_DIV_RN
 
 
 def test_cuda_graphs_keep_inductors_split_reductions():
