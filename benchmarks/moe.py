@@ -17,20 +17,22 @@ Three parts, each selected with --parts:
                    FBGEMM's stacked grouped GEMM and fxquant's Triton kernel; fxquant's expert op compiled
                    from the bf16 activation (`unfused`: its own quantization kernel, plus the GEMM
                    fxquant's lowering picks); and
-                   `fused`: the op compiled between its producer (the gather of the hidden states by
-                   expert for gate_up, SiLU·mul for down) and its consumer (SiLU·mul for gate_up, the
-                   routing-weighted sum per token for down), less those two compiled alone, so that the
-                   op's zeroing of rows past the groups fuses into the consumer as in the model; with its
+                   `fused`: the op compiled between its producer (RMSNorm of the tokens for gate_up,
+                   whose op reads the rows by expert from them as the model's does after
+                   passes/quantize_before_gather.py, so gate_up's `fused` holds the gather of the rows,
+                   which the GEMM columns do not; SiLU·mul for down) and its consumer (SiLU·mul for
+                   gate_up, the routing-weighted sum per token for down), less those two compiled alone,
+                   so that the op's zeroing of rows past the groups fuses into the consumer as in the model; with its
                    ratio to the best library kernel alone (`fused/best`: the target is <= 1.1). Both are
-                   compiled with the Inductor settings fxquant's backend gives a model (correctly rounded
-                   division, eager's bf16 roundings), `--inductor` changing them.
+                   compiled with the Inductor settings fxquant's backend gives a model (eager's bf16
+                   roundings), `--inductor` changing them.
 
     python benchmarks/moe.py --parts kernels qwen3 mixtral --json moe.json
     python benchmarks/moe.py --parts qwen3 --decode-implementations batched_mm --shapes 1x1 16x1
     python benchmarks/moe.py --parts configs --json moe_configs.json
     python benchmarks/moe.py --parts kernels --profile --json moe_kernels.json   # + each fused op's kernels
     python benchmarks/moe.py --parts kernels --gemms qwen3.down --tokens 1024 8192 --profile
-    python benchmarks/moe.py --parts kernels --gemms qwen3.down --tokens 8192 --inductor eager_numerics.division_rounding=False
+    python benchmarks/moe.py --parts kernels --gemms qwen3.down --tokens 8192 --inductor split_reductions=True
     python benchmarks/moe.py --tiny       # CPU smoke test of the script itself
 """
 
@@ -131,13 +133,20 @@ def time_ms(fn, device) -> float:
 
 def producer(gemm: str, rows: int, tokens: int, k: int, device):
     """The expert GEMM's activation as the model makes it, for the quantization to fuse into: gate_up's
-    input is the hidden states gathered by expert (rows spread over the tokens), down's is SiLU·mul of
-    gate_up's output. (function, its inputs)."""
+    is the RMSNorm of the tokens, the op reading its rows by expert (`rows`, spread over the tokens);
+    down's is SiLU·mul of gate_up's output. (function of the inputs to the op's activation arguments,
+    the inputs)."""
     if gemm.endswith("gate_up"):
         hidden = torch.randn(tokens, k, device=device, dtype=torch.bfloat16)
-        return (lambda h, rows_by_expert: h[rows_by_expert]), (hidden, torch.arange(rows, device=device) % tokens)
+        weight = torch.rand(k, device=device, dtype=torch.bfloat16) + 0.5
+
+        def normed(h, rows_by_expert):
+            variance = h.float().pow(2).mean(-1, keepdim=True)
+            return {"x": (h.float() * torch.rsqrt(variance + 1e-6)).to(h.dtype) * weight, "rows": rows_by_expert}
+
+        return normed, (hidden, torch.arange(rows, device=device) % tokens)
     gate_up = torch.randn(rows, 2 * k, device=device, dtype=torch.bfloat16)
-    return (lambda gu: torch.nn.functional.silu(gu[:, :k]) * gu[:, k:]), (gate_up,)
+    return (lambda gu: {"x": torch.nn.functional.silu(gu[:, :k]) * gu[:, k:]}), (gate_up,)
 
 
 def consumer(gemm: str, rows: int, top_k: int, n: int, device):
@@ -188,7 +197,7 @@ def kernel_table(args, device) -> list[dict]:
             make, _ = producer(gemm, 1, 1, k, device)
             use, _ = consumer(gemm, top_k, top_k, n, device)
             produce, consume = compiled(make), compiled(use)
-            fused = compiled(lambda offsets, used, *inputs: use(op(make(*inputs), w_q, w_scale, offsets, None), *used))
+            fused = compiled(lambda offsets, used, *inputs: use(op(w_q=w_q, w_scale=w_scale, offsets=offsets, **make(*inputs)), *used))
             kernels = [kernel for kernel in available_kernels(n, k) if device.type == "cuda"]
             for tokens in tokens_list:
                 rows = tokens * top_k
@@ -272,7 +281,7 @@ def main() -> None:
                         help="kernels: only these expert GEMMs")
     parser.add_argument("--tokens", type=int, nargs="+", help=f"kernels: these token counts (default {KERNEL_TOKENS})")
     parser.add_argument("--inductor", default="", metavar="KEY=VALUE,...",
-                        help="kernels: Inductor settings over fxquant's (e.g. eager_numerics.division_rounding=False)")
+                        help="kernels: Inductor settings over fxquant's (e.g. split_reductions=True)")
     parser.add_argument("--json")
     args = parser.parse_args()
     global DECODE_SHAPES, PREFILL_SHAPES

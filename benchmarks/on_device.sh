@@ -27,7 +27,6 @@
 #                                                  # Inductor settings (realize_opcount_threshold=60) against the default
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh aoti-probe  # which step of a plain AOTInductor package dies
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh weight-check  # check_weight_updates' cost per decode step
-#     source .whl/ondevice.sh && bash benchmarks/on_device.sh division-rounding  # correctly rounded division's cost
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh moe [PARTS]  # MoE: expert GEMM kernel table, Qwen3-30B-A3B-
 #                                                  # and Mixtral-8x7B-shaped models, bf16 vs fxquant (PARTS: kernels configs qwen3 mixtral batched)
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh profile-moe [SHAPE [PEERS]]  # Qwen3-shaped MoE forward's kernels
@@ -38,7 +37,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 quiet() { grep -v -E "Warning|warn\(|^  |AUTOTUNE|strides:|dtypes:|SingleProcess|_fbgemm_torch_compat|cannot determine|^\s*$|\[0m|\[33m"; }
 
-case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | torchao | profile | profile-prefill | settings | default-decode | merge | blockwise | nf4 | gemm-4bit | int8 | gemm-serving | gemm-int8 | serving-settings | aoti-probe | weight-check | division-rounding | moe | profile-moe | tp}" in
+case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | torchao | profile | profile-prefill | settings | default-decode | merge | blockwise | nf4 | gemm-4bit | int8 | gemm-serving | gemm-int8 | serving-settings | aoti-probe | weight-check | moe | profile-moe | tp}" in
   tests)
     # Without PATHS: every gpu test, in six pytest processes at once (compiling dominates and the
     # device has 16 cores; one process took more than the 10 minutes, and test_cuda_export.py beside
@@ -158,11 +157,6 @@ case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | tor
     timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/tensor_parallel.py --ranks 2 --layers "${2:-8}" --modes reduce-overhead \
       --json "$OUT/tp.json" >"$OUT/tp.txt" 2>&1
     quiet <"$OUT/tp.txt" | tail -8 ;;
-  division-rounding)
-    # Correctly rounded division in the fused FP8 quantization (item 13's setting), off and on.
-    timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/division_rounding.py --json "$OUT/division_rounding.json" \
-      >"$OUT/division_rounding.txt" 2>&1
-    quiet <"$OUT/division_rounding.txt" | tail -8 ;;
   moe)
     # MoE (benchmarks/moe.py), one part per run, each under its own limit so that a slow one keeps the
     # others' figures. PARTS (default: kernels qwen3, about 5 minutes): kernels (expert GEMM table),
@@ -186,7 +180,7 @@ case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | tor
   profile-moe)
     # The Qwen3-30B-A3B-shaped model (4 layers) by kernel, default mode; SHAPE BATCHxTOKENS (4x2048),
     # PEERS (bf16 fxquant-frozen), an fxquant peer with Inductor settings after a colon
-    # (fxquant-frozen:eager_numerics.division_rounding=False).
+    # (fxquant-frozen:split_reductions=True).
     shift; shape=${1:-4x2048}; [ $# -eq 0 ] || shift; [ $# -gt 0 ] || set -- bf16 fxquant-frozen
     (cd benchmarks && timeout "${FXQUANT_TIMEOUT:-560}" python3 profile_decode.py --model qwen3 --layers 4 \
       --batches "${shape%x*}" --tokens "${shape#*x}" --peers "$@" --json "$OUT/profile_moe_$shape.json") \

@@ -6,6 +6,8 @@
     rewrite    linear nodes → fxquant ops reading those buffers     (needs the buffers)
     merge      ops on one activation → one op on stacked weights    (compiling only: `merge`;
                decided with the plan, carried out after the rewrite)
+    gather     a grouped expert op on gathered rows → the op on the  (exact: a row's quantization is
+               rows' source and their indices                       its own)
 The weight transposes the rewrite leaves dead go with it, so there is no separate cleanup.
 """
 
@@ -15,7 +17,8 @@ from torch import fx
 
 from fxquant.config import QuantConfig
 from fxquant.passes import (
-    Plan, WeightLookup, merge_parallel_linears, plan_linears, plan_merges, quantize_weights, rewrite_linears,
+    Plan, WeightLookup, merge_parallel_linears, plan_linears, plan_merges, quantize_before_gathers, quantize_weights,
+    rewrite_linears,
 )
 from fxquant.passes.quantize_weights import QuantizedCache, QuantizedWeight
 
@@ -34,4 +37,5 @@ def quantize_graph(
     rewrite_linears(gm, plan)
     if merge:
         merge_parallel_linears(gm, plan)
+    quantize_before_gathers(gm)
     return plan, quantized

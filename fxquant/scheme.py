@@ -53,8 +53,12 @@ class SchemeCall:
     activation: str = "x"
 
     def node_args(self) -> tuple:
-        """The arguments in the op's schema order."""
-        return tuple(self.args[argument.name] for argument in self.op._schema.arguments)
+        """The arguments in the op's schema order; optional ones at the end that `args` leaves out
+        keep their defaults (e.g. a grouped expert op's `rows`)."""
+        arguments = list(self.op._schema.arguments)
+        while arguments and arguments[-1].name not in self.args and arguments[-1].has_default_value():
+            arguments.pop()
+        return tuple(self.args[argument.name] for argument in arguments)
 
     def tensor(self, name: str) -> object:
         return self.args[self.tensors[name]]

@@ -17,6 +17,7 @@ Invariants every pass keeps:
 from fxquant.passes.find_sites import GemmSite, WeightLookup, find_sites
 from fxquant.passes.merge_parallel_linears import merge_parallel_linears, plan_merges
 from fxquant.passes.plan_linears import Plan, PlannedLinear, plan_linears
+from fxquant.passes.quantize_before_gather import quantize_before_gathers
 from fxquant.passes.quantize_weights import QuantizedWeight, quantize_weights
 from fxquant.passes.rewrite_linears import rewrite_linears
 
@@ -30,6 +31,7 @@ __all__ = [
     "merge_parallel_linears",
     "plan_linears",
     "plan_merges",
+    "quantize_before_gathers",
     "quantize_weights",
     "rewrite_linears",
 ]

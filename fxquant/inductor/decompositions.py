@@ -8,8 +8,9 @@
       → fxquant::fp8_blockwise_mm(x_q, scale, w_q, w_scale) (+ bias)          (an extern call: cuBLAS or Triton)
     fp8_tensorwise_linear(...)
       → amax of the whole tensor, the cast → _scaled_mm(tensorwise)           (Inductor's GEMM lowering)
-    fp8_rowwise_grouped_mm(x, w_q, w_scale, offsets, ub)                      (MoE experts)
+    fp8_rowwise_grouped_mm(x, w_q, w_scale, offsets, ub, rows)                (MoE experts)
       → the rowwise quantization, as for a linear                            (reduction + pointwise)
+      → with rows: the codes and scales of x's rows `rows`                    (pointwise gather)
       → fxquant::fp8_rowwise_grouped_gemm(x_q, w_q, scale, w_scale, offsets)  (fxquant's grouped GEMM lowering)
       → rows past offsets[-1] set to 0, the cast                              (pointwise, fused into the consumer)
     fp8_rowwise_batched_mm(x, w_q, w_scale, expert_ids, ub)
@@ -33,6 +34,7 @@ from torch import Tensor
 
 from fxquant.inductor import fp8_rowwise_grouped_mm, fp8_rowwise_mm  # noqa: F401  (register the GEMMs' lowerings)
 from fxquant.ops import fp8_blockwise_experts
+from fxquant.ops.expert_rows import gathered
 from fxquant.ops.fp8_blockwise import block_sizes, quantize_fp8_groupwise
 from fxquant.ops.fp8_common import saturate_to_fp8
 from fxquant.ops.fp8_rowwise import quantize_fp8_rowwise
@@ -49,10 +51,13 @@ def fp8_rowwise_linear(
     return bf16_gemm_epilogue(torch.ops.fxquant.fp8_rowwise_mm(x_q, w_q, x_scale, w_scale), bias, x)
 
 
-def fp8_rowwise_grouped_mm(x: Tensor, w_q: Tensor, w_scale: Tensor, offsets: Tensor, scale_ub: float | None = None) -> Tensor:
+def fp8_rowwise_grouped_mm(
+    x: Tensor, w_q: Tensor, w_scale: Tensor, offsets: Tensor, scale_ub: float | None = None, rows: Tensor | None = None
+) -> Tensor:
     """fxquant::fp8_rowwise_grouped_mm: the per-row quantization as aten ops Inductor fuses into x's
-    producer (SiLU·mul, RMSNorm, the gather of the rows by expert), then fxquant's grouped GEMM op."""
-    x_q, x_scale = quantize_fp8_rowwise(x, scale_ub)
+    producer (SiLU·mul, RMSNorm, the gather of the rows by expert), the codes' gather with `rows`,
+    then fxquant's grouped GEMM op."""
+    x_q, x_scale = gathered(rows, *quantize_fp8_rowwise(x, scale_ub))
     return grouped_mm_of_quantized(x_q, x_scale, w_q, w_scale, offsets, x.dtype)
 
 
@@ -72,10 +77,13 @@ def fp8_blockwise_linear(
     return bf16_gemm_epilogue(torch.ops.fxquant.fp8_blockwise_mm(x_q, x_scale, w_q, w_scale), bias, x)
 
 
-def fp8_blockwise_grouped_mm(x: Tensor, w_q: Tensor, w_scale: Tensor, offsets: Tensor, scale_ub: float | None = None) -> Tensor:
+def fp8_blockwise_grouped_mm(
+    x: Tensor, w_q: Tensor, w_scale: Tensor, offsets: Tensor, scale_ub: float | None = None, rows: Tensor | None = None
+) -> Tensor:
     """fxquant::fp8_blockwise_grouped_mm: the per-token per-group quantization as aten ops Inductor fuses
-    into x's producer (SiLU·mul, the gather of the rows by expert), then fxquant's blockwise grouped GEMM op."""
-    x_q, x_scale = fp8_blockwise_experts.quantize_rows(x, w_q, w_scale, scale_ub)
+    into x's producer (SiLU·mul, RMSNorm, the gather of the rows by expert), the codes' gather with
+    `rows`, then fxquant's blockwise grouped GEMM op."""
+    x_q, x_scale = gathered(rows, *fp8_blockwise_experts.quantize_rows(x, w_q, w_scale, scale_ub))
     return fp8_blockwise_experts.grouped_mm_of_quantized(x_q, x_scale, w_q, w_scale, offsets, x.dtype)
 
 

@@ -1,6 +1,8 @@
 """What the FP8 schemes' expert ops share around their grouped GEMMs, all on the device (no host sync:
 CUDA graphs), used by their CUDA kernels and Inductor decompositions alike:
 
+    gathered(rows, x_q, x_scale)                             the rows an expert op reads, of x quantized
+                                                             (rows None: x's own)
     rows_in_groups(y, offsets)                               the rows past offsets[-1] set to 0
     batched_as_grouped(grouped_gemm, x_q, x_scale, ids, E)   the batched form by the grouped GEMM: the
                                                              rows ordered by expert, the results put back
@@ -12,6 +14,11 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+
+def gathered(rows: Tensor | None, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """Each tensor's rows `rows` (tensor[rows]), or the tensors as they are where `rows` is None."""
+    return tensors if rows is None else tuple(tensor[rows] for tensor in tensors)
 
 
 def rows_in_groups(y: Tensor, offsets: Tensor) -> Tensor:

@@ -2,8 +2,10 @@
 
     fp8_blockwise_batched_mm(x [S, K], w_q [E, N, K], w_scale [E, N / bn, K / bk], expert_ids [S]) → y [S, N]
         y[s] = sum over K-blocks kb of (x_q[s, kb] · w_q[e, :, kb]) * x_scale[s, kb] * w_scale[e, :, kb],  e = expert_ids[s]
-    fp8_blockwise_grouped_mm(x [S, K], w_q [E, N, K], w_scale [E, N / bn, K / bk], offsets [E] int32) → y [S, N]
-        the rows of group g, offsets[g-1] <= s < offsets[g], times expert g; rows past offsets[-1] are 0
+    fp8_blockwise_grouped_mm(x [S, K], w_q [E, N, K], w_scale [E, N / bn, K / bk], offsets [E] int32, scale_ub, rows) → y [S, N]
+        the rows of group g, offsets[g-1] <= s < offsets[g], times expert g; rows past offsets[-1] are 0;
+        with rows [S] (x [T, K]): the op's rows are x[rows], quantized before they are gathered
+        (as fp8_rowwise_grouped_mm's, fxquant/ops/fp8_rowwise_experts.py)
 
 The block (bn, bk) is read off the shapes, as the dense op reads it; x is quantized per token per
 bk-wide group of channels, as the dense op does (fxquant/ops/fp8_blockwise.py), and each K-block's
@@ -22,15 +24,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fxquant.ops.expert_rows import batched_as_grouped, rows_in_groups
+from fxquant.ops.expert_rows import batched_as_grouped, gathered, rows_in_groups
 from fxquant.ops.fp8_blockwise import block_sizes, quantize_fp8_groupwise
 from fxquant.ops.fp8_blockwise_grouped_gemm import fp8_blockwise_grouped_gemm, grouped_rows_times_experts, rows_times_experts
 from fxquant.ops.fp8_common import FP8_DTYPE
 from fxquant.ops.linear_common import FLOAT_DTYPES, register_inference_only_autograd
 
 
-def check_blockwise_expert_inputs(op: str, x: Tensor, w_q: Tensor, w_scale: Tensor, rows: Tensor, rows_name: str) -> None:
-    """Shape and dtype checks shared by the fake and the real implementations."""
+def check_blockwise_expert_inputs(op: str, x: Tensor, w_q: Tensor, w_scale: Tensor, rows: Tensor, rows_name: str,
+                                  gather: Tensor | None = None) -> None:
+    """Shape and dtype checks shared by the fake and the real implementations (`gather`: a grouped op's rows of x)."""
     torch._check(x.dtype in FLOAT_DTYPES, lambda: f"{op}: activation dtype {x.dtype} unsupported; want {FLOAT_DTYPES}")
     torch._check(x.dim() == 2, lambda: f"{op}: activation must be 2-D [S, K], got {tuple(x.shape)}")
     torch._check(w_q.dim() == 3 and w_q.dtype == FP8_DTYPE, lambda: f"{op}: weight must be {FP8_DTYPE} [E, N, K], got {w_q.dtype} {tuple(w_q.shape)}")
@@ -44,6 +47,8 @@ def check_blockwise_expert_inputs(op: str, x: Tensor, w_q: Tensor, w_scale: Tens
         lambda: f"{op}: weight {list(w_q.shape)} is not a whole number of {list(w_scale.shape[1:])} blocks per expert",
     )
     torch._check(rows.dim() == 1 and not rows.is_floating_point(), lambda: f"{op}: {rows_name} must be a 1-D integer tensor")
+    torch._check(gather is None or (gather.dim() == 1 and not gather.is_floating_point() and gather.dtype != torch.bool),
+                 lambda: f"{op}: rows must be a 1-D integer tensor (indices of x's rows)")
 
 
 def quantize_rows(x: Tensor, w_q: Tensor, w_scale: Tensor, scale_ub: float | None) -> tuple[Tensor, Tensor]:
@@ -88,24 +93,27 @@ def _(x: Tensor, w_q: Tensor, w_scale: Tensor, expert_ids: Tensor, scale_ub: flo
 
 
 @torch.library.custom_op("fxquant::fp8_blockwise_grouped_mm", mutates_args=())
-def fp8_blockwise_grouped_mm(x: Tensor, w_q: Tensor, w_scale: Tensor, offsets: Tensor, scale_ub: float | None = None) -> Tensor:
-    """The rows of each expert's group times that expert, FP8 blockwise (reference implementation, any device)."""
-    check_blockwise_expert_inputs("fxquant::fp8_blockwise_grouped_mm", x, w_q, w_scale, offsets, "offsets")
+def fp8_blockwise_grouped_mm(
+    x: Tensor, w_q: Tensor, w_scale: Tensor, offsets: Tensor, scale_ub: float | None = None, rows: Tensor | None = None
+) -> Tensor:
+    """The rows of each expert's group (x's, or x[rows]) times that expert, FP8 blockwise (reference implementation, any device)."""
+    check_blockwise_expert_inputs("fxquant::fp8_blockwise_grouped_mm", x, w_q, w_scale, offsets, "offsets", rows)
+    (x,) = gathered(rows, x)
     x_q, x_scale = quantize_rows(x, w_q, w_scale, scale_ub)
     return grouped_rows_times_experts(x_q, x_scale, w_q, w_scale, offsets).to(x.dtype)
 
 
 @fp8_blockwise_grouped_mm.register_kernel("cuda")
-def _(x: Tensor, w_q: Tensor, w_scale: Tensor, offsets: Tensor, scale_ub: float | None = None) -> Tensor:
-    check_blockwise_expert_inputs("fxquant::fp8_blockwise_grouped_mm", x, w_q, w_scale, offsets, "offsets")
-    x_q, x_scale = quantize_rows(x, w_q, w_scale, scale_ub)
+def _(x: Tensor, w_q: Tensor, w_scale: Tensor, offsets: Tensor, scale_ub: float | None = None, rows: Tensor | None = None) -> Tensor:
+    check_blockwise_expert_inputs("fxquant::fp8_blockwise_grouped_mm", x, w_q, w_scale, offsets, "offsets", rows)
+    x_q, x_scale = gathered(rows, *quantize_rows(x, w_q, w_scale, scale_ub))
     return grouped_mm_of_quantized(x_q, x_scale, w_q, w_scale, offsets, x.dtype)
 
 
 @fp8_blockwise_grouped_mm.register_fake
-def _(x: Tensor, w_q: Tensor, w_scale: Tensor, offsets: Tensor, scale_ub: float | None = None) -> Tensor:
-    check_blockwise_expert_inputs("fxquant::fp8_blockwise_grouped_mm", x, w_q, w_scale, offsets, "offsets")
-    return x.new_empty((x.shape[0], w_q.shape[1]))
+def _(x: Tensor, w_q: Tensor, w_scale: Tensor, offsets: Tensor, scale_ub: float | None = None, rows: Tensor | None = None) -> Tensor:
+    check_blockwise_expert_inputs("fxquant::fp8_blockwise_grouped_mm", x, w_q, w_scale, offsets, "offsets", rows)
+    return x.new_empty((x.shape[0] if rows is None else rows.shape[0], w_q.shape[1]))
 
 
 register_inference_only_autograd(fp8_blockwise_batched_mm, "fxquant::fp8_blockwise_batched_mm")

@@ -4,6 +4,8 @@ the batched and grouped forms rebuilt on it against the reference expert ops, an
 quantization fused into the SiLU·mul that produces it (Inductor's C++ backend, the GEMM op run as its
 reference). The CUDA kernels are tests/kernels/test_cuda_experts.py's."""
 
+import re
+
 import pytest
 import torch
 from torch._inductor.compile_fx import compile_fx
@@ -68,6 +70,19 @@ def test_decompositions_equal_the_reference_ops(kind):
         torch.testing.assert_close(decomposition(x, w_q, w_scale, rows, scale_ub), expected, rtol=2**-8, atol=1e-6)
 
 
+def test_grouped_rows_are_the_gathered_rows_quantized_first():
+    """rows: the grouped op on x[rows] (each token once per expert it is routed to), in the reference op,
+    its decomposition and its opcheck; a token's codes are the same wherever it is gathered to."""
+    x, w_q, w_scale, offsets = operands(rows=7)
+    rows = torch.randint(0, 7, (17,), generator=torch.Generator().manual_seed(2))
+    op = torch.ops.fxquant.fp8_rowwise_grouped_mm
+    expected = op(x[rows], w_q, w_scale, offsets, None)
+    assert torch.equal(op(x, w_q, w_scale, offsets, None, rows), expected)
+    torch.testing.assert_close(decompositions.fp8_rowwise_grouped_mm(x, w_q, w_scale, offsets, None, rows), expected,
+                               rtol=2**-8, atol=1e-6)
+    torch.library.opcheck(op, (x, w_q, w_scale, offsets, None, rows), test_utils=OPCHECK_TESTS)
+
+
 def test_decompositions_decline_off_cuda():
     """Installed in Inductor's table, the expert ops stay whole on the CPU (their reference runs)."""
     table = select_decomp_table()
@@ -112,6 +127,27 @@ def test_expert_quantization_fuses_into_silu_mul(kind):
     else:  # SiLU·mul with the rows' amax and the experts' counts; the gather by expert with the cast; the gather back
         assert len(generated) == 3 and "float8" in generated[1].lower(), code
     assert relative_error(out, down(gate_up)) < 1e-3
+
+
+@pytest.mark.skipif(torch.__version__ < "2.13", reason="torch 2.11's C++ backend does not emulate the bf16 rounding")
+def test_tokens_amax_is_reduced_once_per_token_and_the_gathered_rows_are_codes():
+    """RMSNorm then gate_up on 17 rows gathered from 7 tokens (`rows`): the amax is reduced per token (a
+    [7] buffer, beside RMSNorm's), the gathered rows are written as e4m3 codes only (no bf16 copy of
+    them), and the result is the reference op's on the rows."""
+    x, w_q, w_scale, offsets = operands(rows=7)
+    rows = torch.randint(0, 7, (17,), generator=torch.Generator().manual_seed(2))
+    weight = torch.rand(64, dtype=torch.bfloat16) + 0.5
+
+    def gate_up(hidden):
+        variance = hidden.float().pow(2).mean(-1, keepdim=True)
+        normed = (hidden.float() * torch.rsqrt(variance + 1e-6)).to(hidden.dtype) * weight
+        return torch.ops.fxquant.fp8_rowwise_grouped_mm(normed, w_q, w_scale, offsets, None, rows)
+
+    out, (code, *_) = run_and_get_code(compile_with_lowering(gate_up), x)
+    buffers = re.findall(r"empty_strided_cpu\(\((\d+), (?:(\d+))?\),.*?(torch\.\w+)\)", code)
+    assert ("7", "", "torch.float32") in buffers, f"the amax is not reduced per token:\n{code}"
+    assert ("17", "64", "torch.float8_e4m3fn") in buffers and ("17", "64", "torch.bfloat16") not in buffers, code
+    assert relative_error(out, gate_up(x)) < 1e-3
 
 
 def test_kernel_choice_by_shape_and_forced(monkeypatch, caplog):

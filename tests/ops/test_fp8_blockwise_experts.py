@@ -72,6 +72,22 @@ def test_grouped_matches_float64_reference_with_empty_groups_and_rows_past_the_l
     assert torch.all(y[10:] == 0)
 
 
+def test_grouped_rows_of_tokens_match_the_float64_reference():
+    """rows: the op's rows are x[rows] (each token once per expert it is routed to), against the
+    reference on the gathered rows, with the check that rows are indices."""
+    torch.manual_seed(4)
+    tokens, w = torch.randn(5, K), torch.randn(E, N, K)
+    rows = torch.tensor([4, 0, 0, 2, 1, 3, 4, 2])
+    offsets = torch.tensor([2, 4, 4, 7], dtype=torch.int32)  # expert 2 has no rows; row 7 none
+    w_q, w_scale = quantize_fp8_blockwise_weight(w, BLOCK)
+    y = grouped(tokens, w_q, w_scale, offsets, None, rows)
+    experts = [0] * 2 + [1] * 2 + [3] * 3 + [-1]
+    torch.testing.assert_close(y.double(), reference_rows(tokens[rows], w, experts), rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(grouped, (tokens, w_q, w_scale, offsets, None, rows), test_utils=OPCHECK_TESTS)
+    with pytest.raises(RuntimeError, match=r"rows must be a 1-D integer tensor \(indices of x's rows\)"):
+        grouped(tokens, w_q, w_scale, offsets, None, rows > 2)
+
+
 def test_one_expert_row_equals_the_dense_op():
     """A batched row is the dense fp8_blockwise_linear of that row and that expert, bit for bit."""
     torch.manual_seed(3)

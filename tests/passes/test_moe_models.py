@@ -239,16 +239,14 @@ def forward(self, L_args_0_, L_args_1_, L_args_2_, gate_up_proj_, down_proj_):
     expert_ids_g = sort[0]
     perm = sort[1]
     floordiv = perm // 2
-    selected_hidden_states_g = l_args_0_[floordiv]
     sample_weights_g = sample_weights[perm]
     histc_input = expert_ids_g.float()
     tokens_per_expert = torch.histc(histc_input, bins = 8, min = 0, max = 7)
     offsets = torch.cumsum(tokens_per_expert, dim = 0, dtype = torch.int32)
-    to = selected_hidden_states_g.to(torch.float32)
     fxquant_gate_up_proj_weight = self.fxquant_gate_up_proj_weight
     fxquant_gate_up_proj_scale = self.fxquant_gate_up_proj_scale
-    fp8_rowwise_grouped_mm_default = torch.ops.fxquant.fp8_rowwise_grouped_mm.default(to, fxquant_gate_up_proj_weight, fxquant_gate_up_proj_scale, offsets, None)
-    chunk = fp8_rowwise_grouped_mm_default.chunk(2, dim = -1)
+    fp8_rowwise_grouped_mm_default_2 = torch.ops.fxquant.fp8_rowwise_grouped_mm.default(l_args_0_, fxquant_gate_up_proj_weight, fxquant_gate_up_proj_scale, offsets, None, floordiv)
+    chunk = fp8_rowwise_grouped_mm_default_2.chunk(2, dim = -1)
     gate = chunk[0]
     up = chunk[1]
     silu = torch.nn.functional.silu(gate)
@@ -307,15 +305,13 @@ def forward(self, L_args_0_, L_args_1_, L_args_2_, gate_up_proj_, down_proj_):
     expert_ids_g = sort[0]
     perm = sort[1]
     floordiv = perm // 2
-    selected_hidden_states_g = l_args_0_[floordiv]
     sample_weights_g = sample_weights[perm]
     histc_input = expert_ids_g.float()
     tokens_per_expert = torch.histc(histc_input, bins = 8, min = 0, max = 7)
     offsets = torch.cumsum(tokens_per_expert, dim = 0, dtype = torch.int32)
-    to = selected_hidden_states_g.to(torch.float32)
     fxquant_gate_up_proj_stored_scale = self.fxquant_gate_up_proj_stored_scale
-    fp8_rowwise_grouped_mm_default = torch.ops.fxquant.fp8_rowwise_grouped_mm.default(to, gate_up_proj_, fxquant_gate_up_proj_stored_scale, offsets, None)
-    chunk = fp8_rowwise_grouped_mm_default.chunk(2, dim = -1)
+    fp8_rowwise_grouped_mm_default_2 = torch.ops.fxquant.fp8_rowwise_grouped_mm.default(l_args_0_, gate_up_proj_, fxquant_gate_up_proj_stored_scale, offsets, None, floordiv)
+    chunk = fp8_rowwise_grouped_mm_default_2.chunk(2, dim = -1)
     gate = chunk[0]
     up = chunk[1]
     silu = torch.nn.functional.silu(gate)
