@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from expecttest import TestCase
+from torch._dynamo.utils import counters
 
 import fxquant
 from fxquant import QuantConfig
@@ -63,8 +64,11 @@ def test_each_models_experts_match_the_float64_reference(model, implementation):
     to float32 rounding; the float experts differ by FP8's error, so the check tells quantized from not."""
     experts = MOE_MODELS[model](implementation).model.layers[-1].mlp.experts
     hidden, index, weights = routing()
+    counters.clear()
     _, output, plan = rewrite(experts, hidden, index, weights)
     kind = implementation.removesuffix("_mm")
+    # grouped_mm: gate_up reads the tokens and their rows (passes/quantize_before_gather.py)
+    assert counters["fxquant"]["quantized_before_gather"] == (kind == "grouped")
     assert [(row.layer, row.site.kind, row.shape, row.scheme) for row in plan] == [
         ("gate_up_proj", kind, "8 x 64 x 64", "fp8_rowwise"), ("down_proj", kind, f"8 x 64 x 32", "fp8_rowwise")]
     expected = experts_reference(experts, hidden, index, weights)
