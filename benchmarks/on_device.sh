@@ -24,7 +24,7 @@
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh gemm-serving # fp8_rowwise GEMM choices at M = 32..512
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh gemm-int8   # int8 GEMM choices per shape (after an RMSNorm)
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh serving-settings  # fp8_rowwise at (32..256, 1): decode's
-#                                                  # Inductor settings (realize_opcount_threshold=60) against the default
+#                                                  # Inductor settings (realize_opcount_threshold=100) against the default
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh aoti-probe  # which step of a plain AOTInductor package dies
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh weight-check  # check_weight_updates' cost per decode step
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh moe [PARTS]  # MoE: expert GEMM kernel table, Qwen3-30B-A3B-
@@ -109,7 +109,7 @@ case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | tor
     quiet <"$OUT/gemm_int8.txt" | tail -20 ;;
   serving-settings)
     timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/e2e_llama.py --layers 8 --modes reduce-overhead \
-      --peers bf16 fxquant fxquant:realize_opcount_threshold=60 --shapes 32x1 64x1 128x1 256x1 --no-recompile-check \
+      --peers bf16 fxquant fxquant:realize_opcount_threshold=100 --shapes 32x1 64x1 128x1 256x1 --no-recompile-check \
       --repeats 10 --json "$OUT/e2e_serving_settings.json" >"$OUT/e2e_serving_settings.txt" 2>&1
     quiet <"$OUT/e2e_serving_settings.txt" | tail -6 ;;
   gemm-serving)

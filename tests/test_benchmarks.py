@@ -1,7 +1,7 @@
 """The GPU benchmarks' own code, on the CPU: device time is scarce, so a script that breaks should
 break here first. e2e_llama.py runs its `--tiny` model (forward table and decode loop), weight_check.py
-a narrow one, and profile_decode.py's kernel categories are checked on kernel names an H100 profile
-recorded."""
+a narrow one, profile_decode.py's kernel categories are checked on kernel names an H100 profile
+recorded, and kernel_count.py's Triton code for the CPU pins how many kernels a decode forward launches."""
 
 import importlib
 import json
@@ -177,3 +177,16 @@ def test_the_slimmed_bitsandbytes_wheel_keeps_the_cpu_and_cuda_13_libraries(tmp_
         assert "cuda118" not in archive.read("bitsandbytes-0.50.2.dist-info/RECORD").decode()
     with pytest.raises(ValueError, match="would write over the input"):
         slim(wheel, tmp_path)
+
+
+@pytest.mark.parametrize("model", ["qwen3", "llama"])
+def test_a_decode_forward_launches_bf16s_kernels_and_one_quantization_more(model):
+    """The Triton kernels Inductor writes for one decoder layer at decode (kernel_count.py, Triton code
+    for the CPU): fxquant's are bf16's plus the attention output's quantization (the only producer it
+    cannot fuse into, an extern attention kernel); every other activation is quantized in the kernel
+    that makes it, and the rotation after Qwen3's q_norm / k_norm fuses into the attention-input copy
+    as in bf16 (fxquant/inductor/settings.py's decode-shaped realize_opcount_threshold)."""
+    kernel_count = benchmark("kernel_count")
+    tiny = kernel_count.tiny_model(model)
+    counts = {peer: len(kernel_count.launches(kernel_count.wrapper_source(tiny, peer, 1))[0]) for peer in ("bf16", "fxquant")}
+    assert counts["fxquant"] == counts["bf16"] + 1, counts

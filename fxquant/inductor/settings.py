@@ -12,13 +12,16 @@
                                       1927 of 4,096,000 codes of a [1000, 4096] bf16 input differed
                                       from FBGEMM's on the H200. Without `ops.div_rn`: True, every
                                       float32 division of the graph correctly rounded
-    realize_opcount_threshold  60     decode-shaped graphs only (at most DECODE_TOKENS tokens per
+    realize_opcount_threshold  100    decode-shaped graphs only (at most DECODE_TOKENS tokens per
                                       linear layer): Inductor's 30 counts the emulated casts (two
                                       ops per bf16 rounding) and so stores rotate_half(k) * sin to
                                       memory, one more kernel per decoder layer; 60 fuses it into
-                                      the attention-input copy as in the bf16 model. With thousands
-                                      of tokens that copy recomputes it per query head of the group,
-                                      and 30 stays (1.4 % less GPU time at prefill)
+                                      the attention-input copy as in the bf16 model for Llama, 100
+                                      also for Qwen3's q_norm / k_norm before the rotation (two
+                                      kernels fewer a layer, Llama's unchanged: benchmarks/
+                                      kernel_count.py). With thousands of tokens that copy
+                                      recomputes it per query head of the group, and 30 stays
+                                      (1.4 % less GPU time at prefill)
     split_reductions           False  without CUDA graphs: a decode forward is bound by kernel
                                       launches, and SiLU·mul's 14336-wide row amax split over three
                                       kernels costs two more launches per layer than it saves on the
@@ -47,7 +50,7 @@ from fxquant.passes.find_sites import fake_value
 
 DECODE_TOKENS = 16
 DIVISION_ROUNDING = "eager_numerics.division_rounding"  # torch 2.11 and 2.13 (2.10: emulate_divison_rounding)
-DECODE_REALIZE_OPCOUNT_THRESHOLD = 60
+DECODE_REALIZE_OPCOUNT_THRESHOLD = 100
 
 
 def uses_cudagraphs(mode_patches: Mapping[str, object]) -> bool:
