@@ -1,7 +1,7 @@
 """Quantize before the gather: a grouped expert op whose activation is rows gathered from a tensor reads
 that tensor and the row indices instead.
 
-    x = h[rows]                                   (transformers' grouped_mm: each token once per expert it
+    x = h[rows]   (or h.index_select(0, rows))    (transformers' grouped_mm: each token once per expert it
     x.masked_fill_(mask, 0)     (mask [S, 1])      is routed to; 5.17 zeroes expert-parallel sentinel rows)
     x = x.to(dtype)                               (conversions)
     y = fp8_rowwise_grouped_mm(x, w_q, s, offsets, ub)
@@ -33,6 +33,7 @@ from fxquant.passes.rewrite_linears import _aten_node
 CONVERSION_METHODS = {"to", "float", "half", "bfloat16"}
 CONVERSION_FUNCTIONS = {torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype, torch.ops.prims.convert_element_type.default}
 CHECKS = {torch.ops.aten._assert_tensor_metadata.default}  # export's dtype checks: they read a tensor, nothing more
+INDEX_SELECTS = {"index_select", torch.index_select, torch.ops.aten.index_select.default}
 MASKED_FILLS = {torch.ops.aten.masked_fill.Scalar, torch.Tensor.masked_fill}
 
 
@@ -111,13 +112,19 @@ def _users(node: fx.Node) -> list[fx.Node]:
 
 
 def _gather_rows(node: fx.Node) -> fx.Node | None:
-    """The rows of `h[rows]` (operator.getitem or aten.index.Tensor), a 1-D integer tensor node; else None."""
-    if node.op != "call_function" or len(node.args) != 2:
+    """The rows of `h[rows]` (operator.getitem, aten.index.Tensor) or of `h.index_select(0, rows)` (the
+    method, torch's function, aten's op), h the first argument, a 1-D integer tensor node; else None."""
+    if node.op not in ("call_function", "call_method") or not node.args:
         return None
-    if node.target is operator.getitem:
+    if node.target is operator.getitem and len(node.args) == 2:
         rows = node.args[1]
-    elif node.target is torch.ops.aten.index.Tensor and len(node.args[1]) == 1:
+    elif node.target is torch.ops.aten.index.Tensor and len(node.args) == 2 and len(node.args[1]) == 1:
         rows = node.args[1][0]
+    elif node.target in INDEX_SELECTS:
+        arguments = {**dict(zip(("dim", "index"), node.args[1:])), **node.kwargs}
+        if set(arguments) != {"dim", "index"} or arguments["dim"] != 0:
+            return None
+        rows = arguments["index"]
     else:
         return None
     value = fake_value(rows) if isinstance(rows, fx.Node) else None

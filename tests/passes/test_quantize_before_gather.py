@@ -23,16 +23,16 @@ class GroupedExperts(nn.Module):
     """transformers' grouped_mm experts forward, reduced (bf16, torch's grouped GEMM): the rows gathered
     by expert, then `after_gather(rows, weights)`; 5.17 zeroes expert-parallel sentinel rows there in place."""
 
-    def __init__(self, after_gather=None):
+    def __init__(self, after_gather=None, gather=lambda hidden, rows: hidden[rows]):
         super().__init__()
         torch.manual_seed(0)
         self.gate_up_proj = nn.Parameter((torch.randn(EXPERTS, 2 * WIDTH, HIDDEN) / HIDDEN**0.5).bfloat16())
         self.down_proj = nn.Parameter((torch.randn(EXPERTS, HIDDEN, WIDTH) / WIDTH**0.5).bfloat16())
-        self.after_gather = after_gather
+        self.after_gather, self.gather = after_gather, gather
 
     def forward(self, hidden, index, weights):
         expert_ids, perm = torch.sort(index.reshape(-1))
-        rows = hidden[perm // TOP_K]
+        rows = self.gather(hidden, perm // TOP_K)
         weights = weights.reshape(-1)[perm]
         counts = torch.histc(expert_ids.float(), bins=EXPERTS, min=0, max=EXPERTS - 1)
         offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
@@ -76,6 +76,17 @@ def test_the_rewrite_is_exact(monkeypatch, after_gather, sentinel):
     code, output, _ = rewrite(model, *inputs)
     assert counters["fxquant"]["quantized_before_gather"] == 1
     assert "fp8_rowwise_grouped_mm.default(l_hidden_, " in code and ".masked_fill_(" not in code
+    assert torch.equal(output, unrewritten)
+
+
+@pytest.mark.parametrize("gather", [lambda h, rows: h.index_select(0, rows), lambda h, rows: torch.index_select(h, 0, rows)])
+def test_index_select_is_a_gather_too(monkeypatch, gather):
+    model, inputs = GroupedExperts(gather=gather), routed()
+    _, unrewritten, _ = without_the_pass(monkeypatch, model, *inputs)
+    torch._dynamo.reset()
+    counters.clear()
+    _, output, _ = rewrite(model, *inputs)
+    assert counters["fxquant"]["quantized_before_gather"] == 1
     assert torch.equal(output, unrewritten)
 
 
