@@ -51,6 +51,7 @@ from fxquant.passes.find_sites import fake_value
 DECODE_TOKENS = 16
 DIVISION_ROUNDING = "eager_numerics.division_rounding"  # torch 2.11 and 2.13 (2.10: emulate_divison_rounding)
 DECODE_REALIZE_OPCOUNT_THRESHOLD = 100
+EXPERT_ARGUMENTS = {"offsets", "expert_ids"}  # what an expert op's schema has (grouped, batched)
 
 
 def uses_cudagraphs(mode_patches: Mapping[str, object]) -> bool:
@@ -60,16 +61,19 @@ def uses_cudagraphs(mode_patches: Mapping[str, object]) -> bool:
 
 def linear_tokens(gm: fx.GraphModule) -> int | None:
     """The most tokens (rows) any of `gm`'s fxquant linear layers sees, from Dynamo's example values
-    (a dynamic size counts as the value it was traced with); None without fxquant layers."""
-    tokens = None
+    (a dynamic size counts as the value it was traced with); None without fxquant layers. Expert ops
+    (grouped, batched) see each token once per expert it is routed to, so they count only in a graph
+    without other fxquant layers: a Qwen3-MoE forward at (16, 1) is decode-shaped, 16 tokens."""
+    dense, experts = [], []
     for node in gm.graph.nodes:
         if node.op == "call_function" and getattr(node.target, "namespace", None) == "fxquant":
             x = fake_value(node.args[0])
             sizes = None if x is None else [size if isinstance(size, int) else size.node.hint for size in x.shape[:-1]]
             if sizes is None or None in sizes:  # no example value, or an unbacked size: not decode-shaped
                 return None
-            tokens = max(tokens or 0, math.prod(sizes))
-    return tokens
+            arguments = {argument.name for argument in node.target._schema.arguments}
+            (experts if arguments & EXPERT_ARGUMENTS else dense).append(math.prod(sizes))
+    return max(dense or experts, default=None)
 
 
 def fxquant_inductor_settings(mode_patches: Mapping[str, object], tokens: int | None = None) -> dict[str, object]:

@@ -86,6 +86,22 @@ def test_linear_tokens_reads_dynamos_sizes(shapes, tokens):
     assert fxquant_settings.linear_tokens(backend.graphs[-1]) == tokens
 
 
+@pytest.mark.parametrize("tokens", [1, 16, 17])
+def test_moe_models_count_tokens_not_expert_rows(tokens):
+    """Qwen3-MoE's experts see each token top-k times (2 here): the attention's linear layers say how
+    many tokens the graph holds."""
+    from tests.models import MOE_MODELS
+
+    model = MOE_MODELS["qwen3_moe"]("grouped_mm", layers=1)
+    backend = fxquant.backend(scheme="fp8_rowwise", keep_graphs=True)
+    with torch.no_grad():
+        torch._dynamo.reset()
+        torch.compile(model, backend=backend)(torch.zeros(1, tokens, dtype=torch.long))
+    graph = backend.graphs[-1]
+    assert any(node.target is torch.ops.fxquant.fp8_rowwise_grouped_mm.default for node in graph.graph.nodes)
+    assert fxquant_settings.linear_tokens(graph) == tokens
+
+
 def test_decode_shaped_graphs_fuse_more():
     decode, prefill = fxquant_inductor_settings({}, tokens=16), fxquant_inductor_settings({}, tokens=17)
     assert decode["realize_opcount_threshold"] == fxquant_settings.DECODE_REALIZE_OPCOUNT_THRESHOLD
