@@ -8,7 +8,7 @@ benchmark models' structure (benchmarks/e2e_llama.py's Llama, benchmarks/moe.py'
 layer, decode shapes: the kernel count is what CUDA graphs replay at decode, where each kernel costs
 launch time whatever its size.
 
-    python benchmarks/kernel_count.py --model qwen3 --tokens 1 16 --peers bf16 fxquant fxquant:realize_opcount_threshold=30
+    python benchmarks/kernel_count.py --model qwen3 --shapes 1x1 16x1 1x2048 --peers bf16 fxquant fxquant:realize_opcount_threshold=60
     python benchmarks/kernel_count.py --model llama --list    # each launch too
 
 Uses Inductor internals (the code cache's loader, Triton's backend hash): torch 2.13 as in CI.
@@ -54,8 +54,9 @@ def tiny_model(name: str) -> torch.nn.Module:
     return model
 
 
-def wrapper_source(model: torch.nn.Module, peer: str, tokens: int) -> str:
-    """The wrapper Inductor writes for `model` under `peer` (bf16, or an fxquant peer of e2e_llama's)."""
+def wrapper_source(model: torch.nn.Module, peer: str, batch: int, tokens: int) -> str:
+    """The wrapper Inductor writes for `model` on `batch` sequences of `tokens` under `peer` (bf16, or
+    an fxquant peer of e2e_llama's)."""
     _, backend = e2e_llama.peer_model(peer, model)
     original = PyCodeCache.load_by_key_path.__func__
 
@@ -65,7 +66,7 @@ def wrapper_source(model: torch.nn.Module, peer: str, tokens: int) -> str:
             raise WrapperWritten(source)
         return original(cls, key, path, *args, **kwargs)
 
-    ids = torch.randint(0, model.config.vocab_size, (1, tokens))
+    ids = torch.randint(0, model.config.vocab_size, (batch, tokens))
     torch._dynamo.reset()
     with (mock.patch.object(fxquant.inductor.install, "LOWERED_DEVICE_TYPES", frozenset({"cuda", "cpu"})),
           mock.patch.object(torch.utils._triton, "triton_hash_with_backend", lambda: "0" * 64),
@@ -94,16 +95,17 @@ def launches(source: str) -> tuple[list[str], list[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["qwen3", "llama"], default="qwen3")
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--shapes", nargs="+", default=["1x1", "16x1"], help="BATCHxTOKENS, as e2e_llama.py's")
     parser.add_argument("--peers", nargs="+", default=["bf16", "fxquant"])
     parser.add_argument("--list", action="store_true", help="each launch too")
     args = parser.parse_args()
     model = tiny_model(args.model)
     print(f"{args.model}, 1 layer, Triton kernels launched per forward (extern calls apart)")
-    for tokens in args.tokens:
+    for shape in args.shapes:
+        batch, tokens = (int(size) for size in shape.split("x"))
         for peer in args.peers:
-            kernels, externs = launches(wrapper_source(model, peer, tokens))
-            print(f"  tokens {tokens:>4}  {peer:<48} {len(kernels):>3} kernels, {len(externs):>3} extern calls")
+            kernels, externs = launches(wrapper_source(model, peer, batch, tokens))
+            print(f"  {shape:>7}  {peer:<48} {len(kernels):>3} kernels, {len(externs):>3} extern calls")
             if args.list:
                 for name in kernels + externs:
                     print(f"      {name}")

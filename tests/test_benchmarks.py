@@ -179,15 +179,15 @@ def test_the_slimmed_bitsandbytes_wheel_keeps_the_cpu_and_cuda_13_libraries(tmp_
         slim(wheel, tmp_path)
 
 
-@pytest.mark.parametrize(("model", "tokens"), [("qwen3", 1), ("qwen3", 16), ("llama", 1)])
-def test_a_decode_forward_launches_bf16s_kernels_and_one_quantization_more(model, tokens):
+@pytest.mark.parametrize(("model", "batch"), [("qwen3", 1), ("qwen3", 16), ("llama", 1)])
+def test_a_decode_forward_launches_bf16s_kernels_and_one_quantization_more(model, batch):
     """The Triton kernels Inductor writes for one decoder layer at decode (kernel_count.py, Triton code
     for the CPU): fxquant's are bf16's plus the attention output's quantization (the only producer it
     cannot fuse into, an extern attention kernel); every other activation is quantized in the kernel
     that makes it, and the rotation after Qwen3's q_norm / k_norm fuses into the attention-input copy
-    as in bf16 (fxquant/inductor/settings.py's decode-shaped realize_opcount_threshold; at 16 tokens
+    as in bf16 (fxquant/inductor/settings.py's decode-shaped realize_opcount_threshold; at (16, 1)
     Qwen3's graph is decode-shaped although its experts see 64 rows)."""
     kernel_count = benchmark("kernel_count")
     tiny = kernel_count.tiny_model(model)
-    counts = {peer: len(kernel_count.launches(kernel_count.wrapper_source(tiny, peer, tokens))[0]) for peer in ("bf16", "fxquant")}
+    counts = {peer: len(kernel_count.launches(kernel_count.wrapper_source(tiny, peer, batch, 1))[0]) for peer in ("bf16", "fxquant")}
     assert counts["fxquant"] == counts["bf16"] + 1, counts
