@@ -4,9 +4,9 @@ Inductor writes Triton code for the CPU too (`cpu_backend="triton"`), with the s
 fusion as for CUDA; this script lets it write each graph's wrapper, stops before anything is
 compiled for the device, and counts the Triton kernels the wrapper launches (extern calls, such as
 fxquant's GEMM ops, are listed apart). fxquant's ops are lowered as on CUDA. Tiny models with the
-benchmark models' structure (benchmarks/e2e_llama.py's Llama, benchmarks/moe.py's Qwen3-MoE), one
-layer, decode shapes: the kernel count is what CUDA graphs replay at decode, where each kernel costs
-launch time whatever its size.
+benchmark models' structure (benchmarks/e2e_llama.py's Llama, benchmarks/moe.py's Qwen3-MoE and
+Mixtral), one layer: at decode the kernel count is what CUDA graphs replay, where each kernel
+costs launch time whatever its size.
 
     python benchmarks/kernel_count.py --model qwen3 --shapes 1x1 16x1 1x2048 --peers bf16 fxquant fxquant:realize_opcount_threshold=60
     python benchmarks/kernel_count.py --model llama --list    # each launch too
@@ -46,6 +46,8 @@ class WrapperWritten(Exception):
 def tiny_model(name: str) -> torch.nn.Module:
     if name == "llama":
         config = e2e_llama.llama3_8b(1, tiny=True)
+    elif name == "mixtral":
+        config = moe.moe_config("mixtral", 1, tiny=True)
     else:  # Qwen3-MoE, wider than moe.py's tiny config so that the experts' GEMMs are not trivial
         config = moe.moe_config("qwen3", 1, tiny=True)
         config.hidden_size, config.moe_intermediate_size, config.num_experts, config.num_experts_per_tok = 256, 128, 16, 4
@@ -94,7 +96,7 @@ def launches(source: str) -> tuple[list[str], list[str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["qwen3", "llama"], default="qwen3")
+    parser.add_argument("--model", choices=["qwen3", "mixtral", "llama"], default="qwen3")
     parser.add_argument("--shapes", nargs="+", default=["1x1", "16x1"], help="BATCHxTOKENS, as e2e_llama.py's")
     parser.add_argument("--peers", nargs="+", default=["bf16", "fxquant"])
     parser.add_argument("--list", action="store_true", help="each launch too")
