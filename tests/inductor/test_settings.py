@@ -29,6 +29,7 @@ def test_only_a_torch_without_div_rn_rounds_every_division(mode, tokens):
         pass
 
 
+@pytest.mark.skipif(torch.__version__ < "2.13", reason="older torch may lack Inductor's div_rn: the settings then round every division")
 def test_this_torch_has_div_rn():
     """CI's torch (2.13) lowers fxquant::div_rn to Inductor's own div_rn."""
     assert HAS_DIV_RN
