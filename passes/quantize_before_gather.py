@@ -28,7 +28,7 @@ from torch import fx
 from torch._dynamo.utils import counters
 
 from fxquant.passes.find_sites import fake_value
-from fxquant.passes.rewrite_linears import _aten_node
+from fxquant.passes.rewrite_linears import aten_node
 
 CONVERSION_METHODS = {"to", "float", "half", "bfloat16"}
 CONVERSION_FUNCTIONS = {torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype, torch.ops.prims.convert_element_type.default}
@@ -73,7 +73,7 @@ def _rewrite(graph: fx.Graph, op_node: fx.Node) -> bool:
         for node in reversed(chain):  # the conversions, applied to the tokens instead
             dtype = fake_value(node).dtype
             if _mask(node) is None and dtype != fake_value(x).dtype:
-                x = _aten_node(graph, torch.ops.prims.convert_element_type.default, (x, dtype), node)
+                x = aten_node(graph, torch.ops.prims.convert_element_type.default, (x, dtype), node)
         names = [argument.name for argument in op_node.target._schema.arguments]
         args = [x, *op_node.args[1:], *(None for _ in range(len(op_node.args), names.index("rows") + 1))]
         args[names.index("rows")] = rows
@@ -81,7 +81,7 @@ def _rewrite(graph: fx.Graph, op_node: fx.Node) -> bool:
         new.meta.update(op_node.meta)
         output = new
         for mask in masks:
-            output = _aten_node(graph, torch.ops.aten.masked_fill.Scalar, (output, mask, 0.0), op_node)
+            output = aten_node(graph, torch.ops.aten.masked_fill.Scalar, (output, mask, 0.0), op_node)
     op_node.replace_all_uses_with(output)
     graph.erase_node(op_node)
     for node in [*chain, *in_place, gather]:
@@ -157,12 +157,14 @@ def _zeroes_rows(node: fx.Node, gathered: fx.Node) -> bool:
 
 
 def _row_mask(node: fx.Node) -> fx.Node | None:
-    args = [*node.args[1:], *node.kwargs.values()]
-    if len(args) != 2 or not isinstance(args[0], fx.Node) or args[1] != 0:
+    """The mask of `x.masked_fill(mask, 0)` (in place or not) where it is a bool [S, 1]: whole rows of x."""
+    arguments = {**dict(zip(("mask", "value"), node.args[1:])), **node.kwargs}
+    mask_node = arguments.get("mask")
+    if set(arguments) != {"mask", "value"} or not isinstance(mask_node, fx.Node) or arguments["value"] != 0:
         return None
-    x, mask = fake_value(node.args[0]), fake_value(args[0])
+    x, mask = fake_value(node.args[0]), fake_value(mask_node)
     whole_rows = isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and tuple(mask.shape) == (x.shape[0], 1)
-    return args[0] if whole_rows else None
+    return mask_node if whole_rows else None
 
 
 def _before(node: fx.Node, later: fx.Node) -> bool:

@@ -55,7 +55,7 @@ def _stored_tensor(gm: fx.GraphModule, entry: PlannedLinear, name: str, like: fx
     return node
 
 
-def _aten_node(graph: fx.Graph, op: torch._ops.OpOverload, args: tuple, like: fx.Node) -> fx.Node:
+def aten_node(graph: fx.Graph, op: torch._ops.OpOverload, args: tuple, like: fx.Node) -> fx.Node:
     """`op(*args)` on fake values, carrying its fake value the way `like` does."""
     node = graph.call_function(op, args)
     fake = lambda a: a.meta.get("val", a.meta.get("example_value")) if isinstance(a, fx.Node) else a  # noqa: E731
@@ -67,8 +67,8 @@ def _aten_node(graph: fx.Graph, op: torch._ops.OpOverload, args: tuple, like: fx
 def _selected(graph: fx.Graph, tensors: dict[str, fx.Node], index: object, like: fx.Node) -> dict[str, fx.Node]:
     """Each per-expert tensor [E, ...] at expert `index` (an int or SymInt: select; a 0-d tensor: index)."""
     if isinstance(index, fx.Node) and isinstance(fake_value(index), torch.Tensor):
-        return {name: _aten_node(graph, torch.ops.aten.index.Tensor, (t, [index]), like) for name, t in tensors.items()}
-    return {name: _aten_node(graph, torch.ops.aten.select.int, (t, 0, index), like) for name, t in tensors.items()}
+        return {name: aten_node(graph, torch.ops.aten.index.Tensor, (t, [index]), like) for name, t in tensors.items()}
+    return {name: aten_node(graph, torch.ops.aten.select.int, (t, 0, index), like) for name, t in tensors.items()}
 
 
 def _scheme_call(entry: PlannedLinear, site: GemmSite, x: fx.Node, tensors: dict, values: dict | None) -> SchemeCall:
@@ -106,7 +106,7 @@ def _rewrite_site(gm: fx.GraphModule, entry: PlannedLinear, site: GemmSite) -> N
         x = site.activation
         unit_dim = site.unit_dim
         if unit_dim is not None:
-            x = _aten_node(graph, torch.ops.aten.squeeze.dim, (x, unit_dim), site.activation)
+            x = aten_node(graph, torch.ops.aten.squeeze.dim, (x, unit_dim), site.activation)
         if site.kind == "indexed":
             tensors, values = _selected(graph, tensors, site.expert_index, site.activation), None
         call = _scheme_call(entry, site, x, tensors, values)
@@ -117,7 +117,7 @@ def _rewrite_site(gm: fx.GraphModule, entry: PlannedLinear, site: GemmSite) -> N
         output = fused
         if unit_dim is not None:
             fused.meta["val" if "val" in site.node.meta else "example_value"] = fake_value(site.node).squeeze(unit_dim)
-            output = _aten_node(graph, torch.ops.aten.unsqueeze.default, (fused, unit_dim), site.node)
+            output = aten_node(graph, torch.ops.aten.unsqueeze.default, (fused, unit_dim), site.node)
             output.meta.update({k: v for k, v in site.node.meta.items() if k not in output.meta})
     for node in tensors.values():
         if not node.users and node.op == "get_attr":  # a tensor folded into a constant argument
