@@ -32,7 +32,8 @@ from fxquant.passes.rewrite_linears import aten_node
 
 CONVERSION_METHODS = {"to", "float", "half", "bfloat16"}
 CONVERSION_FUNCTIONS = {torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype, torch.ops.prims.convert_element_type.default}
-CHECKS = {torch.ops.aten._assert_tensor_metadata.default}  # export's dtype checks: they read a tensor, nothing more
+# export's dtype checks, where torch has them: they read a tensor, nothing more
+CHECKS = {op.default for op in [getattr(torch.ops.aten, "_assert_tensor_metadata", None)] if op is not None}
 INDEX_SELECTS = {"index_select", torch.index_select, torch.ops.aten.index_select.default}
 MASKED_FILLS = {torch.ops.aten.masked_fill.Scalar, torch.Tensor.masked_fill}
 
