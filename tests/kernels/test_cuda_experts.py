@@ -44,12 +44,13 @@ def test_qwen3_moe_experts_compile_on_cuda_and_match_the_cpu_reference(implement
     assert 0 < relative_error(actual, expected) < 0.08
 
 
-@pytest.mark.parametrize("kind", ["batched", "grouped"])
+@pytest.mark.parametrize("kind", ["batched", "grouped", "grouped_rows"])
 def test_expert_ops_on_cuda_equal_the_cpu_reference(kind):
     """The ops on the same inputs. The CUDA kernels accumulate e4m3 products with Hopper's fast FP8
     accumulation (use_fast_accum, as the dense op) and round to bf16 once more: measured on the H200,
     3.7-4.4 % of the outputs differ, by up to 0.25 (outputs of order 16, one or two bf16 steps), so
-    the bound is a relative error, as for the dense op (tests/kernels/test_cuda_ops.py)."""
+    the bound is a relative error, as for the dense op (tests/kernels/test_cuda_ops.py). grouped_rows:
+    the grouped op reading rows of x (`rows`: x quantized on the device first, then gathered)."""
     from fxquant.ops.fp8_rowwise import quantize_fp8_rowwise
 
     torch.manual_seed(0)
@@ -59,8 +60,9 @@ def test_expert_ops_on_cuda_equal_the_cpu_reference(kind):
         op, rows = torch.ops.fxquant.fp8_rowwise_batched_mm, torch.randint(0, 8, (40,))
     else:
         op, rows = torch.ops.fxquant.fp8_rowwise_grouped_mm, torch.tensor([5, 5, 12, 20, 21, 30, 38, 38], dtype=torch.int32)
-    expected = op(x, w_q, w_scale, rows)
-    actual = op(x.cuda(), w_q.cuda(), w_scale.cuda(), rows.cuda()).cpu()
+    gathered = () if kind != "grouped_rows" else (None, torch.randint(0, 40, (40,)))  # x's rows, each token gathered anew
+    expected = op(x, w_q, w_scale, rows, *gathered)
+    actual = op(x.cuda(), w_q.cuda(), w_scale.cuda(), rows.cuda(), *(t if t is None else t.cuda() for t in gathered)).cpu()
     assert relative_error(actual, expected) < 1e-2
     torch.testing.assert_close(actual.float(), expected.float(), rtol=2**-6, atol=0.3)
 
