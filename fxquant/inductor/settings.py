@@ -2,7 +2,7 @@
 
     emulate_precision_casts    True   quantize each activation as eager rounds it (bf16), so the
                                       compiled model matches the reference ops' numerics
-    eager_numerics.            False  where torch's Inductor has `ops.div_rn` (2.11 and later), as
+    eager_numerics.            False  where torch's Inductor has `ops.div_rn` (torch 2.13 does), as
       division_rounding               in Inductor's defaults: the quantization's x / scale is
                                       fxquant::div_rn, which always lowers to `tl.div_rn`
                                       (fxquant/inductor/division.py), and the rest of the graph

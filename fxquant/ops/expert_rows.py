@@ -1,6 +1,7 @@
 """What the FP8 schemes' expert ops share around their grouped GEMMs, all on the device (no host sync:
 CUDA graphs), used by their CUDA kernels and Inductor decompositions alike:
 
+    check_gather(op, rows)                                   a grouped op's `rows`: x's row indices
     gathered(rows, x_q, x_scale)                             the rows an expert op reads, of x quantized
                                                              (rows None: x's own)
     rows_in_groups(y, offsets)                               the rows past offsets[-1] set to 0
@@ -14,6 +15,12 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+
+def check_gather(op: str, rows: Tensor | None) -> None:
+    """A grouped op's `rows`: None, or a 1-D integer (not bool) tensor of x's row indices."""
+    torch._check(rows is None or (rows.dim() == 1 and not rows.is_floating_point() and rows.dtype != torch.bool),
+                 lambda: f"{op}: rows must be a 1-D integer tensor (indices of x's rows)")
 
 
 def gathered(rows: Tensor | None, *tensors: Tensor) -> tuple[Tensor, ...]:

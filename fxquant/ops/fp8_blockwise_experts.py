@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fxquant.ops.expert_rows import batched_as_grouped, gathered, rows_in_groups
+from fxquant.ops.expert_rows import batched_as_grouped, check_gather, gathered, rows_in_groups
 from fxquant.ops.fp8_blockwise import block_sizes, quantize_fp8_groupwise
 from fxquant.ops.fp8_blockwise_grouped_gemm import fp8_blockwise_grouped_gemm, grouped_rows_times_experts, rows_times_experts
 from fxquant.ops.fp8_common import FP8_DTYPE
@@ -47,8 +47,7 @@ def check_blockwise_expert_inputs(op: str, x: Tensor, w_q: Tensor, w_scale: Tens
         lambda: f"{op}: weight {list(w_q.shape)} is not a whole number of {list(w_scale.shape[1:])} blocks per expert",
     )
     torch._check(rows.dim() == 1 and not rows.is_floating_point(), lambda: f"{op}: {rows_name} must be a 1-D integer tensor")
-    torch._check(gather is None or (gather.dim() == 1 and not gather.is_floating_point() and gather.dtype != torch.bool),
-                 lambda: f"{op}: rows must be a 1-D integer tensor (indices of x's rows)")
+    check_gather(op, gather)
 
 
 def quantize_rows(x: Tensor, w_q: Tensor, w_scale: Tensor, scale_ub: float | None) -> tuple[Tensor, Tensor]:

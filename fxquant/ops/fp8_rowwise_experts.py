@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from fxquant.ops.availability import fp8_unsupported_reason
-from fxquant.ops.expert_rows import batched_as_grouped, gathered, rows_in_groups
+from fxquant.ops.expert_rows import batched_as_grouped, check_gather, gathered, rows_in_groups
 from fxquant.ops.fp8_common import FP8_DTYPE
 from fxquant.ops.fp8_rowwise import _quantize_fp8_rowwise_cuda, quantize_fp8_rowwise
 from fxquant.ops.fp8_rowwise_grouped_gemm import fp8_rowwise_grouped_gemm
@@ -42,8 +42,7 @@ def check_expert_inputs(op: str, x: Tensor, w_q: Tensor, w_scale: Tensor, rows: 
         lambda: f"{op}: weight scale must be float32 {list(w_q.shape[:2])}, got {w_scale.dtype} {list(w_scale.shape)}",
     )
     torch._check(rows.dim() == 1 and not rows.is_floating_point(), lambda: f"{op}: {rows_name} must be a 1-D integer tensor")
-    torch._check(gather is None or (gather.dim() == 1 and not gather.is_floating_point() and gather.dtype != torch.bool),
-                 lambda: f"{op}: rows must be a 1-D integer tensor (indices of x's rows)")
+    check_gather(op, gather)
 
 
 def grouped_mm_of_quantized(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, offsets: Tensor, dtype) -> Tensor:
