@@ -75,10 +75,7 @@ def _rewrite(graph: fx.Graph, op_node: fx.Node) -> bool:
             dtype = fake_value(node).dtype
             if _mask(node) is None and dtype != fake_value(x).dtype:
                 x = aten_node(graph, torch.ops.prims.convert_element_type.default, (x, dtype), node)
-        names = [argument.name for argument in op_node.target._schema.arguments]
-        args = [x, *op_node.args[1:], *(None for _ in range(len(op_node.args), names.index("rows") + 1))]
-        args[names.index("rows")] = rows
-        new = graph.call_function(op_node.target, tuple(args), op_node.kwargs)
+        new = graph.call_function(op_node.target, (x, *op_node.args[1:]), {**op_node.kwargs, "rows": rows})
         new.meta.update(op_node.meta)
         output = new
         for mask in masks:

@@ -249,7 +249,7 @@ def forward(self, L_args_0_, L_args_1_, L_args_2_, gate_up_proj_, down_proj_):
     offsets = torch.cumsum(tokens_per_expert, dim = 0, dtype = torch.int32)
     fxquant_gate_up_proj_weight = self.fxquant_gate_up_proj_weight
     fxquant_gate_up_proj_scale = self.fxquant_gate_up_proj_scale
-    fp8_rowwise_grouped_mm_default_2 = torch.ops.fxquant.fp8_rowwise_grouped_mm.default(l_args_0_, fxquant_gate_up_proj_weight, fxquant_gate_up_proj_scale, offsets, None, floordiv)
+    fp8_rowwise_grouped_mm_default_2 = torch.ops.fxquant.fp8_rowwise_grouped_mm.default(l_args_0_, fxquant_gate_up_proj_weight, fxquant_gate_up_proj_scale, offsets, None, rows = floordiv)
     chunk = fp8_rowwise_grouped_mm_default_2.chunk(2, dim = -1)
     gate = chunk[0]
     up = chunk[1]
@@ -314,7 +314,7 @@ def forward(self, L_args_0_, L_args_1_, L_args_2_, gate_up_proj_, down_proj_):
     tokens_per_expert = torch.histc(histc_input, bins = 8, min = 0, max = 7)
     offsets = torch.cumsum(tokens_per_expert, dim = 0, dtype = torch.int32)
     fxquant_gate_up_proj_stored_scale = self.fxquant_gate_up_proj_stored_scale
-    fp8_rowwise_grouped_mm_default_2 = torch.ops.fxquant.fp8_rowwise_grouped_mm.default(l_args_0_, gate_up_proj_, fxquant_gate_up_proj_stored_scale, offsets, None, floordiv)
+    fp8_rowwise_grouped_mm_default_2 = torch.ops.fxquant.fp8_rowwise_grouped_mm.default(l_args_0_, gate_up_proj_, fxquant_gate_up_proj_stored_scale, offsets, None, rows = floordiv)
     chunk = fp8_rowwise_grouped_mm_default_2.chunk(2, dim = -1)
     gate = chunk[0]
     up = chunk[1]

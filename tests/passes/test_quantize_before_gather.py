@@ -109,7 +109,7 @@ def test_an_exported_program_reads_the_tokens_and_their_rows():
     program = fxquant.export(experts, inputs, config=QuantConfig(scheme="fp8_rowwise"))
     (op,) = [n for n in program.graph.nodes if n.target is torch.ops.fxquant.fp8_rowwise_grouped_mm.default
              and n.args[0].op == "placeholder"]
-    assert len(op.args) == 6 and op.args[0].name == "hidden_states"
+    assert op.args[0].name == "hidden_states" and op.kwargs["rows"].target is torch.ops.aten.floor_divide.default
     _, expected, _ = rewrite(experts, *inputs)
     with torch.no_grad():
         torch.testing.assert_close(program.module()(*inputs), expected, rtol=0, atol=0)
@@ -135,7 +135,7 @@ def forward(self, L_index_, L_hidden_, L_weights_, gate_up_proj_, down_proj_):
     unsqueeze = ge.unsqueeze(-1)
     fxquant_gate_up_proj_weight = self.fxquant_gate_up_proj_weight
     fxquant_gate_up_proj_scale = self.fxquant_gate_up_proj_scale
-    fp8_rowwise_grouped_mm_default_2 = torch.ops.fxquant.fp8_rowwise_grouped_mm.default(l_hidden_, fxquant_gate_up_proj_weight, fxquant_gate_up_proj_scale, offsets, None, floordiv)
+    fp8_rowwise_grouped_mm_default_2 = torch.ops.fxquant.fp8_rowwise_grouped_mm.default(l_hidden_, fxquant_gate_up_proj_weight, fxquant_gate_up_proj_scale, offsets, None, rows = floordiv)
     masked_fill_scalar = torch.ops.aten.masked_fill.Scalar(fp8_rowwise_grouped_mm_default_2, unsqueeze, 0.0)
     chunk = masked_fill_scalar.chunk(2, -1)
     gate = chunk[0]
