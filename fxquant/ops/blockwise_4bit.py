@@ -10,9 +10,9 @@
 Codes, absmax codes, nested absmax and offset are bit-identical to `bitsandbytes.functional.
 quantize_4bit(w, blocksize, compress_statistics=True, quant_type)` on the CPU (tests/ops/
 test_blockwise_4bit.py checks it against the package). The op `fxquant::linear_4bit` dequantizes
-(in float32, as bitsandbytes does) and multiplies in the compute dtype; on CUDA one activation row
-runs a fused dequantize-GEMV Triton kernel (fxquant/kernels/gemm_4bit.py, through the op
-fxquant::gemv_4bit_partials of fxquant/ops/gemv_4bit.py), more rows dequantize
+(in float32, as bitsandbytes does) and multiplies in the compute dtype; on CUDA up to 16 activation
+rows run fused dequantize-GEMM Triton kernels (fxquant/kernels/gemm_4bit.py, through the op
+fxquant::linear_4bit_partials of fxquant/ops/linear_4bit_partials.py), more rows dequantize
 with one Triton kernel (fxquant/kernels/dequantize_4bit.py) and run cuBLAS.
 """
 
@@ -213,16 +213,16 @@ def _(x, w_q, absmax_q, nested_absmax, offset, quant_type, blocksize, compute_dt
 
 @linear_4bit.register_kernel("cuda")
 def _(x, w_q, absmax_q, nested_absmax, offset, quant_type, blocksize, compute_dtype=None, bias=None):
-    """One row (decode at batch 1): the fused dequantize-GEMV kernel; more: the weight dequantized by
-    one Triton kernel, then cuBLAS."""
+    """Up to 16 rows (decode): the fused dequantize-GEMM kernels; more: the weight dequantized by one
+    Triton kernel, then cuBLAS."""
     check_4bit_inputs(x, w_q, absmax_q, nested_absmax, offset, quant_type, blocksize, compute_dtype, bias)
     from fxquant.kernels import dequantize_4bit as dequantize_kernel, gemm_4bit
-    from fxquant.ops.gemv_4bit import linear_from_partials
+    from fxquant.ops.linear_4bit_partials import linear_from_partials
 
     rows = x.numel() // x.shape[-1]
     dtype = compute_dtype_of(x, compute_dtype)
     if gemm_4bit.fits(rows):
-        partials = torch.ops.fxquant.gemv_4bit_partials(x.reshape(rows, -1).to(dtype), w_q, absmax_q, nested_absmax, offset, quant_type, blocksize)
+        partials = torch.ops.fxquant.linear_4bit_partials(x.reshape(rows, -1).to(dtype), w_q, absmax_q, nested_absmax, offset, quant_type, blocksize)
         y = linear_from_partials(partials, dtype, bias)
     else:
         tables = (_tables(quant_type, w_q.device)[0], _dynamic_map(w_q.device))

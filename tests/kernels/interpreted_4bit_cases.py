@@ -1,4 +1,4 @@
-"""Runs fxquant/kernels/gemm_4bit.py and dequantize_4bit.py on CPU tensors and reports each output against the float64
+"""Runs fxquant/kernels/gemm_4bit.py (the GEMV and the MMA kernel) and dequantize_4bit.py on CPU tensors and reports each output against the float64
 product of x and the weight dequantized here from the bytes with bitsandbytes' tables; meant to run
 under TRITON_INTERPRET=1 (tests/kernels/test_interpreted_gemm_4bit.py):
 
@@ -38,21 +38,21 @@ def dequantize(n: int, k: int, quant_type: str, blocksize: int, dtype: str) -> d
 
 
 def run(m: int, n: int, k: int, quant_type: str, blocksize: int, dtype: str) -> dict:
-    from fxquant.kernels.gemm_4bit import gemv_4bit_partials, split_k_for
-    from fxquant.ops.gemv_4bit import linear_from_partials
+    from fxquant.kernels.gemm_4bit import gemm_4bit_partials, split_k_for
+    from fxquant.ops.linear_4bit_partials import linear_from_partials
 
     torch.manual_seed(m * 7 + n + k)
     compute = getattr(torch, dtype)
     tensors = quantize_4bit(torch.randn(n, k) * 0.05, blocksize, quant_type)
     x = torch.randn(m, k).to(compute)
     stored = (tensors["weight"], tensors["weight_absmax"], tensors["weight_nested_absmax"], tensors["weight_offset"])
-    partials = gemv_4bit_partials(x, *stored[:3], stored[3].reshape(1), code_table(quant_type), dynamic_map(), blocksize)
+    partials = gemm_4bit_partials(x, *stored[:3], stored[3].reshape(1), code_table(quant_type), dynamic_map(), blocksize)
     out = linear_from_partials(partials, compute, None)
     weight = reference_weight(tensors, quant_type, blocksize).to(compute)  # rounded to the compute dtype, as the op
     exact = x.double() @ weight.double().t()
     scale = exact.abs().max().item()
-    reference = torch.ops.fxquant.gemv_4bit_partials(x, *stored, quant_type, blocksize)  # the op's CPU reference
-    return {"shape": list(out.shape), "dtype": str(out.dtype), "splits": split_k_for(n, k, blocksize, 132),
+    reference = torch.ops.fxquant.linear_4bit_partials(x, *stored, quant_type, blocksize)  # the op's CPU reference
+    return {"shape": list(out.shape), "dtype": str(out.dtype), "splits": split_k_for(m, n, k, blocksize, 132),
             "worst": (out.double() - exact).abs().max().item() / scale,
             "partials_shape": list(partials.shape) == list(reference.shape),
             "partials_worst": (partials - reference).abs().max().item() / scale}

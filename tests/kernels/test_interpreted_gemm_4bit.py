@@ -1,11 +1,11 @@
 """The 4-bit kernels on the CPU under Triton's interpreter, in a subprocess (the variable is read
 when a kernel is defined; tests/kernels/interpreted_4bit_cases.py). The dequantize kernel
 (fxquant/kernels/dequantize_4bit.py) equals the reference weight to the bit. The fused
-dequantize-GEMV (fxquant/kernels/gemm_4bit.py) against the float64 product of x and the weight
-dequantized from the bytes with bitsandbytes' tables. float32 compute: the same products, only the
-summation order differs (1e-5 of the largest output); float16: the reference's weight rounded to fp16
-(the kernel never forms it) and the output rounded, within 2^-10 of the largest output (3e-4 to 5e-4
-measured). Not bfloat16: the interpreter truncates
+dequantize-GEMV and dequantize-MMA kernels (fxquant/kernels/gemm_4bit.py) against the float64 product
+of x and the weight dequantized from the bytes with bitsandbytes' tables. float32 compute: the same
+products, only the summation order differs (1e-5 of the largest output); float16: the reference's
+weight rounded to fp16 (the GEMV never forms it, the MMA kernel rounds it as the reference) and the
+output rounded, within 2^-10 of the largest output (3e-4 to 5e-4 measured). Not bfloat16: the interpreter truncates
 to bfloat16 where the GPU rounds, so bf16 runs in the GPU test (tests/kernels/test_cuda_bnb.py)."""
 
 import importlib.util
@@ -48,8 +48,31 @@ def test_fused_4bit_gemv_matches_the_float64_reference():
         assert result["shape"] == [case["m"], case["n"]] and result["dtype"] == f"torch.{case['dtype']}", case
         bound = 1e-5 if case["dtype"] == "float32" else 2.0**-10
         assert result["worst"] < bound, f"{case}: {result['worst']:.2e} of the largest output"
-        # each slice's sum is the op's CPU reference's (fxquant::gemv_4bit_partials), up to float32 summation order
+        # each slice's sum is the op's CPU reference's (fxquant::linear_4bit_partials), up to float32 summation order
         assert result["partials_shape"] and result["partials_worst"] < 1e-5, case
+
+
+def test_fused_4bit_mma_matches_the_float64_reference():
+    # 2 to 16 rows (padded to the MMA's 16); N not a multiple of the kernel's 64; steps of 128 holding
+    # 4 absmax blocks (32), 2 (64), one (128), or inside one block (256, 4096); K not a multiple of 128
+    # (1088: steps of one 64-block, 17 of them, so one slice); NF4 and FP4
+    cases = [
+        dict(m=16, n=128, k=1024, quant_type="nf4", blocksize=64, dtype="float32"),
+        dict(m=7, n=200, k=1088, quant_type="fp4", blocksize=64, dtype="float16"),
+        dict(m=2, n=64, k=512, quant_type="nf4", blocksize=32, dtype="float32"),
+        dict(m=16, n=96, k=1024, quant_type="nf4", blocksize=256, dtype="float16"),
+        dict(m=3, n=64, k=4096, quant_type="fp4", blocksize=4096, dtype="float32"),
+        dict(m=5, n=64, k=512, quant_type="nf4", blocksize=128, dtype="float16"),
+    ]
+    results = interpret("gemm", cases)
+    assert [r["splits"] for r in results] == [4, 1, 2, 4, 16, 2]
+    for case, result in zip(cases, results):
+        assert result["shape"] == [case["m"], case["n"]] and result["dtype"] == f"torch.{case['dtype']}", case
+        bound = 1e-5 if case["dtype"] == "float32" else 2.0**-10
+        assert result["worst"] < bound, f"{case}: {result['worst']:.2e} of the largest output"
+        # the op's CPU reference multiplies the float32 weight: fp16's rounded weight is 2^-11 per element away
+        partials_bound = 1e-5 if case["dtype"] == "float32" else 2.0**-10
+        assert result["partials_shape"] and result["partials_worst"] < partials_bound, case
 
 
 def test_dequantize_kernel_is_the_reference_to_the_bit():
