@@ -30,49 +30,44 @@ def interpret(kernel: str, cases: list[dict]) -> list[dict]:
     return json.loads(done.stdout)
 
 
+def check_fused_product(cases: list[dict], splits: list[int]) -> None:
+    results = interpret("gemm", cases)
+    assert [r["splits"] for r in results] == splits
+    for case, result in zip(cases, results):
+        assert result["shape"] == [case["m"], case["n"]] and result["dtype"] == f"torch.{case['dtype']}", case
+        bound = 1e-5 if case["dtype"] == "float32" else 2.0**-10
+        assert result["worst"] < bound, f"{case}: {result['worst']:.2e} of the largest output"
+        # each slice's sum is the op's CPU reference's (fxquant::linear_4bit_partials): up to float32
+        # summation order, and in fp16 the MMA kernel's weight rounded to fp16 (2^-11 per element)
+        assert result["partials_shape"] and result["partials_worst"] < bound, case
+
+
 def test_fused_4bit_gemv_matches_the_float64_reference():
-    # one row (the kernel's only case); N not a multiple of BLOCK_N; K cut into 1 to 16 even slices
-    # (1408: 44 steps of 32, so 4 slices where 5 were wanted); block sizes 32 to 4096, one absmax block
-    # a step or several steps a block (256, 4096: steps of 128); NF4 and FP4
-    cases = [
+    # one row; N not a multiple of BLOCK_N; K cut into 1 to 16 even slices (1408: 44 steps of 32, so 4
+    # slices where 5 were wanted); block sizes 32 to 4096, one absmax block a step or several steps a
+    # block (256, 4096: steps of 128); NF4 and FP4
+    check_fused_product([
         dict(m=1, n=128, k=1024, quant_type="nf4", blocksize=64, dtype="float32"),
         dict(m=1, n=96, k=512, quant_type="fp4", blocksize=128, dtype="float32"),
         dict(m=1, n=64, k=1408, quant_type="nf4", blocksize=32, dtype="float32"),
         dict(m=1, n=200, k=256, quant_type="nf4", blocksize=64, dtype="float16"),
         dict(m=1, n=64, k=1024, quant_type="fp4", blocksize=256, dtype="float16"),
         dict(m=1, n=8, k=4096, quant_type="nf4", blocksize=4096, dtype="float32"),
-    ]
-    results = interpret("gemm", cases)
-    assert [r["splits"] for r in results] == [4, 2, 4, 1, 4, 16]
-    for case, result in zip(cases, results):
-        assert result["shape"] == [case["m"], case["n"]] and result["dtype"] == f"torch.{case['dtype']}", case
-        bound = 1e-5 if case["dtype"] == "float32" else 2.0**-10
-        assert result["worst"] < bound, f"{case}: {result['worst']:.2e} of the largest output"
-        # each slice's sum is the op's CPU reference's (fxquant::linear_4bit_partials), up to float32 summation order
-        assert result["partials_shape"] and result["partials_worst"] < 1e-5, case
+    ], splits=[4, 2, 4, 1, 4, 16])
 
 
 def test_fused_4bit_mma_matches_the_float64_reference():
     # 2 to 16 rows (padded to the MMA's 16); N not a multiple of the kernel's 64; steps of 128 holding
     # 4 absmax blocks (32), 2 (64), one (128), or inside one block (256, 4096); K not a multiple of 128
     # (1088: steps of one 64-block, 17 of them, so one slice); NF4 and FP4
-    cases = [
+    check_fused_product([
         dict(m=16, n=128, k=1024, quant_type="nf4", blocksize=64, dtype="float32"),
         dict(m=7, n=200, k=1088, quant_type="fp4", blocksize=64, dtype="float16"),
         dict(m=2, n=64, k=512, quant_type="nf4", blocksize=32, dtype="float32"),
         dict(m=16, n=96, k=1024, quant_type="nf4", blocksize=256, dtype="float16"),
         dict(m=3, n=64, k=4096, quant_type="fp4", blocksize=4096, dtype="float32"),
         dict(m=5, n=64, k=512, quant_type="nf4", blocksize=128, dtype="float16"),
-    ]
-    results = interpret("gemm", cases)
-    assert [r["splits"] for r in results] == [4, 1, 2, 4, 16, 2]
-    for case, result in zip(cases, results):
-        assert result["shape"] == [case["m"], case["n"]] and result["dtype"] == f"torch.{case['dtype']}", case
-        bound = 1e-5 if case["dtype"] == "float32" else 2.0**-10
-        assert result["worst"] < bound, f"{case}: {result['worst']:.2e} of the largest output"
-        # the op's CPU reference multiplies the float32 weight: fp16's rounded weight is 2^-11 per element away
-        partials_bound = 1e-5 if case["dtype"] == "float32" else 2.0**-10
-        assert result["partials_shape"] and result["partials_worst"] < partials_bound, case
+    ], splits=[4, 1, 2, 4, 16, 2])
 
 
 def test_dequantize_kernel_is_the_reference_to_the_bit():
