@@ -24,15 +24,16 @@ A [BLOCK_N, BLOCK_K / 2] accumulator is reduced once at the end.
 2 to 16 rows (`_gemm_4bit_mma_kernel`, tensor cores): the dequantized [MMA_BLOCK_N, BLOCK_K / 2]
 even and odd halves of a step, rounded to the compute dtype, are the MMA's M side and x's even and
 odd columns (padded to 16 rows) its N side ("swap AB": 16 rows are below the MMA's smallest M); a
-step spans one or more absmax blocks.
+step spans one or more absmax blocks. On the H100 (twentieth session, benchmarks/RESULTS.md) the op
+ran at 0.77-0.88x of bf16's cuBLAS at M = 16 and 0.88-0.93x at M = 4 (qkv, gate_up, down of
+Llama-3-8B; dequantize + cuBLAS: 0.29-0.34x on the H200); with x as the MMA's M side the best tile
+gave 0.65-0.84x, and with the codes read from memory instead of `tl.gather` 0.25-0.27x, as the
+twelfth session's tensor-core variants (0.07-0.13x on the H200) read them.
 
-Measured on the H200 (benchmarks/RESULTS.md): tensor-core variants of this kernel (`tl.dot` on the
-tile dequantized in registers) ran at 0.07-0.13x of bf16's cuBLAS at M = 1 and 16 (twelfth
-session); the global-memory lookup with the weight rounded per element, 128 rows and four warps a
-program, 0.58-0.69x at M = 1; this kernel 0.90-1.14x (fifteenth session; the variants measured on
-the way are in benchmarks/results/gemm_4bit_lookup_probe_h200_2026-12-02-s15.txt); the twelfth session's
-tensor-core variants read each code from memory. More than 16 rows dequantize once and run cuBLAS
-(fxquant/ops/blockwise_4bit.py chooses by M).
+The GEMV, measured on the H200: the global-memory lookup with the weight rounded per element, 128
+rows and four warps a program, 0.58-0.69x at M = 1; this kernel 0.90-1.14x (fifteenth session; the
+variants measured on the way are in benchmarks/results/gemm_4bit_lookup_probe_h200_2026-12-02-s15.txt).
+More than 16 rows dequantize once and run cuBLAS (fxquant/ops/blockwise_4bit.py chooses by M).
 """
 
 from __future__ import annotations
