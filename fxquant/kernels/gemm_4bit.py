@@ -25,8 +25,8 @@ A [BLOCK_N, BLOCK_K / 2] accumulator is reduced once at the end.
 even and odd halves of a step, rounded to the compute dtype, are the MMA's M side and x's even and
 odd columns (padded to 16 rows) its N side ("swap AB": 16 rows are below the MMA's smallest M); a
 step spans one or more absmax blocks. On the H100 (twentieth session, benchmarks/RESULTS.md) the op
-ran at 0.77-0.88x of bf16's cuBLAS at M = 16 and 0.88-0.93x at M = 4 (qkv, gate_up, down of
-Llama-3-8B; dequantize + cuBLAS: 0.29-0.34x on the H200); with x as the MMA's M side the best tile
+ran at 0.77-0.88x of bf16's cuBLAS at M = 16 (qkv, gate_up, down of Llama-3-8B) and 0.88-0.93x
+at M = 4 (gate_up, down; dequantize + cuBLAS: 0.29-0.34x on the H200); with x as the MMA's M side the best tile
 gave 0.65-0.84x, and with the codes read from memory instead of `tl.gather` 0.25-0.27x, as the
 twelfth session's tensor-core variants (0.07-0.13x on the H200) read them.
 
