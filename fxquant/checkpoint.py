@@ -41,7 +41,7 @@ from torch.export import ExportedProgram
 
 from fxquant import checkpoint_experts
 from fxquant.checkpoint_dir import check_replaceable, replaced_atomically
-from fxquant.checkpoint_layers import file_tensors, is_conv1d, plan_modules, stored_layout, traced_storage
+from fxquant.checkpoint_layers import file_tensors, is_conv1d, plan_modules, planned_shape, stored_layout, traced_storage
 from fxquant.checkpoint_load import load_quantized  # noqa: F401  (fxquant.checkpoint.load_quantized, as before)
 from fxquant.checkpoint_metadata import (  # noqa: F401  (their names here, as before)
     FORMAT_VERSION, HF_CONFIG_FILE, METADATA_FILE, check_config, read_header, read_metadata, tensor_key,
@@ -94,8 +94,7 @@ def quantize_state(
             continue
         site, module = entry.site, model.get_submodule(entry.layer)
         if entry.stored is not None:  # as loaded: the op's weight, the other tensors as the file held them
-            n, k = site.out_features, site.in_features
-            layout = stored_layout(entry.scheme, n, k, entry.options, False)
+            layout = stored_layout(entry.scheme, *planned_shape(entry), entry.options, False)
             quantized = {"weight": site.weight.detach(), **{name: t.reshape(layout[name][1]) for name, t in entry.stored.items()}}
         else:
             quantized = quantize_parameter(entry.layer, site.weight, site.weight_is_kn, entry.scheme, entry.options)
@@ -123,7 +122,7 @@ def plan_rows(plan: Plan, layer_bytes: dict[str, tuple[int, int]]) -> list[dict]
     rows = []
     for e in plan:
         before, after = layer_bytes[e.layer]
-        rows.append({"layer": e.layer, "shape": [e.site.out_features, e.site.in_features], "scheme": e.scheme,
+        rows.append({"layer": e.layer, "shape": list(planned_shape(e)), "scheme": e.scheme,
                      "note": e.note, "bytes": {"before": before, "after": after}})
         if e.site.kind != "linear":  # an expert weight: E; stored per expert, each part's name, "{e}" for the expert
             rows[-1]["experts"] = e.site.experts

@@ -67,6 +67,14 @@ def layer_site(name: str, module: nn.Module) -> GemmSite:
     return _site(f"{name}.weight" if name else "weight", weight, "addmm" if conv1d else "linear", kn)
 
 
+def planned_shape(entry: PlannedLinear) -> tuple[int, int]:
+    """[N, K] of a planned layer: its site's, whose weight a stored nf4 / fp4 layer holds as [N, K / 2]
+    bytes (`Scheme.packed_weight`)."""
+    n, k = entry.site.out_features, entry.site.in_features
+    packed = entry.stored is not None and entry.scheme is not None and get_scheme(entry.scheme).packed_weight
+    return n, 2 * k if packed else k
+
+
 def stored_layout(scheme: str, n: int, k: int, options: object, conv1d: bool) -> dict[str, tuple[torch.dtype, tuple]]:
     """{name: (dtype, shape)} of the tensors an [N, K] layer stored with `scheme` holds, as the file holds them."""
     plugin = get_scheme(scheme)

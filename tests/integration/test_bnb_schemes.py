@@ -70,6 +70,16 @@ def test_compile_export_save_load(scheme, tmp_path):
         torch.testing.assert_close(eager, expected)
         torch.testing.assert_close(torch.compile(loaded, backend=fxquant.backend(config))(x), eager)
 
+    # the loaded model (the nf4 / fp4 weight packed [N, K / 2]) saves its stored tensors back as they
+    # are, and its plan says each layer's [N, K]
+    save_quantized(loaded, tmp_path / "again", config)
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (tmp_path / "model" / "model.safetensors").read_bytes()
+    plans = [json.loads((tmp_path / name / "fxquant.json").read_text())["plan"] for name in ("model", "again")]
+    assert [row["shape"] for row in plans[1]] == [row["shape"] for row in plans[0]] == [[256, 128], [64, 256]]
+    fxquant.quantize_(model, config)  # quantized in place: the same tensors
+    save_quantized(model, tmp_path / "in_place", config)
+    assert (tmp_path / "in_place" / "model.safetensors").read_bytes() == (tmp_path / "model" / "model.safetensors").read_bytes()
+
 
 def test_options_reach_the_op():
     torch.manual_seed(1)
