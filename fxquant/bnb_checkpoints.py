@@ -212,7 +212,7 @@ def load_bitsandbytes(directory: str | os.PathLike, model: nn.Module, device: to
         module.weight = nn.Parameter(tensors.pop("weight"), requires_grad=False)
         for attr, tensor in tensors.items():
             module.register_buffer(attr, tensor)
-        make_stored(module, quant_type, options)
+        make_stored(module, quant_type, options, name)
     leftover = [name for name in stored if ".weight.quant_state." in name]
     if leftover:
         raise ValueError(f"fxquant: 4-bit weights of layers the model does not have: {', '.join(leftover[:5])}")

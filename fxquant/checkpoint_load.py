@@ -299,7 +299,7 @@ def load_quantized(
     hold_stored_experts(model, joins)  # as the expert ops take them, registered as stored
     for entry in metadata["plan"]:
         if entry["scheme"] is not None and "expert_names" not in entry:  # eager calls and torch.compile(backend="fxquant") run them as stored
-            module = make_stored(model.get_submodule(entry["layer"]), entry["scheme"], options[entry["layer"]])
+            module = make_stored(model.get_submodule(entry["layer"]), entry["scheme"], options[entry["layer"]], entry["layer"])
             if tensor_key(entry["layer"], "weight") in slices:  # eager calls run the op on DTensors
                 register_layer_sharding(entry["layer"], module, entry["scheme"], options[entry["layer"]])
     return model

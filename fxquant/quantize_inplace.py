@@ -121,7 +121,7 @@ def _quantize_layer(model: nn.Module, entry: PlannedLinear, users: dict[int, lis
     module.weight = weight
     for name, tensor in tensors.items():
         module.register_buffer(name, tensor)
-    make_stored(module, entry.scheme, entry.options)
+    make_stored(module, entry.scheme, entry.options, entry.layer)
 
 
 def _is_experts(module: nn.Module) -> bool:

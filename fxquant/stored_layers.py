@@ -21,12 +21,14 @@ it runs its scheme's op as eagerly, which every backend compiles (the plan does 
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fxquant.log import log_once
 from fxquant.passes.stored_weights import PLAIN_FLOATS, STORED_WEIGHTS, op_tensor, register_stored_weight
 from fxquant.scheme import get_scheme
 from fxquant.tensor_parallel import is_dtensor
@@ -65,10 +67,32 @@ class StoredLayer:
         return ", ".join(filter(None, (super().extra_repr(), scheme)))
 
 
+class CompiledOnlyLayer:
+    """The forward of a subclass of nn.Linear with a forward of its own (Falcon's FalconLinear: `x @
+    weight.T`) whose weight is stored quantized: traced, its own forward, whose matmul fxquant's
+    backend and export rewrite into the scheme's op; eagerly, an error naming the layer, since that
+    forward would multiply the codes themselves."""
+
+    weight: Tensor
+    stored_layer: str
+
+    def forward(self, *args, **kwargs):
+        stored = STORED_WEIGHTS.get(self.weight)
+        if torch.compiler.is_compiling() or stored is None or stored.scheme is None:  # traced, or a float weight assigned since
+            return super().forward(*args, **kwargs)
+        raise RuntimeError(
+            f"fxquant: layer '{self.stored_layer}' ({type(self).__mro__[2].__name__}, a subclass of nn.Linear with a forward "
+            f"of its own) holds its weight as {stored.scheme}, which that forward cannot multiply eagerly; run the model "
+            "compiled with torch.compile(model, backend=\"fxquant\") (or fxquant.export), or keep the layer float "
+            "(QuantConfig(skip=[...]))"
+        )
+
+
 @functools.cache
-def stored_class(cls: type[nn.Module]) -> type[nn.Module]:
-    """`cls` with StoredLayer's forward: StoredLinear, StoredConv1D (made once per class)."""
-    return type(f"Stored{cls.__name__}", (StoredLayer, cls), {"__module__": __name__})
+def stored_class(cls: type[nn.Module], compiled_only: bool = False) -> type[nn.Module]:
+    """`cls` with StoredLayer's forward (StoredLinear, StoredConv1D) or, for a forward of its own,
+    CompiledOnlyLayer's (made once per class)."""
+    return type(f"Stored{cls.__name__}", (CompiledOnlyLayer if compiled_only else StoredLayer, cls), {"__module__": __name__})
 
 
 def conv1d_type() -> type[nn.Module] | None:
@@ -83,15 +107,20 @@ def plain_linear_forward(module: nn.Module) -> bool:
     return type(module).forward in (nn.Linear.forward, getattr(conv1d, "forward", None))
 
 
-def make_stored(module: nn.Module, scheme: str, options: object = None) -> nn.Module:
-    """Make `module` (nn.Linear, or Conv1D with its weight already [N, K]) run its stored weight
-    `weight` and the scheme's other tensors (`weight_scale`, ...) with `scheme`'s op and `options`
-    (its Options; None: the defaults), eagerly and compiled; returns it.
+def make_stored(module: nn.Module, scheme: str, options: object = None, layer: str = "") -> nn.Module:
+    """Make `module` (nn.Linear, or Conv1D with its weight already [N, K]), the model's layer `layer`,
+    run its stored weight `weight` and the scheme's other tensors (`weight_scale`, ...) with `scheme`'s
+    op and `options` (its Options; None: the defaults), eagerly and compiled; returns it.
 
-    A subclass of nn.Linear with a forward of its own keeps its class: only compiling with
-    backend="fxquant" runs it."""
+    A subclass of nn.Linear with a forward of its own runs only compiled with backend="fxquant" (or
+    exported with fxquant.export): eagerly it raises an error naming the layer (CompiledOnlyLayer)."""
     register_stored_weight(module, scheme, "weight", options)
-    if isinstance(module, StoredLayer) or not plain_linear_forward(module):
+    if isinstance(module, (StoredLayer, CompiledOnlyLayer)):
         return module
-    module.__class__ = stored_class(type(module))
+    compiled_only = not plain_linear_forward(module)
+    if compiled_only:
+        log_once(logging.WARNING, f"fxquant: {type(module).__name__} layers have a forward of their own: with quantized weights "
+                         "they run compiled with backend=\"fxquant\" (or exported), not eagerly")
+        module.stored_layer = layer
+    module.__class__ = stored_class(type(module), compiled_only)
     return module

@@ -130,3 +130,37 @@ def test_replaced_weights_run_as_they_are_or_raise(tmp_path):
     loaded.up.weight = nn.Parameter(float_weight.to(torch.float8_e4m3fn), requires_grad=False)
     with pytest.raises(RuntimeError, match="StoredLinear's torch.float8_e4m3fn weight is not registered as stored"):
         loaded.up(x)
+
+
+class OwnForwardLinear(nn.Linear):
+    """A subclass of nn.Linear with a forward of its own, as Falcon's FalconLinear."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+class OwnForwardBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = OwnForwardLinear(64, 128)
+
+    def forward(self, x):
+        return torch.relu(self.up(x))
+
+
+def test_a_forward_of_its_own_runs_compiled_and_eagerly_says_it_cannot(caplog):
+    torch.manual_seed(0)
+    model, x = OwnForwardBlock().eval(), torch.randn(3, 64)
+    config = QuantConfig(scheme="int8")
+    with torch.no_grad():
+        expected = torch.compile(model, backend=fxquant.backend(config))(x)  # the float model compiled: its weight quantized then
+        fxquant.quantize_(model, config)
+        assert isinstance(model.up, OwnForwardLinear) and model.up.weight.dtype == torch.int8
+        assert "forward of their own" in caplog.text
+        with pytest.raises(RuntimeError, match=r"layer 'up' \(OwnForwardLinear, a subclass of nn.Linear with a forward of its own\) "
+                                               r"holds its weight as int8.*backend=\"fxquant\""):
+            model(x)
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(model, backend=fxquant.backend(config))(x), expected, rtol=0, atol=0)
+        model.up.weight = nn.Parameter(torch.randn(128, 64))  # a float weight assigned since runs as float
+        torch.testing.assert_close(model(x), torch.relu(x @ model.up.weight.T + model.up.bias))
