@@ -453,6 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     except BAD_INPUT as error:
         print(f"fxquant {args.command}: error: {str(error).removeprefix('fxquant: ')}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # files are written to a temporary name and renamed whole: nothing half-written stays
+        print(f"fxquant {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -16,6 +16,9 @@ def plan(model: torch.nn.Module, *args, config: QuantConfig | None = None, **kwa
     The model runs once, eagerly, under no_grad; nothing is compiled by Inductor, and nothing is
     quantized unless the model holds stored low-precision weights (which only fxquant's ops run).
     """
+    if any(isinstance(arg, QuantConfig) for arg in args):
+        raise TypeError("fxquant.plan: pass the QuantConfig by name, fxquant.plan(model, *inputs, config=...); "
+                        "positional arguments are the model's inputs")
     config = config or QuantConfig()
     result = Plan()
 

@@ -64,6 +64,12 @@ def test_the_compiled_plan_shows_int8_on_the_cpu_and_why():
     assert all(row.note == "auto -> int8: " + config_module.auto_scheme(torch.device("cpu"))[1] for row in plan)
 
 
+def test_a_config_passed_to_plan_as_an_input_is_refused_by_name():
+    model = torch.nn.Linear(32, 16)
+    with pytest.raises(TypeError, match=r"pass the QuantConfig by name, fxquant.plan\(model, \*inputs, config=...\)"):
+        fxquant.plan(model, torch.randn(3, 32), QuantConfig(scheme="int8"))
+
+
 def test_a_checkpoint_records_the_concrete_scheme_never_auto(tmp_path):
     fxquant.save_quantized(tiny_llama(), tmp_path / "ckpt")
     metadata = json.loads((tmp_path / "ckpt" / "fxquant.json").read_text())

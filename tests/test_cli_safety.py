@@ -152,3 +152,20 @@ def test_an_output_that_is_a_file_is_refused(saved_llama, tmp_path, capsys):
     assert main(["quantize", str(saved_llama), str(tmp_path / "file"), "--overwrite"]) == 1
     assert "exists and is not a directory" in capsys.readouterr().err
     assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_an_interrupted_run_says_so_and_leaves_no_output(saved_llama, tmp_path, monkeypatch, capsys):
+    from fxquant import checkpoint_dir
+
+    check, calls = checkpoint_dir.check_replaceable, []
+
+    def interrupt_before_the_swap(*args):  # Ctrl-C once the weights are written, before the rename
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        check(*args)
+
+    monkeypatch.setattr(checkpoint_dir, "check_replaceable", interrupt_before_the_swap)
+    assert main(["quantize", str(saved_llama), str(tmp_path / "out")]) == 130
+    assert capsys.readouterr().err.strip().endswith("fxquant quantize: interrupted")
+    assert len(calls) == 2 and list(tmp_path.iterdir()) == []  # neither the output nor its temporary directory
