@@ -25,10 +25,10 @@ A [BLOCK_N, BLOCK_K / 2] accumulator is reduced once at the end.
 even and odd halves of a step, rounded to the compute dtype, are the MMA's M side and x's even and
 odd columns (padded to 16 rows) its N side ("swap AB": 16 rows are below the MMA's smallest M); a
 step spans one or more absmax blocks. On the H100 (twentieth session, benchmarks/RESULTS.md) the op
-ran at 0.77-0.88x of bf16's cuBLAS at M = 16 (qkv, gate_up, down of Llama-3-8B) and 0.88-0.93x
-at M = 4 (gate_up, down; dequantize + cuBLAS: 0.29-0.34x on the H200); with x as the MMA's M side the best tile
-gave 0.65-0.84x, and with the codes read from memory instead of `tl.gather` 0.25-0.27x, as the
-twelfth session's tensor-core variants (0.07-0.13x on the H200) read them.
+ran at 0.77-0.88x of bf16's cuBLAS at M = 16 (qkv, gate_up, down of Llama-3-8B) and 0.88-0.93x at
+M = 4 (gate_up, down), where dequantize + cuBLAS ran at 0.29-0.34x (H200); with x as the MMA's M side
+the best tile gave 0.65-0.84x, and with the codes read from memory instead of `tl.gather`
+0.25-0.27x, as the twelfth session's tensor-core variants (0.07-0.13x on the H200) read them.
 
 The GEMV, measured on the H200: the global-memory lookup with the weight rounded per element, 128
 rows and four warps a program, 0.58-0.69x at M = 1; this kernel 0.90-1.14x (fifteenth session; the
@@ -169,7 +169,7 @@ def gemm_4bit_partials(x: torch.Tensor, w_q: torch.Tensor, absmax_q: torch.Tenso
     else:
         _gemm_4bit_mma_kernel[(triton.cdiv(n, MMA_BLOCK_N), splits)](
             x, w_q, absmax_q, nested_absmax, offset, code, dynamic_map, partial, m, n, k, BLOCK_M=max(16, triton.next_power_of_2(m)),
-            BLOCK_N=MMA_BLOCK_N, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **shared,
+            BLOCK_N=MMA_BLOCK_N, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **shared,  # fp32: no TF32
             num_warps=MMA_WARPS, num_stages=MMA_STAGES,
         )
     return partial
