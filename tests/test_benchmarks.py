@@ -191,3 +191,15 @@ def test_a_decode_forward_launches_bf16s_kernels_and_one_quantization_more(model
     tiny = kernel_count.tiny_model(model)
     counts = {peer: len(kernel_count.launches(kernel_count.wrapper_source(tiny, peer, batch, 1))[0]) for peer in ("bf16", "fxquant")}
     assert counts["fxquant"] == counts["bf16"] + 1, counts
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+def test_an_nf4_decode_forward_launches_bf16s_kernels(batch):
+    """nf4 at decode (1 and 16 rows, kernel_count.py): each layer is one extern call of the fused 4-bit
+    kernels (fxquant::linear_4bit_partials) and the sum of its split-K partials fuses into the kernel
+    that reads the output, so the Triton kernels are bf16's (nothing to quantize: weight-only)."""
+    kernel_count = benchmark("kernel_count")
+    tiny = kernel_count.tiny_model("llama")
+    launched = {peer: kernel_count.launches(kernel_count.wrapper_source(tiny, peer, batch, 1)) for peer in ("bf16", "fxquant-nf4")}
+    assert len(launched["fxquant-nf4"][0]) == len(launched["bf16"][0]), launched
+    assert launched["fxquant-nf4"][1].count("fxquant.linear_4bit_partials.default") == 7  # q, k, v, o, gate, up, down
