@@ -81,7 +81,7 @@ class CompiledOnlyLayer:
         if torch.compiler.is_compiling() or stored is None or stored.scheme is None:  # traced, or a float weight assigned since
             return super().forward(*args, **kwargs)
         raise RuntimeError(
-            f"fxquant: layer '{self.stored_layer}' ({type(self).__mro__[2].__name__}, a subclass of nn.Linear with a forward "
+            f"fxquant: layer '{self.stored_layer}' ({type(self).__bases__[1].__name__}, a subclass of nn.Linear with a forward "
             f"of its own) holds its weight as {stored.scheme}, which that forward cannot multiply eagerly; run the model "
             "compiled with torch.compile(model, backend=\"fxquant\") (or fxquant.export), or keep the layer float "
             "(QuantConfig(skip=[...]))"
