@@ -94,13 +94,12 @@ def save_bitsandbytes(model: nn.Module, directory: str | os.PathLike, config: Qu
         raise FileExistsError(f"fxquant: {directory} exists; save_bitsandbytes writes a new directory")
     if getattr(model, "config", None) is None:
         raise ValueError("fxquant: save_bitsandbytes needs an HF model (its config goes to config.json)")
-    plan = plan_modules(model, config)
-    float32 = [entry for entry in plan.rewritten if not_converted(entry.layer, plan.float32_modules)]
-    stored = next((entry for entry in float32 if entry.stored is not None), None)
-    if stored is not None:
+    plan = plan_modules(model, config)  # leaves the layers transformers keeps in float32 float
+    stored = next((entry for entry in plan.rewritten if not_converted(entry.layer, plan.float32_modules)), None)
+    if stored is not None:  # loaded from a checkpoint that quantized it
         raise ValueError(f"fxquant: cannot save {stored.layer} in bitsandbytes' layout: it is stored {stored.scheme}, "
                          f"and transformers keeps it in float32 ({type(model).__name__}._keep_in_fp32_modules)")
-    quantized = [entry for entry in plan.rewritten if entry not in float32]
+    quantized = plan.rewritten
     kinds = {(entry.scheme, entry.options) for entry in quantized}
     for entry in quantized:
         problem = (f"scheme {entry.scheme} (bitsandbytes' layout holds nf4 or fp4)" if entry.scheme not in QUANT_TYPES
@@ -134,7 +133,7 @@ def save_bitsandbytes(model: nn.Module, directory: str | os.PathLike, config: Qu
                     del state[name]
             del state[f"{entry.layer}.weight"]
             state.update(bnb_tensors(entry.layer, tensors, quant_type, options.blocksize, shape, dtype))
-    skipped = [ignored_module(entry) for entry in plan if entry.scheme is None] + [entry.layer for entry in float32]
+    skipped = [ignored_module(entry) for entry in plan.skipped]
     quantization_config = _quantization_config(quant_type, options, skipped, model_dtype)
     hf_config = {**model.config.to_dict(), "quantization_config": quantization_config}
 

@@ -12,6 +12,9 @@ weight); loaded, it is held [N, K], the op's layout (fxquant/stored_layers.py). 
 The plan walks modules, not a trace: a parameter multiplied outside these modules (`x @ W.t()` on a
 raw nn.Parameter) is listed unquantized with the reason. A layer already stored quantized (a model
 from `load_quantized`) is kept as stored, and must agree with the config the checkpoint is written with.
+A layer the model class keeps in float32 (transformers' `_keep_in_fp32_modules`: T5's `wo`) stays
+float, as every transformers quantizer leaves it: T5's forward casts its input to that weight's dtype,
+and transformers would load a quantized one as a float Linear.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from fxquant.config import QuantConfig
+from fxquant.hf_formats import not_converted
 from fxquant.passes.find_sites import GemmSite
 from fxquant.passes.plan_linears import Plan, PlannedLinear, decide
 from fxquant.passes.stored_weights import STORED_WEIGHTS, is_stored, stored_scheme
@@ -161,16 +165,19 @@ def _stored_entry(name: str, module: nn.Module, config: QuantConfig) -> PlannedL
 
 def plan_modules(model: nn.Module, config: QuantConfig) -> Plan:
     """The plan of every nn.Linear and Conv1D of `model`, in module order, by the plan pass's rules
-    (QuantConfig.rules, skip, scheme); no tracing. Layers stored quantized keep their scheme; other 2-D
-    parameters are listed unquantized.
+    (QuantConfig.rules, skip, scheme); no tracing. Layers stored quantized keep their scheme; layers the
+    model class keeps in float32 and other 2-D parameters are listed unquantized.
 
     Unlike the backend's plan there is no device fallback: a checkpoint stores the scheme asked for.
     """
     plan = Plan()
-    plan.float32_modules = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    plan.float32_modules = tuple(sorted(getattr(model, "_keep_in_fp32_modules", None) or ()))
+    float32_note = f"transformers keeps it in float32 ({type(model).__name__}._keep_in_fp32_modules)"
     for name, module in model.named_modules():
         if is_checkpoint_layer(module) and is_stored(module.weight):
             plan.append(_stored_entry(name, module, config))
+        elif is_checkpoint_layer(module) and not_converted(name, plan.float32_modules):
+            plan.append(PlannedLinear(name, layer_site(name, module), None, float32_note))
         elif is_checkpoint_layer(module):
             plan.append(decide(name, layer_site(name, module), config))
         elif not isinstance(module, (nn.Embedding, nn.EmbeddingBag)):

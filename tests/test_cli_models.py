@@ -10,7 +10,8 @@ import re
 import pytest
 import torch
 
-from fxquant.checkpoint import read_header
+from fxquant import QuantConfig
+from fxquant.checkpoint import empty_weights, load_quantized, read_header, save_quantized
 from fxquant.cli import main
 from fxquant.hf_model import check_output_holds_input, tensor_names
 from tests.models import tiny_llama
@@ -62,10 +63,9 @@ def test_the_class_config_json_names_is_quantized_with_its_head_and_names(archit
     if architecture == "GPT2LMHeadModel":  # Conv1D layers: transformers would read them back as float
         assert not (out / "config.json").exists()
         assert "config.json: none written: transformers converts nn.Linear only, not the quantized Conv1D layers" in report
-    else:  # T5's `wo` layers, which transformers keeps in float32, are not fbgemm_fp8 layers there
+    else:
         assert json.loads((out / "config.json").read_text())["architectures"] == [architecture]
-        written = "compressed-tensors" if architecture == "T5ForConditionalGeneration" else "fbgemm_fp8"
-        assert f"config.json: quantization_config {written}" in report
+        assert "config.json: quantization_config fbgemm_fp8" in report
     inputs, outputs = set(read_header(source / "model.safetensors")), set(read_header(out / "model.safetensors"))
     assert inputs - outputs - set(metadata["tied"]) == set(), "input tensors missing from the output"
     assert {name.removesuffix("_scale") for name in outputs - inputs} <= inputs, "only weight_scale tensors are new"
@@ -194,11 +194,34 @@ def test_a_buffer_the_model_computes_may_be_missing_from_the_output(tmp_path):
 
 
 
-def test_fbgemm_fp8_is_refused_where_transformers_would_keep_a_quantized_layer_float(tmp_path, capsys):
-    """T5's `wo` (T5PreTrainedModel._keep_in_fp32_modules) stays an nn.Linear in transformers' fbgemm_fp8
-    loader, which would read its e4m3 codes unscaled: that layout is refused, by name, before writing."""
-    source = saved(tiny_t5().eval(), tmp_path / "in")
-    assert main(["quantize", str(source), str(tmp_path / "out"), "--hf-format", "fbgemm_fp8"]) == 1
-    error = capsys.readouterr().err
-    assert "fbgemm_fp8 leaves 'encoder.block.0.layer.1.DenseReluDense.wo' float" in error and "['wo']" in error
+T5_WO = ["encoder.block.0.layer.1.DenseReluDense.wo", "encoder.block.1.layer.1.DenseReluDense.wo",
+         "decoder.block.0.layer.2.DenseReluDense.wo", "decoder.block.1.layer.2.DenseReluDense.wo"]
+
+
+def test_layers_transformers_keeps_in_float32_stay_float_and_fbgemm_fp8_names_them(tmp_path, capsys):
+    """T5's `wo` (T5PreTrainedModel._keep_in_fp32_modules) stays an nn.Linear in every transformers quantizer:
+    written float, and listed in fbgemm_fp8's modules_to_not_convert."""
+    source, out = saved(tiny_t5().eval(), tmp_path / "in"), tmp_path / "out"
+    assert main(["quantize", str(source), str(out), "--hf-format", "fbgemm_fp8"]) == 0, capsys.readouterr().err
+    assert set(T5_WO) <= set(json.loads((out / "config.json").read_text())["quantization_config"]["modules_to_not_convert"])
+    header = read_header(out / "model.safetensors")
+    assert all(header[f"{name}.weight"][0] == torch.float32 and f"{name}.weight_scale" not in header for name in T5_WO)
+    assert header["encoder.block.0.layer.1.DenseReluDense.wi.weight"][0] == torch.float8_e4m3fn
+    notes = {entry["layer"]: entry["note"] for entry in json.loads((out / "fxquant.json").read_text())["plan"]}
+    assert all("T5ForConditionalGeneration._keep_in_fp32_modules" in notes[name] for name in T5_WO)
+
+
+def test_fbgemm_fp8_is_refused_for_a_loaded_layer_transformers_would_keep_float(tmp_path):
+    """A checkpoint whose `wo` is quantized (written for a model class without `_keep_in_fp32_modules`) loads;
+    saving it in fbgemm_fp8, whose loader would read `wo`'s e4m3 codes into a float Linear unscaled, is refused
+    by name before anything is written."""
+    torch.manual_seed(0)
+    unguarded = tiny_t5().eval()
+    unguarded._keep_in_fp32_modules = None
+    save_quantized(unguarded, tmp_path / "in", QuantConfig(scheme="fp8_rowwise"))
+    with empty_weights():
+        loaded = type(unguarded)(unguarded.config)
+    load_quantized(tmp_path / "in", loaded)
+    with pytest.raises(ValueError, match=r"fbgemm_fp8 leaves 'encoder.block.0.layer.1.DenseReluDense.wo' float .*\['wo'\]"):
+        save_quantized(loaded, tmp_path / "out", QuantConfig(scheme="fp8_rowwise"), hf_format="fbgemm_fp8")
     assert not (tmp_path / "out").exists()
