@@ -85,7 +85,7 @@ def quantize_4bit_codes(weight: Tensor, blocksize: int, quant_type: str) -> tupl
     whose K is a multiple of `blocksize`: bitsandbytes' quantize_4bit arithmetic (CPU)."""
     _, midpoints, order = _tables(quant_type, weight.device)
     n, k = weight.shape
-    blocks = weight.float().reshape(n, k // blocksize, blocksize)
+    blocks = weight.float().contiguous().reshape(n, k // blocksize, blocksize)  # a Conv1D's weight comes transposed
     absmax = blocks.abs().amax(dim=-1)
     scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(-1), -1, 1)
     codes = torch.bucketize(scaled, midpoints, out_int32=True)
