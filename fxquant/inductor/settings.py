@@ -2,18 +2,6 @@
 
     emulate_precision_casts    True   quantize each activation as eager rounds it (bf16), so the
                                       compiled model matches the reference ops' numerics
-    eager_numerics.            False  where torch's Inductor has `ops.div_rn` (2.13 does, 2.11 not), as
-      division_rounding               in Inductor's defaults: the quantization's x / scale is
-                                      fxquant::div_rn, which always lowers to `tl.div_rn`
-                                      (fxquant/inductor/division.py), and the rest of the graph
-                                      divides as plain torch.compile does (SiLU's x / (1 + exp(-x)),
-                                      softmax). Correct rounding is what makes an e4m3 code the
-                                      rounded quotient: with Triton's approximate `/` (div.full.f32)
-                                      1927 of 4,096,000 codes of a [1000, 4096] bf16 input differed
-                                      from FBGEMM's on the H200. Without `ops.div_rn`: True, every
-                                      float32 division of the graph correctly rounded (SiLU's
-                                      too: 327 against 109 µs for Qwen3's SiLU·mul + quantization
-                                      at (4, 2048) on the H200, torch 2.11)
     realize_opcount_threshold  100    decode-shaped graphs only (at most DECODE_TOKENS tokens per
                                       linear layer): Inductor's 30 counts the emulated casts (two
                                       ops per bf16 rounding) and so stores rotate_half(k) * sin to
@@ -34,6 +22,8 @@
                                       whole_row_limit (8192 on the H100; inductor/tuning.py) as
                                       persistent reductions (the row read once); the backend
                                       installs it as Inductor's choices handler while compiling
+Division is left as Inductor's default (`eager_numerics.division_rounding` off): the quantization's
+x / scale is fxquant::div_rn, correctly rounded by its own lowering (fxquant/inductor/division.py).
 Measured in benchmarks/RESULTS.md (sixth to eighth sessions). A user's `inductor` settings
 (`fxquant.backend(..., inductor={...})`) come last and win.
 """
@@ -47,11 +37,9 @@ from torch import fx
 from torch._inductor import config as inductor_config
 
 from fxquant.inductor.choices import WholeRowReductions
-from fxquant.inductor.division import HAS_DIV_RN
 from fxquant.passes.find_sites import fake_value
 
 DECODE_TOKENS = 16
-DIVISION_ROUNDING = "eager_numerics.division_rounding"  # torch 2.11 and 2.13 (2.10: emulate_divison_rounding)
 DECODE_REALIZE_OPCOUNT_THRESHOLD = 100
 EXPERT_ARGUMENTS = {"offsets", "expert_ids"}  # what an expert op's schema has (grouped, batched)
 
@@ -81,7 +69,7 @@ def linear_tokens(gm: fx.GraphModule) -> int | None:
 def fxquant_inductor_settings(mode_patches: Mapping[str, object], tokens: int | None = None) -> dict[str, object]:
     """Inductor config patches for a graph fxquant lowered whose linear layers see at most `tokens`
     tokens (None: unknown): the mode's, then fxquant's (above)."""
-    settings = {**mode_patches, "emulate_precision_casts": True, DIVISION_ROUNDING: not HAS_DIV_RN}
+    settings = {**mode_patches, "emulate_precision_casts": True}
     decode_shaped = tokens is not None and tokens <= DECODE_TOKENS
     if decode_shaped:
         settings["realize_opcount_threshold"] = DECODE_REALIZE_OPCOUNT_THRESHOLD

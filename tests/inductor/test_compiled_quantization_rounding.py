@@ -5,12 +5,15 @@ quotients sit at e4m3 rounding ties catch a division turned into a product with 
 
 import pytest
 import torch
+from torch._inductor.utils import run_and_get_code
+
+from fxquant.inductor import division
 
 from fxquant.ops.fp8_blockwise import quantize_fp8_groupwise
 from fxquant.ops.fp8_common import saturate_to_fp8
 from fxquant.ops.fp8_rowwise import quantize_fp8_rowwise
 from fxquant.ops.fp8_tensorwise import quantize_fp8_tensorwise
-from tests.inductor.test_decompositions import compile_with_lowering
+from tests.inductor.test_decompositions import compile_with_lowering, kernels
 from tests.ops import formula_reference as reference
 from tests.ops.test_formula_references import assert_codes, edge_rows
 
@@ -29,3 +32,25 @@ def test_compiled_quantization_is_the_formula(case):
     quantize, formula = CASES[case]
     x = edge_rows()
     assert_codes(compile_with_lowering(quantize)(x), formula(x.double()))
+
+
+def test_a_torch_without_inductors_div_rn_divides_in_float64(monkeypatch):
+    """torch 2.11's Inductor has no `ops.div_rn`: fxquant::div_rn lowers to a float64 quotient rounded to
+    float32 there, and the codes are still the formula's."""
+    monkeypatch.setattr(division, "HAS_DIV_RN", False)
+    torch._dynamo.reset()
+    x = edge_rows()
+    with torch._inductor.config.patch(fx_graph_cache=False):  # its key does not see the lowering's choice
+        codes, (code,) = run_and_get_code(compile_with_lowering(CASES["static"][0]), x)
+    assert_codes(codes, CASES["static"][1](x.double()))
+    assert "double" in "".join(kernels(code))
+
+
+def test_a_float64_quotient_rounded_to_float32_is_the_correctly_rounded_float32_quotient():
+    """The float64 lowering's premise (double rounding of a quotient is innocuous when 53 ≥ 2·24 + 2),
+    checked against the CPU's float32 division on a million random pairs spanning float32's exponents,
+    subnormal quotients included."""
+    generator = torch.Generator().manual_seed(0)
+    bits = torch.randint(0, 2**31 - 2**23, (2, 1_000_000), generator=generator, dtype=torch.int64).to(torch.int32)
+    a, b = bits.view(torch.float32)  # every finite positive float32 (0x7f800000 and up are inf / NaN)
+    assert torch.equal((a.double() / b.double()).float(), a / b)
