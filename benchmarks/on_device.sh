@@ -19,6 +19,8 @@
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh blockwise   # fp8_blockwise in the Llama forward
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh nf4 [PEERS] # decode 1x1 16x1: bf16, nf4, bitsandbytes' nf4, torchao int4
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh gemm-4bit   # nf4 linear_4bit op vs bf16 per shape, M = 1, 16
+#     source .whl/ondevice.sh && bash benchmarks/on_device.sh probe-4bit-lut [LAYERS]  # the 2-16-row nf4 kernel's lookup:
+#                                                  # tl.gather vs PTX prmt, absmax after the MMA (benchmarks/probe_4bit_lut.py)
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh int8        # int8 (and with weights frozen) in the Llama forward (1x1 16x1 1x2048 4x2048),
 #                                                  # then fp8_rowwise at serving batch sizes (32..256, 1)
 #     source .whl/ondevice.sh && bash benchmarks/on_device.sh gemm-serving # fp8_rowwise GEMM choices at M = 32..512
@@ -37,7 +39,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 quiet() { grep -v -E "Warning|warn\(|^  |AUTOTUNE|strides:|dtypes:|SingleProcess|_fbgemm_torch_compat|cannot determine|^\s*$|\[0m|\[33m"; }
 
-case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | torchao | profile | profile-prefill | settings | default-decode | merge | blockwise | nf4 | gemm-4bit | int8 | gemm-serving | gemm-int8 | serving-settings | aoti-probe | weight-check | moe | profile-moe | tp}" in
+case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | torchao | profile | profile-prefill | settings | default-decode | merge | blockwise | nf4 | gemm-4bit | probe-4bit-lut | int8 | gemm-serving | gemm-int8 | serving-settings | aoti-probe | weight-check | moe | profile-moe | tp}" in
   tests)
     # Without PATHS: every gpu test, in six pytest processes at once (compiling dominates and the
     # device has 16 cores; one process took more than the 10 minutes, and test_cuda_export.py beside
@@ -186,6 +188,10 @@ case "${1:?stage: tests | gemm | gemm-decode | gemm-prefill | e2e | decode | tor
       --batches "${shape%x*}" --tokens "${shape#*x}" --peers "$@" --json "$OUT/profile_moe_$shape.json") \
       >"$OUT/profile_moe_$shape.txt" 2>&1
     grep -E "^==|^  " "$OUT/profile_moe_$shape.txt" | cut -c1-150 ;;
+  probe-4bit-lut)
+    shift; [ $# -gt 0 ] || set -- gate_up down qkv o
+    timeout "${FXQUANT_TIMEOUT:-560}" python3 benchmarks/probe_4bit_lut.py --layers "$@" >"$OUT/probe_4bit_lut.txt" 2>&1
+    grep -E "^==|^  " "$OUT/probe_4bit_lut.txt" | cut -c1-200 ;;
   aoti-probe)
     { timeout 270 python3 benchmarks/aoti_probe.py; timeout 270 env -u PYTHONPATH python3 benchmarks/aoti_probe.py --no-carried; } \
       >"$OUT/aoti_probe.txt" 2>&1

@@ -203,3 +203,43 @@ def test_an_nf4_decode_forward_launches_bf16s_kernels(batch):
     launched = {peer: kernel_count.launches(kernel_count.wrapper_source(tiny, peer, batch, 1)) for peer in ("bf16", "fxquant-nf4")}
     assert len(launched["fxquant-nf4"][0]) == len(launched["bf16"][0]), launched
     assert launched["fxquant-nf4"][1].count("fxquant.linear_4bit_partials.default") == 7  # q, k, v, o, gate, up, down
+
+
+def emulate_ptx(asm: str, registers: dict[str, int]) -> dict[str, int]:
+    """Run the 32-bit mov / and / or / shr / prmt (default mode) of an inline-assembly string."""
+    registers = dict(registers)
+    for instruction in filter(None, (part.strip() for part in asm.strip().removeprefix("{").removesuffix("}").split(";"))):
+        if instruction.startswith(".reg"):
+            continue
+        opcode, operands = instruction.split(None, 1)
+        out, *sources = [operand.strip() for operand in operands.split(",")]
+        v = [registers[s] if s in registers else int(s, 0) for s in sources]
+        if opcode == "prmt.b32":
+            pool, selectors = (v[1] << 32) | v[0], v[2]
+            assert all((selectors >> 4 * i) & 0x8 == 0 for i in range(4)), "sign-replicating selectors are not emulated"
+            registers[out] = sum(((pool >> 8 * ((selectors >> 4 * i) & 0x7)) & 0xFF) << 8 * i for i in range(4))
+        else:
+            registers[out] = {"mov.b32": lambda: v[0], "and.b32": lambda: v[0] & v[1], "or.b32": lambda: v[0] | v[1],
+                              "shr.b32": lambda: v[0] >> v[1]}[opcode]()
+    return registers
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_the_4bit_probes_prmt_lookup_gives_each_codes_bf16_value(quant_type):
+    """benchmarks/probe_4bit_lut.py's PTX, emulated: 4 packed bytes (8 codes, the even one in each high
+    nibble) become the even codes' bf16 values in $0 $1 and the odd ones' in $2 $3, in order."""
+    import random
+
+    import torch
+
+    from fxquant.ops.blockwise_4bit import code_table
+
+    values = code_table(quant_type)
+    asm = benchmark("probe_4bit_lut").prmt_asm(values)
+    bits = (values.to(torch.bfloat16).view(torch.int16).int() & 0xFFFF).tolist()
+    generator = random.Random(0)
+    for word in [0, 0xFFFFFFFF, 0x01234567, 0x89ABCDEF, *(generator.getrandbits(32) for _ in range(2000))]:
+        out = emulate_ptx(asm.replace("$4", "w").replace("$", "r"), {"w": word})  # the input, the outputs r0-r3
+        halves = [half for reg in ("r0", "r1", "r2", "r3") for half in (out[reg] & 0xFFFF, out[reg] >> 16)]
+        packed = [(word >> 8 * j) & 0xFF for j in range(4)]
+        assert halves == [bits[byte >> 4] for byte in packed] + [bits[byte & 0xF] for byte in packed], hex(word)
