@@ -22,6 +22,8 @@ from fxquant.checkpoint_writer import file_sha256
 from fxquant.config import QuantConfig
 from fxquant.footprint import dtype_name
 from fxquant.foreign_checkpoints import Conversion, converted, read_foreign
+from fxquant.hf_formats import not_converted
+from fxquant.log import logger
 from fxquant.shards import INDEX_FILE
 from fxquant.stored_layers import make_stored
 from fxquant.tensor_parallel import local
@@ -225,6 +227,18 @@ def _assign(model: nn.Module, name: str, value: Tensor, quantized: bool, made: d
     module._parameters[attr] = made[id(value)]
 
 
+def _warn_of_float32_layers(directory: Path, model: nn.Module, metadata: dict) -> None:
+    """Warn of quantized layers the model class keeps in float32 (a checkpoint written before fxquant
+    left them float, or by another tool): T5's forward casts its input to `wo`'s dtype and fails."""
+    patterns = getattr(model, "_keep_in_fp32_modules", None) or ()
+    layers = [entry["layer"] for entry in metadata["plan"] if entry["scheme"] is not None and not_converted(entry["layer"], patterns)]
+    if layers:
+        more = f" and {len(layers) - 1} more" if len(layers) > 1 else ""
+        logger.warning(f"fxquant: {directory} holds {layers[0]!r}{more} quantized, layers {type(model).__name__} keeps "
+                       f"in float32 ({type(model).__name__}._keep_in_fp32_modules {sorted(patterns)}): its forward may read "
+                       "their dtype (T5's casts its input to it); quantize the float model again to leave them float")
+
+
 def load_quantized(
     directory: str | Path, model: nn.Module, device: str | torch.device = "cpu", verify_checksum: bool = True
 ) -> nn.Module:
@@ -297,6 +311,7 @@ def load_quantized(
                 for name in users[stored]:
                     _assign(model, name, value, name in quantized, made, name in transposed)
     hold_stored_experts(model, joins)  # as the expert ops take them, registered as stored
+    _warn_of_float32_layers(directory, model, metadata)
     for entry in metadata["plan"]:
         if entry["scheme"] is not None and "expert_names" not in entry:  # eager calls and torch.compile(backend="fxquant") run them as stored
             module = make_stored(model.get_submodule(entry["layer"]), entry["scheme"], options[entry["layer"]], entry["layer"])

@@ -211,10 +211,10 @@ def test_layers_transformers_keeps_in_float32_stay_float_and_fbgemm_fp8_names_th
     assert all("T5ForConditionalGeneration._keep_in_fp32_modules" in notes[name] for name in T5_WO)
 
 
-def test_fbgemm_fp8_is_refused_for_a_loaded_layer_transformers_would_keep_float(tmp_path):
-    """A checkpoint whose `wo` is quantized (written for a model class without `_keep_in_fp32_modules`) loads;
-    saving it in fbgemm_fp8, whose loader would read `wo`'s e4m3 codes into a float Linear unscaled, is refused
-    by name before anything is written."""
+def test_fbgemm_fp8_is_refused_for_a_loaded_layer_transformers_would_keep_float(tmp_path, caplog):
+    """A checkpoint whose `wo` is quantized (written for a model class without `_keep_in_fp32_modules`) loads
+    with a warning naming it; saving it in fbgemm_fp8, whose loader would read `wo`'s e4m3 codes into a float
+    Linear unscaled, is refused by name before anything is written."""
     torch.manual_seed(0)
     unguarded = tiny_t5().eval()
     unguarded._keep_in_fp32_modules = None
@@ -222,6 +222,8 @@ def test_fbgemm_fp8_is_refused_for_a_loaded_layer_transformers_would_keep_float(
     with empty_weights():
         loaded = type(unguarded)(unguarded.config)
     load_quantized(tmp_path / "in", loaded)
+    assert "holds 'encoder.block.0.layer.1.DenseReluDense.wo' and 3 more quantized" in caplog.text
+    assert "T5ForConditionalGeneration._keep_in_fp32_modules ['wo']" in caplog.text
     with pytest.raises(ValueError, match=r"fbgemm_fp8 leaves 'encoder.block.0.layer.1.DenseReluDense.wo' float .*\['wo'\]"):
         save_quantized(loaded, tmp_path / "out", QuantConfig(scheme="fp8_rowwise"), hf_format="fbgemm_fp8")
     assert not (tmp_path / "out").exists()
