@@ -29,7 +29,7 @@ import functools
 import torch
 from torch import Tensor, fx, nn
 
-from fxquant.passes.stored_weights import PLAIN_FLOATS, STORED_WEIGHTS, register_stored_weight
+from fxquant.passes.stored_weights import PLAIN_FLOATS, STORED_WEIGHTS, guard_stored_tensors, register_stored_weight
 
 
 # The experts implementations whose matmuls a trace reaches whole (transformers' `eager` loop runs
@@ -71,6 +71,7 @@ def _presented(name: str) -> property:
                 f"through experts_implementation 'batched_mm' or 'grouped_mm'; {implementation!r} reads it outside "
                 "them (transformers' 'eager' loop runs outside any graph)"
             )
+        guard_stored_tensors(self)
         presented = torch.ops.fxquant.stored_weight(stored, self.fxquant_float_dtypes[name])
         return presented.transpose(-2, -1) if getattr(self, "is_transposed", False) else presented
 

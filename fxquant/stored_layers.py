@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fxquant.log import log_once
-from fxquant.passes.stored_weights import PLAIN_FLOATS, STORED_WEIGHTS, op_tensor, register_stored_weight
+from fxquant.passes.stored_weights import PLAIN_FLOATS, STORED_WEIGHTS, guard_stored_tensors, op_tensor, register_stored_weight
 from fxquant.scheme import get_scheme
 from fxquant.tensor_parallel import is_dtensor
 
@@ -45,6 +45,7 @@ class StoredLayer:
         if torch.compiler.is_exporting() and not packed:
             return F.linear(x, self.weight, self.bias)
         if torch.compiler.is_compiling() and not packed:
+            guard_stored_tensors(self)
             if is_dtensor(self.weight):  # a tensor-parallel layer: Dynamo gives F.linear the weight's dtype
                 return F.linear(x, self.weight, self.bias).to(x.dtype)
             return F.linear(x, torch.ops.fxquant.stored_weight(self.weight, x.dtype), self.bias)
@@ -78,7 +79,10 @@ class CompiledOnlyLayer:
 
     def forward(self, *args, **kwargs):
         stored = STORED_WEIGHTS.get(self.weight)
-        if torch.compiler.is_compiling() or stored is None or stored.scheme is None:  # traced, or a float weight assigned since
+        if torch.compiler.is_compiling():
+            guard_stored_tensors(self)
+            return super().forward(*args, **kwargs)
+        if stored is None or stored.scheme is None:  # a float weight assigned since
             return super().forward(*args, **kwargs)
         raise RuntimeError(
             f"fxquant: layer '{self.stored_layer}' ({type(self).__bases__[1].__name__}, a subclass of nn.Linear with a forward "

@@ -21,6 +21,7 @@ which passes/find_sites.py reads through and which no other backend can run.
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from collections.abc import Callable
 from typing import NamedTuple
@@ -57,6 +58,16 @@ class StoredWeight(NamedTuple):
 # weight → StoredWeight, for stored weights whose other tensors the graph does not reach: Dynamo only
 # passes a backend the tensors forward() uses, and nn.Linear.forward never reads `weight_scale`.
 STORED_WEIGHTS = WeakIdKeyDictionary()
+_STORED_KEYS = itertools.count()  # each registration's `fxquant_stored_key`
+
+
+def guard_stored_tensors(module: nn.Module) -> None:
+    """Make a Dynamo trace of `module` guard on which stored tensors it read. The rewrite bakes a stored
+    weight's other tensors (weight_scale, ...) into the graph as constants, while Dynamo passes the weight
+    itself as an input and would reuse the graph for another module of the class, with this one's
+    scales; reading the module's key (a Python int, so guarded by value) makes it compile again."""
+    if module.fxquant_stored_key < 0:
+        raise AssertionError("fxquant: a negative stored key")
 
 
 def register_stored_weight(
@@ -70,6 +81,7 @@ def register_stored_weight(
     weight = module._parameters.get(weight_name)  # the stored tensor itself, not what a property presents
     weight = getattr(module, weight_name) if weight is None else weight
     STORED_WEIGHTS[weight] = StoredWeight(weakref.ref(module), weight_name, scheme, options)
+    module.fxquant_stored_key = next(_STORED_KEYS)
 
 
 @torch.library.custom_op("fxquant::stored_weight", mutates_args=())

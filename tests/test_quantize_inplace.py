@@ -222,3 +222,21 @@ def test_a_quantized_moe_model_saves_per_expert_and_loads_back_to_the_same_outpu
     tokens = torch.randint(0, 64, (2, 7))
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(tokens).logits, model(tokens).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp8_rowwise"])
+def test_a_second_quantized_model_of_the_class_compiles_with_its_own_scales(scheme):
+    """The rewrite bakes a stored weight's scales into the graph while Dynamo passes the weight as an
+    input: compiling a second model of the same class must not reuse the first one's graph (it ran with
+    the first model's scales: logits off by 90 % where the weights differ tenfold)."""
+    torch.manual_seed(0)
+    first, second = torch.nn.Sequential(torch.nn.Linear(64, 64)), torch.nn.Sequential(torch.nn.Linear(64, 64))
+    with torch.no_grad():
+        second[0].weight.mul_(10)
+    x = torch.randn(4, 64)
+    for model in (first, second):
+        fxquant.quantize_(model, QuantConfig(scheme=scheme, skip=[]))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        for model in (first, second):  # no reset between them
+            torch.testing.assert_close(torch.compile(model, backend="fxquant")(x), model(x), rtol=1e-5, atol=1e-5)
