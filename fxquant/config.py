@@ -173,6 +173,13 @@ class QuantConfig:
         shared = {name: getattr(self, name) for name in known if name in _SHARED_OPTIONS and name not in given}
         return get_scheme(scheme).options({**shared, **given})
 
+    def given_options(self, scheme: str) -> set[str]:
+        """The names of `scheme`'s options this config sets: its `scheme_options` entry's, and the
+        fields of the same name (activation_scale_ub, ...) set to other than their defaults."""
+        given = set(dict(dict(self.scheme_options).get(scheme, ())))
+        shared = [name for name in get_scheme(scheme).option_names() if name in _SHARED_OPTIONS]
+        return given | {name for name in shared if getattr(self, name) != _frozen(_DEFAULTS[name])}
+
     def decide(self, layer: str, device: torch.device | None = None) -> Decision:
         """What the config asks for `layer`: the first rule whose glob matches it, else the skip list's
         first match (no scheme), else `scheme`; "auto" as it resolves on `device` (None: for a checkpoint)."""

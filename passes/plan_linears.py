@@ -329,7 +329,8 @@ def _plan_stored(
     layer: str, site: GemmSite, named_nodes: dict[str, fx.Node], lookup: WeightLookup, config: QuantConfig
 ) -> PlannedLinear:
     """A layer whose weight is already quantized: its scheme and tensors are the stored ones, not the
-    config's; each option the config leaves unset (None) is the one registered with the weight."""
+    config's; each option the config does not set (QuantConfig.given_options) is the one registered
+    with the weight (a loaded llm_int8 layer keeps its checkpoint's threshold)."""
     scheme, tensors, note = stored_scheme(site, lambda name: lookup(named_nodes[name])[1] if name in named_nodes else None)
     if scheme is None:
         raise ValueError(f"fxquant: layer '{layer}': {note}; it cannot run unquantized either")
@@ -337,8 +338,9 @@ def _plan_stored(
     options = config.options_for(scheme)
     registered = getattr(STORED_WEIGHTS.get(site.weight), "options", None)
     if registered is not None:
+        given = config.given_options(scheme)
         unset = {f.name: getattr(registered, f.name) for f in dataclasses.fields(options)
-                 if getattr(options, f.name) is None and getattr(registered, f.name) is not None}
+                 if f.name not in given and getattr(registered, f.name) != getattr(options, f.name)}
         options = dataclasses.replace(options, **unset)
         note += "".join(f" ({name} {value:g} from the checkpoint)" if isinstance(value, float)
                         else f" ({name} {value} from the checkpoint)" for name, value in unset.items())

@@ -240,3 +240,19 @@ def test_a_second_quantized_model_of_the_class_compiles_with_its_own_scales(sche
     with torch.no_grad():
         for model in (first, second):  # no reset between them
             torch.testing.assert_close(torch.compile(model, backend="fxquant")(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_stored_llm_int8_layer_compiles_with_its_own_threshold():
+    """An option the compile's config does not set is the stored layer's: a layer quantized with
+    threshold 0 (plain int8) compiles with 0, not llm_int8's default 6.0 (it did: outlier columns in 16-bit)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    fxquant.quantize_(model, QuantConfig(scheme="llm_int8", skip=[], scheme_options={"llm_int8": {"threshold": 0.0}}))
+    x = torch.randn(4, 64)
+    x[:, 5] = 40.0  # an outlier column: threshold 6 would keep it in 16-bit
+    torch._dynamo.reset()
+    backend = fxquant.backend()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend=backend)(x), model(x), rtol=1e-5, atol=1e-5)
+    (entry,) = backend.plans[-1].rewritten
+    assert "threshold 0 from the checkpoint" in entry.note
