@@ -53,6 +53,7 @@ from fxquant.footprint import dtype_name, memory_footprint, nbytes, tied_names
 from fxquant.hf_formats import check_hf_format, hf_quantization_config
 from fxquant.passes.plan_linears import Plan, PlannedLinear
 from fxquant.passes.quantize_weights import quantize_parameter
+from fxquant.passes.stored_weights import is_stored
 from fxquant.scheme import get_scheme
 from fxquant.shards import DEFAULT_MAX_SHARD_SIZE, WEIGHTS_FILE, parse_size  # noqa: F401  (WEIGHTS_FILE: its name here, as before)
 
@@ -80,6 +81,12 @@ def quantize_state(
         )
     plan = plan_modules(model, config)
     plan.extend(checkpoint_experts.plan_experts(model, config))
+    held = next((entry for entry in plan.skipped if is_stored(entry.site.weight)), None)
+    if held is not None:  # written as it is, its codes would be read as float weights
+        raise ValueError(
+            f"fxquant: {held.layer} is held quantized ({held.site.weight.dtype}) and a checkpoint cannot store it so "
+            f"({held.note}); save the model before quantize_, or quantize its float checkpoint with `fxquant quantize`"
+        )
     replaced: dict[str, dict[str, Tensor]] = {}  # a layer's weight name → the layer's tensors, by name
     for entry in (progress or iter)(plan.rewritten):
         expert = getattr(entry, "expert", None)

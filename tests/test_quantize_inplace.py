@@ -256,3 +256,14 @@ def test_a_stored_llm_int8_layer_compiles_with_its_own_threshold():
         torch.testing.assert_close(torch.compile(model, backend=backend)(x), model(x), rtol=1e-5, atol=1e-5)
     (entry,) = backend.plans[-1].rewritten
     assert "threshold 0 from the checkpoint" in entry.note
+
+
+def test_experts_a_checkpoint_cannot_hold_quantized_are_refused_before_writing(tmp_path):
+    """gpt-oss's fused experts have no per-expert names in transformers' layout, so a checkpoint stores
+    them as they are; quantized in place, that would be e4m3 codes under plan rows that say float."""
+    model = MOE_MODELS["gpt_oss"]("grouped_mm")
+    fxquant.quantize_(model, QuantConfig(scheme="fp8_rowwise"))
+    assert model.model.layers[0].mlp.experts._parameters["gate_up_proj"].dtype == torch.float8_e4m3fn
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.experts.gate_up_proj is held quantized \(torch.float8_e4m3fn\)"):
+        fxquant.save_quantized(model, tmp_path / "ckpt", QuantConfig(scheme="fp8_rowwise"))
+    assert not (tmp_path / "ckpt").exists()
