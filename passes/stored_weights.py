@@ -65,7 +65,8 @@ def guard_stored_tensors(module: nn.Module) -> None:
     """Make a Dynamo trace of `module` guard on which stored tensors it read. The rewrite bakes a stored
     weight's other tensors (weight_scale, ...) into the graph as constants, while Dynamo passes the weight
     itself as an input and would reuse the graph for another module of the class, with this one's
-    scales; reading the module's key (a Python int, so guarded by value) makes it compile again."""
+    scales; comparing the module's key (a Python int, so guarded by value; a bare read installs no guard)
+    makes it compile again."""
     if module.fxquant_stored_key < 0:
         raise AssertionError("fxquant: a negative stored key")
 
